@@ -1,0 +1,1 @@
+"""Publish text chunks onto sinkstream input streams (no torch, no GPU stack needed)."""

@@ -1,0 +1,1 @@
+"""Key schema, state codec and atomic commits on Redis (no torch imports here)."""

@@ -1,0 +1,111 @@
+"""Every Redis key sinkstream uses, in one place.
+
+All keys of one stream carry the Redis Cluster hash tag ``{<id>}`` so that a stream's input,
+state, offsets and outputs live on one shard and can change together in one Lua script or
+MULTI/EXEC. Stream ids are validated before they are ever interpolated into a key: an id that
+could smuggle a ``}`` or ``:`` into another stream's keyspace is refused.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+PREFIX = "sinkstream"
+
+#: Registry of known streams: a sorted set, member = stream id, score = last activity (unix s).
+STREAMS_REGISTRY = f"{PREFIX}:streams"
+#: Streams with unread input that need a task; member = stream id, score = time first marked.
+RUNNABLE = f"{PREFIX}:runnable"
+
+MAX_STREAM_ID_LENGTH = 128
+_STREAM_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*")
+
+
+class InvalidStreamId(ValueError):
+    """A stream id outside ``[A-Za-z0-9][A-Za-z0-9._-]*`` or longer than 128 characters."""
+
+
+def validate_stream_id(stream_id: str) -> str:
+    """Return ``stream_id`` unchanged if it is safe to use in keys, else raise InvalidStreamId."""
+    if not isinstance(stream_id, str):
+        raise InvalidStreamId(f"stream id must be a string, got {type(stream_id).__name__}")
+    if not stream_id or len(stream_id) > MAX_STREAM_ID_LENGTH:
+        raise InvalidStreamId(
+            f"stream id must be 1..{MAX_STREAM_ID_LENGTH} characters, got {len(stream_id)}"
+        )
+    if not _STREAM_ID_RE.fullmatch(stream_id):
+        raise InvalidStreamId(
+            f"invalid stream id {stream_id!r}: use letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit"
+        )
+    return stream_id
+
+
+@dataclass(frozen=True)
+class StreamKeys:
+    """The keys of one stream. Build with ``StreamKeys.of(stream_id)``, which validates."""
+
+    stream_id: str
+
+    @classmethod
+    def of(cls, stream_id: str) -> StreamKeys:
+        return cls(validate_stream_id(stream_id))
+
+    @property
+    def tag(self) -> str:
+        return f"{PREFIX}:{{{self.stream_id}}}"
+
+    @property
+    def input(self) -> str:
+        """Redis Stream of input entries (``text``, optional ``speaker``, ``ts``, ``eos``)."""
+        return f"{self.tag}:in"
+
+    @property
+    def output(self) -> str:
+        """Redis Stream of summaries and answers."""
+        return f"{self.tag}:out"
+
+    @property
+    def dead(self) -> str:
+        """Dead-letter stream: rejected input entries with the reason."""
+        return f"{self.tag}:dead"
+
+    @property
+    def state(self) -> str:
+        """Hash: encoded engine state (or its chunk count), version, last applied entry id."""
+        return f"{self.tag}:state"
+
+    def state_chunk(self, version: int, index: int) -> str:
+        """One chunk of a large state, written under its version so commits stay atomic."""
+        return f"{self.tag}:state:{version}:{index}"
+
+    @property
+    def lease(self) -> str:
+        """String: the worker holding the stream, with an expiry."""
+        return f"{self.tag}:lease"
+
+    @property
+    def fence(self) -> str:
+        """Counter: fencing token, incremented on every lease acquisition."""
+        return f"{self.tag}:fence"
+
+    @property
+    def producers(self) -> str:
+        """Hash: producer id -> last sequence number applied (idempotent publish)."""
+        return f"{self.tag}:producers"
+
+    @property
+    def meta(self) -> str:
+        """Hash: status (ok/failed), failure reason, last summary time, counters."""
+        return f"{self.tag}:meta"
+
+    @property
+    def summary(self) -> str:
+        """Hash: the latest summary and the entry id it covers."""
+        return f"{self.tag}:summary"
+
+    @property
+    def scheduled(self) -> str:
+        """String set NX while a task for this stream is queued or running."""
+        return f"{self.tag}:scheduled"

@@ -1,0 +1,1 @@
+"""Celery workers, tasks and model engines."""

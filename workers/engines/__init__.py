@@ -1,0 +1,1 @@
+"""Model engines: a StreamingLLM sink-KV cache for Hugging Face causal LMs, and RWKV state."""
