@@ -1,0 +1,3 @@
+from sinkstream.cli import main
+
+main()
