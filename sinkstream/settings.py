@@ -91,7 +91,17 @@ class Settings(BaseSettings):
     max_state_bytes: int = Field(2 * 1024**3, ge=4096)
 
     # --- scheduling and summaries ------------------------------------------------------
-    lease_seconds: float = Field(30.0, gt=0)
+    lease_seconds: float = Field(30.0, gt=0, description="a dead worker's streams move after this")
+    schedule_ttl_seconds: float = Field(
+        120.0, gt=0, description="a lost task's stream is re-scheduled after this"
+    )
+    dispatch_interval_seconds: float = Field(0.25, gt=0, description="poll for new input")
+    discover_interval_seconds: float = Field(
+        10.0, gt=0, description="scan for streams written by raw XADD, not yet registered"
+    )
+    trim_applied_input: bool = Field(
+        True, description="delete input entries once committed into the state"
+    )
     summary_every_tokens: int = Field(512, ge=0, description="0 disables rolling summaries")
     summary_max_new_tokens: int = Field(128, ge=1, le=4096)
 

@@ -1,0 +1,26 @@
+from workers.hot_cache import HotStateCache
+
+
+def test_hit_only_on_the_same_version() -> None:
+    cache: HotStateCache[str] = HotStateCache(budget_bytes=100)
+    cache.put("a", 3, "state-a3", nbytes=10)
+    assert cache.get("a", 3) == "state-a3"
+    assert cache.get("a", 4) is None
+    assert (cache.stats.hits, cache.stats.misses) == (1, 1)
+
+
+def test_budget_evicts_least_recently_used() -> None:
+    cache: HotStateCache[str] = HotStateCache(budget_bytes=25)
+    cache.put("a", 1, "A", nbytes=10)
+    cache.put("b", 1, "B", nbytes=10)
+    assert cache.get("a", 1) == "A"  # a is now most recent
+    cache.put("c", 1, "C", nbytes=10)
+    assert cache.get("b", 1) is None
+    assert cache.get("a", 1) == "A" and cache.get("c", 1) == "C"
+    assert cache.nbytes == 20 <= cache.budget_bytes
+
+
+def test_state_larger_than_budget_is_not_kept() -> None:
+    cache: HotStateCache[str] = HotStateCache(budget_bytes=5)
+    cache.put("a", 1, "A", nbytes=6)
+    assert len(cache) == 0 and cache.nbytes == 0

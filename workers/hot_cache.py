@@ -1,0 +1,73 @@
+"""A bounded in-memory cache of hot stream states, keyed by (stream, version).
+
+A worker that processes the same stream batch after batch should not download its state from
+Redis each time: if the stored version still equals the cached one, nobody else committed in
+between and the cached object is exactly the committed state. The budget is in bytes of tensor
+memory, so a worker's RSS stays bounded however many streams it has touched.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+
+
+class HotStateCache(Generic[T]):
+    """LRU by bytes. ``get`` only hits when the caller's version matches the cached one."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self._items: OrderedDict[str, tuple[int, T, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.stats = CacheStats()
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, stream_id: str, version: int) -> T | None:
+        with self._lock:
+            item = self._items.get(stream_id)
+            if item is None or item[0] != version:
+                self.stats.misses += 1
+                return None
+            self._items.move_to_end(stream_id)
+            self.stats.hits += 1
+            return item[1]
+
+    def put(self, stream_id: str, version: int, state: T, nbytes: int) -> None:
+        """Cache ``state``; a state larger than the whole budget is simply not kept."""
+        with self._lock:
+            self._drop(stream_id)
+            if nbytes > self.budget_bytes:
+                return
+            self._items[stream_id] = (version, state, nbytes)
+            self._bytes += nbytes
+            while self._bytes > self.budget_bytes:
+                oldest = next(iter(self._items))
+                self._drop(oldest)
+                self.stats.evictions += 1
+
+    def discard(self, stream_id: str) -> None:
+        with self._lock:
+            self._drop(stream_id)
+
+    def _drop(self, stream_id: str) -> None:
+        item = self._items.pop(stream_id, None)
+        if item is not None:
+            self._bytes -= item[2]

@@ -1,0 +1,339 @@
+"""One batch of one stream, exactly once: lease, load, read, feed, summarize, fenced commit.
+
+This is the whole per-stream algorithm, kept free of Celery so it can be tested and
+benchmarked directly. A batch either commits completely (state, last applied entry id,
+summaries and dead letters in one Lua script guarded by the fencing token) or changes nothing;
+a worker killed anywhere in between leaves the committed state as it was, and the next owner
+replays the same entries into the same state (fixed chunk boundaries make that bit-identical).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import redis
+
+from monitoring import metrics
+from producer.entries import InputEntry, Rejected, parse_entry
+from sinkstream.settings import Settings
+from state_store.codec import (
+    StateEnvelope,
+    StateError,
+    check_compatible,
+    decode_state,
+    encode_state,
+)
+from state_store.keys import StreamKeys
+from state_store.lease import Lease, LeaseKeeper, LeaseLostError, LeaseManager
+from state_store.store import StaleCommitError, StateReadError, StateStore
+from workers.engines.base import Engine, EngineError, EngineState, Sampling
+from workers.hot_cache import HotStateCache
+from workers.summaries import (
+    FINAL_INSTRUCTION,
+    ROLLING_INSTRUCTION,
+    OutputEntry,
+    SummaryKind,
+    format_turn,
+    make_output,
+    rolling_summary_due,
+)
+
+log = logging.getLogger(__name__)
+
+Status = Literal["applied", "idle", "busy", "failed", "lost", "stale"]
+#: Longest field value copied into a dead letter; the rest is cut with a note.
+DEAD_LETTER_FIELD_BYTES = 4096
+OUTPUT_MAXLEN = 10_000
+
+
+@dataclass
+class Outcome:
+    stream_id: str
+    status: Status
+    entries: int = 0
+    tokens: int = 0
+    dead_letters: int = 0
+    more: bool = False
+    version: int = 0
+    summaries: list[OutputEntry] = field(default_factory=list)
+    load_s: float = 0.0
+    feed_s: float = 0.0
+    save_s: float = 0.0
+    cache_hit: bool = False
+    reason: str = ""
+
+
+@dataclass
+class _Loaded:
+    state: EngineState
+    version: int
+    last_entry_id: str | None
+    cache_hit: bool
+
+
+@dataclass
+class _Batch:
+    entries: list[InputEntry]
+    rejected: list[Rejected]
+    tokens: list[int]
+    last_id: str
+    eos: bool
+    more: bool
+
+
+class StreamProcessor:
+    """Processes stream batches for one worker process (one engine, one Redis client)."""
+
+    def __init__(
+        self,
+        engine: Engine[Any],
+        client: redis.Redis,
+        settings: Settings,
+        worker_id: str,
+        cache: HotStateCache[tuple[EngineState, str | None]] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.client = client
+        self.settings = settings
+        self.worker_id = worker_id
+        self.store = StateStore.from_settings(client, settings)
+        self.leases = LeaseManager(client)
+        self.cache = cache if cache is not None else HotStateCache(settings.hot_cache_bytes)
+        self._labels = {"engine": engine.kind, "model": engine.model_name}
+
+    # ----- one batch ---------------------------------------------------------------------------
+    def process(self, stream_id: str) -> Outcome:
+        """Apply the next bounded batch of ``stream_id``'s input, if this worker can own it."""
+        if self.store.failure(stream_id) is not None:
+            return Outcome(stream_id, "failed", reason="stream is marked failed")
+        lease = self.leases.acquire(stream_id, self.worker_id, self.settings.lease_seconds)
+        if lease is None:
+            return Outcome(stream_id, "busy")
+        if lease.took_over:
+            metrics.LEASES_TAKEN_OVER.inc()
+            log.info("stream %s: took over from %s", stream_id, lease.previous_holder)
+        try:
+            with LeaseKeeper(self.leases, lease) as keeper:
+                outcome = self._process_leased(stream_id, lease, keeper)
+        except LeaseLostError as exc:
+            outcome = Outcome(stream_id, "lost", reason=str(exc))
+        finally:
+            self.leases.release(lease)
+        metrics.BATCHES.labels(outcome=outcome.status).inc()
+        return outcome
+
+    def _process_leased(self, stream_id: str, lease: Lease, keeper: LeaseKeeper) -> Outcome:
+        started = time.perf_counter()
+        try:
+            loaded = self._load(stream_id)
+        except (StateError, StateReadError, EngineError) as exc:
+            return self._fail(stream_id, str(exc))
+        load_s = time.perf_counter() - started
+
+        batch = self._read_batch(stream_id, loaded.last_entry_id)
+        if batch is None:
+            return Outcome(stream_id, "idle", version=loaded.version, cache_hit=loaded.cache_hit)
+
+        started = time.perf_counter()
+        new_state = self.engine.feed(loaded.state, batch.tokens) if batch.tokens else loaded.state
+        feed_s = time.perf_counter() - started
+        if batch.tokens:
+            metrics.FEED_SECONDS.labels(**self._labels).observe(feed_s)
+        keeper.check()
+
+        summaries = self._summaries(loaded.state, new_state, batch)
+        keeper.check()
+
+        started = time.perf_counter()
+        try:
+            version, nbytes = self._commit(stream_id, lease, loaded, new_state, batch, summaries)
+        except StaleCommitError as exc:
+            self.cache.discard(stream_id)
+            metrics.STALE_COMMITS.labels(reason=exc.reason or "stale").inc()
+            log.warning("stream %s: commit refused (%s)", stream_id, exc)
+            return Outcome(stream_id, "stale", reason=str(exc))
+        save_s = time.perf_counter() - started
+
+        self._count(batch, nbytes)
+        return Outcome(
+            stream_id, "applied", entries=len(batch.entries) + len(batch.rejected),
+            tokens=len(batch.tokens), dead_letters=len(batch.rejected), more=batch.more,
+            version=version, summaries=summaries, load_s=load_s, feed_s=feed_s, save_s=save_s,
+            cache_hit=loaded.cache_hit,
+        )
+
+    # ----- steps -------------------------------------------------------------------------------
+    def _load(self, stream_id: str) -> _Loaded:
+        """The committed state: from the hot cache when its version is current, else Redis."""
+        version = self.store.version(stream_id)
+        cached = self.cache.get(stream_id, version)
+        if cached is not None:
+            metrics.HOT_CACHE_HITS.inc()
+            return _Loaded(cached[0], version, cached[1], cache_hit=True)
+        metrics.HOT_CACHE_MISSES.inc()
+        started = time.perf_counter()
+        stored = self.store.load(stream_id)
+        if stored is None:
+            return _Loaded(self.engine.new_state(), 0, None, cache_hit=False)
+        envelope = decode_state(
+            stored.data, stream_id=stream_id, max_bytes=self.settings.max_state_bytes
+        )
+        check_compatible(
+            envelope, self.engine.kind, self.engine.fingerprint, self.engine.params,
+            stream_id=stream_id,
+        )
+        state = self.engine.import_state(envelope.snapshot)
+        metrics.STATE_LOAD_BYTES.observe(len(stored.data))
+        metrics.STATE_LOAD_SECONDS.observe(time.perf_counter() - started)
+        return _Loaded(state, stored.version, stored.last_entry_id, cache_hit=False)
+
+    def _read_batch(self, stream_id: str, after: str | None) -> _Batch | None:
+        """Entries after the committed id, bounded by entry count and token budget.
+
+        A batch stops right after an end-of-stream entry so the final summary covers exactly
+        the stream up to its end.
+        """
+        limit = self.settings.max_batch_entries
+        raw = self.client.xrange(
+            StreamKeys.of(stream_id).input, min=f"({after}" if after else "-", count=limit + 1
+        )
+        if not raw:
+            return None
+        entries: list[InputEntry] = []
+        rejected: list[Rejected] = []
+        tokens: list[int] = []
+        used = 0
+        eos = False
+        for entry_id, fields in raw[:limit]:
+            parsed = parse_entry(entry_id, fields, max_text_bytes=self.settings.max_entry_bytes)
+            if isinstance(parsed, Rejected):
+                rejected.append(parsed)
+                used += 1
+                continue
+            ids = self.engine.tokenizer.encode(format_turn(parsed.text, parsed.speaker)) \
+                if parsed.text else []
+            if entries and len(tokens) + len(ids) > self.settings.max_batch_tokens:
+                break
+            entries.append(parsed)
+            tokens.extend(ids)
+            used += 1
+            if parsed.eos:
+                eos = True
+                break
+        last_id = raw[used - 1][0]
+        return _Batch(
+            entries, rejected, tokens, last_id.decode() if isinstance(last_id, bytes) else last_id,
+            eos, more=len(raw) > used,
+        )
+
+    def _summaries(
+        self, before: EngineState, after: EngineState, batch: _Batch
+    ) -> list[OutputEntry]:
+        if batch.eos:
+            return [self.summarize(after, SummaryKind.FINAL, batch.last_id)]
+        if rolling_summary_due(
+            before.tokens_seen + len(before.pending), after.tokens_seen + len(after.pending),
+            self.settings.summary_every_tokens,
+        ):
+            return [self.summarize(after, SummaryKind.ROLLING, batch.last_id)]
+        return []
+
+    def summarize(
+        self, state: EngineState, kind: SummaryKind, covers: str, instruction: str | None = None,
+        request: str = "",
+    ) -> OutputEntry:
+        """Generate from a copy of ``state`` (engines never mutate it)."""
+        if instruction is None:
+            instruction = FINAL_INSTRUCTION if kind is SummaryKind.FINAL else ROLLING_INSTRUCTION
+        started = time.perf_counter()
+        ids = self.engine.generate(
+            state, self.engine.summary_prompt(instruction),
+            self.settings.summary_max_new_tokens, Sampling(),
+        )
+        labels = {**self._labels, "kind": kind.value}
+        metrics.SUMMARY_SECONDS.labels(**labels).observe(time.perf_counter() - started)
+        metrics.SUMMARY_TOKENS.labels(**labels).inc(len(ids))
+        return make_output(
+            kind, self.engine.tokenizer.decode(ids), covers,
+            state.tokens_seen + len(state.pending), self.engine.model_name, request,
+        )
+
+    def _commit(
+        self, stream_id: str, lease: Lease, loaded: _Loaded, new_state: EngineState,
+        batch: _Batch, summaries: Sequence[OutputEntry],
+    ) -> tuple[int, int]:
+        started = time.perf_counter()
+        payload: bytes | None = None
+        if batch.tokens or loaded.version == 0:
+            payload = encode_state(
+                StateEnvelope(
+                    engine=self.engine.kind, fingerprint=self.engine.fingerprint,
+                    params=self.engine.params, tokens_seen=new_state.tokens_seen,
+                    last_entry_id=batch.last_id, snapshot=self.engine.export_state(new_state),
+                ),
+                max_bytes=self.settings.max_state_bytes,
+            )
+        tokens_total = new_state.tokens_seen + len(new_state.pending)
+        meta: dict[str, str | int | float] = {"tokens_seen": tokens_total,
+                                              "worker": self.worker_id}
+        if summaries:
+            meta["last_summary_ts"] = summaries[-1].ts
+        if batch.eos:
+            meta["ended"] = 1
+        result = self.store.commit(
+            stream_id, lease.token, loaded.version, payload, batch.last_id,
+            extra_fields={"state_nbytes": self.engine.state_nbytes(new_state),
+                          "tokens_seen": tokens_total},
+            meta_fields=meta,
+            outputs=[s.fields() for s in summaries],
+            dead_letters=[_dead_letter(r) for r in batch.rejected],
+            summary=summaries[-1].fields() if summaries else None,
+            trim_input=self.settings.trim_applied_input,
+            output_maxlen=OUTPUT_MAXLEN,
+        )
+        self.cache.put(stream_id, result.version, (new_state, batch.last_id),
+                       self.engine.state_nbytes(new_state))
+        metrics.HOT_CACHE_BYTES.set(self.cache.nbytes)
+        if payload is not None:
+            metrics.STATE_SAVE_BYTES.observe(len(payload))
+            metrics.STATE_SIZE.labels(**self._labels).set(len(payload))
+        metrics.STATE_SAVE_SECONDS.observe(time.perf_counter() - started)
+        return result.version, len(payload or b"")
+
+    def _fail(self, stream_id: str, reason: str) -> Outcome:
+        """Park a stream whose state cannot be used; the others carry on."""
+        log.error("stream %s: marked failed: %s", stream_id, reason)
+        self.store.mark_failed(stream_id, reason)
+        self.cache.discard(stream_id)
+        metrics.STREAM_FAILURES.labels(reason=metrics.reason_label(reason)).inc()
+        return Outcome(stream_id, "failed", reason=reason)
+
+    def _count(self, batch: _Batch, nbytes: int) -> None:
+        metrics.TOKENS_FED.labels(**self._labels).inc(len(batch.tokens))
+        metrics.ENTRIES_APPLIED.labels(**self._labels).inc(len(batch.entries))
+        for rejected in batch.rejected:
+            metrics.DEAD_LETTERS.labels(reason=metrics.reason_label(rejected.reason)).inc()
+
+    # ----- read-only helpers for on-demand summaries and answers ---------------------------------
+    def committed_state(self, stream_id: str) -> tuple[EngineState, str | None]:
+        """The latest committed state (no lease needed: it is only read, never written)."""
+        loaded = self._load(stream_id)
+        return loaded.state, loaded.last_entry_id
+
+
+def _dead_letter(rejected: Rejected) -> dict[str, str]:
+    fields = {f"field:{k}": _cut(v) for k, v in rejected.fields.items()}
+    return {"entry_id": rejected.id, "reason": rejected.reason, "ts": f"{time.time():.3f}",
+            **fields}
+
+
+def _cut(value: str) -> str:
+    data = value.encode("utf-8", "replace")
+    if len(data) <= DEAD_LETTER_FIELD_BYTES:
+        return value
+    head = data[:DEAD_LETTER_FIELD_BYTES].decode("utf-8", "ignore")
+    return f"{head}... [{len(data) - DEAD_LETTER_FIELD_BYTES} more bytes cut]"

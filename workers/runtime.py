@@ -1,0 +1,62 @@
+"""Per-process worker resources, built once and lazily.
+
+The model is loaded on first use in the process that runs tasks (never in a parent before a
+fork, so CUDA is never initialised where it would be inherited), and kept for the life of the
+process: loading takes seconds, a batch takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from functools import cached_property
+
+import redis
+
+from sinkstream.settings import Settings, load_settings
+from state_store.connection import redis_from_settings
+from workers.engines.base import Engine
+from workers.processor import StreamProcessor
+from workers.scheduling import Enqueue, Scheduler
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    enqueue: Enqueue
+
+    @cached_property
+    def client(self) -> redis.Redis:
+        return redis_from_settings(self.settings, client_name=f"sinkstream-worker-{os.getpid()}")
+
+    @cached_property
+    def engine(self) -> Engine:  # type: ignore[type-arg]
+        from workers.engines.loading import load_engine
+
+        return load_engine(self.settings)
+
+    @cached_property
+    def processor(self) -> StreamProcessor:
+        return StreamProcessor(self.engine, self.client, self.settings, worker_id())
+
+    @cached_property
+    def scheduler(self) -> Scheduler:
+        return Scheduler(self.client, self.enqueue, self.settings.schedule_ttl_seconds)
+
+
+_runtime: Runtime | None = None
+_lock = threading.Lock()
+
+
+def get_runtime(enqueue: Enqueue) -> Runtime:
+    global _runtime
+    with _lock:
+        if _runtime is None or _runtime.settings is None:
+            _runtime = Runtime(load_settings(), enqueue)
+        return _runtime
