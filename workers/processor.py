@@ -19,6 +19,7 @@ import redis
 
 from monitoring import metrics
 from producer.entries import InputEntry, Rejected, parse_entry
+from sinkstream.faults import checkpoint
 from sinkstream.settings import Settings
 from state_store.codec import (
     StateEnvelope,
@@ -133,6 +134,7 @@ class StreamProcessor:
         except (StateError, StateReadError, EngineError) as exc:
             return self._fail(stream_id, str(exc))
         load_s = time.perf_counter() - started
+        checkpoint("after_load")
 
         batch = self._read_batch(stream_id, loaded.last_entry_id)
         if batch is None:
@@ -143,10 +145,14 @@ class StreamProcessor:
         feed_s = time.perf_counter() - started
         if batch.tokens:
             metrics.FEED_SECONDS.labels(**self._labels).observe(feed_s)
+        checkpoint("after_feed")
         keeper.check()
 
         summaries = self._summaries(loaded.state, new_state, batch)
         keeper.check()
+        # deliberately after the last lease check: a paused worker that resumes here must be
+        # stopped by the commit's fencing check, not by luck
+        checkpoint("before_commit")
 
         started = time.perf_counter()
         try:
@@ -236,7 +242,7 @@ class StreamProcessor:
         if batch.eos:
             return [self.summarize(after, SummaryKind.FINAL, batch.last_id)]
         if rolling_summary_due(
-            before.tokens_seen + len(before.pending), after.tokens_seen + len(after.pending),
+            before.tokens_seen, after.tokens_seen,
             self.settings.summary_every_tokens,
         ):
             return [self.summarize(after, SummaryKind.ROLLING, batch.last_id)]
@@ -259,7 +265,7 @@ class StreamProcessor:
         metrics.SUMMARY_TOKENS.labels(**labels).inc(len(ids))
         return make_output(
             kind, self.engine.tokenizer.decode(ids), covers,
-            state.tokens_seen + len(state.pending), self.engine.model_name, request,
+            state.tokens_seen, self.engine.model_name, request,
         )
 
     def _commit(
@@ -277,7 +283,7 @@ class StreamProcessor:
                 ),
                 max_bytes=self.settings.max_state_bytes,
             )
-        tokens_total = new_state.tokens_seen + len(new_state.pending)
+        tokens_total = new_state.tokens_seen
         meta: dict[str, str | int | float] = {"tokens_seen": tokens_total,
                                               "worker": self.worker_id}
         if summaries:

@@ -53,7 +53,11 @@ class Sampling:
 
 @dataclass
 class EngineState:
-    """Common fields of every engine state. Subclasses add the model memory."""
+    """Common fields of every engine state. Subclasses add the model memory.
+
+    ``tokens_seen`` counts every token fed, including the ``pending`` ones still waiting for
+    their chunk to fill.
+    """
 
     tokens_seen: int = 0
     pending: list[int] = field(default_factory=list)

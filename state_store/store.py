@@ -1,0 +1,584 @@
+"""Per-stream engine states in Redis, committed exactly once under a fencing token.
+
+One stream's state lives in the ``state`` hash::
+
+    version         commits so far (0 / absent: no state yet); +1 on every successful commit
+    fence           the fencing token of the commit that wrote it
+    last_entry_id   id of the last input entry folded into the state
+    data            the encoded state, when it fits in one value ("inline"), else
+    generation      "<version>.<nonce>.<count>" naming the chunk keys that hold it
+    chunks          number of chunks (absent when inline)
+    nbytes          encoded size
+    committed_ms    Redis server time of the commit
+    + caller fields (``extra_fields``: tokens seen, engine, model ... for ``sinkstream status``)
+
+Why a commit is one Lua script: the state, the input position, the version, the summaries
+published from that state and the dead letters of that batch must change together or not at
+all, and only while the caller still owns the stream. The script checks the fencing token
+against the stream's ``fence`` counter and the live lease, and the stored version against the
+caller's expected version, before its first write; otherwise it only bumps the refusal counters
+in ``meta`` and the caller gets :class:`StaleCommitError`.
+
+Large states (over ``chunk_bytes``) are chunked. Chunks are written *before* the commit script
+under keys carrying the new version and a per-attempt nonce, with an expiry, and are recorded
+in the ``state:pending`` sorted set. Nothing reads them until the commit script flips the
+``generation`` field, which also makes them permanent and deletes the previous version's chunks
+in the same atomic step. A crash between writing chunks and committing leaves orphans: the next
+successful commit deletes every pending set but its own, ``cleanup_orphans`` deletes old ones
+on demand, and failing both they expire (``orphan_ttl_s``).
+
+Reads need no MULTI: a generation's chunks never change once written and are deleted only by
+the commit that replaces them, so "every chunk of the generation read from the hash is still
+there" proves the bytes belong to that version; a missing chunk means a commit raced the read,
+and ``load`` simply reads again.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from state_store import scripts
+from state_store.keys import StreamKeys
+
+from sinkstream.faults import checkpoint
+
+if TYPE_CHECKING:
+    from sinkstream.settings import Settings
+
+FieldValue = str | bytes | int | float
+
+#: State hash fields the store owns; ``extra_fields`` may not overwrite them.
+RESERVED_FIELDS = frozenset(
+    {"version", "fence", "last_entry_id", "data", "generation", "chunks", "nbytes",
+     "committed_ms"}
+)
+
+# Refusal reasons: the first three are "you are not the owner any more" (StaleCommitError).
+STALE_FENCE = "stale_fence"
+LEASE_LOST = "lease_lost"
+VERSION_CONFLICT = "version_conflict"
+STALE_REASONS = frozenset({STALE_FENCE, LEASE_LOST, VERSION_CONFLICT})
+
+_MAX_FIELDS_PER_ENTRY = 1000  # keeps Lua's unpack() far below its C stack limit
+_MAX_FAILURE_REASON = 4000
+_MAX_SEQ = 2**64 - 1
+_CHUNK_WRITE_BATCH = 16  # chunks per pipeline round trip while writing
+_LOAD_ATTEMPTS = 8
+_MAX_CHUNKS = 100_000  # bounds the key list built from a (possibly damaged) generation name
+
+
+class CommitError(RuntimeError):
+    """A commit that was not applied. ``reason`` is a short machine-readable word."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        stream_id: str = "",
+        reason: str = "",
+        current_fence: int = 0,
+        current_version: int = 0,
+    ) -> None:
+        super().__init__(message)
+        self.stream_id = stream_id
+        self.reason = reason
+        self.current_fence = current_fence
+        self.current_version = current_version
+
+
+class StaleCommitError(CommitError):
+    """The caller no longer owns the stream (fence moved, lease lost, or version moved on).
+
+    Nothing was written except the ``commits_refused`` counters in the stream's ``meta`` hash.
+    The batch must be dropped, not retried: another worker owns the stream now.
+    """
+
+
+class StateReadError(RuntimeError):
+    """The stored state could not be read consistently (chunks kept vanishing, size wrong)."""
+
+
+@dataclass(frozen=True)
+class StateInfo:
+    """The state hash without the bytes: cheap enough for status pages and hot-cache checks."""
+
+    version: int
+    fence: int
+    last_entry_id: str | None
+    nbytes: int
+    chunks: int
+    committed_ms: int
+    fields: dict[str, bytes]
+
+
+@dataclass(frozen=True)
+class StoredState:
+    """A committed state: the bytes plus who wrote it and how far into the input it got."""
+
+    version: int
+    fence: int
+    last_entry_id: str | None
+    data: bytes
+    chunks: int
+    fields: dict[str, bytes]
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    version: int
+    output_ids: list[str]
+    dead_letter_ids: list[str]
+    chunks: int
+
+
+@dataclass(frozen=True)
+class Failure:
+    reason: str
+    failed_at: float
+
+
+class StateStore:
+    """Load and commit stream states through a bytes-mode client (``decode_responses=False``)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        chunk_bytes: int = 4 * 1024 * 1024,
+        orphan_ttl_s: float = 3600.0,
+    ) -> None:
+        if _decodes_responses(client):
+            raise ValueError("StateStore needs a redis client with decode_responses=False")
+        if chunk_bytes < 1:
+            raise ValueError("chunk_bytes must be positive")
+        self.client = client
+        self.chunk_bytes = chunk_bytes
+        self.orphan_ttl_ms = max(1, int(orphan_ttl_s * 1000))
+        self._commit = client.register_script(scripts.STATE_COMMIT)
+        self._cleanup = client.register_script(scripts.STATE_CLEANUP)
+
+    @classmethod
+    def from_settings(cls, client: redis.Redis, settings: Settings) -> StateStore:
+        return cls(client, chunk_bytes=settings.state_chunk_bytes)
+
+    # ----- reading -----------------------------------------------------------------------------
+    def version(self, stream_id: str) -> int:
+        """The committed version (0 = no state): one HGET, for the worker's hot cache."""
+        raw = self.client.hget(StreamKeys.of(stream_id).state, "version")
+        return int(raw) if raw else 0
+
+    def info(self, stream_id: str) -> StateInfo | None:
+        """Everything about the stored state but its bytes; None if nothing was committed."""
+        keys = StreamKeys.of(stream_id)
+        names = [_b(n) for n in self.client.hkeys(keys.state) if _b(n) != b"data"]
+        if not names:
+            return None
+        values = self.client.hmget(keys.state, names)
+        fields = {n.decode(): _b(v) for n, v in zip(names, values, strict=True) if v is not None}
+        if not fields.get("version"):
+            return None
+        return StateInfo(
+            version=_int(fields, "version"),
+            fence=_int(fields, "fence"),
+            last_entry_id=_text(fields, "last_entry_id"),
+            nbytes=_int(fields, "nbytes"),
+            chunks=_int(fields, "chunks"),
+            committed_ms=_int(fields, "committed_ms"),
+            fields=_extra(fields),
+        )
+
+    def load(self, stream_id: str) -> StoredState | None:
+        """The committed state with its bytes, or None if the stream has none yet."""
+        keys = StreamKeys.of(stream_id)
+        for _ in range(_LOAD_ATTEMPTS):
+            raw = self.client.hgetall(keys.state)
+            fields = {_b(k).decode(): _b(v) for k, v in raw.items()}
+            if not fields.get("version"):
+                return None
+            data = self._state_bytes(keys, fields)
+            if data is None:
+                continue  # a commit replaced this generation while we read: read again
+            if len(data) != _int(fields, "nbytes"):
+                raise StateReadError(
+                    f"stream {stream_id!r}: state is {len(data)} bytes, the hash says "
+                    f"{_int(fields, 'nbytes')}"
+                )
+            return StoredState(
+                version=_int(fields, "version"),
+                fence=_int(fields, "fence"),
+                last_entry_id=_text(fields, "last_entry_id"),
+                data=data,
+                chunks=_int(fields, "chunks"),
+                fields=_extra(fields),
+            )
+        raise StateReadError(
+            f"stream {stream_id!r}: state changed {_LOAD_ATTEMPTS} times while being read"
+        )
+
+    def _state_bytes(self, keys: StreamKeys, fields: Mapping[str, bytes]) -> bytes | None:
+        """Inline data, or the chunks named by ``generation``; None if they are gone."""
+        if "data" in fields:
+            return fields["data"]
+        generation = fields.get("generation", b"").decode()
+        if not generation:
+            raise StateReadError(f"stream {keys.stream_id!r}: state hash has no data")
+        parsed = _parse_generation(generation)
+        if parsed is None:
+            raise StateReadError(f"stream {keys.stream_id!r}: bad generation {generation!r}")
+        pipe = self.client.pipeline(transaction=False)
+        for key in _chunk_keys(keys, *parsed):
+            pipe.get(key)
+        parts = pipe.execute()
+        if any(part is None for part in parts):
+            return None
+        return b"".join(parts)
+
+    # ----- committing --------------------------------------------------------------------------
+    def commit(
+        self,
+        stream_id: str,
+        fence_token: int,
+        expected_version: int,
+        state_bytes: bytes | None,
+        last_entry_id: str | None,
+        *,
+        extra_fields: Mapping[str, FieldValue] | None = None,
+        meta_fields: Mapping[str, FieldValue] | None = None,
+        outputs: Sequence[Mapping[str, FieldValue]] = (),
+        dead_letters: Sequence[Mapping[str, FieldValue]] = (),
+        summary: Mapping[str, FieldValue] | None = None,
+        trim_input: bool = False,
+        output_maxlen: int | None = None,
+    ) -> CommitResult:
+        """Atomically apply one batch to the stream, or raise and change nothing.
+
+        Writes ``state_bytes`` (None keeps the stored state, e.g. a batch that was all dead
+        letters), ``last_entry_id`` (None keeps it), version+1 and ``extra_fields`` into the
+        state hash; appends ``outputs`` to the ``output`` stream (approximately capped at
+        ``output_maxlen``) and ``dead_letters`` to ``dead``; merges ``meta_fields`` into
+        ``meta``; replaces the ``summary`` hash when given; with ``trim_input`` deletes input
+        entries up to and including ``last_entry_id``. All of it happens only if
+        ``fence_token`` is the stream's current fence, the lease still carries it and the
+        stored version equals ``expected_version``; else StaleCommitError (counted in
+        ``meta``). Other refusals (CommitError): ``no_state``, ``chunks_missing``,
+        ``wrong_type``.
+        """
+        keys = StreamKeys.of(stream_id)
+        _check_commit_args(fence_token, expected_version, last_entry_id, trim_input,
+                           output_maxlen, extra_fields)
+        entry_args = _entries_args(outputs, "output") + _entries_args(dead_letters, "dead letter")
+        stored_generation, orphans = self._commit_context(keys)
+
+        chunk_plan: tuple[int, str, int] | None = None
+        if state_bytes is not None and len(state_bytes) > self.chunk_bytes:
+            chunk_plan = self._write_chunks(keys, expected_version + 1, state_bytes)
+            checkpoint("chunks_written")
+        try:
+            reply = self._run_commit(
+                keys, fence_token, expected_version, state_bytes, last_entry_id, chunk_plan,
+                stored_generation, orphans, extra_fields, meta_fields, summary,
+                trim_input, output_maxlen, entry_args,
+            )
+        except BaseException:
+            if chunk_plan is not None:
+                self._forget_chunks(keys, chunk_plan)
+            raise
+        if reply[0] != 1:
+            if chunk_plan is not None:
+                self._forget_chunks(keys, chunk_plan)
+            raise _refusal(stream_id, reply)
+        return CommitResult(
+            version=int(reply[1]),
+            output_ids=[i.decode() for i in reply[2]],
+            dead_letter_ids=[i.decode() for i in reply[3]],
+            chunks=chunk_plan[2] if chunk_plan else 0,
+        )
+
+    def _commit_context(self, keys: StreamKeys) -> tuple[str, list[tuple[str, list[str]]]]:
+        """The stored generation and the pending (uncommitted) chunk sets, in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hget(keys.state, "generation")
+        pipe.zrange(keys.state_pending, 0, -1)
+        generation_raw, members = pipe.execute()
+        stored = generation_raw.decode() if generation_raw else ""
+        return stored, [o for o in _pending_sets(keys, members) if o[0] != stored]
+
+    def _write_chunks(self, keys: StreamKeys, version: int, data: bytes) -> tuple[int, str, int]:
+        """Write ``data`` as expiring chunk keys, registered as pending; nobody reads them yet."""
+        nonce = os.urandom(8).hex()
+        view = memoryview(data)
+        count = -(-len(data) // self.chunk_bytes)
+        generation = _generation(version, nonce, count)
+        self.client.zadd(keys.state_pending, {generation: int(time.time() * 1000)})
+        for start in range(0, count, _CHUNK_WRITE_BATCH):
+            pipe = self.client.pipeline(transaction=False)
+            for i in range(start, min(count, start + _CHUNK_WRITE_BATCH)):
+                piece = view[i * self.chunk_bytes : (i + 1) * self.chunk_bytes]
+                pipe.set(keys.state_chunk(version, i, nonce), piece, px=self.orphan_ttl_ms)
+            pipe.execute()
+        return version, nonce, count
+
+    def _forget_chunks(self, keys: StreamKeys, plan: tuple[int, str, int]) -> None:
+        """Best effort: drop the chunks of a commit that was refused (never the live ones)."""
+        version, nonce, count = plan
+        try:
+            self._cleanup(
+                keys=[keys.state, keys.state_pending, *_chunk_keys(keys, version, nonce, count)],
+                args=[_generation(version, nonce, count), count],
+            )
+        except redis.RedisError:
+            pass  # the next commit, cleanup_orphans or the chunks' expiry will do it
+
+    def _run_commit(
+        self,
+        keys: StreamKeys,
+        fence_token: int,
+        expected_version: int,
+        state_bytes: bytes | None,
+        last_entry_id: str | None,
+        chunk_plan: tuple[int, str, int] | None,
+        stored_generation: str,
+        orphans: list[tuple[str, list[str]]],
+        extra_fields: Mapping[str, FieldValue] | None,
+        meta_fields: Mapping[str, FieldValue] | None,
+        summary: Mapping[str, FieldValue] | None,
+        trim_input: bool,
+        output_maxlen: int | None,
+        entry_args: list[FieldValue],
+    ) -> list[Any]:
+        if state_bytes is None:
+            mode, data, generation, new_chunks = "keep", b"", "", list[str]()
+        elif chunk_plan is None:
+            mode, data, generation, new_chunks = "inline", state_bytes, "", []
+        else:
+            mode, data = "chunked", b""
+            generation = _generation(*chunk_plan)
+            new_chunks = _chunk_keys(keys, *chunk_plan)
+        old_chunks = _generation_keys(keys, stored_generation)
+        script_keys: list[str] = [
+            keys.state, keys.fence, keys.lease, keys.meta, keys.output, keys.dead, keys.input,
+            keys.summary, keys.state_pending, *new_chunks, *old_chunks,
+        ]
+        args: list[FieldValue] = [
+            str(fence_token), str(expected_version), last_entry_id or "", mode, data, generation,
+            len(state_bytes) if state_bytes is not None else 0,
+            len(new_chunks), stored_generation, len(old_chunks), len(orphans),
+        ]
+        for name, chunk_keys in orphans:
+            args += [name, len(chunk_keys)]
+            script_keys += chunk_keys
+        args += _fields_args(extra_fields) + _fields_args(meta_fields)
+        args += [-1] if summary is None else _fields_args(summary)
+        args += [_entry_after(last_entry_id) if trim_input and last_entry_id else ""]
+        args += ["" if output_maxlen is None else output_maxlen]
+        args += entry_args
+        reply: list[Any] = self._commit(keys=script_keys, args=args)
+        return reply
+
+    def cleanup_orphans(self, stream_id: str, min_age_s: float = 600.0) -> int:
+        """Delete uncommitted chunk sets older than ``min_age_s``; return how many.
+
+        The age guard spares a write in progress; a set committed meanwhile is never touched
+        (the script re-checks). Commits already do this for every set but their own.
+        """
+        keys = StreamKeys.of(stream_id)
+        cutoff = int((time.time() - min_age_s) * 1000)
+        members = self.client.zrangebyscore(keys.state_pending, "-inf", cutoff)
+        sets = _pending_sets(keys, [_b(m) for m in members])
+        if not sets:
+            return 0
+        script_keys: list[str] = [keys.state, keys.state_pending]
+        args: list[FieldValue] = []
+        for name, chunk_keys in sets:
+            script_keys += chunk_keys
+            args += [name, len(chunk_keys)]
+        return int(self._cleanup(keys=script_keys, args=args))
+
+    # ----- failures and counters ---------------------------------------------------------------
+    def mark_failed(self, stream_id: str, reason: str) -> None:
+        """Park a stream (e.g. corrupt or foreign state); ``sinkstream status`` shows why."""
+        self.client.hset(
+            StreamKeys.of(stream_id).meta,
+            mapping={
+                "status": "failed",
+                "failure_reason": reason[:_MAX_FAILURE_REASON],
+                "failed_at": repr(time.time()),
+            },
+        )
+
+    def failure(self, stream_id: str) -> Failure | None:
+        """The failure recorded by ``mark_failed``, or None if the stream is healthy."""
+        status, reason, at = self.client.hmget(
+            StreamKeys.of(stream_id).meta, ["status", "failure_reason", "failed_at"]
+        )
+        if status != b"failed":
+            return None
+        return Failure(
+            reason=_b(reason or b"").decode(errors="replace"), failed_at=float(at or 0.0)
+        )
+
+    def clear_failure(self, stream_id: str) -> bool:
+        """Mark the stream healthy again; True if it was failed."""
+        meta = StreamKeys.of(stream_id).meta
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hget(meta, "status")
+        pipe.hset(meta, "status", "ok")
+        pipe.hdel(meta, "failure_reason", "failed_at")
+        was, _, _ = pipe.execute()
+        return bool(was == b"failed")
+
+    def refused_commits(self, stream_id: str) -> dict[str, int]:
+        """Refusal counters from ``meta``: {"total": n, "stale_fence": n, ...}."""
+        raw = self.client.hgetall(StreamKeys.of(stream_id).meta)
+        out: dict[str, int] = {}
+        for name, value in raw.items():
+            key = _b(name).decode()
+            if key == "commits_refused":
+                out["total"] = int(value)
+            elif key.startswith("commits_refused:"):
+                out[key.split(":", 1)[1]] = int(value)
+        return out
+
+
+# ----- helpers ---------------------------------------------------------------------------------
+def _decodes_responses(client: Any) -> bool:
+    try:
+        return bool(client.get_encoder().decode_responses)
+    except AttributeError:
+        return False
+
+
+def _refusal(stream_id: str, reply: list[Any]) -> CommitError:
+    reason = reply[1].decode()
+    fence, version = int(reply[2]), int(reply[3])
+    cls = StaleCommitError if reason in STALE_REASONS else CommitError
+    return cls(
+        f"stream {stream_id!r}: commit refused ({reason}; current fence {fence}, "
+        f"version {version})",
+        stream_id=stream_id,
+        reason=reason,
+        current_fence=fence,
+        current_version=version,
+    )
+
+
+def _check_commit_args(
+    fence_token: int,
+    expected_version: int,
+    last_entry_id: str | None,
+    trim_input: bool,
+    output_maxlen: int | None,
+    extra_fields: Mapping[str, FieldValue] | None,
+) -> None:
+    if isinstance(fence_token, bool) or not isinstance(fence_token, int) or fence_token < 1:
+        raise ValueError(f"fence_token must be a positive int, got {fence_token!r}")
+    if isinstance(expected_version, bool) or not isinstance(expected_version, int):
+        raise ValueError(f"expected_version must be an int, got {expected_version!r}")
+    if expected_version < 0:
+        raise ValueError("expected_version must be >= 0")
+    if last_entry_id is not None:
+        _parse_entry_id(last_entry_id)
+    if trim_input and last_entry_id is None:
+        raise ValueError("trim_input needs last_entry_id")
+    if output_maxlen is not None and output_maxlen < 1:
+        raise ValueError("output_maxlen must be positive")
+    clash = RESERVED_FIELDS.intersection(extra_fields or ())
+    if clash:
+        raise ValueError(f"extra_fields may not set store-owned fields {sorted(clash)}")
+
+
+def _fields_args(fields: Mapping[str, FieldValue] | None) -> list[FieldValue]:
+    flat: list[FieldValue] = []
+    for name, value in (fields or {}).items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"field names must be non-empty strings, got {name!r}")
+        if isinstance(value, bool) or not isinstance(value, (str, bytes, int, float)):
+            raise TypeError(f"field {name!r}: value must be str, bytes, int or float")
+        flat += [name, value]
+    return [len(flat), *flat]
+
+
+def _entries_args(entries: Sequence[Mapping[str, FieldValue]], what: str) -> list[FieldValue]:
+    args: list[FieldValue] = [len(entries)]
+    for entry in entries:
+        if not entry or len(entry) > _MAX_FIELDS_PER_ENTRY:
+            raise ValueError(f"each {what} needs 1..{_MAX_FIELDS_PER_ENTRY} fields")
+        args += _fields_args(entry)
+    return args
+
+
+def _parse_entry_id(entry_id: str) -> tuple[int, int]:
+    ms, sep, seq = entry_id.partition("-")
+    if not (sep and ms.isdigit() and seq.isdigit() and ms.isascii() and seq.isascii()):
+        raise ValueError(f"{entry_id!r} is not a stream entry id like '1700000000000-0'")
+    ms_i, seq_i = int(ms), int(seq)
+    if ms_i > _MAX_SEQ or seq_i > _MAX_SEQ:
+        raise ValueError(f"{entry_id!r} is out of range")
+    return ms_i, seq_i
+
+
+def _entry_after(entry_id: str) -> str:
+    """The smallest id above ``entry_id``: XTRIM MINID with it drops ``entry_id`` too."""
+    ms, seq = _parse_entry_id(entry_id)
+    return f"{ms + 1}-0" if seq == _MAX_SEQ else f"{ms}-{seq + 1}"
+
+
+def _generation(version: int, nonce: str, count: int) -> str:
+    return f"{version}.{nonce}.{count}"
+
+
+def _parse_generation(generation: str) -> tuple[int, str, int] | None:
+    parts = generation.split(".")
+    if len(parts) != 3 or not parts[0].isdigit() or not parts[2].isdigit():
+        return None
+    if not parts[1] or any(c not in "0123456789abcdef" for c in parts[1]):
+        return None
+    if int(parts[2]) > _MAX_CHUNKS:
+        return None
+    return int(parts[0]), parts[1], int(parts[2])
+
+
+def _chunk_keys(keys: StreamKeys, version: int, nonce: str, count: int) -> list[str]:
+    return [keys.state_chunk(version, i, nonce) for i in range(count)]
+
+
+def _generation_keys(keys: StreamKeys, generation: str) -> list[str]:
+    parsed = _parse_generation(generation) if generation else None
+    return _chunk_keys(keys, *parsed) if parsed else []
+
+
+def _pending_sets(keys: StreamKeys, members: Sequence[bytes]) -> list[tuple[str, list[str]]]:
+    """(generation, its chunk keys) for each parseable pending member."""
+    out = []
+    for member in members:
+        name = member.decode(errors="replace")
+        parsed = _parse_generation(name)
+        if parsed is not None:
+            out.append((name, _chunk_keys(keys, *parsed)))
+    return out
+
+
+def _b(value: Any) -> bytes:
+    """redis-py types replies as ``bytes | str``; this client is bytes-mode (checked at init)."""
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
+def _int(fields: Mapping[str, bytes], name: str) -> int:
+    raw = fields.get(name)
+    return int(raw) if raw else 0
+
+
+def _text(fields: Mapping[str, bytes], name: str) -> str | None:
+    raw = fields.get(name)
+    return raw.decode() if raw else None
+
+
+def _extra(fields: Mapping[str, bytes]) -> dict[str, bytes]:
+    return {k: v for k, v in fields.items() if k not in RESERVED_FIELDS}
+
