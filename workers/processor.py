@@ -204,7 +204,7 @@ class StreamProcessor:
         the stream up to its end.
         """
         limit = self.settings.max_batch_entries
-        raw = self.client.xrange(
+        raw: Any = self.client.xrange(
             StreamKeys.of(stream_id).input, min=f"({after}" if after else "-", count=limit + 1
         )
         if not raw:

@@ -12,6 +12,7 @@ import socket
 import threading
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import redis
 
@@ -36,7 +37,7 @@ class Runtime:
         return redis_from_settings(self.settings, client_name=f"sinkstream-worker-{os.getpid()}")
 
     @cached_property
-    def engine(self) -> Engine:  # type: ignore[type-arg]
+    def engine(self) -> Engine[Any]:
         from workers.engines.loading import load_engine
 
         return load_engine(self.settings)

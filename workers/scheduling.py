@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import redis
 
@@ -132,7 +133,8 @@ class Dispatcher:
             self._last_discover = now
             self.discover()
         scheduled = 0
-        stream_ids = [_text(m) for m in self.client.zrange(STREAMS_REGISTRY, 0, -1)]
+        members: Any = self.client.zrange(STREAMS_REGISTRY, 0, -1)
+        stream_ids = [_text(m) for m in members]
         for start in range(0, len(stream_ids), _PIPELINE_STREAMS):
             for sid in self.scheduler.needs_work(stream_ids[start : start + _PIPELINE_STREAMS]):
                 scheduled += int(self.scheduler.schedule(sid))
@@ -148,7 +150,8 @@ class Dispatcher:
                 validate_stream_id(sid)
             except InvalidStreamId:
                 continue
-            found += int(self.client.zadd(STREAMS_REGISTRY, {sid: time.time()}, nx=True))
+            added: Any = self.client.zadd(STREAMS_REGISTRY, {sid: time.time()}, nx=True)
+            found += int(added)
         if found:
             log.info("dispatcher: registered %d stream(s) written without the producer", found)
         return found

@@ -53,7 +53,8 @@ def summarize(stream_id: str, request: str, question: str = "") -> None:
     )
     from state_store.keys import StreamKeys
 
-    rt.client.xadd(StreamKeys.of(stream_id).output, entry.fields(), maxlen=10_000,
+    fields: Any = entry.fields()
+    rt.client.xadd(StreamKeys.of(stream_id).output, fields, maxlen=10_000,
                    approximate=True)
 
 

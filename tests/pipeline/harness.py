@@ -30,7 +30,9 @@ from workers.summaries import format_turn
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def worker_env(redis_url: str, tmp: Path, model: str = "tiny-llama", **extra: str) -> dict[str, str]:
+def worker_env(
+    redis_url: str, tmp: Path, model: str = "tiny-llama", **extra: str
+) -> dict[str, str]:
     """Small, fast settings: short leases so takeovers happen within seconds."""
     env = {
         **os.environ,
@@ -133,8 +135,12 @@ def caught_up(client: redis.Redis, stream: str) -> bool:
     return committed_id(client, stream) == last_input_id(client, stream)
 
 
-def valid_entries(client: redis.Redis, stream: str) -> list[InputEntry]:
-    return [e for e in read_entries(client, stream) if isinstance(e, InputEntry)]
+def valid_entries(
+    client: redis.Redis, stream: str, max_entry_bytes: int = Settings().max_entry_bytes
+) -> list[InputEntry]:
+    """The entries a worker applies: those the contract accepts (same size limit)."""
+    entries = read_entries(client, stream, max_text_bytes=max_entry_bytes)
+    return [e for e in entries if isinstance(e, InputEntry)]
 
 
 def reference_tensors(settings: Settings, turns: Iterable[InputEntry]) -> dict[str, bytes]:
@@ -143,7 +149,8 @@ def reference_tensors(settings: Settings, turns: Iterable[InputEntry]) -> dict[s
     state = engine.new_state()
     for turn in turns:
         if turn.text:
-            state = engine.feed(state, engine.tokenizer.encode(format_turn(turn.text, turn.speaker)))
+            ids = engine.tokenizer.encode(format_turn(turn.text, turn.speaker))
+            state = engine.feed(state, ids)
     snapshot = engine.export_state(state)
     return {name: t.data for name, t in snapshot.tensors.items()} | {
         "__scalars__": json.dumps(snapshot.scalars, sort_keys=True, default=str).encode()

@@ -170,10 +170,11 @@ def test_corrupt_state_and_malformed_entries_do_not_stop_other_streams(
     assert committed_tensors(client, "good") == reference_tensors(
         settings_from_env(pool.env), valid_entries(client, "good"))
     status = subprocess.run(
-        [sys.executable, "-m", "sinkstream", "status", "broken"], env=pool.env, cwd=ROOT,
-        capture_output=True, text=True, timeout=60)
-    assert "failed" in status.stdout and "checksum" in status.stdout.lower() or \
-        "corrupt" in status.stdout.lower() or "format" in status.stdout.lower(), status.stdout
+        [sys.executable, "-m", "sinkstream", "status", "broken", "--json"], env=pool.env,
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    row = json.loads(status.stdout)
+    assert row["status"] == "failed"
+    assert "stream 'broken'" in row["failure"] and "truncated" in row["failure"]
 
 
 def test_demo_prints_rolling_and_final_summaries(tmp_path: Path) -> None:

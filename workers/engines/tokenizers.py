@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 
 class ByteTokenizer:
@@ -19,3 +20,51 @@ class ByteTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A transformers tokenizer behind the engine's protocol.
+
+    ``encode`` adds no special tokens (a stream's text is a continuation, never a new document,
+    and a BOS in the middle of a stream would confuse the model); ``decode`` skips them.
+    ``apply_chat_template`` and ``chat_template`` pass through to the wrapped tokenizer.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.hf = tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    @property
+    def chat_template(self) -> str | None:
+        template = getattr(self.hf, "chat_template", None)
+        return template if isinstance(template, str) else None
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        eos = getattr(self.hf, "eos_token_id", None)
+        return (int(eos),) if isinstance(eos, int) else ()
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.hf.decode([int(i) for i in ids], skip_special_tokens=True))
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        add_generation_prompt: bool = True,
+        tokenize: bool = False,
+    ) -> str:
+        """The chat-formatted text (tokenize it with ``encode``); only ``tokenize=False``."""
+        if tokenize:
+            raise ValueError("HFTokenizer.apply_chat_template returns text; encode it after")
+        return str(
+            self.hf.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
+        )

@@ -1,0 +1,769 @@
+"""StreamingLLM attention-sink KV cache for Hugging Face RoPE decoders (arXiv 2309.17453).
+
+A stream's memory is the keys and values of S *sink* tokens (the first S of the stream) plus the
+R most recent tokens; everything in between is evicted. Positions are *slots*: the token at
+cache index j is treated as position j, whatever its position in the stream (position shift),
+so the model never sees a position beyond S + R + chunk.
+
+Hugging Face caches keys after the rotary embedding (RoPE). When the window shifts, a kept
+key's slot changes and its rotation must follow. Re-rotating stored keys in place, step after
+step, accumulates rounding (badly in bf16). Instead each key is stored exactly as the model
+produced it, together with the slot it was rotated at (one int per cached token, shared by all
+layers); at use time a temporary fp32 copy is rotated by the angle difference between the
+current and the stored slot, then cast to the compute dtype. One rounding, no drift:
+
+    stored key      k_p = R(a_p) k           (a_x = fl32(x * inv_freq), exactly as HF computes)
+    key at slot j   R(a_j - a_p) k_p = R(a_j) k
+
+The angle difference is taken in float64 from the same fp32 angles Hugging Face uses, so a
+re-rotated key equals the key the model would have produced at slot j up to fp32 rounding.
+RoPE's attention scaling (YaRN) is already inside k_p and a rotation does not change it, so the
+correction rotation is unscaled.
+
+Shapes (nanoGPT style): B batch rows, T tokens in a chunk, L cached tokens, H_kv key/value
+heads, D head dim, E hidden size, V vocabulary. A state stores per layer ``[H_kv, L, D]``.
+
+Feeding: ``aligned_chunks`` cuts the stream into chunks of ``chunk_tokens`` counted from its
+start; a chunk attends to [cache + itself, causally], then the cache is evicted down to S + R.
+The remainder waits in ``state.pending``. ``generate`` and ``score`` work on temporary copies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from state_store.tensors import RawTensor, StateSnapshot
+from workers.engines.base import (
+    Engine,
+    EngineState,
+    Sampling,
+    StateMismatchError,
+    Tokenizer,
+    UnsupportedModelError,
+    aligned_chunks,
+)
+from workers.engines.tensor_bytes import dtype_name, from_raw, to_raw, torch_dtype
+from workers.engines.tokenizers import HFTokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+#: model types whose attention is Llama-style: full rotary on every head with the
+#: rotate-half convention, keys cached after RoPE, logits = lm_head(final hidden)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+#: rope types whose frequencies are fixed (do not depend on the sequence length)
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+SUPPORTED_ATTENTION = ("eager", "sdpa")
+#: names the position scheme in stored states: a state only loads where it means the same
+ROPE_SCHEME = "slot-shift/fp32-rerotate/v1"
+
+SUPPORTED_TEXT = (
+    "supported: decoder-only causal LMs of type "
+    + ", ".join(SUPPORTED_MODEL_TYPES)
+    + " with rotary embeddings on the full head dim (rope types "
+    + ", ".join(SUPPORTED_ROPE_TYPES)
+    + "), attention implementation "
+    + " or ".join(SUPPORTED_ATTENTION)
+    + ", and no sliding window shorter than sink_tokens + recent_tokens + chunk_tokens"
+)
+
+# config fields that do not change what a model computes
+_VOLATILE_CONFIG_KEYS = (
+    "transformers_version",
+    "_name_or_path",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+    "_commit_hash",
+)
+
+
+# ----- eviction policy -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SinkWindow:
+    """Which cached tokens survive: the first ``sink`` plus the last ``recent``."""
+
+    sink: int
+    recent: int
+
+    @property
+    def capacity(self) -> int:
+        return self.sink + self.recent
+
+    def kept(self, length: int) -> list[tuple[int, int]]:
+        """Index ranges ``[start, stop)`` of a cache of ``length`` tokens kept after eviction."""
+        if length <= self.capacity:
+            return [(0, length)]
+        return [(0, self.sink), (length - self.recent, length)]
+
+
+def _append_evicted(
+    old: torch.Tensor, new: torch.Tensor, ranges: list[tuple[int, int]], dim: int
+) -> torch.Tensor:
+    """``cat([old, new], dim)`` restricted to ``ranges``, without building the full concat."""
+    n_old = old.shape[dim]
+    parts = []
+    for start, stop in ranges:
+        if start < n_old:
+            parts.append(old.narrow(dim, start, min(stop, n_old) - start))
+        if stop > n_old:
+            lo = max(start, n_old) - n_old
+            parts.append(new.narrow(dim, lo, stop - n_old - lo))
+    return torch.cat(parts, dim=dim)
+
+
+# ----- slot re-rotation ----------------------------------------------------------------------
+
+
+class SlotRotary:
+    """Rotates keys cached at one slot to another slot, exactly as the model's RoPE would.
+
+    ``inv_freq`` is the model's own buffer (llama3/linear/yarn scaling already applied), in the
+    precision the model uses it (a bf16 model rounds it). ``a_x = fl32(x * inv_freq)`` is the
+    fp32 angle Hugging Face computes for position x; this class tabulates ``cos a_x, sin a_x``
+    in float64 once, and forms the rotation by ``a_j - a_p`` with the angle-difference
+    identities (float64, then rounded to fp32 once): no transcendental calls per step.
+    """
+
+    def __init__(self, inv_freq: torch.Tensor, max_slots: int, device: torch.device) -> None:
+        inv = inv_freq.detach().to(device=device, dtype=torch.float32)  # [D/2]
+        slots = torch.arange(max_slots, device=device, dtype=torch.float32)  # [X]
+        # same op and dtype as HF: position.float() * inv_freq.float()  -> [X, D/2]
+        angles = (slots[:, None] * inv[None, :]).double()
+        self.cos_table, self.sin_table = angles.cos(), angles.sin()  # [X, D/2] float64
+        self.max_slots = max_slots
+
+    def cos_sin(
+        self, stored: torch.Tensor, current: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 ``cos, sin`` of shape ``[..., L, D/2]`` rotating from ``stored`` to ``current``
+        (int64 slot tensors of shape ``[..., L]``)."""
+        shape = (*stored.shape, self.cos_table.shape[1])
+        # index_select on flat indices: much cheaper on CPU than advanced indexing
+        p, j = stored.reshape(-1), current.reshape(-1)
+        cp = self.cos_table.index_select(0, p).view(shape)  # [..., L, D/2]
+        sp = self.sin_table.index_select(0, p).view(shape)
+        cj = self.cos_table.index_select(0, j).view(shape)
+        sj = self.sin_table.index_select(0, j).view(shape)
+        cos = (cj * cp + sj * sp).float()  # cos(a_j - a_p)
+        sin = (sj * cp - cj * sp).float()  # sin(a_j - a_p)
+        return cos, sin
+
+    @staticmethod
+    def rotate(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate fp32 keys ``[..., L, D]`` by half-width ``cos, sin`` ``[..., L, D/2]``.
+
+        The rotate-half convention: the pairs are (i, i + D/2), i.e.
+        ``k * cat(cos, cos) + cat(-k2, k1) * cat(sin, sin)``, written half by half into one
+        new fp32 tensor (no temporaries of the full size).
+        """
+        half = k.shape[-1] // 2
+        k1, k2 = k[..., :half], k[..., half:]
+        out = torch.empty(k.shape, dtype=torch.float32, device=k.device)
+        o1, o2 = out[..., :half], out[..., half:]
+        torch.mul(k1, cos, out=o1)
+        o1.addcmul_(k2, sin, value=-1.0)  # k1 cos - k2 sin
+        torch.mul(k2, cos, out=o2)
+        o2.addcmul_(k1, sin)  # k2 cos + k1 sin
+        return out
+
+
+def _prefilled_cache(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """A ``DynamicCache`` holding ``layers`` as they are.
+
+    ``DynamicCache([(k, v), ...])`` would copy every tensor once more (it concatenates onto an
+    empty tensor); these layers start from the given tensors, and the model's own update
+    concatenates the chunk onto them as usual.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache()
+    for keys, values in layers:
+        layer = DynamicLayer()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        cache.layers.append(layer)
+    return cache
+
+
+# ----- states ----------------------------------------------------------------------------------
+
+
+@dataclass
+class SinkKVState(EngineState):
+    """A stream's sink-KV memory. Treat as immutable: engines return new states.
+
+    ``keys``/``values``: per layer ``[H_kv, L, D]`` in the engine's storage dtype and device;
+    keys exactly as the model produced them, rotated at ``slots[j]``.
+    ``slots``: ``[L]`` int64 (CPU), the slot each cached key was rotated at (>= its index j).
+    ``last_hidden``: ``[E]`` final hidden state after the last cached token (compute dtype),
+    so the next token can be scored or sampled without re-feeding anything; None when empty.
+    """
+
+    keys: tuple[torch.Tensor, ...] = ()
+    values: tuple[torch.Tensor, ...] = ()
+    slots: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    last_hidden: torch.Tensor | None = None
+
+    @property
+    def cache_len(self) -> int:
+        return int(self.slots.shape[0])
+
+
+@dataclass(frozen=True)
+class _Window:
+    """The model memory of a state (or of a temporary copy of one); never mutated."""
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    slots: torch.Tensor
+    last_hidden: torch.Tensor | None
+
+    @classmethod
+    def of(cls, state: SinkKVState) -> _Window:
+        return cls(state.keys, state.values, state.slots, state.last_hidden)
+
+    @property
+    def length(self) -> int:
+        return int(self.slots.shape[0])
+
+
+def _pieces(tokens: Sequence[int], size: int) -> Iterator[list[int]]:
+    for i in range(0, len(tokens), size):
+        yield list(tokens[i : i + size])
+
+
+# ----- the engine ------------------------------------------------------------------------------
+
+
+class SinkKVEngine(Engine[SinkKVState]):
+    """Sink-KV engine for a Llama/Mistral/Qwen2/Qwen3-style Hugging Face causal LM."""
+
+    kind = "sinkkv"
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: Tokenizer | Any,
+        *,
+        model_name: str,
+        sink_tokens: int = 4,
+        recent_tokens: int = 1020,
+        chunk_tokens: int = 64,
+        storage_dtype: torch.dtype | str | None = None,
+        compute_dtype: torch.dtype | str | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if sink_tokens < 0 or recent_tokens < 1 or chunk_tokens < 1:
+            raise ValueError(
+                f"need sink_tokens >= 0, recent_tokens >= 1, chunk_tokens >= 1; got "
+                f"{sink_tokens}, {recent_tokens}, {chunk_tokens}"
+            )
+        self.window = SinkWindow(sink_tokens, recent_tokens)
+        self.chunk_tokens = chunk_tokens
+        self._model_name = model_name
+        self.device = torch.device(device)
+
+        _check_supported(model, self.window.capacity + chunk_tokens)
+        hf: Any = model  # transformers' typing of .to() confuses mypy
+        if compute_dtype is not None:
+            hf = hf.to(_as_dtype(compute_dtype))
+        self.model: PreTrainedModel = hf.to(self.device).eval()
+        self.compute_dtype: torch.dtype = next(self.model.parameters()).dtype
+        self.storage_dtype = (
+            _as_dtype(storage_dtype) if storage_dtype is not None else self.compute_dtype
+        )
+        if not self.storage_dtype.is_floating_point:
+            raise ValueError(f"storage dtype must be a float type, got {self.storage_dtype}")
+
+        self.tokenizer = _adapt_tokenizer(tokenizer)
+        config = self.model.config
+        self._decoder = self.model.get_decoder()
+        self._lm_head = self.model.get_output_embeddings()
+        attn = self._decoder.layers[0].self_attn
+        self.n_layers = len(self._decoder.layers)
+        self.kv_heads = int(config.num_key_value_heads)
+        self.head_dim = int(attn.head_dim)
+        self.hidden_size = int(config.hidden_size)
+        self.vocab_size = int(self._decoder.embed_tokens.num_embeddings)
+        rotary = self._decoder.rotary_emb
+        self.rope_type = str(rotary.rope_type)
+        self.rotary = SlotRotary(rotary.inv_freq, self.window.capacity + chunk_tokens, self.device)
+        self.eos_token_ids = _eos_ids(self.model, self.tokenizer)
+        self._fingerprint: str | None = None
+
+    # ----- identity ------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self._model_name
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model)
+        return self._fingerprint
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {
+            "sink_tokens": self.window.sink,
+            "recent_tokens": self.window.recent,
+            "chunk_tokens": self.chunk_tokens,
+            "storage_dtype": dtype_name(self.storage_dtype),
+            "rope": f"{ROPE_SCHEME}:{self.rope_type}",
+        }
+
+    # ----- state lifecycle -----------------------------------------------------------------
+    def new_state(self) -> SinkKVState:
+        empty = torch.zeros(
+            self.kv_heads, 0, self.head_dim, dtype=self.storage_dtype, device=self.device
+        )
+        layers = tuple(empty for _ in range(self.n_layers))  # immutable: sharing is safe
+        return SinkKVState(keys=layers, values=layers)
+
+    def feed_batch(
+        self, states: Sequence[SinkKVState], token_lists: Sequence[Sequence[int]]
+    ) -> list[SinkKVState]:
+        if len(states) != len(token_lists):
+            raise ValueError(f"{len(states)} states but {len(token_lists)} token lists")
+        for tokens in token_lists:
+            self._check_tokens(tokens)
+        plans = [
+            aligned_chunks(s.pending, t, self.chunk_tokens)
+            for s, t in zip(states, token_lists, strict=True)
+        ]
+        windows = [_Window.of(s) for s in states]
+        # Round r feeds the r-th chunk of every stream that has one, all in one forward.
+        rounds = max((len(chunks) for chunks, _ in plans), default=0)
+        for r in range(rounds):
+            rows = [i for i, (chunks, _) in enumerate(plans) if len(chunks) > r]
+            new_windows, _ = self._forward(
+                [windows[i] for i in rows], [plans[i][0][r] for i in rows]
+            )
+            for i, w in zip(rows, new_windows, strict=True):
+                windows[i] = w
+        return [
+            SinkKVState(
+                tokens_seen=s.tokens_seen + len(t),
+                pending=rest,
+                keys=w.keys,
+                values=w.values,
+                slots=w.slots,
+                last_hidden=w.last_hidden,
+            )
+            for s, t, (_, rest), w in zip(states, token_lists, plans, windows, strict=True)
+        ]
+
+    # ----- the forward ---------------------------------------------------------------------
+    @torch.no_grad()
+    def _forward(
+        self, windows: Sequence[_Window], pieces: Sequence[Sequence[int]]
+    ) -> tuple[list[_Window], torch.Tensor]:
+        """Feed ``pieces[i]`` (all of length T) after ``windows[i]``; evict; return the new
+        windows and the final hidden states ``[B, T, E]``."""
+        B, T = len(windows), len(pieces[0])
+        if any(len(p) != T for p in pieces):
+            raise ValueError("all rows of one forward must have the same number of tokens")
+        dev = self.device
+        lengths = [w.length for w in windows]
+        Lmax = max(lengths)
+        pads = [Lmax - n for n in lengths]
+
+        # Left-padded view of the caches: row i's token j sits at index pads[i] + j and is at
+        # slot j. Padding is masked out and never rotated (stored == current == 0).
+        stored = torch.zeros(B, Lmax, dtype=torch.long)  # [B, L]
+        current = torch.zeros(B, Lmax, dtype=torch.long)  # [B, L]
+        for i, w in enumerate(windows):
+            stored[i, pads[i] :] = w.slots
+            current[i, pads[i] :] = torch.arange(lengths[i])
+        shifted = bool((stored != current).any())
+        if shifted:
+            cos, sin = self.rotary.cos_sin(stored.to(dev), current.to(dev))  # [B, L, D/2] fp32
+            cos, sin = cos[:, None], sin[:, None]  # [B, 1, L, D/2]: broadcast over heads
+
+        layers = []
+        for layer in range(self.n_layers):
+            k = self._padded([w.keys[layer] for w in windows], pads)  # [B, H_kv, L, D]
+            v = self._padded([w.values[layer] for w in windows], pads)  # [B, H_kv, L, D]
+            if shifted:
+                k = SlotRotary.rotate(k.float(), cos, sin)
+            layers.append((k.to(self.compute_dtype), v.to(self.compute_dtype)))
+        cache = _prefilled_cache(layers)
+
+        input_ids = torch.tensor([list(p) for p in pieces], dtype=torch.long, device=dev)  # [B, T]
+        # explicit positions: row i's new tokens take slots lengths[i] .. lengths[i] + T - 1
+        position_ids = (
+            torch.tensor(lengths, dtype=torch.long)[:, None] + torch.arange(T)[None, :]
+        ).to(dev)  # [B, T]
+        attention_mask = torch.ones(B, Lmax + T, dtype=torch.long)  # [B, L + T]
+        for i, pad in enumerate(pads):
+            attention_mask[i, :pad] = 0
+        out = self._decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask.to(dev),
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        hidden = out.last_hidden_state  # [B, T, E]
+
+        # Keep the chunk's own keys/values as the model produced them (not the re-rotated
+        # copies of the old ones), append, evict.
+        new_windows = []
+        for i, w in enumerate(windows):
+            ranges = self.window.kept(lengths[i] + T)
+            new_slots = torch.arange(lengths[i], lengths[i] + T)  # [T]
+            keys, values = [], []
+            for layer in range(self.n_layers):
+                cached: Any = cache.layers[layer]
+                k_new = cached.keys[i, :, Lmax:].to(self.storage_dtype)  # [H_kv, T, D]
+                v_new = cached.values[i, :, Lmax:].to(self.storage_dtype)  # [H_kv, T, D]
+                keys.append(_append_evicted(w.keys[layer], k_new, ranges, dim=1))
+                values.append(_append_evicted(w.values[layer], v_new, ranges, dim=1))
+            new_windows.append(
+                _Window(
+                    keys=tuple(keys),
+                    values=tuple(values),
+                    slots=_append_evicted(w.slots, new_slots, ranges, dim=0),
+                    last_hidden=hidden[i, -1].clone(),  # [E]
+                )
+            )
+        return new_windows, hidden
+
+    def _padded(self, rows: list[torch.Tensor], pads: list[int]) -> torch.Tensor:
+        """Stack ``[H_kv, L_i, D]`` rows into ``[B, H_kv, L, D]``, left-padded with zeros."""
+        if len(rows) == 1:
+            return rows[0][None]  # a view: no copy
+        Lmax = rows[0].shape[1] + pads[0]
+        out = rows[0].new_zeros(len(rows), self.kv_heads, Lmax, self.head_dim)
+        for i, (row, pad) in enumerate(zip(rows, pads, strict=True)):
+            out[i, :, pad:] = row
+        return out
+
+    def _run(self, window: _Window, tokens: Sequence[int]) -> tuple[_Window, list[torch.Tensor]]:
+        """Feed ``tokens`` in pieces of ``chunk_tokens`` (one row), evicting after each piece.
+
+        Returns the final window and each piece's final hidden states ``[1, T, E]``.
+        """
+        hidden = []
+        for piece in _pieces(tokens, self.chunk_tokens):
+            (window,), h = self._forward([window], [piece])
+            hidden.append(h)
+        return window, hidden
+
+    @torch.no_grad()
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[..., E]`` final hidden states -> fp32 logits ``[..., V]``."""
+        logits: torch.Tensor = self._lm_head(hidden.to(self.device))
+        return logits.float()
+
+    def _check_tokens(self, tokens: Sequence[int]) -> None:
+        for t in tokens:
+            if not 0 <= int(t) < self.vocab_size:
+                raise ValueError(
+                    f"token id {t} outside the model's vocabulary [0, {self.vocab_size})"
+                )
+
+    # ----- reading the state ---------------------------------------------------------------
+    def rotated_keys(self, state: SinkKVState) -> list[torch.Tensor]:
+        """The keys as the model sees them now: per layer ``[H_kv, L, D]`` in fp32, each at
+        its current slot (for tests and diagnostics)."""
+        w = _Window.of(state)
+        current = torch.arange(w.length)
+        cos, sin = self.rotary.cos_sin(w.slots.to(self.device), current.to(self.device))
+        return [SlotRotary.rotate(k.float(), cos, sin) for k in w.keys]
+
+    def logits(self, state: SinkKVState, token_ids: Sequence[int]) -> torch.Tensor:
+        """fp32 logits ``[N, V]`` after each of ``token_ids``, given the state and its pending
+        tokens: what a plain ``DynamicCache`` run would give while nothing is evicted."""
+        self._check_tokens(token_ids)
+        context = [*state.pending, *token_ids]
+        # Pending starts on a chunk boundary, so these pieces follow the stream's chunk grid.
+        _, hidden = self._run(_Window.of(state), context)
+        if not hidden:
+            return torch.zeros(0, self.vocab_size)
+        # lm_head per piece, shaped [1, T, E] like the model's own forward
+        return torch.cat([self._logits(h)[0] for h in hidden])[len(state.pending) :]
+
+    def generate(
+        self,
+        state: SinkKVState,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        sampling: Sampling = Sampling(),
+    ) -> list[int]:
+        self._check_tokens(prompt_ids)
+        context = [*state.pending, *prompt_ids]
+        window, hidden = self._run(_Window.of(state), context)
+        last = hidden[-1][0, -1] if hidden else state.last_hidden  # [E]
+        if last is None:
+            raise ValueError("nothing to continue from: the stream is empty and so is the prompt")
+        generator = torch.Generator().manual_seed(sampling.seed)
+        stops = set(sampling.stop_token_ids) | set(self.eos_token_ids)
+        out: list[int] = []
+        for step in range(max_new_tokens):
+            token = _pick(self._logits(last).cpu(), [*context, *out], sampling, generator)
+            if token in stops:
+                break
+            out.append(token)
+            if step == max_new_tokens - 1:
+                break
+            (window,), h = self._forward([window], [[token]])  # evicts as it goes
+            last = h[0, -1]
+        return out
+
+    def score(self, state: SinkKVState, token_ids: Sequence[int]) -> list[float]:
+        """Log-probabilities; the first token of a stream that has seen nothing has none (NaN)."""
+        if not token_ids:
+            return []
+        self._check_tokens(token_ids)
+        context = [*state.pending, *token_ids]
+        _, hidden = self._run(_Window.of(state), context)
+        # after[k]: logits after context[k], [len(context), V]
+        after = torch.cat([self._logits(h)[0] for h in hidden])
+        if state.last_hidden is not None:
+            first = self._logits(state.last_hidden)[None]  # [1, V]
+        else:
+            first = torch.full((1, self.vocab_size), math.nan, device=after.device)
+        # the prediction for context[k] is the logits after context[k - 1]
+        predicting = torch.cat([first, after[:-1]])[len(state.pending) :]  # [N, V]
+        logprobs = torch.log_softmax(predicting, dim=-1)
+        targets = torch.tensor(list(token_ids), device=logprobs.device)
+        picked = logprobs.gather(1, targets[:, None])[:, 0]
+        return [float(x) for x in picked.cpu()]
+
+    # ----- persistence ---------------------------------------------------------------------
+    def export_state(self, state: SinkKVState) -> StateSnapshot:
+        tensors: dict[str, RawTensor] = {"slots": to_raw(state.slots.to(torch.long))}
+        for layer, (k, v) in enumerate(zip(state.keys, state.values, strict=True)):
+            tensors[f"keys.{layer}"] = to_raw(k)
+            tensors[f"values.{layer}"] = to_raw(v)
+        hidden = state.last_hidden
+        tensors["last_hidden"] = to_raw(
+            hidden if hidden is not None else torch.zeros(0, dtype=self.compute_dtype)
+        )
+        scalars: dict[str, object] = {
+            "tokens_seen": int(state.tokens_seen),
+            "pending": [int(t) for t in state.pending],
+            "layers": len(state.keys),
+            "fingerprint": self.fingerprint,
+            "params": self.params,
+        }
+        return StateSnapshot(tensors=tensors, scalars=scalars)
+
+    def import_state(self, snapshot: StateSnapshot) -> SinkKVState:
+        sc, ts = snapshot.scalars, snapshot.tensors
+        if sc.get("fingerprint") != self.fingerprint:
+            raise StateMismatchError(
+                f"state belongs to model fingerprint {str(sc.get('fingerprint'))[:16]}..., "
+                f"this engine serves {self.model_name!r} ({self.fingerprint[:16]}...)"
+            )
+        stored_params = sc.get("params")
+        if not isinstance(stored_params, dict) or stored_params != self.params:
+            theirs = stored_params if isinstance(stored_params, dict) else {}
+            diffs = [
+                f"{k}: state {theirs.get(k)!r} vs engine {v!r}"
+                for k, v in self.params.items()
+                if theirs.get(k) != v
+            ] + [
+                f"{k}: state {theirs[k]!r} vs engine (none)" for k in theirs if k not in self.params
+            ]
+            raise StateMismatchError(
+                "state was made with other engine parameters: " + "; ".join(diffs or ["missing"])
+            )
+
+        expected = {"slots", "last_hidden"} | {
+            f"{kind}.{layer}" for kind in ("keys", "values") for layer in range(self.n_layers)
+        }
+        if set(ts) != expected:
+            missing, extra = sorted(expected - set(ts)), sorted(set(ts) - expected)
+            raise StateMismatchError(f"state tensors differ: missing {missing}, unexpected {extra}")
+
+        tokens_seen, pending = sc.get("tokens_seen"), sc.get("pending")
+        if not isinstance(tokens_seen, int) or not isinstance(pending, list):
+            raise StateMismatchError("state scalars tokens_seen/pending missing or malformed")
+        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in pending):
+            raise StateMismatchError("state pending tokens are not token ids of this model")
+        cached = tokens_seen - len(pending)
+        if len(pending) >= self.chunk_tokens or cached < 0 or cached % self.chunk_tokens:
+            raise StateMismatchError(
+                f"state holds {len(pending)} pending tokens after {tokens_seen} tokens, which "
+                f"chunks of {self.chunk_tokens} cannot produce"
+            )
+        length = min(cached, self.window.capacity)
+
+        def load(name: str, shape: tuple[int, ...], floating: bool) -> torch.Tensor:
+            raw = ts[name]
+            if tuple(raw.shape) != shape:
+                raise StateMismatchError(f"state tensor {name} has shape {raw.shape}, need {shape}")
+            is_float = raw.dtype in ("float32", "float16", "bfloat16", "float64")
+            if is_float != floating:
+                raise StateMismatchError(f"state tensor {name} has dtype {raw.dtype}")
+            return from_raw(raw)
+
+        kv_shape = (self.kv_heads, length, self.head_dim)
+        keys = tuple(
+            load(f"keys.{i}", kv_shape, True).to(self.device, self.storage_dtype)
+            for i in range(self.n_layers)
+        )
+        values = tuple(
+            load(f"values.{i}", kv_shape, True).to(self.device, self.storage_dtype)
+            for i in range(self.n_layers)
+        )
+        slots = load("slots", (length,), False).to(torch.long)
+        index = torch.arange(length)
+        if bool((slots < index).any()) or bool((slots >= self.rotary.max_slots).any()):
+            raise StateMismatchError("state slot vector is inconsistent with its cache")
+        hidden_shape = (self.hidden_size,) if cached else (0,)
+        hidden = load("last_hidden", hidden_shape, True).to(self.device, self.compute_dtype)
+        return SinkKVState(
+            tokens_seen=tokens_seen,
+            pending=list(pending),
+            keys=keys,
+            values=values,
+            slots=slots,
+            last_hidden=hidden if cached else None,
+        )
+
+    def state_nbytes(self, state: SinkKVState) -> int:
+        tensors = [*state.keys, *state.values, state.slots]
+        if state.last_hidden is not None:
+            tensors.append(state.last_hidden)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    # ----- text helpers --------------------------------------------------------------------
+    def summary_prompt(self, instruction: str) -> list[int]:
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None) and hasattr(tok, "apply_chat_template"):
+            messages = [{"role": "user", "content": instruction}]
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return [*tok.encode("\n\n"), *tok.encode(str(text))]
+        return tok.encode(f"\n\nInstruction: {instruction}\nAnswer:")
+
+
+# ----- helpers ---------------------------------------------------------------------------------
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    return dtype if isinstance(dtype, torch.dtype) else torch_dtype(dtype.removeprefix("torch."))
+
+
+def _adapt_tokenizer(tokenizer: Any) -> Any:
+    """Wrap a transformers tokenizer; pass anything else with encode/decode through."""
+    try:
+        from transformers import PreTrainedTokenizerBase
+    except ImportError:  # pragma: no cover
+        return tokenizer
+    return HFTokenizer(tokenizer) if isinstance(tokenizer, PreTrainedTokenizerBase) else tokenizer
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: Any) -> tuple[int, ...]:
+    ids: set[int] = set()
+    sources = [
+        getattr(tokenizer, "eos_token_ids", None),
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+        getattr(model.config, "eos_token_id", None),
+    ]
+    for source in sources:
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple, set)):
+            ids.update(int(i) for i in source if isinstance(i, int))
+    return tuple(sorted(ids))
+
+
+def _pick(
+    logits: torch.Tensor, history: Sequence[int], sampling: Sampling, generator: torch.Generator
+) -> int:
+    """Choose the next token from fp32 CPU ``logits`` ``[V]``."""
+    logits = logits.clone()
+    if sampling.repetition_penalty != 1.0 and history:
+        seen = torch.tensor(sorted(set(history)), dtype=torch.long)
+        picked = logits[seen]
+        penalty = sampling.repetition_penalty
+        logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    if sampling.temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        keep = (torch.cumsum(sorted_probs, dim=0) - sorted_probs) < sampling.top_p
+        keep[0] = True
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def model_fingerprint(model: PreTrainedModel) -> str:
+    """sha256 over the architecture, the config (JSON) and every parameter's bytes."""
+    digest = hashlib.sha256(b"sinkstream-model-v1\0")
+    digest.update(type(model).__name__.encode() + b"\0")
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode() + b"\0")
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        t = param.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{dtype_name(t.dtype)}:{tuple(t.shape)}\0".encode())
+        if t.numel():
+            digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _check_supported(model: Any, window_span: int) -> None:
+    """Raise ``UnsupportedModelError`` unless sink-KV serves ``model`` exactly."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a Hugging Face model; " + SUPPORTED_TEXT
+        )
+    model_type = getattr(config, "model_type", "?")
+    problems = []
+    if getattr(config, "is_encoder_decoder", False):
+        problems.append("encoder-decoder models are not supported")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        problems.append(f"model type {model_type!r} is not supported")
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    rotary = getattr(decoder, "rotary_emb", None)
+    if rotary is None or not hasattr(rotary, "inv_freq"):
+        problems.append("no rotary position embedding (ALiBi or absolute positions)")
+    else:
+        rope_type = getattr(rotary, "rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            problems.append(f"rope type {rope_type!r} changes frequencies with sequence length")
+    rope_params = getattr(config, "rope_parameters", None) or {}
+    partial = rope_params.get(
+        "partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)
+    )
+    if partial is not None and float(partial) < 1.0:
+        problems.append(f"partial rotary embedding (partial_rotary_factor={partial})")
+    elif rotary is not None and decoder is not None and hasattr(rotary, "inv_freq"):
+        head_dim = getattr(decoder.layers[0].self_attn, "head_dim", None)
+        if head_dim is not None and 2 * rotary.inv_freq.numel() != head_dim:
+            problems.append("the rotary embedding does not cover the whole head dim")
+    window = getattr(config, "sliding_window", None)
+    sliding = model_type == "mistral" or "sliding_attention" in (
+        getattr(config, "layer_types", None) or ()
+    )
+    if sliding and window is not None and int(window) < window_span:
+        problems.append(
+            f"sliding window {window} is shorter than sink_tokens + recent_tokens + "
+            f"chunk_tokens = {window_span}"
+        )
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in SUPPORTED_ATTENTION:
+        problems.append(f"attention implementation {impl!r} (load with attn_implementation='sdpa')")
+    if problems:
+        raise UnsupportedModelError(
+            f"cannot serve {type(model).__name__} with a sink-KV cache exactly: "
+            + "; ".join(problems)
+            + ". "
+            + SUPPORTED_TEXT
+        )

@@ -1,0 +1,174 @@
+"""Seeded tiny random Hugging Face causal LMs, built from configs (no hub, no files).
+
+They share ``ByteTokenizer``'s vocabulary (256 byte ids), run in milliseconds on a CPU and are
+bit-for-bit reproducible from ``(arch, seed, overrides)``: tests, benchmarks and the demo use
+them wherever a real model's quality does not matter.
+
+``SUPPORTED_ARCHS`` are the RoPE decoders the sink-KV engine serves exactly. ``REFUSED_ARCHS``
+are deliberately unservable configs (partial rotary, ALiBi, scaled RoPE that changes with the
+sequence, a sliding window shorter than the sink window) for testing the engine's refusals.
+
+Weights are initialised with a larger spread than Hugging Face's default (``initializer_range``
+0.1 instead of 0.02) so that attention is far from uniform: a model whose attention ignores
+positions would let position bugs pass unnoticed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
+
+#: byte-level vocabulary, as ``workers.engines.tokenizers.ByteTokenizer``
+VOCAB_SIZE = 256
+
+#: the common shape of every tiny model: about 100k parameters
+_COMMON: dict[str, Any] = {
+    "vocab_size": VOCAB_SIZE,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 4096,
+    "initializer_range": 0.1,
+    "tie_word_embeddings": False,
+    "bos_token_id": None,
+    "eos_token_id": None,
+    "pad_token_id": None,
+}
+
+_ROPE_BASE = 10000.0
+
+#: arch -> (config class name, config kwargs on top of _COMMON)
+_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    # --- served exactly ---------------------------------------------------------------------
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {"num_hidden_layers": 3}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "qwen3": ("Qwen3Config", {}),
+    "llama3-rope": (
+        "LlamaConfig",
+        {
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": _ROPE_BASE,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 512,
+            }
+        },
+    ),
+    "yarn-rope": (
+        "LlamaConfig",
+        {
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": _ROPE_BASE,
+                "factor": 4.0,
+                "original_max_position_embeddings": 1024,
+            }
+        },
+    ),
+    # --- refused by the sink-KV engine ------------------------------------------------------
+    # partial rotary: only a quarter of each head is rotated (StableLM, Phi, Persimmon style)
+    "partial-rotary": (
+        "StableLmConfig",
+        {
+            "num_key_value_heads": 4,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": _ROPE_BASE,
+                "partial_rotary_factor": 0.25,
+            },
+        },
+    ),
+    # frequencies recomputed from the sequence length at every forward
+    "dynamic-rope": (
+        "LlamaConfig",
+        {"rope_parameters": {"rope_type": "dynamic", "rope_theta": _ROPE_BASE, "factor": 2.0}},
+    ),
+    "longrope": (
+        "LlamaConfig",
+        {
+            "max_position_embeddings": 8192,
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": _ROPE_BASE,
+                "factor": 4.0,
+                "short_factor": [1.0] * 8,
+                "long_factor": [2.0] * 8,
+                "original_max_position_embeddings": 2048,
+            },
+        },
+    ),
+    # every layer attends to the last 32 positions only: no room for a longer sink window
+    "sliding-window": ("MistralConfig", {"sliding_window": 32}),
+    # ALiBi biases instead of rotary embeddings
+    "alibi": ("BloomConfig", {}),
+}
+
+SUPPORTED_ARCHS: tuple[str, ...] = (
+    "llama",
+    "qwen2",
+    "mistral",
+    "qwen3",
+    "llama3-rope",
+    "yarn-rope",
+)
+REFUSED_ARCHS: tuple[str, ...] = (
+    "partial-rotary",
+    "dynamic-rope",
+    "longrope",
+    "sliding-window",
+    "alibi",
+)
+
+#: config classes whose keyword names differ from the Llama family's
+_BLOOM_NAMES = {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head"}
+_BLOOM_DROPPED = ("intermediate_size", "num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def tiny_config(arch: str = "llama", **overrides: Any) -> PretrainedConfig:
+    """The config of a tiny model; ``overrides`` replace any config field."""
+    import transformers
+
+    if arch not in _PRESETS:
+        raise ValueError(
+            f"unknown tiny arch {arch!r}; known: {', '.join(SUPPORTED_ARCHS + REFUSED_ARCHS)}"
+        )
+    class_name, preset = _PRESETS[arch]
+    kwargs = {**_COMMON, **preset, **overrides}
+    if class_name == "BloomConfig":
+        for name in _BLOOM_DROPPED:
+            kwargs.pop(name, None)
+        kwargs = {_BLOOM_NAMES.get(k, k): v for k, v in kwargs.items()}
+    config_class = getattr(transformers, class_name)
+    config: PretrainedConfig = config_class(**kwargs)
+    return config
+
+
+def tiny_hf_model(arch: str = "llama", seed: int = 0, **overrides: Any) -> PreTrainedModel:
+    """A seeded random causal LM in eval mode, fp32 on CPU.
+
+    The global torch RNG is left untouched: the weights come from a forked RNG seeded with
+    ``seed``, so the same ``(arch, seed, overrides)`` always gives the same weights.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(arch, **overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model: PreTrainedModel = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        # Hugging Face zero-initialises biases; random ones exercise the bias paths (Qwen's
+        # q/k/v biases are added before the rotary embedding).
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(".bias"):
+                    param.normal_(0.0, config.initializer_range)
+    model.eval()
+    return model
