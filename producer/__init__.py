@@ -1,1 +1,42 @@
-"""Publish text chunks onto sinkstream input streams (no torch, no GPU stack needed)."""
+"""Publish text chunks onto sinkstream input streams (no torch, no GPU stack needed).
+
+Library use::
+
+    from producer import Producer, publish
+    publish("standup", "ship it friday", speaker="Alice")          # default producer
+    with Producer() as p:                                          # or your own
+        p.publish_many("standup", [("hi", "Bob", 1.5), "no speaker"], eos=True)
+
+Workers parse entries with :func:`producer.entries.parse_entry` / :func:`read_entries`.
+"""
+
+from producer.entries import InputEntry, ParsedEntry, Rejected, parse_entry, read_entries
+from producer.formats import FORMATS, InputFormatError, Turn, read_file
+from producer.publisher import (
+    Producer,
+    PublishResult,
+    StreamFullError,
+    end_stream,
+    publish,
+    publish_many,
+    split_utf8,
+)
+
+__all__ = [
+    "FORMATS",
+    "InputEntry",
+    "InputFormatError",
+    "ParsedEntry",
+    "Producer",
+    "PublishResult",
+    "Rejected",
+    "StreamFullError",
+    "Turn",
+    "end_stream",
+    "parse_entry",
+    "publish",
+    "publish_many",
+    "read_entries",
+    "read_file",
+    "split_utf8",
+]

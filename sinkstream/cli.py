@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import redis
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from sinkstream.settings import Settings, SettingsError, load_settings
 
@@ -153,7 +154,7 @@ def _connect_redis_or_fail(cfg: Settings) -> redis.Redis:
     try:
         client.ping()
     except redis.RedisError as exc:
-        raise fail(describe_redis_error(cfg.redis_url, exc)) from None
+        raise fail(escape(describe_redis_error(cfg.redis_url, exc))) from None
     return client
 
 
@@ -195,8 +196,9 @@ def publish_cmd(
 ) -> None:
     """Publish a transcript (text, jsonl, vtt, srt or QMSum JSON) onto a stream's input.
 
-    Retries after connection errors never duplicate entries; a full stream blocks or fails
-    as SINKSTREAM_ON_FULL says; texts over max_entry_bytes are split at whitespace.
+    Retries after connection errors never duplicate entries.
+    A full stream blocks or fails as SINKSTREAM_ON_FULL says.
+    Texts over SINKSTREAM_MAX_ENTRY_BYTES are split at whitespace.
     """
     from producer.formats import FORMATS, InputFormatError, guess_format
     from producer.publisher import Producer, StreamFullError
@@ -207,7 +209,7 @@ def publish_cmd(
     try:
         keys = StreamKeys.of(stream)
     except InvalidStreamId as exc:
-        raise fail(str(exc), 2) from None
+        raise fail(escape(str(exc)), 2) from None
     fmt = fmt or guess_format(file)
     if fmt not in FORMATS:
         raise fail(f"unknown --format {fmt!r}; use one of {', '.join(FORMATS)}", 2)
@@ -218,12 +220,10 @@ def publish_cmd(
         client = _connect_redis_or_fail(cfg)
         with Producer(client, settings=cfg) as producer:
             result = _publish_run(producer, keys.stream_id, source, realtime, speed, eos)
-    except InputFormatError as exc:
-        raise fail(str(exc)) from None
-    except StreamFullError as exc:
-        raise fail(str(exc)) from None
+    except (InputFormatError, StreamFullError) as exc:
+        raise fail(escape(str(exc))) from None
     except redis.RedisError as exc:
-        raise fail(describe_redis_error(cfg.redis_url, exc)) from None
+        raise fail(escape(describe_redis_error(cfg.redis_url, exc))) from None
     except KeyboardInterrupt:
         raise fail("interrupted; the stream was not marked as ended", 130) from None
     ended = " and marked its end" if eos else ""
@@ -292,25 +292,26 @@ def streams_cmd(
     try:
         infos = list_streams(client, limit)
     except redis.RedisError as exc:
-        raise fail(describe_redis_error(cfg.redis_url, exc)) from None
+        raise fail(escape(describe_redis_error(cfg.redis_url, exc))) from None
     if not infos:
         console.print("no streams yet; publish one with: sinkstream publish STREAM FILE")
         return
     now = dt.datetime.now(dt.timezone.utc).timestamp()
 
-    def when(ts: float | None) -> str:
+    def stamp(ts: float | None) -> str:
         if ts is None:
             return "-"
-        stamp = dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-        return f"{stamp} ({_ago(now - ts)} ago)"
+        return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
-    table = Table(title=f"streams on {_redacted(cfg.redis_url)}")
-    for name, justify in (("stream", "left"), ("entries", "right"), ("last entry (UTC)", "left"),
-                          ("last activity (UTC)", "left"), ("ended", "center")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    table = Table(title=f"streams on {escape(_redacted(cfg.redis_url))}")
+    table.add_column("stream", overflow="fold")
+    table.add_column("entries", justify="right")
+    table.add_column("last entry (UTC)")
+    table.add_column("last activity", justify="right")
+    table.add_column("ended", justify="center")
     for info in infos:
-        table.add_row(info.stream_id, f"{info.length:,}", when(info.last_entry_time),
-                      when(info.last_activity), "yes" if info.ended else "")
+        table.add_row(info.stream_id, f"{info.length:,}", stamp(info.last_entry_time),
+                      f"{_ago(now - info.last_activity)} ago", "yes" if info.ended else "")
     console.print(table)
 
 

@@ -1,0 +1,181 @@
+"""The input-entry contract, parsed in one place for producers, workers and tools.
+
+An input entry is a plain Redis Stream entry on ``sinkstream:{<id>}:in``, so any client can
+write one (``redis-cli XADD 'sinkstream:{standup}:in' '*' text "Alice: ship it"``). Fields:
+
+``text``     required, UTF-8 (may be empty only on an end-of-stream entry)
+``speaker``  optional, UTF-8; empty means none
+``ts``       optional, seconds as a decimal string (media time or unix time, producer's choice)
+``eos``      optional, ``"1"`` marks the end of the stream
+
+Other fields are ignored. Because the writer may be anything, :func:`parse_entry` never
+raises on bad data: it returns a :class:`Rejected` with a reason that a worker can put on the
+dead-letter stream, and the stream continues.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from state_store.keys import StreamKeys
+
+TEXT = "text"
+SPEAKER = "speaker"
+TS = "ts"
+EOS = "eos"
+
+_TRUE = frozenset({"1", "true", "yes"})
+_FALSE = frozenset({"", "0", "false", "no"})
+
+
+@dataclass(frozen=True, slots=True)
+class InputEntry:
+    """One valid input entry. ``id`` is the Redis Stream entry id (``"1700000000000-0"``)."""
+
+    id: str
+    text: str
+    speaker: str | None = None
+    ts: float | None = None
+    eos: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """An entry that breaks the contract: ``reason`` says why, ``fields`` what it held.
+
+    ``fields`` are decoded with replacement characters so they can always be written to the
+    dead-letter stream and shown to a person.
+    """
+
+    id: str
+    reason: str
+    fields: dict[str, str]
+
+
+ParsedEntry = InputEntry | Rejected
+
+
+def _as_str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _decode_field(name: str, value: bytes | str) -> str:
+    """Decode one field strictly; the error names the field and the byte offset."""
+    if isinstance(value, str):
+        return value
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _Reject(f"field {name!r} is not valid UTF-8 (byte offset {exc.start})") from None
+
+
+class _Reject(Exception):
+    """Internal: carries a rejection reason out of the field checks."""
+
+
+def _lossy(fields: Mapping[Any, Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in fields.items():
+        k = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+        v = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        out[k] = v
+    return out
+
+
+def parse_entry(
+    entry_id: bytes | str,
+    fields: Mapping[Any, Any],
+    *,
+    max_text_bytes: int | None = None,
+) -> ParsedEntry:
+    """Turn a raw stream entry (bytes or str keys/values) into an InputEntry or a Rejected.
+
+    ``max_text_bytes`` lets a worker refuse giant texts written by clients that bypass the
+    producer's splitting; ``None`` accepts any size.
+    """
+    eid = _as_str(entry_id)
+    try:
+        return _parse(eid, fields, max_text_bytes)
+    except _Reject as exc:
+        return Rejected(eid, str(exc), _lossy(fields))
+
+
+def _parse(eid: str, fields: Mapping[Any, Any], max_text_bytes: int | None) -> InputEntry:
+    raw: dict[str, bytes | str] = {}
+    for key, value in fields.items():
+        name = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+        if name in (TEXT, SPEAKER, TS, EOS):
+            raw[name] = value
+    eos = _parse_eos(raw.get(EOS))
+    if TEXT not in raw and not eos:
+        raise _Reject("missing required field 'text'")
+    text_value = raw.get(TEXT, b"")
+    if max_text_bytes is not None and len(text_value) > max_text_bytes:
+        raise _Reject(f"text is {len(text_value)} bytes, over the {max_text_bytes}-byte limit")
+    text = _decode_field(TEXT, text_value)
+    if not text and not eos:
+        raise _Reject("field 'text' is empty (only an end-of-stream entry may be empty)")
+    speaker = _decode_field(SPEAKER, raw[SPEAKER]) if SPEAKER in raw else ""
+    ts = _parse_ts(raw.get(TS))
+    return InputEntry(eid, text, speaker or None, ts, eos)
+
+
+def _parse_eos(value: bytes | str | None) -> bool:
+    if value is None:
+        return False
+    flag = _decode_field(EOS, value).strip().lower()
+    if flag in _TRUE:
+        return True
+    if flag in _FALSE:
+        return False
+    raise _Reject(f"field 'eos' must be '1' (end of stream), got {flag[:20]!r}")
+
+
+def _parse_ts(value: bytes | str | None) -> float | None:
+    if value is None:
+        return None
+    text = _decode_field(TS, value).strip()
+    if not text:
+        return None
+    try:
+        ts = float(text)
+    except ValueError:
+        raise _Reject(f"field 'ts' must be a number of seconds, got {text[:30]!r}") from None
+    if not math.isfinite(ts):
+        raise _Reject(f"field 'ts' must be finite, got {text[:30]!r}")
+    return ts
+
+
+def read_entries(
+    client: redis.Redis,
+    stream_id: str,
+    *,
+    start: str = "-",
+    end: str = "+",
+    count: int | None = None,
+    page_size: int = 1000,
+    max_text_bytes: int | None = None,
+) -> Iterator[ParsedEntry]:
+    """Yield the entries of ``stream_id``'s input stream in order, parsed, page by page.
+
+    ``start``/``end`` are inclusive XRANGE bounds (``"("`` prefix for exclusive). Works with
+    clients with or without ``decode_responses``.
+    """
+    key = StreamKeys.of(stream_id).input
+    remaining = count
+    lower = start
+    while remaining is None or remaining > 0:
+        size = page_size if remaining is None else min(page_size, remaining)
+        page: list[Any] = client.xrange(key, min=lower, max=end, count=size)  # type: ignore[assignment]
+        for entry_id, fields in page:
+            yield parse_entry(entry_id, fields, max_text_bytes=max_text_bytes)
+        if len(page) < size:
+            return
+        if remaining is not None:
+            remaining -= len(page)
+        lower = "(" + _as_str(page[-1][0])

@@ -1,0 +1,475 @@
+"""Publish text onto a stream's input: idempotent retries, backpressure, size-safe chunks.
+
+Why it is built this way:
+
+* **Idempotent retries.** A connection error after Redis ran a command but before the reply
+  arrived leaves the producer unsure whether its entries landed. Each :class:`Producer` has a
+  random id and numbers its entries per stream (1, 2, 3, ...). The append runs in one Lua
+  script (``state_store.scripts.PRODUCER_APPEND``) that writes only entries numbered above the
+  last number recorded for that producer in ``sinkstream:{<id>}:producers`` and records the
+  new number, atomically. A retry resends the same numbered batch, so entries that did land
+  are skipped: no duplicates, no gaps. Entries not yet confirmed stay *pending* in the
+  Producer and go first on its next call, even after an exception escaped to the caller.
+  The entries themselves stay plain contract fields (``text``, ``speaker``, ``ts``, ``eos``).
+* **Backpressure.** The same script refuses to grow a stream past ``max_stream_length``
+  entries; the caller then blocks (polling with backoff, one log line per interval) or raises
+  :class:`StreamFullError` (``on_full="fail"``). Nothing is ever dropped.
+* **Size.** Texts over ``max_entry_bytes`` are split at whitespace (UTF-8 safe; a word longer
+  than the limit is cut at a character boundary); ``"".join`` of the chunks is the text.
+* **Registry.** After each append the stream id is ZADDed to ``sinkstream:streams`` (last
+  activity) and ``ZADD NX`` to ``sinkstream:runnable`` (work to schedule). Those keys live on
+  other cluster slots, so they are pipelined after the script, not inside it; both are
+  idempotent, so retries are harmless.
+
+A Producer is safe to share between threads (calls are serialised) but not between
+processes: give each process its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis
+
+from sinkstream.settings import Settings, load_settings
+from state_store.connection import Backoff, redis_from_settings, retry_call
+from state_store.keys import RUNNABLE, STREAMS_REGISTRY, StreamKeys
+from state_store.scripts import PRODUCER_APPEND
+
+log = logging.getLogger(__name__)
+
+#: A turn as accepted by :meth:`Producer.publish_many`: a Turn, a ``(text, speaker, ts)``
+#: tuple (speaker and ts optional) or just the text.
+TurnLike = Any
+
+_WHITESPACE = (b" ", b"\n", b"\t", b"\r", b"\x0b", b"\x0c")
+_PRODUCERS_TTL_S = 7 * 24 * 3600
+_FULL_LOG_INTERVAL_S = 30.0
+_BATCH_BYTES = 1 << 20
+
+
+class StreamFullError(RuntimeError):
+    """The input stream is at ``max_stream_length`` and ``on_full="fail"``."""
+
+    def __init__(self, stream_id: str, length: int, limit: int, pending: int) -> None:
+        self.stream_id = stream_id
+        self.length = length
+        self.limit = limit
+        self.pending = pending
+        super().__init__(
+            f"input stream {StreamKeys.of(stream_id).input} is full ({length}/{limit} entries). "
+            "Workers trim entries once applied, so start or scale workers, raise "
+            "SINKSTREAM_MAX_STREAM_LENGTH, or set SINKSTREAM_ON_FULL=block to wait. "
+            f"{pending} entries were not published; they stay pending in this Producer and are "
+            "sent first on its next call (or flush())."
+        )
+
+
+@dataclass
+class PublishResult:
+    """What one call published. ``entries`` counts entries confirmed in the stream (split
+    chunks and the end marker included); ``duplicates`` how many of them an attempt whose
+    reply was lost had already appended (the retry skipped them rather than doubling them)."""
+
+    entries: int = 0
+    duplicates: int = 0
+    last_id: str | None = None
+
+
+#: A numbered entry: (seq, (seq as text, text, speaker, ts, eos)) with "" for absent fields;
+#: a plain tuple because a batch holds thousands of them.
+_Entry = tuple[int, tuple[str, bytes, bytes, str, str]]
+#: An encoded but not yet numbered entry: (text, speaker, ts).
+_Fields = tuple[bytes, bytes, str]
+
+
+@dataclass
+class _Reply:
+    last_seq: int
+    added: int
+    duplicates: int
+    full: bool
+    length: int
+    last_id: str
+
+
+def split_utf8(data: bytes, max_bytes: int) -> list[bytes]:
+    """Split UTF-8 ``data`` into chunks of at most ``max_bytes``, after whitespace.
+
+    Each chunk ends just after the last ASCII whitespace that fits (ASCII bytes never occur
+    inside a multi-byte character, so this is UTF-8 safe); a run without whitespace longer
+    than the limit is cut at a character boundary. ``b"".join(chunks) == data``.
+    """
+    if max_bytes < 4:
+        raise ValueError("max_bytes must be at least 4 (one UTF-8 character)")
+    chunks: list[bytes] = []
+    pos, size = 0, len(data)
+    while size - pos > max_bytes:
+        end = pos + max_bytes
+        cut = max(data.rfind(ws, pos, end) for ws in _WHITESPACE) + 1
+        if cut <= pos:  # no whitespace: back off to the start of a character
+            cut = end
+            while data[cut] & 0xC0 == 0x80:
+                cut -= 1
+        chunks.append(data[pos:cut])
+        pos = cut
+    chunks.append(data[pos:])
+    return chunks
+
+
+def _normalise(turn: TurnLike) -> tuple[str, str | None, float | None]:
+    if isinstance(turn, str):
+        return turn, None, None
+    if isinstance(turn, tuple) and len(turn) == 3:  # Turn, or (text, speaker, ts)
+        return turn
+    values = tuple(turn)
+    if not 1 <= len(values) <= 3:
+        raise TypeError(f"a turn is text or (text, speaker, ts), got {len(values)} values")
+    text, speaker, ts = (*values, None, None)[:3]
+    return text, speaker, ts
+
+
+def _encode_ts(ts: float | None) -> str:
+    if ts is None:
+        return ""
+    value = ts if type(ts) is float else float(ts)
+    if not math.isfinite(value):
+        raise ValueError(f"ts must be a finite number of seconds, got {ts!r}")
+    return repr(value)
+
+
+def _encode_str(value: str, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, got {type(value).__name__}")
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{what} is not valid Unicode (unpaired surrogate at index {exc.start})"
+        ) from None
+
+
+def encode_turn(turn: TurnLike, max_entry_bytes: int) -> list[_Fields]:
+    """Validate and encode one turn into entry fields, split if over ``max_entry_bytes``."""
+    text, speaker, ts = _normalise(turn)
+    data = _encode_str(text, "text")
+    if not data:
+        raise ValueError("text is empty; use end_stream() to mark the end of a stream")
+    spk = _encode_str(speaker, "speaker") if speaker else b""
+    ts_s = _encode_ts(ts)
+    if len(data) <= max_entry_bytes:
+        return [(data, spk, ts_s)]
+    return [(chunk, spk, ts_s) for chunk in split_utf8(data, max_entry_bytes)]
+
+
+class Producer:
+    """Publishes to any number of streams over one Redis connection pool.
+
+    ``client`` defaults to one built from ``settings`` (which default to the environment).
+    ``producer_id`` defaults to a random 64-bit id; pass a stable one only if a single
+    process uses it at a time (numbering then resumes from what Redis recorded).
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis | None = None,
+        *,
+        settings: Settings | None = None,
+        producer_id: str | None = None,
+        on_full: Literal["block", "fail"] | None = None,
+        batch_entries: int = 1000,
+        block_timeout: float | None = None,
+        retry_attempts: int = 8,
+        mark_runnable: bool = True,
+    ) -> None:
+        self.settings = settings or load_settings()
+        self._own_client = client is None
+        self.client = client if client is not None else redis_from_settings(
+            self.settings, client_name="sinkstream-producer"
+        )
+        self._fixed_id = producer_id is not None
+        self.producer_id = producer_id or secrets.token_hex(8)
+        self.on_full = on_full or self.settings.on_full
+        self.batch_entries = max(1, batch_entries)
+        self.block_timeout = block_timeout
+        self.retry_attempts = retry_attempts
+        self.mark_runnable = mark_runnable
+        self._sha: str | None = None
+        self._next_seq: dict[str, int] = {}
+        self._pending: dict[str, list[_Entry]] = {}
+        self._lock = threading.RLock()
+        self._full_logged: dict[str, float] = {}
+
+    # --- public API ------------------------------------------------------------------------
+
+    def publish(
+        self, stream: str, text: str, speaker: str | None = None, ts: float | None = None
+    ) -> str:
+        """Append one turn (several entries if over ``max_entry_bytes``); return the last id."""
+        result = self.publish_many(stream, [(text, speaker, ts)])
+        assert result.last_id is not None
+        return result.last_id
+
+    def publish_many(
+        self,
+        stream: str,
+        turns: Iterable[TurnLike],
+        *,
+        eos: bool = False,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> PublishResult:
+        """Append turns in order, ``batch_entries`` (or about 1 MiB) per script call, so one
+        call never holds Redis for long; optionally end the stream.
+
+        ``turns`` may be a generator (it is consumed batch by batch). ``on_progress(n)`` is
+        called after each batch with the number of turns it confirmed.
+        """
+        keys = StreamKeys.of(stream)
+        result = PublishResult()
+        with self._lock:
+            self._flush_stream(keys, result)
+            batch: list[_Entry] = []
+            consumed = batch_bytes = 0
+            limit = self.settings.max_entry_bytes
+            for index, turn in enumerate(turns):
+                try:
+                    fields = encode_turn(turn, limit)
+                except (TypeError, ValueError) as exc:
+                    # publish what came before, in order, then say which turn is wrong
+                    if batch:
+                        self._send(keys, batch, result)
+                    raise type(exc)(f"turn {index}: {exc}") from None
+                batch.extend(self._number(keys.stream_id, fields))
+                batch_bytes += sum(len(f[0]) for f in fields)
+                consumed += 1
+                if len(batch) >= self.batch_entries or batch_bytes >= _BATCH_BYTES:
+                    self._send(keys, batch, result)
+                    batch = []
+                    batch_bytes = 0
+                    if on_progress is not None:
+                        on_progress(consumed)
+                    consumed = 0
+            if eos:
+                batch.extend(self._number(keys.stream_id, [(b"", b"", "")], eos="1"))
+            if batch:
+                self._send(keys, batch, result)
+            if on_progress is not None and consumed:
+                on_progress(consumed)
+        return result
+
+    def end_stream(self, stream: str, text: str = "") -> str:
+        """Append the end-of-stream marker (``eos=1``, optionally with a last text)."""
+        keys = StreamKeys.of(stream)
+        result = PublishResult()
+        with self._lock:
+            self._flush_stream(keys, result)
+            fields = encode_turn(text, self.settings.max_entry_bytes) if text else []
+            entries = self._number(keys.stream_id, fields)
+            entries.extend(self._number(keys.stream_id, [(b"", b"", "")], eos="1"))
+            self._send(keys, entries, result)
+        assert result.last_id is not None
+        return result.last_id
+
+    @property
+    def pending(self) -> int:
+        """Entries numbered but not yet confirmed by Redis (sent first on the next call)."""
+        return sum(len(entries) for entries in self._pending.values())
+
+    def flush(self) -> PublishResult:
+        """Send every pending entry (after an error escaped an earlier call)."""
+        result = PublishResult()
+        with self._lock:
+            for stream_id in list(self._pending):
+                self._flush_stream(StreamKeys.of(stream_id), result)
+        return result
+
+    def close(self) -> None:
+        """Flush, then forget this producer's sequence records (keeps the hash small).
+
+        Records are dropped only for streams with nothing pending; the hash's TTL
+        (7 days of inactivity) removes the rest eventually.
+        """
+        with self._lock:
+            try:
+                self.flush()
+            finally:
+                self._forget()
+                if self._own_client:
+                    self.client.close()
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- encoding --------------------------------------------------------------------------
+
+    def _number(self, stream_id: str, fields: list[_Fields], eos: str = "") -> list[_Entry]:
+        """Give entries this producer's next sequence numbers for ``stream_id``."""
+        seq = self._next_seq.get(stream_id)
+        if seq is None:
+            seq = self._first_seq(stream_id)
+        out: list[_Entry] = []
+        for text, speaker, ts in fields:
+            out.append((seq, (str(seq), text, speaker, ts, eos)))
+            seq += 1
+        self._next_seq[stream_id] = seq
+        return out
+
+    def _first_seq(self, stream_id: str) -> int:
+        """1 for a random id; for a caller-chosen id, continue after what Redis recorded."""
+        if not self._fixed_id:
+            return 1
+        key = StreamKeys.of(stream_id).producers
+        record = retry_call(
+            lambda: self.client.hget(key, self.producer_id),
+            what=f"reading producer record of {stream_id}",
+            attempts=self.retry_attempts,
+        )
+        if not record:
+            return 1
+        raw = record.decode() if isinstance(record, bytes) else str(record)
+        return int(raw.split(" ", 1)[0]) + 1
+
+    # --- sending ---------------------------------------------------------------------------
+
+    def _flush_stream(self, keys: StreamKeys, result: PublishResult) -> None:
+        if self._pending.get(keys.stream_id):
+            self._send(keys, [], result)
+
+    def _send(self, keys: StreamKeys, batch: list[_Entry], result: PublishResult) -> None:
+        """Append pending + ``batch`` until all are confirmed, riding out outages and
+        blocking (or failing) while the stream is full."""
+        pending = self._pending.setdefault(keys.stream_id, [])
+        pending.extend(batch)
+        blocked_since: float | None = None
+        backoff = Backoff(base=0.05, cap=2.0)
+        while pending:
+            reply = retry_call(
+                lambda: self._append(keys, pending),
+                what=f"publishing to {keys.input}",
+                attempts=self.retry_attempts,
+            )
+            result.entries += reply.added + reply.duplicates
+            result.duplicates += reply.duplicates
+            if reply.last_id:
+                result.last_id = reply.last_id
+            pending[:] = [e for e in pending if e[0] > reply.last_seq]
+            if not pending:
+                break
+            if not reply.full:
+                raise RuntimeError(
+                    f"{keys.input}: producer {self.producer_id} record is at seq "
+                    f"{reply.last_seq} but {len(pending)} entries remain unconfirmed"
+                )
+            now = time.monotonic()
+            if self.on_full == "fail":
+                raise StreamFullError(keys.stream_id, reply.length, self._max_len, len(pending))
+            if blocked_since is None:
+                blocked_since = now
+            waited = now - blocked_since
+            if self.block_timeout is not None and waited >= self.block_timeout:
+                raise StreamFullError(keys.stream_id, reply.length, self._max_len, len(pending))
+            self._log_full(keys, reply.length, len(pending), now)
+            time.sleep(backoff.next_delay())
+        self._pending.pop(keys.stream_id, None)
+
+    def _log_full(self, keys: StreamKeys, length: int, pending: int, now: float) -> None:
+        """One WARNING per stream per interval while blocked, however many polls and calls."""
+        last = self._full_logged.get(keys.stream_id)
+        if last is not None and now - last < _FULL_LOG_INTERVAL_S:
+            return
+        self._full_logged[keys.stream_id] = now
+        log.warning(
+            "%s is full (%d/%d entries); waiting for workers to consume it (%d entries pending)",
+            keys.input, length, self._max_len, pending,
+        )
+
+    @property
+    def _max_len(self) -> int:
+        return self.settings.max_stream_length
+
+    def _append(self, keys: StreamKeys, entries: list[_Entry]) -> _Reply:
+        """One script call for ``entries`` (plus the registry updates), loading the script
+        if this server has not seen it (first use, or after a restart emptied its cache)."""
+        argv: list[str | bytes] = [
+            self.producer_id, str(self._max_len), str(_PRODUCERS_TTL_S * 1000)
+        ]
+        for _, args in entries:
+            argv.extend(args)
+        if self._sha is None:
+            self._sha = str(self.client.script_load(PRODUCER_APPEND))
+        try:
+            raw = self._run(keys, argv)
+        except redis.exceptions.NoScriptError:
+            self._sha = str(self.client.script_load(PRODUCER_APPEND))
+            raw = self._run(keys, argv)
+        last_id = raw[5]
+        return _Reply(
+            last_seq=int(raw[0]), added=int(raw[1]), duplicates=int(raw[2]),
+            full=bool(raw[3]), length=int(raw[4]),
+            last_id=last_id.decode() if isinstance(last_id, bytes) else str(last_id),
+        )
+
+    def _run(self, keys: StreamKeys, argv: list[str | bytes]) -> list[Any]:
+        now = time.time()
+        pipe = self.client.pipeline(transaction=False)
+        pipe.evalsha(self._sha, 2, keys.input, keys.producers, *argv)  # type: ignore[arg-type]
+        pipe.zadd(STREAMS_REGISTRY, {keys.stream_id: now})
+        if self.mark_runnable:
+            pipe.zadd(RUNNABLE, {keys.stream_id: now}, nx=True)
+        replies = pipe.execute(raise_on_error=False)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return list(replies[0])
+
+    def _forget(self) -> None:
+        streams = [s for s in self._next_seq if not self._pending.get(s)]
+        if not streams:
+            return
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for stream_id in streams:
+                pipe.hdel(StreamKeys.of(stream_id).producers, self.producer_id)
+            pipe.execute()
+        except redis.RedisError as exc:  # best effort: the TTL cleans up
+            log.debug("could not forget producer %s: %s", self.producer_id, exc)
+
+
+# --- module-level convenience --------------------------------------------------------------
+
+_default: Producer | None = None
+_default_lock = threading.Lock()
+
+
+def default_producer() -> Producer:
+    """A process-wide Producer built from the environment's settings, created on first use."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Producer()
+        return _default
+
+
+def publish(stream: str, text: str, speaker: str | None = None, ts: float | None = None) -> str:
+    """Append one turn to ``stream`` with the default producer; return the last entry id."""
+    return default_producer().publish(stream, text, speaker, ts)
+
+
+def publish_many(stream: str, turns: Iterable[TurnLike], *, eos: bool = False) -> PublishResult:
+    """Append many turns (pipelined in batches) with the default producer."""
+    return default_producer().publish_many(stream, turns, eos=eos)
+
+
+def end_stream(stream: str, text: str = "") -> str:
+    """Mark the end of ``stream`` with the default producer."""
+    return default_producer().end_stream(stream, text)
