@@ -76,9 +76,25 @@ class StreamKeys:
         """Hash: encoded engine state (or its chunk count), version, last applied entry id."""
         return f"{self.tag}:state"
 
-    def state_chunk(self, version: int, index: int) -> str:
-        """One chunk of a large state, written under its version so commits stay atomic."""
-        return f"{self.tag}:state:{version}:{index}"
+    def state_chunk(self, version: int, index: int, nonce: str = "") -> str:
+        """One chunk of a large state, written under its version so commits stay atomic.
+
+        ``nonce`` (hex, one per write attempt) keeps two attempts at the same version, e.g. a
+        stale worker and the lease holder, or a retry after a lost reply, from overwriting each
+        other's chunks.
+        """
+        generation = f"{version}.{nonce}" if nonce else str(version)
+        return f"{self.tag}:state:{generation}:{index}"
+
+    @property
+    def state_pending(self) -> str:
+        """Sorted set: chunk sets written but not committed yet (score = ms written).
+
+        A crash between writing chunks and committing leaves its set here; the next commit or
+        ``StateStore.cleanup_orphans`` deletes it (chunks also expire on their own until the
+        commit makes them permanent).
+        """
+        return f"{self.tag}:state:pending"
 
     @property
     def lease(self) -> str:

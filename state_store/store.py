@@ -43,10 +43,9 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from sinkstream.faults import checkpoint
 from state_store import scripts
 from state_store.keys import StreamKeys
-
-from sinkstream.faults import checkpoint
 
 if TYPE_CHECKING:
     from sinkstream.settings import Settings

@@ -1,0 +1,191 @@
+"""Per-stream leases with fencing tokens.
+
+A worker must hold a stream's lease to process it. A lease expires on its own (a crashed or
+paused worker frees the stream after ``ttl_s``), so leases alone cannot stop a worker that was
+paused past its expiry from writing after another worker took over. Fencing tokens do: every
+acquisition INCRs the stream's ``fence`` counter and the new token is part of the lease value;
+``StateStore.commit`` refuses a token that is not the current one. The counter is a plain key
+that never expires, so tokens keep increasing across worker restarts and (with AOF) Redis
+restarts.
+
+``LeaseKeeper`` renews a lease from a background thread during long batches and raises a flag
+as soon as it is lost, so the worker can stop early instead of finding out at commit time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import redis
+
+from state_store import scripts
+from state_store.keys import StreamKeys
+
+
+class LeaseLostError(RuntimeError):
+    """The lease expired or was taken over; the batch must be abandoned, not committed."""
+
+
+@dataclass
+class Lease:
+    """A held lease. ``valid_until`` is a local monotonic estimate, updated by renewals."""
+
+    stream_id: str
+    worker_id: str
+    token: int
+    ttl_s: float
+    #: lease value of the previous holder whose lease expired unreleased ('' = none)
+    previous_holder: str = ""
+    valid_until: float = field(default=0.0)
+
+    @property
+    def value(self) -> str:
+        return f"{self.worker_id}|{self.token}"
+
+    @property
+    def took_over(self) -> bool:
+        """True if this acquisition replaced an expired, unreleased lease (a takeover)."""
+        return bool(self.previous_holder)
+
+    def remaining_s(self) -> float:
+        """Seconds left by the local clock (conservative: counted from before the request)."""
+        return self.valid_until - time.monotonic()
+
+
+class LeaseManager:
+    """Acquire, renew and release per-stream leases on a redis-py client."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self._acquire = client.register_script(scripts.LEASE_ACQUIRE)
+        self._renew = client.register_script(scripts.LEASE_RENEW)
+        self._release = client.register_script(scripts.LEASE_RELEASE)
+
+    def acquire(self, stream_id: str, worker_id: str, ttl_s: float) -> Lease | None:
+        """Take the stream if nobody holds it; None if another lease is live."""
+        keys = StreamKeys.of(stream_id)
+        _check_worker_id(worker_id)
+        started = time.monotonic()
+        reply = self._acquire(keys=[keys.lease, keys.fence, keys.meta],
+                              args=[worker_id, _ttl_ms(ttl_s)])
+        if int(reply[0]) != 1:
+            return None
+        return Lease(
+            stream_id=keys.stream_id,
+            worker_id=worker_id,
+            token=int(reply[1]),
+            ttl_s=ttl_s,
+            previous_holder=_text(reply[2]),
+            valid_until=started + ttl_s,
+        )
+
+    def renew(self, lease: Lease) -> bool:
+        """Extend the lease by its ttl if it is still ours; False if it was lost."""
+        started = time.monotonic()
+        ok = self._renew(keys=[StreamKeys.of(lease.stream_id).lease],
+                         args=[lease.value, _ttl_ms(lease.ttl_s)])
+        if int(ok) == 1:
+            lease.valid_until = started + lease.ttl_s
+            return True
+        lease.valid_until = 0.0
+        return False
+
+    def release(self, lease: Lease) -> bool:
+        """Give the stream back (no takeover is counted); False if it was no longer ours."""
+        keys = StreamKeys.of(lease.stream_id)
+        lease.valid_until = 0.0
+        return int(self._release(keys=[keys.lease, keys.meta], args=[lease.value])) == 1
+
+    def holder(self, stream_id: str) -> str | None:
+        """The live lease value ``worker|token``, or None."""
+        raw = self.client.get(StreamKeys.of(stream_id).lease)
+        return _text(raw) or None
+
+    def current_token(self, stream_id: str) -> int:
+        """The stream's fence counter: the token of the latest acquisition (0 = never)."""
+        raw = self.client.get(StreamKeys.of(stream_id).fence)
+        return int(raw) if raw else 0
+
+
+class LeaseKeeper:
+    """Renew a lease every ``ttl/3`` from a daemon thread while a batch runs.
+
+    ``lost`` is set as soon as a renewal says the lease is gone, or when Redis errors have kept
+    it from renewing until the lease's local deadline passed. ``check()`` also trusts the local
+    deadline alone, because a renewal can hang in the client's connection retries (redis-py
+    retries with backoff for seconds) while the lease runs out. Call ``keeper.check()`` between
+    steps of a long batch; the commit's fencing check is the final guard either way.
+    """
+
+    def __init__(
+        self, manager: LeaseManager, lease: Lease, interval_s: float | None = None
+    ) -> None:
+        self.manager = manager
+        self.lease = lease
+        self.interval_s = interval_s if interval_s is not None else lease.ttl_s / 3
+        self.lost = threading.Event()
+        self.renewals = 0
+        self.last_error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"lease-keeper-{lease.stream_id}", daemon=True
+        )
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def check(self) -> None:
+        """Raise LeaseLostError if the lease is lost or its local deadline has passed."""
+        if not self.lost.is_set() and self.lease.remaining_s() <= 0:
+            self.lost.set()
+        if self.lost.is_set():
+            raise LeaseLostError(
+                f"stream {self.lease.stream_id!r}: lease {self.lease.value} lost"
+            )
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                if not self.manager.renew(self.lease):
+                    self.lost.set()
+                    return
+                self.renewals += 1
+            except redis.RedisError as exc:
+                self.last_error = exc
+                if self.lease.remaining_s() <= 0:
+                    self.lost.set()
+                    return
+
+
+def _ttl_ms(ttl_s: float) -> int:
+    if ttl_s <= 0:
+        raise ValueError("lease ttl must be positive")
+    return max(1, int(ttl_s * 1000))
+
+
+def _check_worker_id(worker_id: str) -> None:
+    if not worker_id or not worker_id.isprintable() or len(worker_id) > 256:
+        raise ValueError(f"worker id must be 1..256 printable characters, got {worker_id!r}")
+
+
+def _text(raw: bytes | str | None) -> str:
+    if raw is None:
+        return ""
+    return raw.decode() if isinstance(raw, bytes) else raw

@@ -1,0 +1,460 @@
+"""StateStore on a real redis-server: fenced exactly-once commits, chunking, durability."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+
+import pytest
+import redis
+
+from state_store.codec import StateEnvelope, decode_state, encode_state
+from state_store.keys import StreamKeys
+from state_store.lease import LeaseManager
+from state_store.store import (
+    CommitError,
+    StaleCommitError,
+    StateStore,
+    StoredState,
+)
+from state_store.tensors import RawTensor, StateSnapshot
+from tests.redis_server import RedisServer
+
+SID = "standup"
+KEYS = StreamKeys.of(SID)
+
+
+@pytest.fixture
+def store(r: redis.Redis) -> StateStore:
+    return StateStore(r, chunk_bytes=1000)
+
+
+@pytest.fixture
+def leases(r: redis.Redis) -> LeaseManager:
+    return LeaseManager(r)
+
+
+def blob(n: int, fill: int) -> bytes:
+    return bytes([fill % 256]) * n
+
+
+def state_keys(r: redis.Redis) -> set[bytes]:
+    return {k for k in r.scan_iter(match=KEYS.tag.replace("{", "\\{").replace("}", "\\}") + ":*")}
+
+
+def chunk_keys(r: redis.Redis) -> set[bytes]:
+    return {k for k in state_keys(r) if k.count(b":") == 4 and b":state:" in k
+            and not k.endswith(b":pending")}
+
+
+def loaded(store: StateStore) -> StoredState:
+    got = store.load(SID)
+    assert got is not None
+    return got
+
+
+# ----- basics ----------------------------------------------------------------------------------
+def test_refuses_decoding_clients(redis_server: RedisServer) -> None:
+    with pytest.raises(ValueError, match="decode_responses"):
+        StateStore(redis_server.client(decode_responses=True))
+
+
+def test_empty_stream_has_no_state(store: StateStore) -> None:
+    assert store.load(SID) is None
+    assert store.info(SID) is None
+    assert store.version(SID) == 0
+
+
+def test_commit_with_current_fence_bumps_version(store: StateStore, leases: LeaseManager) -> None:
+    lease = leases.acquire(SID, "w1", 30)
+    assert lease is not None
+    res = store.commit(SID, lease.token, 0, b"state-1", "1-1", extra_fields={"tokens_seen": 7})
+    assert res.version == 1 and res.chunks == 0
+    got = loaded(store)
+    assert (got.version, got.fence, got.last_entry_id, got.data) == (1, lease.token, "1-1",
+                                                                     b"state-1")
+    assert got.fields["tokens_seen"] == b"7"
+    res = store.commit(SID, lease.token, 1, b"state-2", "1-2")
+    assert res.version == 2 and store.version(SID) == 2
+    info = store.info(SID)
+    assert info is not None and info.nbytes == 7 and info.last_entry_id == "1-2"
+    assert info.committed_ms > 1_600_000_000_000
+    assert store.refused_commits(SID) == {}
+
+
+def test_real_envelope_round_trips_through_redis(store: StateStore, leases: LeaseManager) -> None:
+    tensor = RawTensor("bfloat16", (3, 700), bytes(range(256)) * 16 + bytes(104))
+    env = StateEnvelope("sinkkv", "f" * 64, {"sink_tokens": 4}, 99, "5-0",
+                        StateSnapshot({"k": tensor}, {"pending": [1, 2]}))
+    lease = leases.acquire(SID, "w1", 30)
+    assert lease is not None
+    res = store.commit(SID, lease.token, 0, encode_state(env), "5-0")
+    assert res.chunks == 5  # 4200+ bytes in 1000-byte chunks
+    assert decode_state(loaded(store).data, stream_id=SID) == env
+
+
+def test_invalid_arguments_are_refused_before_redis(store: StateStore) -> None:
+    with pytest.raises(ValueError, match="store-owned"):
+        store.commit(SID, 1, 0, b"x", "1-1", extra_fields={"version": 9})
+    with pytest.raises(ValueError, match="entry id"):
+        store.commit(SID, 1, 0, b"x", "nope")
+    with pytest.raises(ValueError, match="fence_token"):
+        store.commit(SID, 0, 0, b"x", "1-1")
+    with pytest.raises(ValueError, match="fields"):
+        store.commit(SID, 1, 0, b"x", "1-1", outputs=[{}])
+    with pytest.raises(ValueError, match="trim_input"):
+        store.commit(SID, 1, 0, b"x", None, trim_input=True)
+    with pytest.raises(ValueError, match="invalid stream id"):
+        store.commit("a}b", 1, 0, b"x", "1-1")
+
+
+# ----- fencing ---------------------------------------------------------------------------------
+def test_stale_fence_is_refused_and_counted(
+    r: redis.Redis, store: StateStore, leases: LeaseManager
+) -> None:
+    old = leases.acquire(SID, "w1", 0.05)
+    assert old is not None
+    time.sleep(0.1)
+    new = leases.acquire(SID, "w2", 30)
+    assert new is not None and new.token > old.token and new.took_over
+    with pytest.raises(StaleCommitError) as info:
+        store.commit(SID, old.token, 0, b"stale", "1-1", outputs=[{"text": "stale summary"}])
+    err = info.value
+    assert err.reason == "stale_fence" and err.current_fence == new.token
+    assert err.stream_id == SID and "stream 'standup'" in str(err)
+    assert store.load(SID) is None
+    assert r.xlen(KEYS.output) == 0
+    assert store.refused_commits(SID) == {"total": 1, "stale_fence": 1}
+    assert r.hget(KEYS.meta, "last_refusal") == b"stale_fence"
+    assert store.commit(SID, new.token, 0, b"fresh", "1-1").version == 1
+
+
+def test_lease_lost_while_paused_refuses_commit(store: StateStore, leases: LeaseManager) -> None:
+    lease = leases.acquire(SID, "w1", 0.05)
+    assert lease is not None
+    time.sleep(0.1)  # the worker "pauses" past its ttl; nobody else took the stream
+    with pytest.raises(StaleCommitError) as info:
+        store.commit(SID, lease.token, 0, b"late", "1-1")
+    assert info.value.reason == "lease_lost"
+    assert store.refused_commits(SID) == {"total": 1, "lease_lost": 1}
+
+
+def test_lease_of_another_worker_with_forged_token_is_refused(
+    r: redis.Redis, store: StateStore, leases: LeaseManager
+) -> None:
+    lease = leases.acquire(SID, "w1", 30)
+    assert lease is not None
+    r.set(KEYS.lease, f"w1|{lease.token + 5}")  # a lease that does not carry the fence token
+    with pytest.raises(StaleCommitError, match="lease_lost"):
+        store.commit(SID, lease.token, 0, b"x", "1-1")
+
+
+def test_version_conflict_is_refused(store: StateStore, leases: LeaseManager) -> None:
+    lease = leases.acquire(SID, "w1", 30)
+    assert lease is not None
+    store.commit(SID, lease.token, 0, b"one", "1-1")
+    with pytest.raises(StaleCommitError) as info:
+        store.commit(SID, lease.token, 0, b"again", "1-2")
+    assert info.value.reason == "version_conflict" and info.value.current_version == 1
+    assert loaded(store).data == b"one"
+
+
+def race(*calls: Callable[[], object]) -> list[object]:
+    """Run ``calls`` in threads released together; each result or StaleCommitError, in order."""
+    barrier = threading.Barrier(len(calls))
+    results: list[object] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = calls[i]()
+        except StaleCommitError as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_two_racing_workers_only_one_commit_wins(
+    redis_server: RedisServer, chunked: bool
+) -> None:
+    """Old holder (paused past its lease) and new holder commit at the same instant."""
+    size = 4500 if chunked else 100
+    for round_ in range(10):
+        sid = f"race-{round_}"
+        stores = [StateStore(redis_server.client(), chunk_bytes=1000) for _ in range(2)]
+        mgr = LeaseManager(redis_server.client())
+        old = mgr.acquire(sid, "old", 0.02)
+        assert old is not None
+        time.sleep(0.04)
+        new = mgr.acquire(sid, "new", 30)
+        assert new is not None
+        old_result, new_result = race(
+            partial(stores[0].commit, sid, old.token, 0, blob(size, 1), "1-1",
+                    outputs=[{"text": "old"}]),
+            partial(stores[1].commit, sid, new.token, 0, blob(size, 2), "1-1",
+                    outputs=[{"text": "new"}]),
+        )
+        assert isinstance(old_result, StaleCommitError)
+        assert not isinstance(new_result, Exception)
+        got = stores[0].load(sid)
+        assert got is not None and got.version == 1 and got.data == blob(size, 2)
+        out = stores[0].client.xrange(StreamKeys.of(sid).output)
+        assert [e[1][b"text"] for e in out] == [b"new"]
+
+
+def test_same_token_concurrent_commits_apply_once(redis_server: RedisServer) -> None:
+    """A retry racing the original attempt (same token, same expected version): one wins."""
+    lease = LeaseManager(redis_server.client()).acquire(SID, "w1", 30)
+    assert lease is not None
+    stores = [StateStore(redis_server.client(), chunk_bytes=1000) for _ in range(4)]
+    for v in range(5):
+        results = race(*(
+            partial(store.commit, SID, lease.token, v, blob(2500, i), f"1-{v}",
+                    outputs=[{"n": i}])
+            for i, store in enumerate(stores)
+        ))
+        assert sum(not isinstance(x, Exception) for x in results) == 1
+    client = redis_server.client()
+    assert client.xlen(KEYS.output) == 5
+    assert loaded(stores[0]).version == 5
+    assert len(chunk_keys(client)) == 3  # only the live generation's chunks remain
+    assert client.zcard(KEYS.state_pending) == 0
+
+
+# ----- outputs, dead letters, input trimming, summary ------------------------------------------
+def test_outputs_dead_letters_and_trim_are_atomic_with_commit(
+    r: redis.Redis, store: StateStore, leases: LeaseManager
+) -> None:
+    ids = [r.xadd(KEYS.input, {"text": f"t{i}"}).decode() for i in range(5)]
+    lease = leases.acquire(SID, "w1", 30)
+    assert lease is not None
+    res = store.commit(
+        SID, lease.token, 0, b"s", ids[2],
+        outputs=[{"kind": "rolling", "text": "summary one", "covers": ids[2]}],
+        dead_letters=[{"entry": ids[1], "reason": "missing text"}],
+        summary={"text": "summary one", "covers": ids[2]},
+        meta_fields={"last_summary_ms": 123},
+        trim_input=True,
+    )
+    out = r.xrange(KEYS.output)
+    assert [e[0].decode() for e in out] == res.output_ids
+    assert out[0][1] == {b"kind": b"rolling", b"text": b"summary one", b"covers": ids[2].encode()}
+    assert [e[0].decode() for e in r.xrange(KEYS.dead)] == res.dead_letter_ids
+    assert [e[0].decode() for e in r.xrange(KEYS.input)] == ids[3:]
+    assert r.hgetall(KEYS.summary) == {b"text": b"summary one", b"covers": ids[2].encode()}
+    assert r.hget(KEYS.meta, "last_summary_ms") == b"123"
+
+    # refused: nothing of it happens
+    with pytest.raises(StaleCommitError):
+        store.commit(SID, lease.token, 0, b"s2", ids[4], outputs=[{"text": "dup"}],
+                     dead_letters=[{"reason": "x"}], summary={"text": "dup"}, trim_input=True)
+    assert r.xlen(KEYS.output) == 1 and r.xlen(KEYS.dead) == 1 and r.xlen(KEYS.input) == 2
+    assert r.hget(KEYS.summary, "text") == b"summary one"
+
+
+def test_output_maxlen_caps_the_output_stream(store: StateStore, leases: LeaseManager,
+                                              r: redis.Redis) -> None:
+    lease = leases.acquire(SID, "w1", 30)
+    assert lease is not None
+    for v in range(300):
+        store.commit(SID, lease.token, v, b"s", f"1-{v}", outputs=[{"n": v}], output_maxlen=10)
+    assert r.xlen(KEYS.output) < 300
+
+
+def test_keep_mode_advances_position_without_rewriting_state(
+    store: StateStore, leases: LeaseManager
+) -> None:
+    lease = leases.acquire(SID, "w1", 30)
+    assert lease is not None
+    with pytest.raises(CommitError) as info:
+        store.commit(SID, lease.token, 0, None, "1-1")
+    assert info.value.reason == "no_state" and not isinstance(info.value, StaleCommitError)
+    store.commit(SID, lease.token, 0, blob(3000, 7), "1-1")
+    res = store.commit(SID, lease.token, 1, None, "1-9", dead_letters=[{"reason": "bad"}])
+    got = loaded(store)
+    assert res.version == 2 and got.data == blob(3000, 7) and got.last_entry_id == "1-9"
+
+
+def test_wrong_key_type_is_an_error_with_no_partial_write(
+    r: redis.Redis, store: StateStore, leases: LeaseManager
+) -> None:
+    r.set(KEYS.output, "not a stream")
+    lease = leases.acquire(SID, "w1", 30)
+    assert lease is not None
+    with pytest.raises(CommitError) as info:
+        store.commit(SID, lease.token, 0, b"s", "1-1", dead_letters=[{"reason": "x"}])
+    assert info.value.reason == "wrong_type"
+    assert store.version(SID) == 0 and r.xlen(KEYS.dead) == 0
+
+
+# ----- chunking --------------------------------------------------------------------------------
+def test_chunked_round_trip_and_previous_chunks_deleted(
+    r: redis.Redis, store: StateStore, leases: LeaseManager
+) -> None:
+    lease = leases.acquire(SID, "w1", 30)
+    assert lease is not None
+    first = bytes(range(256)) * 20  # 5120 bytes -> 6 chunks
+    assert store.commit(SID, lease.token, 0, first, "1-1").chunks == 6
+    v1_chunks = chunk_keys(r)
+    assert len(v1_chunks) == 6 and all(b":state:1." in k for k in v1_chunks)
+    assert all(r.pttl(k) == -1 for k in v1_chunks)  # the commit made them permanent
+    assert loaded(store).data == first
+
+    second = blob(2500, 9)
+    assert store.commit(SID, lease.token, 1, second, "1-2").chunks == 3
+    v2_chunks = chunk_keys(r)
+    assert len(v2_chunks) == 3 and not (v1_chunks & v2_chunks)
+    assert loaded(store).data == second
+
+    assert store.commit(SID, lease.token, 2, b"small again", "1-3").chunks == 0
+    assert chunk_keys(r) == set()
+    assert loaded(store).data == b"small again" and loaded(store).chunks == 0
+
+
+def test_orphan_chunks_are_removed_by_the_next_commit(
+    r: redis.Redis, store: StateStore, leases: LeaseManager
+) -> None:
+    lease = leases.acquire(SID, "w1", 30)
+    assert lease is not None
+    store.commit(SID, lease.token, 0, blob(2500, 1), "1-1")
+    live = chunk_keys(r)
+    store._write_chunks(KEYS, 2, blob(4000, 2))  # a worker crashed before its commit script
+    orphans = chunk_keys(r) - live
+    assert len(orphans) == 4 and all(0 < r.pttl(k) <= 3_600_000 for k in orphans)
+    assert loaded(store).data == blob(2500, 1)  # invisible to readers
+    store.commit(SID, lease.token, 1, blob(1500, 3), "1-2")
+    assert len(chunk_keys(r)) == 2 and not (chunk_keys(r) & (orphans | live))
+    assert r.zcard(KEYS.state_pending) == 0
+
+
+def test_cleanup_orphans_spares_young_and_committed_sets(
+    r: redis.Redis, store: StateStore, leases: LeaseManager
+) -> None:
+    lease = leases.acquire(SID, "w1", 30)
+    assert lease is not None
+    store.commit(SID, lease.token, 0, blob(2500, 1), "1-1")
+    live = chunk_keys(r)
+    store._write_chunks(KEYS, 2, blob(4000, 2))
+    assert store.cleanup_orphans(SID, min_age_s=600) == 0  # too young: maybe a write in progress
+    assert store.cleanup_orphans(SID, min_age_s=0) == 1
+    assert chunk_keys(r) == live and loaded(store).data == blob(2500, 1)
+    # a live generation that is (wrongly) still listed as pending is never deleted
+    generation = r.hget(KEYS.state, "generation")
+    assert generation is not None
+    r.zadd(KEYS.state_pending, {generation: 0})
+    assert store.cleanup_orphans(SID, min_age_s=0) == 0
+    assert chunk_keys(r) == live
+
+
+def test_orphan_chunks_expire_on_their_own(r: redis.Redis) -> None:
+    store = StateStore(r, chunk_bytes=1000, orphan_ttl_s=0.05)
+    store._write_chunks(KEYS, 1, blob(3000, 1))
+    assert len(chunk_keys(r)) == 3
+    time.sleep(0.15)
+    assert chunk_keys(r) == set()
+
+
+def test_refused_chunked_commit_leaves_no_chunks(
+    r: redis.Redis, store: StateStore, leases: LeaseManager
+) -> None:
+    lease = leases.acquire(SID, "w1", 30)
+    assert lease is not None
+    with pytest.raises(StaleCommitError):
+        store.commit(SID, lease.token + 1, 0, blob(5000, 1), "1-1")
+    assert chunk_keys(r) == set() and r.zcard(KEYS.state_pending) == 0
+
+
+def test_missing_chunk_refuses_commit(r: redis.Redis, leases: LeaseManager) -> None:
+    class LosingStore(StateStore):
+        def _write_chunks(self, keys: StreamKeys, version: int,
+                          data: bytes) -> tuple[int, str, int]:
+            plan = super()._write_chunks(keys, version, data)
+            r.delete(keys.state_chunk(plan[0], 1, plan[1]))  # expired before the commit
+            return plan
+
+    lease = leases.acquire(SID, "w1", 30)
+    assert lease is not None
+    with pytest.raises(CommitError) as info:
+        LosingStore(r, chunk_bytes=1000).commit(SID, lease.token, 0, blob(3000, 1), "1-1")
+    assert info.value.reason == "chunks_missing"
+    assert StateStore(r).version(SID) == 0
+
+
+def test_loads_stay_consistent_while_commits_replace_chunks(redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    mgr = LeaseManager(client)
+    lease = mgr.acquire(SID, "writer", 60)
+    assert lease is not None
+    writer = StateStore(client, chunk_bytes=1000)
+    writer.commit(SID, lease.token, 0, blob(6000, 0), "1-0")
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            v = 1
+            while not stop.is_set():
+                writer.commit(SID, lease.token, v, blob(6000 + 1000 * (v % 3), v), f"1-{v}")
+                v += 1
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    reader = StateStore(redis_server.client(), chunk_bytes=1000)
+    try:
+        for _ in range(300):
+            got = reader.load(SID)
+            assert got is not None
+            v = got.version - 1
+            assert got.data == blob(6000 + 1000 * (v % 3), v), f"torn read at version {v + 1}"
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors
+
+
+# ----- failures --------------------------------------------------------------------------------
+def test_mark_failed_and_clear(store: StateStore) -> None:
+    assert store.failure(SID) is None
+    store.mark_failed(SID, "state checksum mismatch")
+    failure = store.failure(SID)
+    assert failure is not None and failure.reason == "state checksum mismatch"
+    assert failure.failed_at > 1_600_000_000
+    assert store.clear_failure(SID) is True
+    assert store.failure(SID) is None and store.clear_failure(SID) is False
+
+
+# ----- durability ------------------------------------------------------------------------------
+def test_committed_state_and_fence_survive_a_hard_restart(redis_aof_server: RedisServer) -> None:
+    client = redis_aof_server.client()
+    store, mgr = StateStore(client, chunk_bytes=1000), LeaseManager(client)
+    lease = mgr.acquire(SID, "w1", 60)
+    assert lease is not None
+    store.commit(SID, lease.token, 0, blob(100, 1), "1-1")
+    store.commit(SID, lease.token, 1, blob(3500, 2), "1-2", outputs=[{"text": "s"}])
+    redis_aof_server.restart(hard=True)
+
+    client = redis_aof_server.client()
+    store, mgr = StateStore(client, chunk_bytes=1000), LeaseManager(client)
+    got = store.load(SID)
+    assert got is not None
+    assert (got.version, got.fence, got.last_entry_id, got.data) == (2, lease.token, "1-2",
+                                                                     blob(3500, 2))
+    assert mgr.current_token(SID) == lease.token
+    assert client.xlen(KEYS.output) == 1
+    # the fence still works after the restart, and new tokens keep increasing
+    assert store.commit(SID, lease.token, 2, b"x", "1-3").version == 3
+    client.delete(KEYS.lease)
+    newer = mgr.acquire(SID, "w2", 60)
+    assert newer is not None and newer.token == lease.token + 1
+    with pytest.raises(StaleCommitError):
+        store.commit(SID, lease.token, 3, b"y", "1-4")
