@@ -189,3 +189,39 @@ def test_demo_prints_rolling_and_final_summaries(tmp_path: Path) -> None:
     assert "final summary" in result.stdout
     assert "/metrics" in result.stdout
     json.dumps(result.stdout)  # printable
+
+
+def test_summarize_and_ask_on_demand_from_the_committed_state(pool: WorkerPool) -> None:
+    env = {**pool.env, "SINKSTREAM_SUMMARY_MAX_NEW_TOKENS": "8", "COLUMNS": "200"}
+    client = redis.Redis.from_url(env["SINKSTREAM_REDIS_URL"])
+    Producer(client, settings=settings_from_env(env)).publish_many(
+        "standup",
+        [("we ship on friday", "Maya", None), ("I own the release notes", "Jonas", None)],
+    )
+    pool.start("one", SINKSTREAM_SUMMARY_MAX_NEW_TOKENS="8")
+    wait_until(lambda: caught_up(client, "standup"), 120, "the stream to be applied", pool.logs)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "sinkstream", *args], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+
+    summary = cli("summarize", "standup", "--timeout", "60")
+    assert summary.returncode == 0, summary.stdout + summary.stderr
+    assert "on_demand summary" in summary.stdout
+    answer = cli("ask", "standup", "who owns the release notes?", "--timeout", "60")
+    assert answer.returncode == 0, answer.stdout + answer.stderr
+    assert "answer" in answer.stdout
+    kinds = [f[b"kind"] for _, f in client.xrange(StreamKeys.of("standup").output)]
+    assert kinds == [b"on_demand", b"answer"]
+    Producer(client, settings=settings_from_env(env)).end_stream("standup")
+    followed = cli("follow", "standup", "--from-start", "--until-final")
+    assert followed.returncode == 0, followed.stdout + followed.stderr
+    for kind in ("on_demand summary", "answer", "final summary"):
+        assert kind in followed.stdout
+
+
+def test_asking_about_a_stream_without_state_says_what_to_do(pool: WorkerPool) -> None:
+    result = subprocess.run([sys.executable, "-m", "sinkstream", "ask", "nothing-here", "hi?"],
+                            env=pool.env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "no committed state" in result.stderr and "sinkstream worker" in result.stderr

@@ -26,6 +26,14 @@ heads, D head dim, E hidden size, V vocabulary. A state stores per layer ``[H_kv
 Feeding: ``aligned_chunks`` cuts the stream into chunks of ``chunk_tokens`` counted from its
 start; a chunk attends to [cache + itself, causally], then the cache is evicted down to S + R.
 The remainder waits in ``state.pending``. ``generate`` and ``score`` work on temporary copies.
+States are never mutated: a new state shares nothing it would have to change (copy-on-write).
+The state also keeps the final hidden state after its last token (``[E]``), so the next token
+can be scored or sampled without re-feeding anything.
+
+The model gets our own ``DynamicCache``, explicit per-row ``position_ids`` and a 2D attention
+mask (rows left-padded to the longest cache). Its layers (``_WindowLayer``) materialise each
+layer's re-rotated window only when that layer attends, in one buffer reused by all layers
+(``_ForwardWindows``): no second copy of the whole window, and no big allocation per layer.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from state_store.tensors import RawTensor, StateSnapshot
 from workers.engines.base import (
@@ -158,41 +167,122 @@ class SlotRotary:
         return cos, sin
 
     @staticmethod
-    def rotate(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate fp32 keys ``[..., L, D]`` by half-width ``cos, sin`` ``[..., L, D/2]``.
+    def rotate_into(
+        k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor
+    ) -> None:
+        """Write keys ``k`` ``[..., L, D]`` (any float dtype) rotated by the half-width fp32
+        ``cos, sin`` ``[..., L, D/2]`` into the fp32 tensor ``out`` (a view is fine).
 
-        The rotate-half convention: the pairs are (i, i + D/2), i.e.
-        ``k * cat(cos, cos) + cat(-k2, k1) * cat(sin, sin)``, written half by half into one
-        new fp32 tensor (no temporaries of the full size).
+        Rotate-half convention, pairs (i, i + D/2), all arithmetic in fp32:
+        ``out1 = k1 cos - k2 sin``, ``out2 = k2 cos + k1 sin``.
         """
         half = k.shape[-1] // 2
         k1, k2 = k[..., :half], k[..., half:]
-        out = torch.empty(k.shape, dtype=torch.float32, device=k.device)
         o1, o2 = out[..., :half], out[..., half:]
         torch.mul(k1, cos, out=o1)
-        o1.addcmul_(k2, sin, value=-1.0)  # k1 cos - k2 sin
+        o1.addcmul_(k2, sin, value=-1.0)
         torch.mul(k2, cos, out=o2)
-        o2.addcmul_(k1, sin)  # k2 cos + k1 sin
-        return out
+        o2.addcmul_(k1, sin)
 
 
-def _prefilled_cache(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-    """A ``DynamicCache`` holding ``layers`` as they are.
+# ----- the cache the model sees during one forward -------------------------------------------
 
-    ``DynamicCache([(k, v), ...])`` would copy every tensor once more (it concatenates onto an
-    empty tensor); these layers start from the given tensors, and the model's own update
-    concatenates the chunk onto them as usual.
+
+class _ForwardWindows:
+    """The windows of a batch of streams as the model's layers see them in one forward.
+
+    Rows are left-padded to the longest cache L: row i's cached token j sits at index
+    ``pads[i] + j`` and is at slot j; the T new tokens follow at index L + t. Each layer's
+    keys/values are materialised only when that layer asks for them (``layer``), into one
+    buffer pair ``[B, H_kv, L + T, D]`` (compute dtype) shared by all layers: layers run one after
+    another and each reads its window inside its own attention call, so the next layer may
+    overwrite it. The whole window is thus never copied for all layers at once (memory), and
+    no big tensor is allocated per layer (CPU page faults cost more than the copies).
     """
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
 
-    cache = DynamicCache()
-    for keys, values in layers:
-        layer = DynamicLayer()
-        layer.lazy_initialization(keys, values)
-        layer.keys, layer.values = keys, values
-        cache.layers.append(layer)
-    return cache
+    def __init__(
+        self, rotary: SlotRotary, windows: Sequence[_Window], T: int, dtype: torch.dtype
+    ) -> None:
+        self.windows = windows
+        self.lengths = [w.length for w in windows]
+        self.length = max(self.lengths)  # L
+        self.pads = [self.length - n for n in self.lengths]
+        first = windows[0].keys[0]
+        H, D, dev = first.shape[0], first.shape[2], first.device
+        B, L = len(windows), self.length
+        self.keys = torch.empty(B, H, L + T, D, dtype=dtype, device=dev)  # [B, H_kv, L + T, D]
+        self.values = torch.empty(B, H, L + T, D, dtype=dtype, device=dev)
+        for i, pad in enumerate(self.pads):  # padding is masked out; zeros keep it finite
+            self.keys[i, :, :pad].zero_()
+            self.values[i, :, :pad].zero_()
+        # Per row: the first cached index whose slot moved (sinks never move), and the
+        # rotation from stored to current slot for the moved ones: cos/sin [n_i - s0_i, D/2].
+        self.first_moved: list[int] = []
+        self.cos_sin: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        for w in windows:
+            moved = (w.slots != torch.arange(w.length)).nonzero()
+            s0 = int(moved[0, 0]) if len(moved) else w.length
+            self.first_moved.append(s0)
+            if s0 < w.length:
+                current = torch.arange(s0, w.length)
+                self.cos_sin.append(rotary.cos_sin(w.slots[s0:].to(dev), current.to(dev)))
+            else:
+                self.cos_sin.append(None)
+        longest_moved = max(n - s0 for n, s0 in zip(self.lengths, self.first_moved, strict=True))
+        self.scratch = (  # fp32 rotation output when the model computes in bf16/fp16
+            torch.empty(H, longest_moved, D, dtype=torch.float32, device=dev)
+            if dtype != torch.float32 and longest_moved
+            else None
+        )
+        self.new_keys: list[torch.Tensor] = []  # per layer [B, H_kv, T, D], as HF made them
+        self.new_values: list[torch.Tensor] = []
+
+    def layer(
+        self, index: int, new_keys: torch.Tensor, new_values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``index``'s keys and values ``[B, H_kv, L + T, D]`` incl. the new chunk."""
+        L = self.length
+        for i, w in enumerate(self.windows):
+            p, n, s0 = self.pads[i], self.lengths[i], self.first_moved[i]
+            stored_k, stored_v = w.keys[index], w.values[index]  # [H_kv, n, D] storage dtype
+            dst = self.keys[i, :, p : p + n]  # [H_kv, n, D]
+            dst[:, :s0].copy_(stored_k[:, :s0])  # not moved: exactly as stored
+            rotation = self.cos_sin[i]
+            if rotation is not None:  # moved: one fp32 rotation from the stored slot
+                cos, sin = rotation
+                if self.scratch is None:
+                    SlotRotary.rotate_into(stored_k[:, s0:], cos, sin, dst[:, s0:])
+                else:
+                    tmp = self.scratch[:, : n - s0]
+                    SlotRotary.rotate_into(stored_k[:, s0:], cos, sin, tmp)
+                    dst[:, s0:].copy_(tmp)
+            self.values[i, :, p : p + n].copy_(stored_v)
+        self.keys[:, :, L:] = new_keys
+        self.values[:, :, L:] = new_values
+        self.new_keys.append(new_keys)
+        self.new_values.append(new_values)
+        return self.keys, self.values
+
+
+class _WindowLayer(DynamicLayer):
+    """A ``DynamicCache`` layer that hands the model its window from ``_ForwardWindows``."""
+
+    def __init__(self, windows: _ForwardWindows, index: int) -> None:
+        super().__init__()
+        self._windows, self._index = windows, index
+        self._seen = windows.length
+        self.dtype, self.device = windows.keys.dtype, windows.keys.device
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        return self._seen
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self._windows.layer(self._index, key_states, value_states)
+        self._seen += key_states.shape[-2]
+        return keys, values
 
 
 # ----- states ----------------------------------------------------------------------------------
@@ -374,38 +464,18 @@ class SinkKVEngine(Engine[SinkKVState]):
         if any(len(p) != T for p in pieces):
             raise ValueError("all rows of one forward must have the same number of tokens")
         dev = self.device
-        lengths = [w.length for w in windows]
-        Lmax = max(lengths)
-        pads = [Lmax - n for n in lengths]
-
-        # Left-padded view of the caches: row i's token j sits at index pads[i] + j and is at
-        # slot j. Padding is masked out and never rotated (stored == current == 0).
-        stored = torch.zeros(B, Lmax, dtype=torch.long)  # [B, L]
-        current = torch.zeros(B, Lmax, dtype=torch.long)  # [B, L]
-        for i, w in enumerate(windows):
-            stored[i, pads[i] :] = w.slots
-            current[i, pads[i] :] = torch.arange(lengths[i])
-        shifted = bool((stored != current).any())
-        if shifted:
-            cos, sin = self.rotary.cos_sin(stored.to(dev), current.to(dev))  # [B, L, D/2] fp32
-            cos, sin = cos[:, None], sin[:, None]  # [B, 1, L, D/2]: broadcast over heads
-
-        layers = []
-        for layer in range(self.n_layers):
-            k = self._padded([w.keys[layer] for w in windows], pads)  # [B, H_kv, L, D]
-            v = self._padded([w.values[layer] for w in windows], pads)  # [B, H_kv, L, D]
-            if shifted:
-                k = SlotRotary.rotate(k.float(), cos, sin)
-            layers.append((k.to(self.compute_dtype), v.to(self.compute_dtype)))
-        cache = _prefilled_cache(layers)
+        view = _ForwardWindows(self.rotary, windows, T, self.compute_dtype)
+        L, lengths = view.length, view.lengths
+        cache = DynamicCache()  # our own cache object, one window layer per model layer
+        cache.layers.extend(_WindowLayer(view, i) for i in range(self.n_layers))
 
         input_ids = torch.tensor([list(p) for p in pieces], dtype=torch.long, device=dev)  # [B, T]
         # explicit positions: row i's new tokens take slots lengths[i] .. lengths[i] + T - 1
         position_ids = (
             torch.tensor(lengths, dtype=torch.long)[:, None] + torch.arange(T)[None, :]
         ).to(dev)  # [B, T]
-        attention_mask = torch.ones(B, Lmax + T, dtype=torch.long)  # [B, L + T]
-        for i, pad in enumerate(pads):
+        attention_mask = torch.ones(B, L + T, dtype=torch.long)  # [B, L + T], 0 = padding
+        for i, pad in enumerate(view.pads):
             attention_mask[i, :pad] = 0
         out = self._decoder(
             input_ids=input_ids,
@@ -415,18 +485,19 @@ class SinkKVEngine(Engine[SinkKVState]):
             use_cache=True,
         )
         hidden = out.last_hidden_state  # [B, T, E]
+        if len(view.new_keys) != self.n_layers:
+            raise RuntimeError("the model did not update every cache layer exactly once")
 
         # Keep the chunk's own keys/values as the model produced them (not the re-rotated
-        # copies of the old ones), append, evict.
+        # copies of the old ones), append them, evict.
         new_windows = []
         for i, w in enumerate(windows):
             ranges = self.window.kept(lengths[i] + T)
             new_slots = torch.arange(lengths[i], lengths[i] + T)  # [T]
             keys, values = [], []
             for layer in range(self.n_layers):
-                cached: Any = cache.layers[layer]
-                k_new = cached.keys[i, :, Lmax:].to(self.storage_dtype)  # [H_kv, T, D]
-                v_new = cached.values[i, :, Lmax:].to(self.storage_dtype)  # [H_kv, T, D]
+                k_new = view.new_keys[layer][i].to(self.storage_dtype)  # [H_kv, T, D]
+                v_new = view.new_values[layer][i].to(self.storage_dtype)  # [H_kv, T, D]
                 keys.append(_append_evicted(w.keys[layer], k_new, ranges, dim=1))
                 values.append(_append_evicted(w.values[layer], v_new, ranges, dim=1))
             new_windows.append(
@@ -438,16 +509,6 @@ class SinkKVEngine(Engine[SinkKVState]):
                 )
             )
         return new_windows, hidden
-
-    def _padded(self, rows: list[torch.Tensor], pads: list[int]) -> torch.Tensor:
-        """Stack ``[H_kv, L_i, D]`` rows into ``[B, H_kv, L, D]``, left-padded with zeros."""
-        if len(rows) == 1:
-            return rows[0][None]  # a view: no copy
-        Lmax = rows[0].shape[1] + pads[0]
-        out = rows[0].new_zeros(len(rows), self.kv_heads, Lmax, self.head_dim)
-        for i, (row, pad) in enumerate(zip(rows, pads, strict=True)):
-            out[i, :, pad:] = row
-        return out
 
     def _run(self, window: _Window, tokens: Sequence[int]) -> tuple[_Window, list[torch.Tensor]]:
         """Feed ``tokens`` in pieces of ``chunk_tokens`` (one row), evicting after each piece.
@@ -477,10 +538,14 @@ class SinkKVEngine(Engine[SinkKVState]):
     def rotated_keys(self, state: SinkKVState) -> list[torch.Tensor]:
         """The keys as the model sees them now: per layer ``[H_kv, L, D]`` in fp32, each at
         its current slot (for tests and diagnostics)."""
-        w = _Window.of(state)
-        current = torch.arange(w.length)
-        cos, sin = self.rotary.cos_sin(w.slots.to(self.device), current.to(self.device))
-        return [SlotRotary.rotate(k.float(), cos, sin) for k in w.keys]
+        current = torch.arange(state.cache_len)
+        cos, sin = self.rotary.cos_sin(state.slots.to(self.device), current.to(self.device))
+        out = []
+        for k in state.keys:
+            rotated = torch.empty(k.shape, dtype=torch.float32, device=k.device)
+            SlotRotary.rotate_into(k, cos, sin, rotated)
+            out.append(rotated)
+        return out
 
     def logits(self, state: SinkKVState, token_ids: Sequence[int]) -> torch.Tensor:
         """fp32 logits ``[N, V]`` after each of ``token_ids``, given the state and its pending

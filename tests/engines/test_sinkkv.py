@@ -1,0 +1,521 @@
+"""The StreamingLLM sink-KV engine against independent references, on tiny seeded models."""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from state_store.tensors import RawTensor, StateSnapshot
+from workers.engines.base import Sampling, StateMismatchError, UnsupportedModelError
+from workers.engines.sinkkv import SinkKVEngine, SinkKVState
+from workers.engines.tiny import REFUSED_ARCHS, SUPPORTED_ARCHS, tiny_hf_model
+from workers.engines.tokenizers import ByteTokenizer, HFTokenizer
+
+try:  # the msgpack envelope, when present
+    from state_store import codec
+except ImportError:  # pragma: no cover
+    codec = None  # type: ignore[assignment]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU the threads of
+    small ops wait on each other (10x slower): run this module single-threaded."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_engine(arch: str = "llama", seed: int = 0, **kw: Any) -> SinkKVEngine:
+    model = tiny_hf_model(arch, seed, **kw.pop("model_overrides", {}))
+    kw.setdefault("sink_tokens", 4)
+    kw.setdefault("recent_tokens", 24)
+    kw.setdefault("chunk_tokens", 8)
+    return SinkKVEngine(model, ByteTokenizer(), model_name=f"tiny-{arch}:{seed}", **kw)
+
+
+def stream(n: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(256) for _ in range(n)]
+
+
+def state_tensors(state: SinkKVState) -> list[torch.Tensor]:
+    hidden = [] if state.last_hidden is None else [state.last_hidden]
+    return [*state.keys, *state.values, state.slots, *hidden]
+
+
+def assert_states_equal(a: SinkKVState, b: SinkKVState) -> None:
+    """Bit-identical states (dtype, shape and bytes)."""
+    assert (a.tokens_seen, a.pending) == (b.tokens_seen, b.pending)
+    ta, tb = state_tensors(a), state_tensors(b)
+    assert len(ta) == len(tb)
+    for x, y in zip(ta, tb, strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert torch.equal(x, y)
+
+
+def max_state_diff(a: SinkKVState, b: SinkKVState) -> float:
+    assert (a.tokens_seen, a.pending) == (b.tokens_seen, b.pending)
+    assert torch.equal(a.slots, b.slots)
+    ta, tb = state_tensors(a), state_tensors(b)
+    assert len(ta) == len(tb)
+    return max(
+        (x.float() - y.float()).abs().max().item() if x.numel() else 0.0
+        for x, y in zip(ta, tb, strict=True)
+    )
+
+
+# ----- an independent reference --------------------------------------------------------------
+
+
+@contextmanager
+def recording_prerope_keys(model: Any) -> Iterator[list[torch.Tensor]]:
+    """Record the keys each attention layer hands to RoPE (pre-rotation, ``[B, H, T, D]``)."""
+    module = sys.modules[type(model).__module__]
+    original: Callable[..., Any] = module.apply_rotary_pos_emb
+    calls: list[torch.Tensor] = []
+
+    def recorder(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *a: Any):
+        calls.append(k.detach().clone())
+        return original(q, k, cos, sin, *a)
+
+    module.apply_rotary_pos_emb = recorder
+    try:
+        yield calls
+    finally:
+        module.apply_rotary_pos_emb = original
+
+
+@torch.no_grad()
+def reference_logits(
+    model: Any, tokens: Sequence[int], sink: int, recent: int, chunk: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Sink-window attention written plainly, without the engine's machinery.
+
+    Every token keeps its pre-RoPE key and its value as computed at its own step. Before each
+    chunk, the visible tokens (first ``sink`` + last ``recent``) get HF's own rotary embedding
+    at their slot 0..n-1, the chunk runs at slots n..n+T-1 through a fresh plain
+    ``DynamicCache`` (HF's default positions and mask), and then the window is cut.
+    Returns logits ``[N, V]`` after each token and the final per-layer keys at their slots.
+    """
+    module = sys.modules[type(model).__module__]
+    rotary = model.get_decoder().rotary_emb
+    n_layers = model.config.num_hidden_layers
+    kept: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []  # per token: raw k, v per layer
+
+    def rotated(n: int) -> list[torch.Tensor]:
+        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), torch.arange(n)[None])
+        out = []
+        for layer in range(n_layers):
+            raw = torch.cat([kept[t][0][layer] for t in range(n)], dim=2)  # [1, H, n, D]
+            out.append(module.apply_rotary_pos_emb(raw, raw, cos, sin)[1])
+        return out
+
+    logits = []
+    for start in range(0, len(tokens) - len(tokens) % chunk, chunk):
+        piece = tokens[start : start + chunk]
+        n = len(kept)
+        if n:
+            keys = rotated(n)
+            values = [
+                torch.cat([kept[t][1][layer] for t in range(n)], dim=2) for layer in range(n_layers)
+            ]
+            cache = DynamicCache(list(zip(keys, values, strict=True)))
+        else:
+            cache = DynamicCache()
+        with recording_prerope_keys(model) as calls:
+            out = model(torch.tensor([piece]), past_key_values=cache, use_cache=True)
+        assert len(calls) == n_layers
+        logits.append(out.logits[0].float())
+        for t in range(len(piece)):
+            kept.append(
+                (
+                    [calls[layer][:, :, t : t + 1] for layer in range(n_layers)],
+                    [
+                        cache.layers[layer].values[:, :, n + t : n + t + 1]
+                        for layer in range(n_layers)
+                    ],
+                )
+            )
+        if len(kept) > sink + recent:
+            kept = kept[:sink] + kept[len(kept) - recent :]
+    return torch.cat(logits), rotated(len(kept))
+
+
+def engine_logits(engine: SinkKVEngine, tokens: Sequence[int]) -> tuple[torch.Tensor, SinkKVState]:
+    """Logits after each token, chunk by chunk, then the state after all of them."""
+    state, out, c = engine.new_state(), [], engine.chunk_tokens
+    for start in range(0, len(tokens) - len(tokens) % c, c):
+        piece = tokens[start : start + c]
+        out.append(engine.logits(state, piece))
+        state = engine.feed(state, piece)
+    return torch.cat(out), state
+
+
+# ----- 1. no eviction: identical to a plain DynamicCache ---------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_no_eviction_is_identical_to_plain_dynamic_cache(arch: str) -> None:
+    engine = make_engine(arch, sink_tokens=4, recent_tokens=200, chunk_tokens=8)
+    tokens = stream(100)  # 96 cached + 4 pending: nothing is evicted
+    model = engine.model
+    cache = DynamicCache()
+    plain = []
+    with torch.no_grad():
+        for start in range(0, 96, 8):
+            out = model(torch.tensor([tokens[start : start + 8]]), past_key_values=cache)
+            plain.append(out.logits[0].float())
+    got, state = engine_logits(engine, tokens[:96])
+    assert torch.equal(got, torch.cat(plain))
+    assert state.cache_len == 96 and torch.equal(state.slots, torch.arange(96))
+    for layer in range(model.config.num_hidden_layers):
+        assert torch.equal(state.keys[layer], cache.layers[layer].keys[0])
+        assert torch.equal(state.values[layer], cache.layers[layer].values[0])
+    # score over pending + new tokens equals the plain run's log-probs
+    state = engine.feed(state, tokens[96:99])
+    with torch.no_grad():
+        out = model(torch.tensor([tokens[96:100]]), past_key_values=cache)
+    plain_lp = torch.log_softmax(torch.cat([plain[-1][-1:], out.logits[0].float()]), dim=-1)
+    expect = [plain_lp[i, tokens[96 + i]].item() for i in range(4)][3:]
+    assert engine.score(state, tokens[99:100]) == expect
+
+
+# ----- 2. after eviction: matches the per-token / per-chunk reference -------------------------
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
+def test_per_token_matches_reference_after_eviction(arch: str) -> None:
+    engine = make_engine(arch, sink_tokens=4, recent_tokens=20, chunk_tokens=1)
+    tokens = stream(90, seed=1)
+    got, state = engine_logits(engine, tokens)
+    want, want_keys = reference_logits(engine.model, tokens, 4, 20, 1)
+    assert (got - want).abs().max().item() <= 1e-5
+    assert state.cache_len == 24
+    for mine, ref in zip(engine.rotated_keys(state), want_keys, strict=True):
+        assert (mine - ref[0]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "yarn-rope"])
+def test_chunked_matches_reference_with_chunk_visibility(arch: str) -> None:
+    engine = make_engine(arch, sink_tokens=4, recent_tokens=28, chunk_tokens=8)
+    tokens = stream(160, seed=2)
+    got, state = engine_logits(engine, tokens)
+    want, want_keys = reference_logits(engine.model, tokens, 4, 28, 8)
+    assert (got - want).abs().max().item() <= 1e-5
+    for mine, ref in zip(engine.rotated_keys(state), want_keys, strict=True):
+        assert (mine - ref[0]).abs().max().item() <= 1e-5
+
+
+def test_eviction_keeps_sinks_and_recent_slots() -> None:
+    engine = make_engine(sink_tokens=4, recent_tokens=12, chunk_tokens=4)
+    state = engine.feed(engine.new_state(), stream(40))
+    assert state.cache_len == 16 and state.tokens_seen == 40 and state.pending == []
+    # sinks never move; recent keys were rotated at slots 16..19 (cache full before each chunk)
+    assert state.slots.tolist() == [0, 1, 2, 3] + [16, 17, 18, 19] * 3
+
+
+# ----- 3. export -> raw tensors (-> msgpack envelope) -> import continues identically -------
+
+
+def _through_bytes(engine: SinkKVEngine, snap: StateSnapshot) -> StateSnapshot:
+    if codec is None:
+        tensors = {k: RawTensor(t.dtype, t.shape, bytes(t.data)) for k, t in snap.tensors.items()}
+        return StateSnapshot(tensors=tensors, scalars=dict(snap.scalars))
+    env = codec.StateEnvelope(
+        engine=engine.kind,
+        fingerprint=engine.fingerprint,
+        params=engine.params,
+        tokens_seen=int(snap.scalars["tokens_seen"]),  # type: ignore[call-overload]
+        last_entry_id="1-0",
+        snapshot=snap,
+    )
+    back = codec.decode_state(codec.encode_state(env))
+    codec.check_compatible(back, engine.kind, engine.fingerprint, engine.params)
+    return back.snapshot
+
+
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+def test_export_import_continues_bit_identically(storage: str) -> None:
+    engine = make_engine(storage_dtype=storage)
+    state = engine.feed(engine.new_state(), stream(77))  # past eviction, 5 pending
+    assert state.keys[0].dtype == getattr(torch, storage)
+    restored = engine.import_state(_through_bytes(engine, engine.export_state(state)))
+    assert_states_equal(restored, state)
+    more = stream(50, seed=9)
+    assert_states_equal(engine.feed(restored, more), engine.feed(state, more))
+    assert engine.generate(restored, [1, 2, 3], 12) == engine.generate(state, [1, 2, 3], 12)
+    assert engine.state_nbytes(state) == engine.export_state(state).nbytes
+    empty = engine.import_state(_through_bytes(engine, engine.export_state(engine.new_state())))
+    assert_states_equal(empty, engine.new_state())
+
+
+# ----- 4. feed_batch equals solo feeds ------------------------------------------------------------
+
+
+def test_feed_batch_equals_solo_feed() -> None:
+    engine = make_engine(sink_tokens=4, recent_tokens=24, chunk_tokens=8)
+    new = engine.new_state()
+    states = [
+        new,  # empty
+        engine.feed(new, stream(5, 1)),  # pending only
+        engine.feed(new, stream(19, 2)),  # partly filled
+        engine.feed(new, stream(70, 3)),  # past eviction
+        engine.feed(new, stream(33, 4)),
+    ]
+    token_lists = [stream(45, 10), stream(3, 11), stream(30, 12), stream(64, 13), []]
+    batched = engine.feed_batch(states, token_lists)
+    for state, tokens, got in zip(states, token_lists, batched, strict=True):
+        solo = engine.feed(state, tokens)
+        assert max_state_diff(got, solo) <= 1e-5
+    assert batched[3].slots.tolist() != list(range(batched[3].cache_len))  # really shifted
+
+
+# ----- 5. purity: feed, generate and score never change their input ----------------------------
+
+
+def test_feed_generate_score_leave_state_unchanged() -> None:
+    engine = make_engine(storage_dtype="bfloat16")
+    state = engine.feed(engine.new_state(), stream(61))
+    before = [t.clone() for t in state_tensors(state)]
+    meta = (state.tokens_seen, list(state.pending))
+
+    engine.feed(state, stream(40, 5))
+    engine.feed_batch([state, state], [stream(9, 6), stream(17, 7)])
+    out = engine.generate(state, [10, 20], 30, Sampling(temperature=0.8, top_p=0.9, seed=3))
+    again = engine.generate(state, [10, 20], 30, Sampling(temperature=0.8, top_p=0.9, seed=3))
+    greedy = engine.generate(state, [], 40, Sampling(stop_token_ids=(255,)))
+    engine.score(state, stream(20, 8))
+
+    assert out == again and len(out) == 30 and 255 not in greedy
+    assert (state.tokens_seen, state.pending) == meta
+    for x, y in zip(before, state_tensors(state), strict=True):
+        assert torch.equal(x, y)
+
+
+def test_generate_evicts_like_feed() -> None:
+    """Greedy generation picks the argmax of the logits a feed of prompt + output would give
+    (chunk_tokens=1 so that generation's one-token steps follow the stream's chunk grid)."""
+    engine = make_engine(sink_tokens=4, recent_tokens=12, chunk_tokens=1)
+    state = engine.feed(engine.new_state(), stream(30))
+    prompt = [65, 66, 67]
+    out = engine.generate(state, prompt, 20, Sampling(repetition_penalty=1.0))
+    assert len(out) == 20
+    logits = engine.logits(state, prompt + out)[len(prompt) - 1 : -1]  # [20, V]
+    assert logits.argmax(dim=-1).tolist() == out
+
+
+# ----- 6. replay determinism -------------------------------------------------------------------
+
+
+def test_replay_in_any_batch_split_is_bit_identical() -> None:
+    engine = make_engine(sink_tokens=4, recent_tokens=20, chunk_tokens=8)
+    tokens = stream(203, seed=4)
+    reference = engine.feed(engine.new_state(), tokens)
+    rng = random.Random(0)
+    for _ in range(3):
+        state, i = engine.new_state(), 0
+        while i < len(tokens):
+            n = rng.choice([1, 3, 7, 8, 13, 40])
+            state = engine.feed(state, tokens[i : i + n])
+            i += n
+        assert_states_equal(state, reference)
+
+
+# ----- 7. refusals and mismatches --------------------------------------------------------------
+
+
+_REFUSAL_REASONS = {
+    "partial-rotary": "partial rotary",
+    "dynamic-rope": "rope type 'dynamic'",
+    "longrope": "rope type 'longrope'",
+    "sliding-window": "sliding window 32",
+    "alibi": "no rotary position embedding",
+}
+
+
+@pytest.mark.parametrize("arch", REFUSED_ARCHS)
+def test_unsupported_architectures_are_refused(arch: str) -> None:
+    with pytest.raises(UnsupportedModelError) as err:
+        make_engine(arch)
+    message = str(err.value)
+    assert _REFUSAL_REASONS[arch] in message
+    assert "supported: decoder-only causal LMs of type llama, mistral, qwen2, qwen3" in message
+    assert "default, linear, llama3, yarn" in message
+
+
+def test_long_enough_sliding_window_is_accepted() -> None:
+    make_engine("sliding-window", recent_tokens=20, chunk_tokens=8)  # 4 + 20 + 8 = 32: fine
+    with pytest.raises(UnsupportedModelError, match="sliding window 32 is shorter"):
+        make_engine("sliding-window", recent_tokens=21, chunk_tokens=8)
+
+
+def test_import_into_another_engine_or_model_is_refused() -> None:
+    engine = make_engine(recent_tokens=24)
+    snap = engine.export_state(engine.feed(engine.new_state(), stream(50)))
+    with pytest.raises(StateMismatchError, match="recent_tokens: state 24 vs engine 16"):
+        make_engine(recent_tokens=16).import_state(snap)
+    with pytest.raises(StateMismatchError, match="sink_tokens"):
+        make_engine(sink_tokens=2).import_state(snap)
+    with pytest.raises(StateMismatchError, match="storage_dtype"):
+        make_engine(storage_dtype="bfloat16").import_state(snap)
+    with pytest.raises(StateMismatchError, match="fingerprint"):
+        make_engine(seed=1).import_state(snap)
+    assert make_engine(seed=1).fingerprint != engine.fingerprint
+    assert make_engine().fingerprint == engine.fingerprint
+
+
+def test_import_validates_tensors() -> None:
+    engine = make_engine()
+    snap = engine.export_state(engine.feed(engine.new_state(), stream(50)))
+    bad_shape = dict(snap.tensors)
+    k = snap.tensors["keys.1"]
+    bad_shape["keys.1"] = RawTensor(
+        k.dtype, (k.shape[0], k.shape[1] - 1, k.shape[2]), k.data[: -k.nbytes // k.shape[1]]
+    )
+    with pytest.raises(StateMismatchError, match="keys.1 has shape"):
+        engine.import_state(StateSnapshot(bad_shape, snap.scalars))
+    missing = {n: t for n, t in snap.tensors.items() if n != "values.0"}
+    with pytest.raises(StateMismatchError, match="missing \\['values.0'\\]"):
+        engine.import_state(StateSnapshot(missing, snap.scalars))
+    with pytest.raises(StateMismatchError, match="pending"):
+        engine.import_state(StateSnapshot(snap.tensors, {**snap.scalars, "tokens_seen": 51}))
+
+
+# ----- 8. bf16 storage: no drift after >1000 window shifts ---------------------------------------
+
+
+def test_bf16_keys_do_not_drift_over_a_thousand_shifts() -> None:
+    """Each kept key, re-rotated to its current slot, stays within bf16 rounding of the exact
+    fp32 key HF would compute there, even for keys shifted more than 1000 times."""
+    sink, recent = 4, 1008
+    engine = make_engine(
+        sink_tokens=sink,
+        recent_tokens=recent,
+        chunk_tokens=1,
+        storage_dtype="bfloat16",
+        model_overrides={"num_hidden_layers": 1},
+    )
+    tokens = stream(sink + recent + 1020, seed=5)
+    with recording_prerope_keys(engine.model) as calls:
+        state = engine.feed(engine.new_state(), tokens)
+    assert len(calls) == len(tokens)  # one layer, one token per forward
+    n = len(tokens)
+    kept = list(range(sink)) + list(range(n - recent, n))  # stream index of each cached token
+    assert state.slots[sink].item() == sink + recent  # oldest recent key: shifted 1008 times
+    raw = torch.cat([calls[t] for t in kept], dim=2)  # [1, H, L, D] pre-RoPE fp32
+    module = sys.modules[type(engine.model).__module__]
+    cos, sin = engine.model.get_decoder().rotary_emb(raw, torch.arange(len(kept))[None])
+    exact = module.apply_rotary_pos_emb(raw, raw, cos, sin)[1][0]  # [H, L, D]
+    mine = engine.rotated_keys(state)[0]  # [H, L, D] from bf16 storage
+    half = exact.shape[-1] // 2
+
+    def pair_norm(x: torch.Tensor) -> torch.Tensor:  # norm of each rotated (i, i + D/2) pair
+        return torch.sqrt(x[..., :half] ** 2 + x[..., half:] ** 2)
+
+    # bf16 rounds each element to 2**-9 relative: a rotation keeps pair norms, so the error of
+    # a re-rotated pair is bounded by the one rounding at store time
+    err = pair_norm(mine - exact)
+    assert bool((err <= 2**-8 * pair_norm(exact) + 1e-6).all()), err.max()
+    assert (mine - exact).abs().max().item() > 0  # bf16 really rounded something
+
+
+# ----- text helpers, tokenizers, stops ---------------------------------------------------------
+
+
+def _chat_tokenizer() -> Any:
+    """A byte-level transformers tokenizer with BOS post-processing and a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    bos = ("<s>", hf.convert_tokens_to_ids("<s>"))
+    hf._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[bos]
+    )
+    hf.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return hf
+
+
+def test_summary_prompt_with_and_without_chat_template() -> None:
+    plain = make_engine()
+    assert plain.summary_prompt("Summarize.") == list(b"\n\nInstruction: Summarize.\nAnswer:")
+
+    hf = _chat_tokenizer()
+    model = tiny_hf_model("llama", 0, vocab_size=len(hf))
+    engine = SinkKVEngine(model, hf, model_name="chat", recent_tokens=24, chunk_tokens=8)
+    assert isinstance(engine.tokenizer, HFTokenizer)  # wrapped automatically
+    assert engine.tokenizer.encode("hi") == hf.encode("hi", add_special_tokens=False)
+    assert hf.encode("hi")[0] == hf.bos_token_id  # the raw tokenizer would add a BOS
+    assert hf.eos_token_id in engine.eos_token_ids
+    ids = engine.summary_prompt("Summarize.")
+    text = "\n\n<|im_start|>user\nSummarize.<|im_end|>\n<|im_start|>assistant\n"
+    assert ids == hf.encode(text, add_special_tokens=False)
+    assert hf.convert_tokens_to_ids("<|im_start|>") in ids
+    assert engine.tokenizer.decode([*ids, hf.eos_token_id]) == "\n\nuser\nSummarize.\nassistant\n"
+    state = engine.feed(engine.new_state(), engine.tokenizer.encode("Alice: ship it friday."))
+    assert all(0 <= t < len(hf) for t in engine.generate(state, ids, 5))
+
+
+def test_generation_stops_at_stop_tokens() -> None:
+    engine = make_engine()
+    state = engine.feed(engine.new_state(), stream(50))
+    free = engine.generate(state, [1, 2], 12, Sampling(repetition_penalty=1.0))
+    stop = free[5]
+    cut = free.index(stop)
+    assert (
+        engine.generate(state, [1, 2], 12, Sampling(repetition_penalty=1.0, stop_token_ids=(stop,)))
+        == free[:cut]
+    )
+
+
+def test_score_is_log_softmax_of_logits() -> None:
+    engine = make_engine()
+    fresh = engine.score(engine.new_state(), [5, 6, 7])
+    assert math.isnan(fresh[0])  # nothing to condition the first token of a stream on
+    tokens = stream(41)
+    before = engine.feed(engine.new_state(), tokens[:40])
+    state = engine.feed(before, tokens[40:])  # one token pending
+    got = engine.score(state, [9, 10])
+    after_pending = torch.log_softmax(engine.logits(before, tokens[40:])[0], dim=-1)
+    after_9 = torch.log_softmax(engine.logits(state, [9])[0], dim=-1)
+    assert got == pytest.approx([after_pending[9].item(), after_9[10].item()], abs=1e-6)
+    # with nothing pending, the first token is predicted from the state's last hidden state
+    state39 = engine.feed(engine.new_state(), tokens[:39])  # 7 pending
+    after_39 = torch.log_softmax(engine.logits(state39, tokens[39:40])[0], dim=-1)
+    assert engine.score(before, tokens[40:41]) == pytest.approx(
+        [after_39[tokens[40]].item()], abs=1e-5
+    )
+
+
+def test_bf16_compute_stays_close_to_fp32() -> None:
+    tokens = stream(80, seed=3)
+    fp32 = make_engine(recent_tokens=20, chunk_tokens=4)
+    bf16 = make_engine(recent_tokens=20, chunk_tokens=4, compute_dtype="bfloat16")
+    want, _ = engine_logits(fp32, tokens)
+    got, state = engine_logits(bf16, tokens)
+    assert state.keys[0].dtype == torch.bfloat16 and state.cache_len == 24
+    assert (got - want).abs().max().item() < 0.2  # bf16 arithmetic, not a position error
+    restored = bf16.import_state(_through_bytes(bf16, bf16.export_state(state)))
+    assert_states_equal(bf16.feed(restored, tokens[:9]), bf16.feed(state, tokens[:9]))
