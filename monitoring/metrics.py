@@ -1,25 +1,37 @@
 """Prometheus metrics of a sinkstream worker.
 
 Names follow Prometheus conventions (``sinkstream_`` prefix, ``_total`` counters, ``_seconds``
-and ``_bytes`` units). Labels stay low-cardinality: engine, model, reason, kind — never a
-stream id, so ten thousand streams do not mean ten thousand series.
+and ``_bytes`` units). Labels stay low-cardinality: engine, model, kind, outcome and a *fixed*
+vocabulary of reasons (:func:`reason_label`) — never a stream id, so ten thousand streams do
+not mean ten thousand series.
 
 One port per worker process (``--pool=solo``, one process per GPU) keeps every number right
 without prometheus_client's multiprocess mode; run several workers on one host with different
-``SINKSTREAM_METRICS_PORT`` values.
+``SINKSTREAM_METRICS_PORT`` values. Input lag is not measured here: it is a property of Redis,
+not of a worker, and ``sinkstream exporter`` (``monitoring/exporter.py``) exports it even when
+no worker runs.
+
+The default registry also carries prometheus_client's process collector
+(``process_resident_memory_bytes``, ``process_cpu_seconds_total``, ... on Linux) and, once
+:func:`start_metrics_server` ran, the GPU collector (``monitoring/gpu.py``), which exports
+nothing on a machine without an initialised CUDA device.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from importlib import metadata
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info, start_http_server
 
 log = logging.getLogger(__name__)
 
-#: Buckets from a fast GPU batch (ms) to a slow CPU summary (minutes).
+#: Buckets from a fast GPU batch (5 ms) to a slow CPU summary (5 minutes).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-BYTES_BUCKETS = tuple(float(4**i) for i in range(5, 16))  # 1 KiB .. 1 GiB
+#: State sizes: 1 KiB .. 4 GiB in factors of 4 (max_state_bytes defaults to 2 GiB).
+BYTES_BUCKETS = tuple(float(4**i) for i in range(5, 17))
 
 TOKENS_FED = Counter("sinkstream_tokens_fed_total", "Input tokens fed into stream states",
                      ["engine", "model"])
@@ -32,7 +44,8 @@ FEED_SECONDS = Histogram("sinkstream_batch_feed_seconds", "Model time to feed on
 SUMMARY_SECONDS = Histogram("sinkstream_summary_seconds", "Time to generate one summary",
                             ["engine", "model", "kind"], buckets=LATENCY_BUCKETS)
 STATE_LOAD_SECONDS = Histogram("sinkstream_state_load_seconds",
-                               "Redis download + decode of a state", buckets=LATENCY_BUCKETS)
+                               "Redis download + decode of a state (hot-cache misses only)",
+                               buckets=LATENCY_BUCKETS)
 STATE_SAVE_SECONDS = Histogram("sinkstream_state_save_seconds",
                                "Encode + atomic commit of a state", buckets=LATENCY_BUCKETS)
 STATE_LOAD_BYTES = Histogram("sinkstream_state_load_bytes", "Bytes of state downloaded",
@@ -55,12 +68,153 @@ DEAD_LETTERS = Counter("sinkstream_dead_letters_total", "Input entries dead-lett
 STREAM_FAILURES = Counter("sinkstream_stream_failures_total", "Streams marked failed",
                           ["reason"])
 BATCHES = Counter("sinkstream_batches_total", "Batches by outcome", ["outcome"])
+WORKER_STREAMS_ACTIVE = Gauge(
+    "sinkstream_worker_streams_active",
+    "Distinct streams this worker applied a batch to in the last minute",
+)
+WORKER = Info("sinkstream_worker", "Engine, model and device of this worker process")
+
+# ----- fixed label vocabularies (pre-initialised so every series exists from the first scrape)
+SUMMARY_KINDS = ("rolling", "final", "on_demand", "answer")
+BATCH_OUTCOMES = ("applied", "idle", "busy", "failed", "lost", "stale")
+#: StaleCommitError.reason values (state_store.store.STALE_REASONS).
+STALE_REASONS = ("stale_fence", "lease_lost", "version_conflict")
+
+#: (label, words that identify it) in match order; the first match wins, else "other".
+_DEAD_LETTER_REASONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("missing_text", ("missing required field",)),
+    ("too_large", ("-byte limit", "over the")),
+    ("invalid_utf8", ("utf-8",)),
+    ("empty_text", ("is empty",)),
+    ("invalid_eos", ("field 'eos'",)),
+    ("invalid_ts", ("field 'ts'",)),
+)
+_FAILURE_REASONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("foreign_state", ("belongs to another",)),
+    ("unsupported_format", ("format version", "magic", "flags", "not a sinkstream state")),
+    ("state_too_large", ("limit is",)),
+    ("corrupt_state", ("truncated", "checksum", "trailing bytes", "msgpack", "structure")),
+    ("state_unreadable", ("state hash", "the hash says", "while being read", "generation",
+                          "chunk")),
+)
+DEAD_LETTER_REASONS = tuple(label for label, _ in _DEAD_LETTER_REASONS) + ("other",)
+FAILURE_REASONS = tuple(label for label, _ in _FAILURE_REASONS) + ("other",)
+
+ACTIVE_WINDOW_S = 60.0
+_MAX_TRACKED_STREAMS = 100_000
+
+
+def reason_label(reason: str) -> str:
+    """Map a dead-letter or failure reason to a fixed, low-cardinality label value.
+
+    The free-text reasons carry stream ids, byte counts and offsets; a label made from them
+    would grow a series per stream. Dead-letter reasons map to :data:`DEAD_LETTER_REASONS`,
+    stream-failure reasons to :data:`FAILURE_REASONS`; anything unknown is ``other``.
+    """
+    text = reason.lower()
+    # "stream 'id': ..." prefixes name the stream; the classification ignores them
+    if text.startswith("stream '") and "': " in text:
+        text = text.split("': ", 1)[1]
+    for label, words in _FAILURE_REASONS + _DEAD_LETTER_REASONS:
+        if any(word in text for word in words):
+            return label
+    return "other"
+
+
+class _ActiveStreams:
+    """Distinct streams seen in a sliding window, for a gauge without a stream label."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._seen: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def note(self, stream_id: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._seen[stream_id] = now
+            if len(self._seen) > _MAX_TRACKED_STREAMS:
+                self._prune(now)
+
+    def count(self, now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._prune(now)
+            return len(self._seen)
+
+    def _prune(self, now: float) -> None:
+        horizon = now - self.window_s
+        for sid in [s for s, t in self._seen.items() if t < horizon]:
+            del self._seen[sid]
+
+
+_active = _ActiveStreams(ACTIVE_WINDOW_S)
+WORKER_STREAMS_ACTIVE.set_function(lambda: float(_active.count()))
+
+
+def note_active_stream(stream_id: str) -> None:
+    """A batch of ``stream_id`` was applied (feeds ``sinkstream_worker_streams_active``)."""
+    _active.note(stream_id)
+
+
+def init_worker(engine: str, model: str, device: str = "cpu", dtype: str = "") -> None:
+    """Create every labelled series at zero and publish the worker's identity.
+
+    A counter that first appears with a non-zero value loses that first increase in
+    ``rate()``; pre-created children also keep dashboard panels and alerts from going blank
+    on a quiet worker. Idempotent.
+    """
+    labels = {"engine": engine, "model": model}
+    TOKENS_FED.labels(**labels)
+    ENTRIES_APPLIED.labels(**labels)
+    FEED_SECONDS.labels(**labels)
+    STATE_SIZE.labels(**labels)
+    for kind in SUMMARY_KINDS:
+        SUMMARY_TOKENS.labels(**labels, kind=kind)
+        SUMMARY_SECONDS.labels(**labels, kind=kind)
+    _init_fixed_labels()
+    WORKER.info({"engine": engine, "model": model, "device": device, "dtype": dtype,
+                 "version": _version()})
+
+
+def _init_fixed_labels() -> None:
+    for outcome in BATCH_OUTCOMES:
+        BATCHES.labels(outcome=outcome)
+    for reason in STALE_REASONS:
+        STALE_COMMITS.labels(reason=reason)
+    for reason in DEAD_LETTER_REASONS:
+        DEAD_LETTERS.labels(reason=reason)
+    for reason in FAILURE_REASONS:
+        STREAM_FAILURES.labels(reason=reason)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("sinkstream")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+_init_fixed_labels()
+_gpu_registered = False
+
+
+def register_gpu_collector() -> None:
+    """Add the GPU memory collector to the default registry once (safe without CUDA)."""
+    global _gpu_registered
+    if _gpu_registered:
+        return
+    from monitoring.gpu import GpuCollector
+
+    REGISTRY.register(GpuCollector())
+    _gpu_registered = True
 
 
 def start_metrics_server(host: str, port: int) -> bool:
     """Serve /metrics on host:port (port 0 disables). Logs and returns False if taken."""
     if port == 0:
         return False
+    register_gpu_collector()
     try:
         start_http_server(port, addr=host)
     except OSError as exc:
@@ -68,9 +222,3 @@ def start_metrics_server(host: str, port: int) -> bool:
         return False
     log.info("metrics: serving http://%s:%d/metrics", host, port)
     return True
-
-
-def reason_label(reason: str) -> str:
-    """A bounded label value: the reason's first words, without ids or numbers."""
-    head = reason.split(":")[0].split("(")[0].strip().lower()
-    return "".join(c if c.isalpha() or c == " " else "" for c in head)[:40].strip() or "other"

@@ -328,3 +328,48 @@ def _run_demo(cfg: Settings, stream: str, turns: list[Any], speed: float, name: 
     if errors:
         raise fail(f"publishing failed: {errors[0]}")
     console.print(f"[bold green]done.[/] Try: sinkstream status {stream}")
+
+
+# ----- exporter -----------------------------------------------------------------------------
+@app.command("exporter")
+def exporter_cmd(
+    interval: Annotated[float, typer.Option(
+        help="seconds between passes over Redis", envvar="SINKSTREAM_EXPORTER_INTERVAL",
+        min=0.1)] = 10.0,
+    top_k: Annotated[int, typer.Option(
+        "--top-k", help="also export the K most lagging streams with a stream label (0: none)",
+        envvar="SINKSTREAM_EXPORTER_TOP_K", min=0, max=100)] = 0,
+    max_streams: Annotated[int, typer.Option(
+        help="read at most this many registered streams (most recently active first)",
+        envvar="SINKSTREAM_EXPORTER_MAX_STREAMS", min=1)] = 100_000,
+    count_cap: Annotated[int, typer.Option(
+        help="count at most this many unapplied entries per stream (untrimmed input only)",
+        min=1)] = 10_000,
+    once: Annotated[bool, typer.Option("--once", help="print the metrics once and exit")] = False,
+) -> None:
+    """Export input lag and stream health from Redis on /metrics, with or without workers.
+
+    Serves SINKSTREAM_METRICS_HOST:SINKSTREAM_METRICS_PORT. Run one per Redis. Every
+    INTERVAL seconds it reads each registered stream's committed entry id and unapplied input
+    (one pipelined, bounded script per stream) and exports totals, the oldest unapplied age, a
+    per-stream age histogram, stream counts by status, stored state bytes and dead letters.
+    """
+    from monitoring.exporter import render_once, run_exporter
+
+    cfg = settings()
+    if once:
+        client = _connect_redis_or_fail(cfg)
+        typer.echo(render_once(client, top_k=top_k, max_streams=max_streams,
+                               count_cap=count_cap).decode(), nl=False)
+        return
+    if cfg.metrics_port == 0:
+        raise fail("the exporter needs a port: set SINKSTREAM_METRICS_PORT (0 disables it)")
+    from state_store.connection import redis_from_settings
+
+    client = redis_from_settings(cfg, client_name="sinkstream-exporter")
+    try:
+        run_exporter(client, cfg.metrics_host, cfg.metrics_port, interval_s=interval,
+                     top_k=top_k, max_streams=max_streams, count_cap=count_cap)
+    except OSError as exc:
+        raise fail(f"cannot serve /metrics on {cfg.metrics_host}:{cfg.metrics_port}: {exc}") \
+            from None
