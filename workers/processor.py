@@ -28,6 +28,7 @@ from state_store.codec import (
     decode_state,
     encode_state,
 )
+from state_store.connection import TRANSIENT_ERRORS
 from state_store.keys import StreamKeys
 from state_store.lease import Lease, LeaseKeeper, LeaseLostError, LeaseManager
 from state_store.store import StaleCommitError, StateReadError, StateStore
@@ -48,6 +49,9 @@ log = logging.getLogger(__name__)
 Status = Literal["applied", "idle", "busy", "failed", "lost", "stale"]
 #: Longest field value copied into a dead letter; the rest is cut with a note.
 DEAD_LETTER_FIELD_BYTES = 4096
+#: Most fields, and longest field name, copied into a dead letter.
+DEAD_LETTER_MAX_FIELDS = 32
+DEAD_LETTER_NAME_BYTES = 128
 OUTPUT_MAXLEN = 10_000
 
 
@@ -66,6 +70,18 @@ class Outcome:
     save_s: float = 0.0
     cache_hit: bool = False
     reason: str = ""
+
+    def then(self, later: Outcome) -> Outcome:
+        """This batch followed by ``later`` under the same lease: totals, and later's status."""
+        return Outcome(
+            self.stream_id, later.status, entries=self.entries + later.entries,
+            tokens=self.tokens + later.tokens,
+            dead_letters=self.dead_letters + later.dead_letters,
+            more=later.more, version=later.version or self.version,
+            summaries=[*self.summaries, *later.summaries], load_s=self.load_s + later.load_s,
+            feed_s=self.feed_s + later.feed_s, save_s=self.save_s + later.save_s,
+            cache_hit=later.cache_hit, reason=later.reason,
+        )
 
 
 @dataclass
@@ -103,14 +119,25 @@ class StreamProcessor:
         self.worker_id = worker_id
         self.store = StateStore.from_settings(client, settings)
         self.leases = LeaseManager(client)
-        self.cache = cache if cache is not None else HotStateCache(settings.hot_cache_bytes)
+        self.cache = cache if cache is not None else HotStateCache(
+            settings.hot_cache_bytes, max_items=settings.max_streams_per_worker)
+        #: leases whose release failed (Redis went away): released on the next try, so the
+        #: stream does not wait for the lease to expire when Redis comes back
+        self._unreleased: dict[str, Lease] = {}
         self._labels = {"engine": engine.kind, "model": engine.model_name}
+        metrics.init_worker(**self._labels, device=settings.device, dtype=settings.dtype)
 
     # ----- one batch ---------------------------------------------------------------------------
-    def process(self, stream_id: str) -> Outcome:
-        """Apply the next bounded batch of ``stream_id``'s input, if this worker can own it."""
+    def process(self, stream_id: str, time_slice_s: float = 0.0) -> Outcome:
+        """Apply bounded batches of ``stream_id``'s input, if this worker can own it.
+
+        Under one lease, batches follow each other while input remains and ``time_slice_s``
+        has not run out; each batch still commits on its own (fenced), so exactly-once is the
+        same as one batch per task, minus the scheduling round trips between batches.
+        """
         if self.store.failure(stream_id) is not None:
             return Outcome(stream_id, "failed", reason="stream is marked failed")
+        self._release_unreleased(stream_id)
         lease = self.leases.acquire(stream_id, self.worker_id, self.settings.lease_seconds)
         if lease is None:
             return Outcome(stream_id, "busy")
@@ -120,12 +147,37 @@ class StreamProcessor:
         try:
             with LeaseKeeper(self.leases, lease) as keeper:
                 outcome = self._process_leased(stream_id, lease, keeper)
+                metrics.BATCHES.labels(outcome=outcome.status).inc()
+                deadline = time.monotonic() + time_slice_s
+                while outcome.status == "applied" and outcome.more \
+                        and time.monotonic() < deadline:
+                    following = self._process_leased(stream_id, lease, keeper)
+                    metrics.BATCHES.labels(outcome=following.status).inc()
+                    outcome = outcome.then(following)
         except LeaseLostError as exc:
             outcome = Outcome(stream_id, "lost", reason=str(exc))
+            metrics.BATCHES.labels(outcome=outcome.status).inc()
         finally:
-            self.leases.release(lease)
-        metrics.BATCHES.labels(outcome=outcome.status).inc()
+            self._release(lease)
+        if outcome.status == "applied":
+            metrics.note_active_stream(stream_id)
         return outcome
+
+    def _release(self, lease: Lease) -> None:
+        """Release, or remember the lease if Redis is unreachable (never masks the error that
+        is already propagating: a failed release only delays the stream until the next try)."""
+        try:
+            self.leases.release(lease)
+        except TRANSIENT_ERRORS as exc:
+            log.debug("stream %s: lease release failed (%s); retried later",
+                      lease.stream_id, exc)
+            if len(self._unreleased) < self.settings.max_streams_per_worker:
+                self._unreleased[lease.stream_id] = lease
+
+    def _release_unreleased(self, stream_id: str) -> None:
+        stale = self._unreleased.pop(stream_id, None)
+        if stale is not None:
+            self._release(stale)
 
     def _process_leased(self, stream_id: str, lease: Lease, keeper: LeaseKeeper) -> Outcome:
         started = time.perf_counter()
@@ -136,7 +188,14 @@ class StreamProcessor:
         load_s = time.perf_counter() - started
         checkpoint("after_load")
 
-        batch = self._read_batch(stream_id, loaded.last_entry_id)
+        try:
+            batch = self._read_batch(stream_id, loaded.last_entry_id)
+        except redis.ResponseError as exc:
+            if "WRONGTYPE" not in str(exc):
+                raise
+            # anyone can write the input key: a non-stream there parks this stream only
+            return self._fail(stream_id, f"stream {stream_id!r}: input key is not a stream "
+                                         f"({exc})")
         if batch is None:
             return Outcome(stream_id, "idle", version=loaded.version, cache_hit=loaded.cache_hit)
 
@@ -180,6 +239,8 @@ class StreamProcessor:
         if cached is not None:
             metrics.HOT_CACHE_HITS.inc()
             return _Loaded(cached[0], version, cached[1], cache_hit=True)
+        if version == 0:  # a new stream: nothing to load, neither a hit nor a miss
+            return _Loaded(self.engine.new_state(), 0, None, cache_hit=False)
         metrics.HOT_CACHE_MISSES.inc()
         started = time.perf_counter()
         stored = self.store.load(stream_id)
@@ -332,14 +393,21 @@ class StreamProcessor:
 
 
 def _dead_letter(rejected: Rejected) -> dict[str, str]:
-    fields = {f"field:{k}": _cut(v) for k, v in rejected.fields.items()}
-    return {"entry_id": rejected.id, "reason": rejected.reason, "ts": f"{time.time():.3f}",
-            **fields}
+    """The rejected entry's id, reason and (bounded) fields: at most DEAD_LETTER_MAX_FIELDS
+    fields, names and values cut, so no input can make the commit itself fail."""
+    items = list(rejected.fields.items())
+    fields = {f"field:{_cut(k, DEAD_LETTER_NAME_BYTES)}": _cut(v)
+              for k, v in items[:DEAD_LETTER_MAX_FIELDS]}
+    out = {"entry_id": rejected.id, "reason": rejected.reason, "ts": f"{time.time():.3f}",
+           **fields}
+    if len(items) > DEAD_LETTER_MAX_FIELDS:
+        out["fields_cut"] = str(len(items) - DEAD_LETTER_MAX_FIELDS)
+    return out
 
 
-def _cut(value: str) -> str:
+def _cut(value: str, limit: int = DEAD_LETTER_FIELD_BYTES) -> str:
     data = value.encode("utf-8", "replace")
-    if len(data) <= DEAD_LETTER_FIELD_BYTES:
+    if len(data) <= limit:
         return value
-    head = data[:DEAD_LETTER_FIELD_BYTES].decode("utf-8", "ignore")
-    return f"{head}... [{len(data) - DEAD_LETTER_FIELD_BYTES} more bytes cut]"
+    head = data[:limit].decode("utf-8", "ignore")
+    return f"{head}... [{len(data) - limit} more bytes cut]"

@@ -3,17 +3,35 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery import signals
 
 from monitoring.metrics import start_metrics_server
+from state_store.connection import TRANSIENT_ERRORS
 from workers.app import QUEUE, app
 from workers.runtime import Runtime, get_runtime
 from workers.scheduling import Dispatcher
 from workers.summaries import SummaryKind, answer_instruction
 
 log = logging.getLogger(__name__)
+
+
+#: At most one WARNING per this many seconds about Redis being down (the rest at DEBUG).
+_REDIS_DOWN_LOG_INTERVAL_S = 30.0
+_redis_down_logged = 0.0
+
+
+def _warn_redis_down(stream_id: str, exc: BaseException) -> None:
+    global _redis_down_logged
+    now = time.monotonic()
+    if now - _redis_down_logged >= _REDIS_DOWN_LOG_INTERVAL_S:
+        _redis_down_logged = now
+        log.warning("stream %s: Redis unavailable mid-batch (%s: %s); nothing committed, "
+                    "re-scheduled once Redis is back", stream_id, type(exc).__name__, exc)
+    else:
+        log.debug("stream %s: Redis unavailable mid-batch (%s)", stream_id, exc)
 
 
 def enqueue(stream_id: str) -> None:
@@ -28,8 +46,16 @@ def runtime() -> Runtime:
 def process_stream(stream_id: str) -> dict[str, Any]:
     """Apply the next batch of one stream, then continue or hand the stream back."""
     rt = runtime()
-    rt.scheduler.refresh(stream_id)
-    outcome = rt.processor.process(stream_id)
+    try:
+        rt.scheduler.refresh(stream_id)
+        outcome = rt.processor.process(stream_id, rt.settings.batch_time_slice_seconds)
+    except TRANSIENT_ERRORS as exc:
+        # Redis went away mid-batch: nothing was committed (or the commit landed and its reply
+        # was lost; the state says which). Hand the stream to the dispatcher, which re-enqueues
+        # it as soon as Redis answers, with backoff; the Celery consumer reconnects on its own.
+        _warn_redis_down(stream_id, exc)
+        rt.scheduler.retry_later(stream_id)
+        return {"status": "retry", "entries": 0, "tokens": 0}
     if outcome.status == "applied":
         log.info("stream %s: %d entries, %d tokens, v%d (feed %.3fs, load %.3fs%s, save %.3fs)",
                  stream_id, outcome.entries, outcome.tokens, outcome.version, outcome.feed_s,
@@ -70,12 +96,18 @@ def _start_background(sender: Any = None, **_: Any) -> None:
     """
     global _dispatcher
     rt = runtime()
-    start_metrics_server(rt.settings.metrics_host, rt.settings.metrics_port)
-    pool = getattr(sender, "pool", None)
-    if pool is not None and "solo" in type(pool).__module__:
-        rt.engine  # noqa: B018 - load the model before the first task, not during it
-    _dispatcher = Dispatcher(rt.client, rt.scheduler, rt.settings.dispatch_interval_seconds,
-                             rt.settings.discover_interval_seconds).start()
+    try:
+        pool = getattr(sender, "pool", None)
+        if pool is not None and "solo" in type(pool).__module__:
+            # load the model (and create its metric series at zero) before the first task
+            rt.processor  # noqa: B018
+        # only now: an answering /metrics means "ready" (the demo and probes rely on it)
+        start_metrics_server(rt.settings.metrics_host, rt.settings.metrics_port)
+    except Exception:
+        log.exception("worker start-up: metrics or model warm-up failed; scheduling anyway")
+    finally:
+        _dispatcher = Dispatcher(rt.client, rt.scheduler, rt.settings.dispatch_interval_seconds,
+                                 rt.settings.discover_interval_seconds).start()
 
 
 @signals.worker_shutting_down.connect

@@ -240,13 +240,24 @@ def is_cache_complete(directory: Path) -> bool:
 
 @dataclass
 class PreparedModel:
-    """Where a model's local HF directory is, and what preparing it cost."""
+    """Where a model's files are, and what preparing it did and cost.
+
+    ``action``: "converted" (GGUF converted now), "cached" (conversion found in the cache),
+    "in-place" (a local directory or checkpoint, used where it is), "written" (tiny-rwkv
+    checkpoint in the cache), "fetched" (hub id, now in the Hugging Face cache), "seeded"
+    (tiny HF models: built from their seed at every load, nothing stored).
+    """
 
     directory: Path
     converted: bool
     seconds: float
     source: Path | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    action: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.action:
+            self.action = "converted" if self.converted else "cached"
 
 
 @contextlib.contextmanager
@@ -276,12 +287,23 @@ def ensure_gguf_cache(gguf_path: Path, cache_root: Path, name: str | None = None
     final = gguf_cache_dir(gguf_path, cache_root, name)
     if is_cache_complete(final):
         return _prepared(final, False, started, gguf_path)
-    with _file_lock(final.with_name(final.name + ".lock")):
+    with contextlib.ExitStack() as stack:
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(_file_lock(final.with_name(final.name + ".lock")))
+        except OSError as exc:
+            raise ModelLoadError(
+                f"cannot write the model cache {final.parent} ({exc.strerror or exc}): point "
+                f"SINKSTREAM_MODEL_CACHE_DIR at a writable directory"
+            ) from exc
         if is_cache_complete(final):  # another process finished while we waited
             return _prepared(final, False, started, gguf_path)
         if final.exists():  # left by a foreign tool or a half-deleted cache: rebuild it
             log.warning("model cache %s is incomplete; rebuilding it", final)
             shutil.rmtree(final)
+        # we hold the lock, so temporary directories of this cache are from dead processes
+        for stale in final.parent.glob(f".{final.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         try:
             log.info("converting %s into %s (once; this takes a while)", gguf_path, final)
@@ -298,6 +320,7 @@ def ensure_gguf_cache(gguf_path: Path, cache_root: Path, name: str | None = None
             (tmp / CACHE_MARKER).write_text(json.dumps(marker, indent=2))
             _fsync_dir_tree(tmp)
             os.rename(tmp, final)
+            _fsync_dir(final.parent)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -362,6 +385,10 @@ def _fsync_dir_tree(directory: Path) -> None:
         if path.is_file():
             with path.open("rb") as fh:
                 os.fsync(fh.fileno())
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
         try:
@@ -406,7 +433,7 @@ def prepare(spec: ModelSpec | str, cache_root: Path) -> PreparedModel:
         return ensure_gguf_cache(spec.path, cache_root)
     if spec.kind == "hf-dir":
         assert spec.path is not None
-        return PreparedModel(spec.path, False, 0.0, spec.path)
+        return PreparedModel(spec.path, False, 0.0, spec.path, action="in-place")
     raise ModelSpecError(f"model spec {spec.text!r} ({spec.kind}) needs no preparation")
 
 
@@ -494,11 +521,16 @@ def prepare_model(spec: ModelSpec | str, settings: Settings) -> PreparedModel:
         return prepare(spec, cache_root)
     if spec.kind == "tiny" and spec.name == "tiny-rwkv":
         engine = _tiny_rwkv_engine(spec, settings)
-        return PreparedModel(engine.path, False, time.perf_counter() - started, engine.path)
+        seconds = time.perf_counter() - started
+        return PreparedModel(engine.path, False, seconds, engine.path, action="written")
     if spec.kind == "hub":
         load_hf_model(spec, cache_root, device="cpu", dtype="float32")
-        return PreparedModel(Path(spec.name), True, time.perf_counter() - started)
-    return PreparedModel(spec.path or Path(spec.display_name), False, 0.0, spec.path)
+        seconds = time.perf_counter() - started
+        return PreparedModel(Path(spec.name), False, seconds, action="fetched")
+    if spec.kind == "rwkv":
+        assert spec.path is not None
+        return PreparedModel(spec.path, False, 0.0, spec.path, action="in-place")
+    return PreparedModel(Path(spec.display_name), False, 0.0, action="seeded")
 
 
 def _tiny_rwkv_engine(spec: ModelSpec, settings: Settings) -> RWKVEngine:
@@ -558,6 +590,7 @@ def load_engine(settings: Settings, spec: ModelSpec | str | None = None) -> Engi
         recent_tokens=settings.recent_tokens,
         chunk_tokens=settings.chunk_tokens,
         compute_dtype=settings.dtype,
+        storage_dtype=None if settings.state_dtype == "auto" else settings.state_dtype,
         device=settings.device,
     )
 

@@ -1,0 +1,233 @@
+"""Sink-KV prefill speed at a FULL window vs a plain transformers DynamicCache forward.
+
+Both sides run the same model's decoder (no lm_head: ``feed`` never computes logits) on the
+same chunk of new tokens over a cache of the same length (S + R = 1024 by default), with the
+same torch threads, measured interleaved in one process so machine noise hits both alike:
+
+* sink-KV: ``engine.feed(full_state, chunk)`` where ``full_state`` has already evicted (the
+  stored slots differ from the current ones, so every call re-rotates all cached keys, then
+  appends and evicts): the steady state of a long stream.
+* baseline: ``decoder(chunk, past_key_values=DynamicCache with 1024 tokens)``, then
+  ``cache.crop(1024)`` so every repetition sees the same cache length.
+
+``ratio`` = sink-KV tokens/s / baseline tokens/s (target >= 0.9). A second row does the same
+for one-token steps (generation). State bytes per stream are printed for each engine at the
+default settings, with the formulas for sizes that are not loaded.
+
+Full: SmolLM2-135M (when converted in the model cache: ``sinkstream model prepare``);
+quick: a mid-size tiny Llama (4 layers, hidden 256).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+
+from benchmarks.common import (
+    SMOLLM2_DIMS,
+    bench_settings,
+    load_smollm2,
+    median,
+    mid_tiny_llama,
+    rwkv7_state_bytes,
+    sinkkv_state_bytes,
+    smollm2_ready,
+    threads,
+    timed,
+)
+from benchmarks.run import BenchResult
+
+SINKS, RECENT, CHUNK = 4, 1020, 64
+
+
+def _setup(model: Any, tokenizer: Any, vocab: int, seed: int = 0) -> dict[str, Any]:
+    """A sink-KV engine with a full, shifted window, and a DynamicCache of the same length."""
+    from transformers import DynamicCache
+
+    from workers.engines.sinkkv import SinkKVEngine
+
+    engine = SinkKVEngine(
+        model,
+        tokenizer,
+        model_name="bench",
+        sink_tokens=SINKS,
+        recent_tokens=RECENT,
+        chunk_tokens=CHUNK,
+    )
+    capacity = engine.window.capacity
+    rng = random.Random(seed)
+    stream = [rng.randrange(vocab) for _ in range(capacity + 4 * CHUNK)]
+    # fill past the window so that eviction and re-rotation are active on every call
+    full_state = engine.feed(engine.new_state(), stream)
+    assert full_state.cache_len == capacity and not full_state.pending
+    assert bool((full_state.slots != torch.arange(capacity)).any()), "window has not shifted"
+
+    decoder = model.get_decoder()
+    cache = DynamicCache()
+    with torch.no_grad():
+        for i in range(0, capacity, CHUNK):
+            ids = torch.tensor([stream[i : min(i + CHUNK, capacity)]])
+            decoder(input_ids=ids, past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == capacity
+    return {
+        "engine": engine,
+        "state": full_state,
+        "decoder": decoder,
+        "cache": cache,
+        "head": model.get_output_embeddings(),
+        "rng": rng,
+        "capacity": capacity,
+    }
+
+
+def _measure(setup: dict[str, Any], vocab: int, step: str, reps: int) -> dict[str, Any]:
+    """Interleaved timings of one step kind on both sides.
+
+    ``prefill``: feed one 64-token chunk (decoder only, as ``feed`` does).
+    ``decode``: one generation step: a 1-token forward, lm_head on it, pick the next token
+    (``engine.generate(state, [tok], 1)``; the baseline does the same with its cache).
+    """
+    engine, state, decoder, cache, head = (
+        setup[k] for k in ("engine", "state", "decoder", "cache", "head")
+    )
+    n = CHUNK if step == "prefill" else 1
+    rng = setup["rng"]
+    inputs = [[rng.randrange(vocab) for _ in range(n)] for _ in range(reps + 1)]
+
+    def run_sink(c: list[int]) -> None:
+        if step == "prefill":
+            engine.feed(state, c)
+        else:
+            engine.generate(state, c, 1)
+
+    @torch.no_grad()
+    def run_dense(c: list[int]) -> None:
+        out = decoder(input_ids=torch.tensor([c]), past_key_values=cache, use_cache=True)
+        if step == "decode":
+            int(torch.argmax(head(out.last_hidden_state[0, -1]).float()))
+        cache.crop(-len(c))  # back to `capacity` tokens (v5: negative = tokens to drop)
+
+    run_sink(inputs[0])  # warm-up both paths
+    run_dense(inputs[0])
+    sink_times, dense_times = [], []
+    for r in range(reps):
+        c = inputs[r + 1]
+        order = (run_sink, run_dense) if r % 2 == 0 else (run_dense, run_sink)
+        for fn in order:
+            seconds, _ = timed(lambda fn=fn, c=c: fn(c))
+            (sink_times if fn is run_sink else dense_times).append(seconds)
+    sink_tps = n / median(sink_times)
+    dense_tps = n / median(dense_times)
+    return {
+        "step": f"{step} ({n} tok)",
+        "cache_tokens": setup["capacity"],
+        "reps": reps,
+        "sinkkv_tok_s": sink_tps,
+        "dynamiccache_tok_s": dense_tps,
+        "ratio": sink_tps / dense_tps,
+        "sinkkv_ms": 1000 * median(sink_times),
+        "dynamiccache_ms": 1000 * median(dense_times),
+        "state_bytes": engine.state_nbytes(state),
+    }
+
+
+def _state_rows(measured: dict[str, int]) -> list[dict[str, Any]]:
+    d = SMOLLM2_DIMS
+    cap = SINKS + RECENT
+    rows: list[dict[str, Any]] = []
+    for dtype, nbytes in (("float32", 4), ("bfloat16", 2)):
+        rows.append(
+            {
+                "engine": "sinkkv",
+                "model": "SmolLM2-135M",
+                "setting": f"S={SINKS},R={RECENT},{dtype}",
+                "state_bytes": sinkkv_state_bytes(
+                    d["layers"], d["kv_heads"], d["head_dim"], d["hidden"], cap, nbytes, nbytes
+                ),
+                "source": "formula",
+            }
+        )
+    for name, nbytes in measured.items():
+        rows.append(
+            {
+                "engine": name.split(":")[0],
+                "model": name.split(":", 1)[1],
+                "setting": "defaults",
+                "state_bytes": nbytes,
+                "source": "measured",
+            }
+        )
+    # real RWKV-7 "World" sizes (layers, n_embd); vocab 65536
+    for label, layers, embd in (
+        ("RWKV-7 0.1B", 12, 768),
+        ("RWKV-7 1.5B", 24, 2048),
+        ("RWKV-7 2.9B", 32, 2560),
+    ):
+        for dtype, nbytes in (("fp32", 4), ("bf16", 2)):
+            rows.append(
+                {
+                    "engine": "rwkv",
+                    "model": label,
+                    "setting": dtype,
+                    "state_bytes": rwkv7_state_bytes(layers, embd, 65536, nbytes),
+                    "source": "formula",
+                }
+            )
+    return rows
+
+
+def run(quick: bool) -> BenchResult:
+    settings = bench_settings()
+    use_smollm2 = not quick and smollm2_ready(settings)
+    load_seconds = None
+    if use_smollm2:
+        model, tokenizer, load_seconds = load_smollm2(settings, prepare=False)
+        vocab, model_label = int(model.config.vocab_size), "SmolLM2-135M-Instruct fp32"
+    else:
+        from workers.engines.tokenizers import ByteTokenizer
+
+        model, tokenizer = mid_tiny_llama(), ByteTokenizer()
+        vocab, model_label = 256, "mid-size tiny Llama (4x256) fp32"
+    torch.manual_seed(0)
+
+    reps = 6 if quick else 12
+    setup = _setup(model, tokenizer, vocab)
+    prefill = _measure(setup, vocab, "prefill", reps)
+    decode = _measure(setup, vocab, "decode", reps * 3)
+    rows = [prefill, decode]
+
+    # measured state sizes at the defaults: this model, and the tiny RWKV
+    from workers.engines.loading import full_state_nbytes, load_engine
+
+    measured = {f"sinkkv:{model_label}": prefill["state_bytes"]}
+    rwkv = load_engine(settings, "tiny-rwkv")
+    measured["rwkv:tiny-rwkv7 (2x128)"] = full_state_nbytes(rwkv)
+    if use_smollm2:
+        d = SMOLLM2_DIMS
+        formula = sinkkv_state_bytes(
+            d["layers"], d["kv_heads"], d["head_dim"], d["hidden"], SINKS + RECENT, 4, 4
+        )
+        assert formula == prefill["state_bytes"], (formula, prefill["state_bytes"])
+    state_rows = _state_rows(measured)
+
+    state_summary = {
+        f"state_bytes ({r['engine']} {r['model']} {r['setting']}, {r['source']})": r["state_bytes"]
+        for r in state_rows
+    }
+    keep = ("step", "cache_tokens", "reps", "sinkkv_tok_s", "dynamiccache_tok_s", "ratio")
+    return BenchResult(
+        title=f"sink-KV vs DynamicCache at a full window (S={SINKS}, R={RECENT}), "
+        f"{model_label}, {threads()} threads",
+        rows=[{k: r[k] for k in keep} for r in rows],
+        summary={
+            "ratio": prefill["ratio"],
+            "decode_ratio": decode["ratio"],
+            "model": model_label,
+            "threads": threads(),
+            "model_load_seconds": load_seconds,
+            **state_summary,
+        },
+        extra={"state_bytes": state_rows, "timings_ms": rows},
+    )
