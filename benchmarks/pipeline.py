@@ -248,7 +248,7 @@ def _read_streams(client: Any, sids: list[str], engine: Any, settings: Any) -> t
     worker's batches. Returns the streams and the seconds spent tokenizing."""
     from producer.entries import Rejected, parse_entry
     from state_store.keys import StreamKeys
-    from workers.summaries import format_turn
+    from workers.processor import turn_tokens
 
     limit, budget = settings.max_batch_entries, settings.max_batch_tokens
     out = []
@@ -267,8 +267,7 @@ def _read_streams(client: Any, sids: list[str], engine: Any, settings: Any) -> t
                     used += 1
                     continue
                 started = time.perf_counter()
-                ids = engine.tokenizer.encode(format_turn(entry.text, entry.speaker)) \
-                    if entry.text else []
+                ids = turn_tokens(engine, entry)
                 tokenize_s += time.perf_counter() - started
                 if n_entries and len(tokens) + len(ids) > budget:
                     break
@@ -277,6 +276,8 @@ def _read_streams(client: Any, sids: list[str], engine: Any, settings: Any) -> t
                 used += 1
                 if entry.eos:
                     break
+            if not batches and n_entries:
+                tokens = engine.stream_prefix() + tokens  # as the worker does at stream start
             batches.append(tokens)
             i += used
         out.append(_Stream(sid, batches, sum(not isinstance(p, Rejected) for p in parsed)))

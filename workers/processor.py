@@ -32,11 +32,12 @@ from state_store.connection import TRANSIENT_ERRORS
 from state_store.keys import StreamKeys
 from state_store.lease import Lease, LeaseKeeper, LeaseLostError, LeaseManager
 from state_store.store import StaleCommitError, StateReadError, StateStore
-from workers.engines.base import Engine, EngineError, EngineState, Sampling
+from workers.engines.base import Engine, EngineError, EngineState
 from workers.hot_cache import HotStateCache
 from workers.summaries import (
     FINAL_INSTRUCTION,
     ROLLING_INSTRUCTION,
+    SUMMARY_SAMPLING,
     OutputEntry,
     SummaryKind,
     format_turn,
@@ -189,7 +190,8 @@ class StreamProcessor:
         checkpoint("after_load")
 
         try:
-            batch = self._read_batch(stream_id, loaded.last_entry_id)
+            batch = self._read_batch(stream_id, loaded.last_entry_id,
+                                     at_stream_start=loaded.state.tokens_seen == 0)
         except redis.ResponseError as exc:
             if "WRONGTYPE" not in str(exc):
                 raise
@@ -258,7 +260,9 @@ class StreamProcessor:
         metrics.STATE_LOAD_SECONDS.observe(time.perf_counter() - started)
         return _Loaded(state, stored.version, stored.last_entry_id, cache_hit=False)
 
-    def _read_batch(self, stream_id: str, after: str | None) -> _Batch | None:
+    def _read_batch(
+        self, stream_id: str, after: str | None, at_stream_start: bool
+    ) -> _Batch | None:
         """Entries after the committed id, bounded by entry count and token budget.
 
         A batch stops right after an end-of-stream entry so the final summary covers exactly
@@ -275,15 +279,17 @@ class StreamProcessor:
         tokens: list[int] = []
         used = 0
         eos = False
+        # the stream prefix (added below) counts against the batch's token budget too
+        budget = self.settings.max_batch_tokens - (
+            len(self.engine.stream_prefix()) if at_stream_start else 0)
         for entry_id, fields in raw[:limit]:
             parsed = parse_entry(entry_id, fields, max_text_bytes=self.settings.max_entry_bytes)
             if isinstance(parsed, Rejected):
                 rejected.append(parsed)
                 used += 1
                 continue
-            ids = self.engine.tokenizer.encode(format_turn(parsed.text, parsed.speaker)) \
-                if parsed.text else []
-            if entries and len(tokens) + len(ids) > self.settings.max_batch_tokens:
+            ids = turn_tokens(self.engine, parsed)
+            if entries and len(tokens) + len(ids) > budget:
                 break
             entries.append(parsed)
             tokens.extend(ids)
@@ -291,6 +297,8 @@ class StreamProcessor:
             if parsed.eos:
                 eos = True
                 break
+        if at_stream_start and entries:
+            tokens = self.engine.stream_prefix() + tokens  # same as entry_tokens()
         last_id = raw[used - 1][0]
         return _Batch(
             entries, rejected, tokens, last_id.decode() if isinstance(last_id, bytes) else last_id,
@@ -319,7 +327,7 @@ class StreamProcessor:
         started = time.perf_counter()
         ids = self.engine.generate(
             state, self.engine.summary_prompt(instruction),
-            self.settings.summary_max_new_tokens, Sampling(),
+            self.settings.summary_max_new_tokens, SUMMARY_SAMPLING,
         )
         labels = {**self._labels, "kind": kind.value}
         metrics.SUMMARY_SECONDS.labels(**labels).observe(time.perf_counter() - started)
@@ -390,6 +398,25 @@ class StreamProcessor:
         """The latest committed state (no lease needed: it is only read, never written)."""
         loaded = self._load(stream_id)
         return loaded.state, loaded.last_entry_id
+
+
+def turn_tokens(engine: Engine[Any], entry: InputEntry) -> list[int]:
+    """One entry as the model reads it: a ``Speaker: text`` line."""
+    return engine.tokenizer.encode(format_turn(entry.text, entry.speaker)) if entry.text else []
+
+
+def entry_tokens(
+    engine: Engine[Any], entries: Sequence[InputEntry], at_stream_start: bool
+) -> list[int]:
+    """The tokens a run of entries feeds, after the stream's prefix at its very start.
+
+    Every worker (and every test reference) tokenizes exactly like this, which is what makes
+    replays bit-identical.
+    """
+    tokens = engine.stream_prefix() if at_stream_start and entries else []
+    for entry in entries:
+        tokens.extend(turn_tokens(engine, entry))
+    return tokens
 
 
 def _dead_letter(rejected: Rejected) -> dict[str, str]:

@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 
+from workers.engines.base import Sampling
+
 
 class SummaryKind(str, Enum):
     ROLLING = "rolling"
@@ -19,14 +21,17 @@ class SummaryKind(str, Enum):
     ANSWER = "answer"
 
 
+# Short, single-task instructions: small instruct models (SmolLM2-135M) follow these and
+# ramble on long multi-part ones (checked by hand on the demo transcript).
 ROLLING_INSTRUCTION = (
-    "Summarize the conversation so far in a few sentences. Keep speaker names. "
-    "Then list decisions, action items with owners, and open questions if there are any."
+    "Summarize the conversation above in three sentences. Mention who does what."
 )
 FINAL_INSTRUCTION = (
-    "The meeting has ended. Write meeting notes: a short summary, decisions, action items "
-    "with owners, and open questions. Keep speaker names."
+    "The meeting is over. Write short meeting notes for the conversation above: what was "
+    "decided, who does what, and what is still open."
 )
+#: sampling for summaries: greedy, with a penalty that keeps small models from looping
+SUMMARY_SAMPLING = Sampling(repetition_penalty=1.3)
 
 
 def answer_instruction(question: str) -> str:

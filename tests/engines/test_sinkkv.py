@@ -458,8 +458,10 @@ def _chat_tokenizer() -> Any:
     return hf
 
 
-def test_summary_prompt_with_and_without_chat_template() -> None:
+def test_transcript_is_the_user_turn_that_the_summary_prompt_closes() -> None:
     plain = make_engine()
+    intro = b"Here is a live transcript. You will be asked about it.\n\n"
+    assert plain.stream_prefix() == list(intro)
     assert plain.summary_prompt("Summarize.") == list(b"\n\nInstruction: Summarize.\nAnswer:")
 
     hf = _chat_tokenizer()
@@ -469,12 +471,16 @@ def test_summary_prompt_with_and_without_chat_template() -> None:
     assert engine.tokenizer.encode("hi") == hf.encode("hi", add_special_tokens=False)
     assert hf.encode("hi")[0] == hf.bos_token_id  # the raw tokenizer would add a BOS
     assert hf.eos_token_id in engine.eos_token_ids
+    prefix = engine.stream_prefix()
+    assert engine.tokenizer.decode(prefix).endswith(
+        "user\nHere is a live transcript. You will be asked about it.\n\n")
+    assert hf.convert_tokens_to_ids("<|im_start|>") in prefix
     ids = engine.summary_prompt("Summarize.")
-    text = "\n\n<|im_start|>user\nSummarize.<|im_end|>\n<|im_start|>assistant\n"
+    text = "\n---\nSummarize.<|im_end|>\n<|im_start|>assistant\n"
     assert ids == hf.encode(text, add_special_tokens=False)
-    assert hf.convert_tokens_to_ids("<|im_start|>") in ids
-    assert engine.tokenizer.decode([*ids, hf.eos_token_id]) == "\n\nuser\nSummarize.\nassistant\n"
-    state = engine.feed(engine.new_state(), engine.tokenizer.encode("Alice: ship it friday."))
+    assert engine.tokenizer.decode([*ids, hf.eos_token_id]) == "\n---\nSummarize.\nassistant\n"
+    transcript = engine.tokenizer.encode("Alice: ship it friday.")
+    state = engine.feed(engine.new_state(), [*prefix, *transcript])
     assert all(0 <= t < len(hf) for t in engine.generate(state, ids, 5))
 
 

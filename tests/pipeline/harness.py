@@ -25,7 +25,7 @@ from state_store.codec import decode_state
 from state_store.keys import StreamKeys
 from state_store.store import StateStore
 from workers.engines.loading import load_engine
-from workers.summaries import format_turn
+from workers.processor import entry_tokens
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -147,10 +147,8 @@ def reference_tensors(settings: Settings, turns: Iterable[InputEntry]) -> dict[s
     """Feed the entries straight into the engine, one call per entry, in this process."""
     engine = load_engine(settings)
     state = engine.new_state()
-    for turn in turns:
-        if turn.text:
-            ids = engine.tokenizer.encode(format_turn(turn.text, turn.speaker))
-            state = engine.feed(state, ids)
+    for index, turn in enumerate(turns):
+        state = engine.feed(state, entry_tokens(engine, [turn], at_stream_start=index == 0))
     snapshot = engine.export_state(state)
     return {name: t.data for name, t in snapshot.tensors.items()} | {
         "__scalars__": json.dumps(snapshot.scalars, sort_keys=True, default=str).encode()

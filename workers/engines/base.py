@@ -131,6 +131,14 @@ class Engine(abc.ABC, Generic[S]):
         """Bytes of tensor memory the state holds (for hot-cache budgets and metrics)."""
 
     # ----- text helpers --------------------------------------------------------------------
+    def stream_prefix(self) -> list[int]:
+        """Tokens fed before a stream's first entry (they also become its attention sinks).
+
+        Chat models get the opening of a user turn here, so the transcript that follows is
+        *inside* the conversation and ``summary_prompt`` only has to close the turn.
+        """
+        return []
+
     @abc.abstractmethod
     def summary_prompt(self, instruction: str) -> list[int]:
         """Token ids that ask the model, after the stream so far, to follow ``instruction``.

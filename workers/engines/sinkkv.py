@@ -70,6 +70,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 #: rope types whose frequencies are fixed (do not depend on the sequence length)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 SUPPORTED_ATTENTION = ("eager", "sdpa")
+#: what a stream's user turn starts with, before the first entry
+TRANSCRIPT_INTRO = "Here is a live transcript. You will be asked about it.\n\n"
 #: names the position scheme in stored states: a state only loads where it means the same
 ROPE_SCHEME = "slot-shift/fp32-rerotate/v1"
 
@@ -706,13 +708,31 @@ class SinkKVEngine(Engine[SinkKVState]):
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # ----- text helpers --------------------------------------------------------------------
+    def stream_prefix(self) -> list[int]:
+        parts = self._chat_parts()
+        opening = parts[0] if parts else ""
+        return self.tokenizer.encode(opening + TRANSCRIPT_INTRO)
+
     def summary_prompt(self, instruction: str) -> list[int]:
+        parts = self._chat_parts()
+        if parts is None:
+            return self.tokenizer.encode(f"\n\nInstruction: {instruction}\nAnswer:")
+        return self.tokenizer.encode(f"\n---\n{instruction}{parts[1]}")
+
+    def _chat_parts(self) -> tuple[str, str] | None:
+        """The chat template around one user message: (text before it, text after it).
+
+        The stream opens the user turn (``stream_prefix``) and a summary closes it and opens
+        the assistant's turn, so the transcript is the user's message, not stray context.
+        """
         tok = self.tokenizer
-        if getattr(tok, "chat_template", None) and hasattr(tok, "apply_chat_template"):
-            messages = [{"role": "user", "content": instruction}]
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return [*tok.encode("\n\n"), *tok.encode(str(text))]
-        return tok.encode(f"\n\nInstruction: {instruction}\nAnswer:")
+        if not (getattr(tok, "chat_template", None) and hasattr(tok, "apply_chat_template")):
+            return None
+        marker = "\u0000TRANSCRIPT\u0000"
+        text = str(tok.apply_chat_template([{"role": "user", "content": marker}],
+                                           add_generation_prompt=True, tokenize=False))
+        before, found, after = text.partition(marker)
+        return (before, after) if found else None
 
 
 # ----- helpers ---------------------------------------------------------------------------------
