@@ -258,7 +258,12 @@ def test_feed_batch_equals_per_stream_feed(engine: RWKVEngine) -> None:
     news = [_tokens(40, seed=4), [], _tokens(CHUNK - 1, seed=5)]
     batched = engine.feed_batch(starts, news)
     for s, t, b in zip(starts, news, batched, strict=True):
-        assert _same(b, engine.feed(s, t))
+        solo = engine.feed(s, t)
+        # batched rows go through workers.engines.rwkv_batched: equal to fp32 rounding
+        assert (b.tokens_seen, b.pending) == (solo.tokens_seen, solo.pending)
+        for x, y in zip([*b.tensors, b.logits], [*solo.tensors, solo.logits], strict=True):
+            assert x is not None and y is not None and x.dtype == y.dtype
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
     with pytest.raises(ValueError):
         engine.feed_batch(starts, news[:2])
 

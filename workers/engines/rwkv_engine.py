@@ -14,7 +14,9 @@ Built on the ``rwkv`` pip package (0.8.x), whose behaviour shapes this module:
   buffers. So every forward gets a private clone and its outputs are cloned before they are
   kept: the engine stays pure (``feed`` never touches its input) and a failed forward leaves the
   committed state as it was.
-* **No batch dimension**: ``feed_batch`` loops over streams (see its docstring).
+* **No batch dimension**: for RWKV-7 on CPU, ``feed_batch`` runs several streams' chunks in
+  one pass through our own batched forward (:mod:`workers.engines.rwkv_batched`, which reads
+  the package's loaded weights); otherwise it loops over streams (see its docstring).
 * **A state alone cannot be sampled from**: the logits after the last processed token travel
   with the state (``RWKVState.logits``) and are persisted with it.
 
@@ -505,16 +507,61 @@ class RWKVEngine(Engine[RWKVState]):
     def feed_batch(
         self, states: Sequence[RWKVState], token_lists: Sequence[Sequence[int]]
     ) -> list[RWKVState]:
-        """Feed several streams; result i equals ``feed(states[i], token_lists[i])`` exactly.
+        """Feed several streams; result i equals ``feed(states[i], token_lists[i])`` to fp32
+        rounding (~1e-6 on logits), not bit for bit, when rows are batched.
 
-        The ``rwkv`` package has no batch dimension (one ``[T]`` sequence and one unbatched
-        state per forward), so this is a plain loop over streams: no throughput gain over
-        calling ``feed`` per stream. A real batched step (stacked ``[B, ...]`` states through
-        our own kernels) is future work; the loop keeps results bit-identical to ``feed``.
+        The ``rwkv`` package has no batch dimension. For RWKV-7 on CPU (the package's Python
+        path) round r feeds the r-th chunk of every stream that has one in a single batched
+        forward (:func:`workers.engines.rwkv_batched.batched_forward`: the package's formulas
+        over stacked ``[B, ...]`` states, its rank-1 wkv update applied in O(N^2) instead of
+        an O(N^3) matmul); it rounds differently from the package (~1e-6 relative).
+        A round with one row, a single-stream ``feed``, and every other configuration (v4-v6,
+        CUDA kernels, DeepEmbed) use the package forward, so solo feeding stays bit-identical
+        to the package and replays of a stream fed alone are unchanged. A stream fed batched
+        and replayed alone after a crash matches only to that rounding (workers feed one
+        stream at a time today, so only callers that batch streams see this).
         """
         if len(states) != len(token_lists):
             raise ValueError(f"{len(states)} states but {len(token_lists)} token lists")
-        return [self._feed_one(s, t) for s, t in zip(states, token_lists, strict=True)]
+        if len(states) < 2 or not self._batched_ok():
+            return [self._feed_one(s, t) for s, t in zip(states, token_lists, strict=True)]
+        from workers.engines.rwkv_batched import batched_forward
+
+        plans = [
+            aligned_chunks(s.pending, self._check_ids(t, "feed"), self.chunk_tokens)
+            for s, t in zip(states, token_lists, strict=True)
+        ]
+        tensors = [list(s.tensors) for s in states]
+        logits = [s.logits for s in states]
+        rounds = max((len(chunks) for chunks, _ in plans), default=0)
+        for r in range(rounds):
+            rows = [i for i, (chunks, _) in enumerate(plans) if len(chunks) > r]
+            if len(rows) == 1:
+                i = rows[0]
+                logits[i], tensors[i] = self._forward(plans[i][0][r], tensors[i])
+                continue
+            out, new = batched_forward(
+                self._model, [plans[i][0][r] for i in rows], [tensors[i] for i in rows]
+            )
+            for j, i in enumerate(rows):
+                logits[i], tensors[i] = out[j].clone(), new[j]
+        return [
+            RWKVState(
+                tokens_seen=s.tokens_seen + len(t),
+                pending=rest,
+                tensors=tensors[i],
+                logits=logits[i],
+            )
+            for i, (s, t, (_, rest)) in enumerate(zip(states, token_lists, plans, strict=True))
+        ]
+
+    def _batched_ok(self) -> bool:
+        """Whether :mod:`workers.engines.rwkv_batched` reproduces this model's forward."""
+        if self.version != "7" or self.device != "cpu" or os.environ.get("RWKV_CUDA_ON") == "1":
+            return False
+        from workers.engines.rwkv_batched import supported
+
+        return supported(self._model)
 
     def generate(
         self,
