@@ -52,6 +52,8 @@ TurnLike = Any
 _WHITESPACE = (b" ", b"\n", b"\t", b"\r", b"\x0b", b"\x0c")
 _PRODUCERS_TTL_S = 7 * 24 * 3600
 _FULL_LOG_INTERVAL_S = 30.0
+#: While Redis is unreachable, one WARNING per stream per this many seconds (not per attempt).
+_RETRY_WARN_EVERY_S = 10.0
 _BATCH_BYTES = 1 << 20
 
 
@@ -163,10 +165,15 @@ def encode_turn(turn: TurnLike, max_entry_bytes: int) -> list[_Fields]:
     if not data:
         raise ValueError("text is empty; use end_stream() to mark the end of a stream")
     spk = _encode_str(speaker, "speaker") if speaker else b""
+    # workers count text + speaker against max_entry_bytes (both are fed to the model)
+    if len(spk) > max_entry_bytes // 4:
+        raise ValueError(f"speaker is {len(spk)} bytes, over {max_entry_bytes // 4} "
+                         "(a quarter of max_entry_bytes)")
     ts_s = _encode_ts(ts)
-    if len(data) <= max_entry_bytes:
+    budget = max_entry_bytes - len(spk)
+    if len(data) <= budget:
         return [(data, spk, ts_s)]
-    return [(chunk, spk, ts_s) for chunk in split_utf8(data, max_entry_bytes)]
+    return [(chunk, spk, ts_s) for chunk in split_utf8(data, budget)]
 
 
 class Producer:
@@ -357,6 +364,7 @@ class Producer:
                 lambda: self._append(keys, pending),
                 what=f"publishing to {keys.input}",
                 attempts=self.retry_attempts,
+                warn_every_s=_RETRY_WARN_EVERY_S,
             )
             result.entries += reply.added + reply.duplicates
             result.duplicates += reply.duplicates
@@ -422,7 +430,9 @@ class Producer:
     def _run(self, keys: StreamKeys, argv: list[str | bytes]) -> list[Any]:
         now = time.time()
         pipe = self.client.pipeline(transaction=False)
-        pipe.evalsha(self._sha, 2, keys.input, keys.producers, *argv)  # type: ignore[arg-type]
+        # EVALSHA via execute_command: redis-py's cluster pipeline blocks the .evalsha() method
+        # but routes the raw command by its keys (one slot: the stream's hash tag)
+        pipe.execute_command("EVALSHA", self._sha, 2, keys.input, keys.producers, *argv)
         pipe.zadd(STREAMS_REGISTRY, {keys.stream_id: now})
         if self.mark_runnable:
             pipe.zadd(RUNNABLE, {keys.stream_id: now}, nx=True)

@@ -97,3 +97,137 @@ class RedisServer:
         self.stop(hard=hard)
         time.sleep(down_seconds)
         self.start()
+
+
+def redis_cli_binary() -> str:
+    """``redis-cli`` from PATH (needed to create a cluster); RuntimeError if missing."""
+    found = shutil.which("redis-cli")
+    if not found:
+        raise RuntimeError("no redis-cli on PATH (apt-get install redis-tools / redis-server)")
+    return found
+
+
+class LocalCluster:
+    """A private Redis Cluster: ``masters`` primaries with ``replicas`` replicas each.
+
+    Every node is a :class:`RedisServer` on a free loopback port, with its cluster bus on
+    another free port (``--cluster-port``) and its ``nodes.conf`` in its own directory; the
+    cluster is created with ``redis-cli --cluster create`` and ready once every node reports
+    ``cluster_state:ok`` and agrees on the slot map. ``node_timeout_ms`` is how long a primary
+    may be unreachable before its replica takes over (Redis's default is 15 s; tests use ~1 s).
+    """
+
+    def __init__(self, workdir: Path, masters: int = 3, replicas: int = 1,
+                 node_timeout_ms: int = 1000, appendonly: bool = False,
+                 extra_args: tuple[str, ...] = ()) -> None:
+        self.workdir = workdir
+        self.masters = masters
+        self.replicas = replicas
+        self.nodes: list[RedisServer] = []
+        for i in range(masters * (1 + replicas)):
+            node_dir = workdir / f"node{i}"
+            args = (
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str(node_dir / "nodes.conf"),
+                "--cluster-node-timeout", str(node_timeout_ms),
+                "--cluster-port", str(free_port()),
+                "--cluster-replica-validity-factor", "0",
+                "--cluster-require-full-coverage", "yes",
+                "--repl-diskless-sync-delay", "0",
+                *extra_args,
+            )
+            self.nodes.append(RedisServer(node_dir, appendonly=appendonly, extra_args=args))
+
+    @property
+    def url(self) -> str:
+        """``redis+cluster://`` with every node as a startup node."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self, timeout: float = 30.0) -> LocalCluster:
+        for node in self.nodes:
+            node.start()
+        create = subprocess.run(
+            [redis_cli_binary(), "--cluster", "create",
+             *(f"127.0.0.1:{n.port}" for n in self.nodes),
+             "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+            capture_output=True, text=True, timeout=timeout,
+        )
+        if create.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"redis-cli --cluster create failed:\n{create.stdout}\n"
+                               f"{create.stderr}")
+        self.wait_ok(timeout)
+        return self
+
+    def wait_ok(self, timeout: float = 30.0, nodes: list[RedisServer] | None = None) -> None:
+        """Until every (live) node says ``cluster_state:ok``, they agree on the slot map and
+        every primary's replicas are ``online`` (initial sync done, so WAIT can succeed)."""
+        deadline = time.monotonic() + timeout
+        live = nodes if nodes is not None else [n for n in self.nodes if n.proc is not None]
+        while time.monotonic() < deadline:
+            try:
+                states = [n.client().cluster("INFO") for n in live]
+                maps = {self._slot_map(n) for n in live}
+                if all(_info_field(s, "cluster_state") == "ok" for s in states) \
+                        and len(maps) == 1 and all(self._replicas_online(n) for n in live):
+                    return
+            except redis.RedisError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"cluster not ok after {timeout}s")
+
+    @staticmethod
+    def _replicas_online(node: RedisServer) -> bool:
+        info = node.client().info("replication")
+        if info.get("role") != "master":
+            return True
+        links = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
+        return all(link.get("state") == "online" for link in links)
+
+    @staticmethod
+    def _slot_map(node: RedisServer) -> tuple[tuple[int, int, int], ...]:
+        raw: Any = node.client().execute_command("CLUSTER", "SLOTS")
+        return tuple(sorted((int(r[0]), int(r[1]), int(r[2][1])) for r in raw))
+
+    def client(self, **kwargs: Any) -> Any:
+        """A :class:`redis.cluster.RedisCluster` client (bytes replies unless asked)."""
+        from redis.cluster import ClusterNode, RedisCluster
+
+        live = [n for n in self.nodes if n.proc is not None]
+        return RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", n.port) for n in live],
+                            socket_timeout=5, **kwargs)
+
+    def node_by_port(self, port: int) -> RedisServer:
+        return next(n for n in self.nodes if n.port == port)
+
+    def primary_for(self, key: str) -> RedisServer:
+        """The node currently serving ``key``'s slot, as the cluster itself says."""
+        slot = int(self.client().keyslot(key))
+        for start, end, port in self._slot_map(self._any_live()):
+            if start <= slot <= end:
+                return self.node_by_port(port)
+        raise RuntimeError(f"slot {slot} is not covered")
+
+    def replicas_of(self, primary: RedisServer) -> list[RedisServer]:
+        info = primary.client().info("replication")
+        ports = [int(v["port"]) for k, v in info.items() if k.startswith("slave") and
+                 isinstance(v, dict)]
+        return [self.node_by_port(p) for p in ports]
+
+    def _any_live(self) -> RedisServer:
+        return next(n for n in self.nodes if n.proc is not None and n.proc.poll() is None)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop(hard=True)
+
+
+def _info_field(info: Any, name: str) -> str:
+    if isinstance(info, dict):
+        return str(info.get(name, ""))
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key == name:
+            return value.strip()
+    return ""

@@ -9,9 +9,10 @@ names the setting, so a typo never surfaces hours later inside a worker.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -24,12 +25,85 @@ from pydantic_settings import (
 ENV_PREFIX = "SINKSTREAM_"
 CONFIG_ENV = "SINKSTREAM_CONFIG"
 
-_REDIS_SCHEMES = ("redis", "rediss", "unix")
+_REDIS_SCHEMES = (
+    "redis", "rediss", "unix", "redis+cluster", "rediss+cluster", "redis+sentinel",
+    "rediss+sentinel",
+)
 _BROKER_SCHEMES = ("redis", "rediss", "unix", "sentinel", "amqp", "amqps")
 
 
 class SettingsError(ValueError):
     """Raised when settings are invalid; the message names each offending setting."""
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """What a data ``redis_url`` points at, parsed once (no redis import, so cheap to use).
+
+    * ``single``: ``redis://``, ``rediss://`` or ``unix://`` - one server.
+    * ``cluster``: ``redis+cluster://[user:pass@]host:port[,host:port...][/0]`` (``rediss+`` for
+      TLS) - a Redis Cluster; the hosts are startup nodes, the rest is discovered.
+    * ``sentinel``: ``redis+sentinel://[user:pass@]host:port[,host:port...]/<master>[/<db>]``
+      (``rediss+`` for TLS to the data nodes) - the master Sentinel names ``<master>``; the
+      credentials are the data nodes', the sentinels' own password is
+      ``redis_sentinel_password``.
+    """
+
+    kind: Literal["single", "cluster", "sentinel"]
+    tls: bool
+    hosts: tuple[tuple[str, int], ...] = ()
+    username: str | None = None
+    password: str | None = None
+    db: int = 0
+    master: str | None = None
+
+
+def parse_redis_url(url: str) -> RedisTarget:
+    """Parse a data URL; ValueError with a readable message if it is malformed."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(f"{url!r} is not a URL")
+    if scheme in ("redis", "rediss", "unix"):
+        return RedisTarget("single", tls=scheme == "rediss")
+    base, _, flavour = scheme.partition("+")
+    if base not in ("redis", "rediss") or flavour not in ("cluster", "sentinel"):
+        raise ValueError(f"URL scheme {scheme!r} is not supported")
+    netloc, _, path = rest.partition("/")
+    path, _, _query = path.partition("?")
+    userinfo, at, hostlist = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, pw = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(pw) if colon else None
+    hosts = tuple(_parse_host(h, 26379 if flavour == "sentinel" else 6379)
+                  for h in hostlist.split(",") if h)
+    if not hosts:
+        raise ValueError(f"{scheme}:// URL names no host")
+    parts = [p for p in path.split("/") if p]
+    if flavour == "cluster":
+        if len(parts) > 1 or (parts and parts[0] != "0"):
+            raise ValueError("Redis Cluster has only database 0: use /0 or no path")
+        return RedisTarget("cluster", base == "rediss", hosts, username, password)
+    if not parts or len(parts) > 2:
+        raise ValueError(f"{scheme}:// URL needs the master name: {scheme}://host:port/mymaster/0")
+    if len(parts) == 2 and not parts[1].isdigit():
+        raise ValueError(f"database {parts[1]!r} is not a number")
+    return RedisTarget("sentinel", base == "rediss", hosts, username, password,
+                       db=int(parts[1]) if len(parts) == 2 else 0, master=unquote(parts[0]))
+
+
+def _parse_host(text: str, default_port: int) -> tuple[str, int]:
+    if text.startswith("["):  # [ipv6]:port
+        host, _, port = text[1:].partition("]")
+        port = port.removeprefix(":")
+    else:
+        host, _, port = text.rpartition(":") if ":" in text else (text, "", "")
+    if not host:
+        raise ValueError(f"bad host {text!r}")
+    if port and not port.isdigit():
+        raise ValueError(f"bad port in {text!r}")
+    return host, int(port) if port else default_port
 
 
 def default_cache_dir() -> Path:
@@ -45,7 +119,20 @@ class Settings(BaseSettings):
     # --- Redis (data) and Celery broker -------------------------------------------------
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
-        description="Data Redis: redis://[user:pass@]host:port/db, rediss:// (TLS) or unix://",
+        description="Data Redis: redis://[user:pass@]host:port/db, rediss:// (TLS), unix://, "
+        "redis+cluster://host:port,host:port (Redis Cluster) or "
+        "redis+sentinel://host:port,host:port/<master>/<db> (Sentinel)",
+    )
+    redis_sentinel_password: str | None = Field(
+        None, description="password of the Sentinels themselves (redis+sentinel:// URLs)"
+    )
+    redis_wait_replicas: int = Field(
+        0, ge=0, le=16,
+        description="after each state commit, WAIT for this many replicas to acknowledge it "
+        "(0 = off), so a failover cannot roll it back; fewer in time is logged, not fatal",
+    )
+    redis_wait_timeout_ms: int = Field(
+        1000, ge=1, le=60_000, description="longest a commit waits for its replicas"
     )
     redis_ssl_ca_certs: Path | None = Field(None, description="CA bundle for rediss:// URLs")
     redis_ssl_certfile: Path | None = Field(None, description="client certificate (mutual TLS)")
@@ -53,7 +140,19 @@ class Settings(BaseSettings):
     redis_ssl_check_hostname: bool = True
     redis_socket_timeout: float = Field(10.0, gt=0, description="seconds per Redis command")
     broker_url: str | None = Field(
-        None, description="Celery broker; defaults to redis_url (redis, sentinel or amqp)"
+        None,
+        description="Celery broker; defaults to redis_url (redis, sentinel or amqp). Sentinel: "
+        "sentinel://host:port;sentinel://host:port/<db> with broker_sentinel_master",
+    )
+    broker_sentinel_master: str | None = Field(
+        None, description="master name for a sentinel:// broker_url"
+    )
+    broker_sentinel_password: str | None = Field(
+        None, description="password of the broker's Sentinels themselves"
+    )
+    broker_queue: str = Field(
+        "sinkstream", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:-]+$",
+        description="Celery queue the workers consume and tasks are sent to",
     )
 
     # --- model and engine --------------------------------------------------------------
@@ -65,6 +164,9 @@ class Settings(BaseSettings):
     model_cache_dir: Path = Field(default_factory=default_cache_dir)
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    state_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of stored KV states ('auto' = model dtype); bf16 halves I/O"
+    )
     sink_tokens: int = Field(4, ge=0, le=1024, description="StreamingLLM attention sinks (S)")
     recent_tokens: int = Field(1020, ge=16, le=1_048_576, description="recent window (R)")
     chunk_tokens: int = Field(
@@ -83,7 +185,13 @@ class Settings(BaseSettings):
     on_full: Literal["block", "fail"] = Field(
         "block", description="what a producer does when a stream is at max_stream_length"
     )
-    max_streams_per_worker: int = Field(1024, ge=1)
+    max_streams_per_worker: int = Field(
+        1024, ge=1, description="most stream states a worker keeps in memory (hot cache)"
+    )
+    max_queued_tasks: int = Field(
+        256, ge=1, description="the dispatcher enqueues new streams only while fewer tasks "
+        "wait in the queue (keeps queue waits under schedule_ttl_seconds)",
+    )
     hot_cache_bytes: int = Field(512 * 1024 * 1024, ge=0)
     state_chunk_bytes: int = Field(
         4 * 1024 * 1024, ge=4096, description="states larger than this are stored in chunks"
@@ -91,6 +199,9 @@ class Settings(BaseSettings):
     max_state_bytes: int = Field(2 * 1024**3, ge=4096)
 
     # --- scheduling and summaries ------------------------------------------------------
+    batch_time_slice_seconds: float = Field(
+        1.0, ge=0, description="a task keeps its stream for more batches up to this long"
+    )
     lease_seconds: float = Field(30.0, gt=0, description="a dead worker's streams move after this")
     schedule_ttl_seconds: float = Field(
         120.0, gt=0, description="a lost task's stream is re-scheduled after this"
@@ -120,6 +231,20 @@ class Settings(BaseSettings):
         return None if value is None else _check_url(value, _BROKER_SCHEMES)
 
     @model_validator(mode="after")
+    def _check_broker(self) -> Settings:
+        target = parse_redis_url(self.redis_url)
+        if self.broker_url is None and target.kind == "cluster":
+            raise ValueError(
+                "broker_url: Celery's Redis transport cannot use a Redis Cluster; set broker_url "
+                "to a plain Redis (redis://), a Sentinel group (sentinel://) or RabbitMQ (amqp://)"
+            )
+        if (self.broker_url or "").startswith("sentinel://") and not self.broker_sentinel_master:
+            raise ValueError(
+                "broker_sentinel_master: a sentinel:// broker_url needs the master name"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_tls_files(self) -> Settings:
         for name in ("redis_ssl_ca_certs", "redis_ssl_certfile", "redis_ssl_keyfile"):
             path = getattr(self, name)
@@ -129,7 +254,30 @@ class Settings(BaseSettings):
 
     @property
     def effective_broker_url(self) -> str:
-        return self.broker_url or self.redis_url
+        """``broker_url``, else the data Redis; a ``redis+sentinel://`` data URL becomes the
+        equivalent kombu ``sentinel://`` URL (one per sentinel, joined by ``;``)."""
+        if self.broker_url:
+            return self.broker_url
+        target = parse_redis_url(self.redis_url)
+        if target.kind != "sentinel":
+            return self.redis_url
+        auth = ""
+        if target.password is not None or target.username:
+            user = quote(target.username or "", safe="")
+            auth = f"{user}:{quote(target.password or '', safe='')}@"
+        return ";".join(f"sentinel://{auth}{_host(h)}:{p}/{target.db}" for h, p in target.hosts)
+
+    @property
+    def effective_broker_sentinel_master(self) -> str | None:
+        """The Sentinel master name the broker uses (None for a non-Sentinel broker)."""
+        if self.broker_url:
+            return self.broker_sentinel_master if self.broker_url.startswith("sentinel://") \
+                else None
+        return parse_redis_url(self.redis_url).master
+
+    @property
+    def effective_broker_sentinel_password(self) -> str | None:
+        return self.broker_sentinel_password if self.broker_url else self.redis_sentinel_password
 
     @classmethod
     def settings_customise_sources(
@@ -148,10 +296,16 @@ class Settings(BaseSettings):
 
 
 def _check_url(value: str, schemes: tuple[str, ...]) -> str:
-    scheme = urlsplit(value).scheme
+    scheme = value.partition("://")[0] if "://" in value else urlsplit(value).scheme
     if scheme not in schemes:
         raise ValueError(f"URL scheme {scheme!r} is not one of {', '.join(schemes)}")
+    if "+" in scheme:
+        parse_redis_url(value)  # raises a readable ValueError
     return value
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

@@ -13,14 +13,16 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
-from sinkstream.settings import Settings
+from sinkstream.settings import RedisTarget, Settings, parse_redis_url
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,13 @@ def redis_from_settings(
     retries: int = 1,
     **overrides: Any,
 ) -> redis.Redis:
-    """A client for ``settings.redis_url`` (redis://, rediss:// or unix://).
+    """A client for ``settings.redis_url``.
+
+    ``redis://``, ``rediss://`` and ``unix://`` give a plain :class:`redis.Redis`;
+    ``redis+sentinel://`` a Redis for the Sentinel group's current master (it follows
+    failovers); ``redis+cluster://`` a :class:`redis.cluster.RedisCluster`, typed as Redis
+    here because it offers the same commands, pipelines (non-transactional, or one-slot
+    transactions) and ``register_script`` for the one-slot scripts sinkstream runs.
 
     Credentials come from the URL (``redis://user:pass@host``). TLS files and hostname
     checking apply to ``rediss://`` only. ``retries`` is redis-py's own quiet reconnect (one
@@ -65,12 +73,62 @@ def redis_from_settings(
     }
     kwargs.update(_tls_kwargs(settings))
     kwargs.update(overrides)
+    target = parse_redis_url(settings.redis_url)
+    if target.kind == "cluster":
+        return cast(redis.Redis, _cluster_client(target, kwargs, retries))
+    if target.kind == "sentinel":
+        return _sentinel_client(settings, target, kwargs)
     return redis.Redis.from_url(settings.redis_url, **kwargs)
 
 
+def is_cluster(client: Any) -> bool:
+    """True for a :class:`redis.cluster.RedisCluster` (what a ``redis+cluster://`` URL gives)."""
+    return isinstance(client, RedisCluster)
+
+
+def _cluster_client(target: RedisTarget, kwargs: dict[str, Any], retries: int) -> RedisCluster:
+    """A Redis Cluster client: slot map from the startup nodes, MOVED/ASK followed, and on a
+    dead node the topology is re-read and the command retried (a failover takes the cluster
+    ``cluster-node-timeout`` plus an election, so a few retries with backoff up to 1 s)."""
+    kwargs = dict(kwargs)
+    kwargs.pop("health_check_interval", None)  # not a cluster option; nodes are pinged on use
+    kwargs.pop("retry", None)
+    if target.tls:
+        kwargs["ssl"] = True
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in target.hosts],
+        username=target.username,
+        password=target.password,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), max(retries, 5)),
+        **kwargs,
+    )
+
+
+def _sentinel_client(
+    settings: Settings, target: RedisTarget, kwargs: dict[str, Any]
+) -> redis.Redis:
+    """A client for the current master of a Sentinel group; after a failover its connections
+    ask the Sentinels again, so it follows the new master."""
+    kwargs = dict(kwargs)
+    if target.tls:
+        kwargs["ssl"] = True
+    sentinel_kwargs: dict[str, Any] = {
+        "socket_timeout": settings.redis_socket_timeout,
+        "socket_connect_timeout": settings.redis_socket_timeout,
+    }
+    if settings.redis_sentinel_password is not None:
+        sentinel_kwargs["password"] = settings.redis_sentinel_password
+    sentinel = Sentinel(list(target.hosts), sentinel_kwargs=sentinel_kwargs)
+    assert target.master is not None  # parse_redis_url guarantees it
+    return sentinel.master_for(
+        target.master, db=target.db, username=target.username, password=target.password,
+        **kwargs,
+    )
+
+
 def _tls_kwargs(settings: Settings) -> dict[str, Any]:
-    """ssl_* arguments for rediss:// URLs; other schemes' connection classes reject them."""
-    if urlsplit(settings.redis_url).scheme != "rediss":
+    """ssl_* arguments for TLS URLs; other schemes' connection classes reject them."""
+    if not parse_redis_url(settings.redis_url).tls:
         return {}
     kwargs: dict[str, Any] = {"ssl_check_hostname": settings.redis_ssl_check_hostname}
     if settings.redis_ssl_ca_certs is not None:
@@ -83,15 +141,18 @@ def _tls_kwargs(settings: Settings) -> dict[str, Any]:
 
 
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***``, safe for logs and error messages."""
+    """The URL with any password replaced by ``***``, safe for logs and error messages.
+
+    Works for multi-host URLs too (``redis+cluster://:pw@h1:1,h2:2``, and kombu's
+    ``sentinel://:pw@h1:1;sentinel://:pw@h2:2``)."""
+    if ";" in url:
+        return ";".join(redact_url(part) for part in url.split(";"))
     parts = urlsplit(url)
-    if parts.password is None:
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    netloc = f"{user}:***@{host}"
+    user = userinfo.split(":", 1)[0]
+    netloc = f"{user}:***@{hosts}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
@@ -134,6 +195,23 @@ class Backoff:
         self.failures = 0
 
 
+_last_warned: dict[str, float] = {}
+_MAX_WARNED_KEYS = 1024
+
+
+def _warn_due(what: str, every_s: float) -> bool:
+    if every_s <= 0:
+        return True
+    now = time.monotonic()
+    last = _last_warned.get(what)
+    if last is not None and now - last < every_s:
+        return False
+    if len(_last_warned) >= _MAX_WARNED_KEYS:
+        _last_warned.clear()
+    _last_warned[what] = now
+    return True
+
+
 def retry_call(
     fn: Callable[[], T],
     *,
@@ -144,12 +222,16 @@ def retry_call(
     retry_on: tuple[type[BaseException], ...] = TRANSIENT_ERRORS,
     sleep: Callable[[float], None] = time.sleep,
     logger: logging.Logger = log,
+    warn_every_s: float = 0.0,
 ) -> T:
     """Call ``fn`` until it succeeds, retrying ``retry_on`` errors up to ``attempts`` times.
 
     ``fn`` must be safe to repeat (a lost reply means it may have run). With the defaults a
     caller rides out about 15 s of outage (0.1 s doubling to 5 s), e.g. a Redis restart, then
-    the last error propagates. One WARNING per failed attempt says what is being retried.
+    the last error propagates. One WARNING per failed attempt says what is being retried; with
+    ``warn_every_s`` > 0, at most one WARNING per that many seconds for the same ``what``, across
+    calls (the rest at DEBUG), so a caller that keeps retrying through a long outage logs a
+    line now and then, not a flood.
     """
     backoff = Backoff(base, cap)
     for attempt in range(1, attempts + 1):
@@ -159,8 +241,9 @@ def retry_call(
             if attempt == attempts:
                 raise
             delay = backoff.next_delay()
-            logger.warning(
-                "%s failed (%s: %s); attempt %d/%d, retrying in %.2fs",
+            level = logging.WARNING if _warn_due(what, warn_every_s) else logging.DEBUG
+            logger.log(
+                level, "%s failed (%s: %s); attempt %d/%d, retrying in %.2fs",
                 what, type(exc).__name__, exc, attempt, attempts, delay,
             )
             sleep(delay)

@@ -17,6 +17,8 @@ PREFIX = "sinkstream"
 STREAMS_REGISTRY = f"{PREFIX}:streams"
 #: Streams with unread input that need a task; member = stream id, score = time first marked.
 RUNNABLE = f"{PREFIX}:runnable"
+#: String: the worker whose dispatcher currently polls the registry (with a TTL).
+DISPATCHER_LEADER = f"{PREFIX}:dispatcher"
 
 MAX_STREAM_ID_LENGTH = 128
 _STREAM_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*")

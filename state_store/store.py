@@ -35,6 +35,7 @@ and ``load`` simply reads again.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -45,10 +46,13 @@ import redis
 
 from sinkstream.faults import checkpoint
 from state_store import scripts
+from state_store.connection import is_cluster
 from state_store.keys import StreamKeys
 
 if TYPE_CHECKING:
     from sinkstream.settings import Settings
+
+log = logging.getLogger(__name__)
 
 FieldValue = str | bytes | int | float
 
@@ -69,6 +73,7 @@ _MAX_FAILURE_REASON = 4000
 _MAX_SEQ = 2**64 - 1
 _CHUNK_WRITE_BATCH = 16  # chunks per pipeline round trip while writing
 _LOAD_ATTEMPTS = 8
+_UNREPLICATED_LOG_INTERVAL_S = 30.0
 _MAX_CHUNKS = 100_000  # bounds the key list built from a (possibly damaged) generation name
 
 
@@ -134,6 +139,8 @@ class CommitResult:
     output_ids: list[str]
     dead_letter_ids: list[str]
     chunks: int
+    #: replicas that acknowledged the commit (WAIT), None when the store does not wait
+    replicas: int | None = None
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,8 @@ class StateStore:
         *,
         chunk_bytes: int = 4 * 1024 * 1024,
         orphan_ttl_s: float = 3600.0,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
     ) -> None:
         if _decodes_responses(client):
             raise ValueError("StateStore needs a redis client with decode_responses=False")
@@ -159,12 +168,20 @@ class StateStore:
         self.client = client
         self.chunk_bytes = chunk_bytes
         self.orphan_ttl_ms = max(1, int(orphan_ttl_s * 1000))
+        #: WAIT for this many replicas after every commit (0 = off; see commit())
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
+        #: commits that fewer than ``wait_replicas`` replicas acknowledged in time
+        self.unreplicated_commits = 0
+        self._unreplicated_logged = 0.0
         self._commit = client.register_script(scripts.STATE_COMMIT)
         self._cleanup = client.register_script(scripts.STATE_CLEANUP)
 
     @classmethod
     def from_settings(cls, client: redis.Redis, settings: Settings) -> StateStore:
-        return cls(client, chunk_bytes=settings.state_chunk_bytes)
+        return cls(client, chunk_bytes=settings.state_chunk_bytes,
+                   wait_replicas=settings.redis_wait_replicas,
+                   wait_timeout_ms=settings.redis_wait_timeout_ms)
 
     # ----- reading -----------------------------------------------------------------------------
     def version(self, stream_id: str) -> int:
@@ -267,6 +284,15 @@ class StateStore:
         stored version equals ``expected_version``; else StaleCommitError (counted in
         ``meta``). Other refusals (CommitError): ``no_state``, ``chunks_missing``,
         ``wrong_type``.
+
+        With ``wait_replicas`` > 0 the script is followed, on the same connection, by
+        ``WAIT wait_replicas wait_timeout_ms``, and ``CommitResult.replicas`` says how many
+        replicas acknowledged it. A commit they acknowledged survives a failover to one of
+        them. Fewer in time (no replica left after a failover, or one lagging) is logged and
+        counted (``unreplicated_commits``), not raised: the commit is applied on the primary
+        and cannot be taken back, and if a later failover does roll it back, the state, its
+        input position, version and input trim roll back together and the stream is simply
+        replayed from there (the version check still refuses any double application).
         """
         keys = StreamKeys.of(stream_id)
         _check_commit_args(fence_token, expected_version, last_entry_id, trim_input,
@@ -279,7 +305,7 @@ class StateStore:
             chunk_plan = self._write_chunks(keys, expected_version + 1, state_bytes)
             checkpoint("chunks_written")
         try:
-            reply = self._run_commit(
+            reply, replicas = self._run_commit(
                 keys, fence_token, expected_version, state_bytes, last_entry_id, chunk_plan,
                 stored_generation, orphans, extra_fields, meta_fields, summary,
                 trim_input, output_maxlen, entry_args,
@@ -297,6 +323,7 @@ class StateStore:
             output_ids=[i.decode() for i in reply[2]],
             dead_letter_ids=[i.decode() for i in reply[3]],
             chunks=chunk_plan[2] if chunk_plan else 0,
+            replicas=replicas,
         )
 
     def _commit_context(self, keys: StreamKeys) -> tuple[str, list[tuple[str, list[str]]]]:
@@ -350,7 +377,7 @@ class StateStore:
         trim_input: bool,
         output_maxlen: int | None,
         entry_args: list[FieldValue],
-    ) -> list[Any]:
+    ) -> tuple[list[Any], int | None]:
         if state_bytes is None:
             mode, data, generation, new_chunks = "keep", b"", "", list[str]()
         elif chunk_plan is None:
@@ -377,8 +404,57 @@ class StateStore:
         args += [_entry_after(last_entry_id) if trim_input and last_entry_id else ""]
         args += ["" if output_maxlen is None else output_maxlen]
         args += entry_args
+        if self.wait_replicas > 0:
+            return self._commit_and_wait(keys, script_keys, args)
         reply: list[Any] = self._commit(keys=script_keys, args=args)
-        return reply
+        return reply, None
+
+    def _commit_and_wait(
+        self, keys: StreamKeys, script_keys: list[str], args: list[FieldValue]
+    ) -> tuple[list[Any], int]:
+        """The commit script then WAIT, pipelined on one connection to the slot's primary.
+
+        WAIT counts the replicas that have every write made *on this connection*, so it must
+        follow the script on the same connection: with Redis Cluster that is a connection to
+        the primary owning the stream's slot, not the cluster client's routing. A MOVED/ASK
+        reply means the script did not run (the slot moved in a failover): re-read the slot
+        map and try again.
+        """
+        cluster = is_cluster(self.client)
+        for _ in range(3):
+            target: Any = self.client
+            if cluster:
+                node = self.client.get_node_from_key(keys.state)  # type: ignore[attr-defined]
+                target = self.client.get_redis_connection(node)  # type: ignore[attr-defined]
+            pipe = target.pipeline(transaction=False)
+            self._commit(keys=script_keys, args=args, client=pipe)
+            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+            reply, acked = pipe.execute(raise_on_error=False)
+            if cluster and isinstance(reply, (redis.exceptions.MovedError,
+                                              redis.exceptions.AskError)):
+                self.client.nodes_manager.initialize()  # type: ignore[attr-defined]
+                continue
+            if isinstance(reply, Exception):
+                raise reply
+            replicas = 0 if isinstance(acked, Exception) else int(acked)
+            if int(reply[0]) == 1 and replicas < self.wait_replicas:
+                self._note_unreplicated(keys.stream_id, int(reply[1]), replicas)
+            return list(reply), replicas
+        raise redis.exceptions.ConnectionError(
+            f"stream {keys.stream_id!r}: slot kept moving while committing"
+        )
+
+    def _note_unreplicated(self, stream_id: str, version: int, replicas: int) -> None:
+        self.unreplicated_commits += 1
+        now = time.monotonic()
+        if now - self._unreplicated_logged >= _UNREPLICATED_LOG_INTERVAL_S:
+            self._unreplicated_logged = now
+            log.warning(
+                "stream %s: commit v%d acknowledged by %d of %d replicas within %d ms (%d such "
+                "commits so far); until replicas catch up a failover can roll commits back "
+                "(they are then replayed)", stream_id, version, replicas, self.wait_replicas,
+                self.wait_timeout_ms, self.unreplicated_commits,
+            )
 
     def cleanup_orphans(self, stream_id: str, min_age_s: float = 600.0) -> int:
         """Delete uncommitted chunk sets older than ``min_age_s``; return how many.

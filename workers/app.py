@@ -9,6 +9,10 @@ Choices that matter for correctness, not taste:
 * ``visibility_timeout`` far longer than any task, so the Redis broker does not redeliver a task
   that is still running; redelivery that does happen is harmless (see the fencing commit).
 * The model is loaded lazily in the process that runs tasks: nothing touches CUDA before a fork.
+* The broker is separate from the data Redis when ``broker_url`` says so: a plain Redis,
+  a Sentinel group (``sentinel://h:p;sentinel://h:p/0`` + ``broker_sentinel_master``, or
+  derived from a ``redis+sentinel://`` data URL) or RabbitMQ (``amqp://``). Celery's Redis
+  transport cannot talk to a Redis Cluster, so a cluster data URL requires a broker URL.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from celery import Celery
 
 from sinkstream.settings import Settings, load_settings
 
-QUEUE = "sinkstream"
 #: Seconds the Redis broker waits before redelivering an unacknowledged task.
 VISIBILITY_TIMEOUT_S = 4 * 3600
 
@@ -41,6 +44,30 @@ def _ssl_options(settings: Settings, url: str) -> dict[str, Any] | None:
     return options
 
 
+def broker_transport_options(settings: Settings) -> dict[str, Any]:
+    """kombu transport options for the broker URL.
+
+    Redis and Sentinel brokers get the long ``visibility_timeout``; a ``sentinel://`` broker
+    also the master name and the Sentinels' own credentials (kombu: ``master_name``,
+    ``sentinel_kwargs``). AMQP needs none: RabbitMQ redelivers on a closed channel, not on a
+    timer.
+    """
+    broker = settings.effective_broker_url
+    if broker.startswith(("amqp://", "amqps://")):
+        return {}
+    options: dict[str, Any] = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+    master = settings.effective_broker_sentinel_master
+    if broker.startswith("sentinel://") and master:
+        options["master_name"] = master
+        sentinel_kwargs: dict[str, Any] = {"socket_timeout": settings.redis_socket_timeout,
+                                           "socket_connect_timeout": settings.redis_socket_timeout}
+        password = settings.effective_broker_sentinel_password
+        if password is not None:
+            sentinel_kwargs["password"] = password
+        options["sentinel_kwargs"] = sentinel_kwargs
+    return options
+
+
 def create_app(settings: Settings) -> Celery:
     broker = settings.effective_broker_url
     app = Celery("sinkstream", broker=broker, include=["workers.tasks"])
@@ -53,10 +80,14 @@ def create_app(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_default_queue=QUEUE,
-        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        task_default_queue=settings.broker_queue,
+        broker_transport_options=broker_transport_options(settings),
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
+        # Celery 6's default, set now (silences a warning on every broker reconnect). With the
+        # solo pool no task is running when the consumer sees the connection drop; with others
+        # a cancelled task is redelivered, and fencing makes the redo harmless.
+        worker_cancel_long_running_tasks_on_connection_loss=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         task_send_sent_event=False,
@@ -68,4 +99,7 @@ def create_app(settings: Settings) -> Celery:
     return app
 
 
-app = create_app(load_settings())
+_settings = load_settings()
+#: The queue tasks are sent to and workers consume (setting ``broker_queue``).
+QUEUE = _settings.broker_queue
+app = create_app(_settings)

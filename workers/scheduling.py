@@ -8,14 +8,21 @@ others (fairness) instead of draining itself first. The flag expires after
 re-scheduled by the dispatcher once the flag lapses; leases and fencing make any duplicate
 harmless.
 
-The dispatcher runs in every worker (they race harmlessly on the NX flag). It polls the stream
-registry, pipelining a few cheap commands per stream, and now and then scans for input streams
-written by raw ``XADD`` that no producer registered.
+The dispatcher thread runs in every worker, but only one at a time polls: the one holding the
+``sinkstream:dispatcher`` leader key (SET NX with a TTL, renewed while it polls; another worker
+takes over within the TTL when the leader dies). A poll pipelines a few cheap commands per
+registered stream, so its cost grows with the number of streams, and leaving it to one worker
+keeps the fleet's polling load on Redis independent of the number of workers (two polling at
+once, e.g. around a takeover, only race harmlessly on the NX flag). Now and then the leader
+also scans for input streams written by raw ``XADD`` that no producer registered.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -23,12 +30,40 @@ from typing import Any
 
 import redis
 
-from state_store.keys import STREAMS_REGISTRY, InvalidStreamId, StreamKeys, validate_stream_id
+from state_store.connection import Backoff, is_cluster
+from state_store.keys import (
+    DISPATCHER_LEADER,
+    STREAMS_REGISTRY,
+    InvalidStreamId,
+    StreamKeys,
+    validate_stream_id,
+)
 
 log = logging.getLogger(__name__)
 
 Enqueue = Callable[[str], None]
 _PIPELINE_STREAMS = 500
+#: While Redis stays unreachable the dispatcher waits up to this long between attempts and
+#: logs a reminder at most this often (one line per outage otherwise).
+_OUTAGE_BACKOFF_CAP_S = 5.0
+_OUTAGE_LOG_EVERY_S = 60.0
+#: A busy stream's flag lapses this long after the holder's lease would expire.
+_BUSY_FLAG_MARGIN_MS = 1000
+#: How many distinct invalid registry members are remembered (each is logged once).
+_MAX_WARNED_IDS = 1000
+#: Dispatcher leadership lasts max(this, 8 poll intervals) unless renewed.
+_LEADER_TTL_MIN_S = 2.0
+#: KEYS: leader key.  ARGV: node id, ttl ms (0 = give it up).  1 if we lead (now), else 0.
+_LEADER_SCRIPT = """
+local holder = redis.call('GET', KEYS[1])
+if ARGV[2] == '0' then
+  if holder == ARGV[1] then redis.call('DEL', KEYS[1]) end
+  return 0
+end
+if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]); return 1 end
+if not holder then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]); return 1 end
+return 0
+"""
 
 
 def entry_id_key(entry_id: str | bytes | None) -> tuple[int, int]:
@@ -47,6 +82,46 @@ class Scheduler:
         self.client = client
         self.enqueue = enqueue
         self.flag_ttl_ms = max(1, int(flag_ttl_s * 1000))
+        self._retry: set[str] = set()
+        self._retry_lock = threading.Lock()
+        #: tasks waiting in the broker queue (None: unknown) and the most the dispatcher keeps
+        #: there; set by the worker (workers/tasks.py)
+        self.backlog: Callable[[], int] | None = None
+        self.max_backlog = 0
+
+    def room(self) -> int:
+        """How many new streams the dispatcher may enqueue now.
+
+        A queue longer than the workers drain within ``schedule_ttl_seconds`` makes the flags
+        of queued streams lapse before their tasks start, and the dispatcher then enqueued
+        each of them again, every TTL: a burst of 10,000 new streams grew the queue without
+        bound. Keeping at most ``max_backlog`` tasks queued bounds both the wait and the
+        duplicates (continuations of running streams are not counted against it).
+        """
+        if self.backlog is None or self.max_backlog <= 0:
+            return 1 << 62
+        return self.max_backlog - self.backlog()
+
+    def retry_later(self, stream_id: str) -> None:
+        """A task lost Redis mid-batch: re-enqueue the stream as soon as Redis answers again.
+
+        The stream's ``scheduled`` flag may survive the outage (AOF keeps it with its expiry),
+        so without this the stream would wait for the flag to lapse (``schedule_ttl_seconds``).
+        The dispatcher thread drains these with its own backoff (:meth:`retry_pending`).
+        """
+        with self._retry_lock:
+            self._retry.add(stream_id)
+
+    def retry_pending(self) -> int:
+        """Re-enqueue streams handed to :meth:`retry_later`; raises RedisError if still down."""
+        with self._retry_lock:
+            pending = sorted(self._retry)
+        for stream_id in pending:
+            self.client.set(StreamKeys.of(stream_id).scheduled, "1", px=self.flag_ttl_ms)
+            self.enqueue(stream_id)
+            with self._retry_lock:
+                self._retry.discard(stream_id)
+        return len(pending)
 
     def schedule(self, stream_id: str) -> bool:
         """Enqueue a task for the stream unless one is already pending."""
@@ -76,6 +151,19 @@ class Scheduler:
         if self.needs_work([stream_id]):
             self.schedule(stream_id)
 
+    def after_busy(self, stream_id: str) -> None:
+        """A task found the stream leased by another worker (a duplicate delivery, or a task
+        racing the holder's own continuation). The holder continues the stream itself, so the
+        flag is left set, not cleared: clearing it made duplicates re-enqueue each other in a
+        tight loop for as long as the holder's batch ran. It is only shortened to lapse a
+        moment after the holder's lease would, so a holder that died is replaced then rather
+        than after the full flag TTL."""
+        keys = StreamKeys.of(stream_id)
+        remaining: Any = self.client.pttl(keys.lease)
+        if int(remaining) > 0:
+            ttl = min(self.flag_ttl_ms, int(remaining) + _BUSY_FLAG_MARGIN_MS)
+            self.client.pexpire(keys.scheduled, ttl)
+
     def needs_work(self, stream_ids: Iterable[str]) -> list[str]:
         """Streams with input after their committed entry, not failed and not scheduled."""
         ids = list(stream_ids)
@@ -86,10 +174,19 @@ class Scheduler:
             pipe.hget(keys.state, "last_entry_id")
             pipe.exists(keys.scheduled)
             pipe.hget(keys.meta, "status")
-        replies = pipe.execute()
+        # one stream's bad key (e.g. its input is not a stream: WRONGTYPE) must not stop the
+        # others from being scheduled
+        replies = pipe.execute(raise_on_error=False)
         out = []
         for i, sid in enumerate(ids):
             last, committed, scheduled, status = replies[4 * i : 4 * i + 4]
+            errors = [r for r in (last, committed, scheduled, status) if isinstance(r, Exception)]
+            if errors:
+                if any(isinstance(e, redis.ConnectionError | redis.TimeoutError)
+                       for e in errors):
+                    raise errors[0]
+                log.debug("stream %s: skipped by the dispatcher (%s)", sid, errors[0])
+                continue
             if not last or scheduled or status == b"failed":
                 continue
             if entry_id_key(last[0][0]) > entry_id_key(committed):
@@ -116,6 +213,14 @@ class Dispatcher:
                                         daemon=True)
         self._last_discover = 0.0
         self._failing_since: float | None = None
+        self._last_outage_log = 0.0
+        self._backoff = Backoff(base=max(interval_s, 0.05), cap=_OUTAGE_BACKOFF_CAP_S)
+        self._warned_ids: set[str] = set()
+        #: who this dispatcher is in the leader key; the leader's TTL bounds a takeover
+        self.node_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        self.leader_ttl_ms = int(max(_LEADER_TTL_MIN_S, 8 * interval_s) * 1000)
+        self._leader_script = client.register_script(_LEADER_SCRIPT)
+        self._leading = False
 
     def start(self) -> Dispatcher:
         self._thread.start()
@@ -125,6 +230,12 @@ class Dispatcher:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        if self._leading:  # hand over now rather than after the TTL
+            try:
+                self._leader_script(keys=[DISPATCHER_LEADER], args=[self.node_id, 0])
+            except redis.RedisError:
+                pass
+            self._leading = False
 
     def poll_once(self) -> int:
         """One pass over the registry; returns how many streams were scheduled."""
@@ -133,18 +244,52 @@ class Dispatcher:
             self._last_discover = now
             self.discover()
         scheduled = 0
+        room = self.scheduler.room()
+        if room <= 0:
+            return 0  # the queue is full: new tasks would only wait (and their flags lapse)
         members: Any = self.client.zrange(STREAMS_REGISTRY, 0, -1)
-        stream_ids = [_text(m) for m in members]
+        stream_ids = self._valid_ids(members)
         for start in range(0, len(stream_ids), _PIPELINE_STREAMS):
+            if start and self._leading:
+                self.lead()  # a long pass keeps its leadership
             for sid in self.scheduler.needs_work(stream_ids[start : start + _PIPELINE_STREAMS]):
+                if scheduled >= room:
+                    return scheduled
                 scheduled += int(self.scheduler.schedule(sid))
         return scheduled
 
+    def lead(self) -> bool:
+        """Take or renew the dispatcher leadership (one key: fine on Redis Cluster)."""
+        self._leading = int(self._leader_script(
+            keys=[DISPATCHER_LEADER], args=[self.node_id, self.leader_ttl_ms])) == 1
+        return self._leading
+
+    def _valid_ids(self, members: Any) -> list[str]:
+        """Registry members that are valid stream ids; anyone can ZADD the registry, and one
+        bad member must neither reach a key name nor stop the others (logged once each)."""
+        out = []
+        for member in members:
+            sid = _text(member, errors="replace")
+            try:
+                out.append(validate_stream_id(sid))
+            except InvalidStreamId as exc:
+                if sid not in self._warned_ids and len(self._warned_ids) < _MAX_WARNED_IDS:
+                    self._warned_ids.add(sid)
+                    log.warning("dispatcher: ignoring registry member %.80r: %s", sid, exc)
+        return out
+
     def discover(self) -> int:
-        """Register input streams created by raw XADD (not on a hot path: a SCAN)."""
+        """Register input streams created by raw XADD (not on a hot path: a SCAN).
+
+        With Redis Cluster the SCAN runs on every primary in turn (each holds a part of the
+        keyspace); replicas are skipped, their keys are their primary's."""
         found = 0
-        for key in self.client.scan_iter(match="sinkstream:{*}:in", count=1000, _type="STREAM"):
-            text = _text(key)
+        scan_kwargs: dict[str, Any] = {}
+        if is_cluster(self.client):
+            scan_kwargs["target_nodes"] = "primaries"
+        for key in self.client.scan_iter(match="sinkstream:{*}:in", count=1000, _type="STREAM",
+                                         **scan_kwargs):
+            text = _text(key, errors="replace")
             sid = text[len("sinkstream:{") : -len("}:in")]
             try:
                 validate_stream_id(sid)
@@ -157,21 +302,36 @@ class Dispatcher:
         return found
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        delay = self.interval_s
+        while not self._stop.wait(delay):
+            delay = self.interval_s
             try:
-                self.poll_once()
+                # this worker's own tasks that lost Redis mid-batch: leader or not
+                self.scheduler.retry_pending()
+                if self.lead():
+                    self.poll_once()
+                self._backoff.reset()
                 if self._failing_since is not None:
                     log.warning("dispatcher: Redis is back after %.1fs",
                                 time.monotonic() - self._failing_since)
                     self._failing_since = None
             except redis.RedisError as exc:
+                # exponential backoff with jitter while Redis is down; one line per outage,
+                # plus a reminder every _OUTAGE_LOG_EVERY_S
+                delay = max(self.interval_s, self._backoff.next_delay())
+                now = time.monotonic()
                 if self._failing_since is None:
-                    self._failing_since = time.monotonic()
-                    log.warning("dispatcher: Redis unavailable (%s); retrying every %.2fs",
-                                exc, self.interval_s)
+                    self._failing_since = self._last_outage_log = now
+                    log.warning("dispatcher: Redis unavailable (%s); retrying with backoff "
+                                "up to %.0fs", exc, _OUTAGE_BACKOFF_CAP_S)
+                elif now - self._last_outage_log >= _OUTAGE_LOG_EVERY_S:
+                    self._last_outage_log = now
+                    log.warning("dispatcher: Redis still unavailable after %.0fs (%s)",
+                                now - self._failing_since, exc)
             except Exception:
                 log.exception("dispatcher: unexpected error; continuing")
+                delay = max(self.interval_s, self._backoff.next_delay())
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def _text(value: bytes | str, errors: str = "strict") -> str:
+    return value.decode(errors=errors) if isinstance(value, bytes) else value
