@@ -37,7 +37,10 @@ from benchmarks.run import BenchResult
 CHUNK = 64
 MEASURE_TOKENS = 2048
 DENSE_STOP_FACTOR = 20.0
-REMEASURE_ROUNDS = 30
+REMEASURE_ROUNDS = 100
+#: torch threads per child: on shared machines OpenMP threads spin-wait on cores that other
+#: processes hold, which makes multi-thread timings erratic (10x swings seen here)
+THREADS = 1
 FULL_CHECKPOINTS = (1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000)
 QUICK_CHECKPOINTS = (1_000, 2_000, 5_000, 10_000, 20_000)
 
@@ -60,6 +63,7 @@ def _stream(method: str, checkpoints: tuple[int, ...], budget_s: float) -> dict[
     from workers.engines.loading import load_engine
 
     torch.manual_seed(0)
+    torch.set_num_threads(THREADS)
     total = checkpoints[-1] + MEASURE_TOKENS
     tokens = _byte_stream(total)
     rss_start = rss_bytes()
@@ -221,7 +225,8 @@ def run(quick: bool) -> BenchResult:
         summary["plot"] = str(plot)
     return BenchResult(
         title=f"streaming {checkpoints[0]:,} -> {checkpoints[-1]:,} tokens, tiny models, "
-        f"{CHUNK}-token chunks (sink-KV S=4 R=1020, RWKV-7 2x128, dense DynamicCache)",
+        f"{CHUNK}-token chunks, {THREADS} thread (sink-KV S=4 R=1020, RWKV-7 2x128, dense "
+        "DynamicCache)",
         rows=rows,
         summary=summary,
         extra={"models": {m: r["model"] for m, r in results.items()}},

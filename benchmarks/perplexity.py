@@ -83,7 +83,7 @@ def _dense_nll(model: Any, ids: list[int], limit: int, deadline: float) -> np.nd
             break
         piece = ids[start : start + CHUNK]
         out = decoder(input_ids=torch.tensor([piece]), past_key_values=cache, use_cache=True)
-        n = min(len(piece), len(ids) - 1 - start)
+        n = min(len(piece), min(limit, len(ids)) - 1 - start)
         logits = head(out.last_hidden_state[0, :n])
         nll[start + 1 : start + 1 + n] = _chunk_nll(
             logits, torch.tensor(ids[start + 1 : start + 1 + n])
@@ -227,7 +227,15 @@ def run(quick: bool) -> BenchResult:
         f"tokens (sink: S={SINKS} + {window - SINKS}), {text_name}",
         rows=rows,
         summary=summary,
-        extra={"notes": notes, "segment_tokens": segment},
+        extra={
+            "notes": notes,
+            "segment_tokens": segment,
+            # per-token negative log-likelihoods (nats; null where not evaluated), so curves
+            # can be re-binned or re-plotted without re-running
+            "nll": {
+                m: [None if math.isnan(v) else round(float(v), 4) for v in nll[m]] for m in methods
+            },
+        },
     )
 
 

@@ -85,6 +85,14 @@ _SPEC_HELP = (
 )
 
 
+def _model_error(exc: Exception) -> typer.Exit:
+    """Like ``fail`` but unwrapped and unformatted: model errors carry a list of valid specs."""
+    from rich.markup import escape
+
+    err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+    return typer.Exit(1)
+
+
 @model_app.command("prepare")
 def model_prepare(
     spec: Annotated[str | None, typer.Argument(help=_SPEC_HELP, show_default=False)] = None,
@@ -101,10 +109,18 @@ def model_prepare(
     try:
         prepared = prepare_model(text, cfg)
     except EngineError as exc:
-        raise fail(str(exc)) from None
-    what = "converted into" if prepared.converted else "already cached in"
-    console.print(f"{text}: {what} {prepared.directory} ({prepared.seconds:.1f} s)", soft_wrap=True)
-    if not prepared.converted and prepared.info.get("convert_seconds"):
+        raise _model_error(exc) from None
+    where, took = prepared.directory, f"{prepared.seconds:.1f} s"
+    message = {
+        "converted": f"converted into {where} ({took})",
+        "cached": f"already cached in {where} ({took})",
+        "in-place": f"nothing to prepare: loads from {where} in place",
+        "written": f"tiny checkpoint ready at {where} ({took})",
+        "fetched": f"fetched {where} into the Hugging Face cache ({took})",
+        "seeded": "nothing to prepare: tiny models are built from their seed at load",
+    }.get(prepared.action, f"ready at {where} ({took})")
+    console.print(f"{text}: {message}", soft_wrap=True)
+    if prepared.action == "cached" and prepared.info.get("convert_seconds"):
         console.print(f"  (the conversion took {prepared.info['convert_seconds']:.1f} s)")
 
 
@@ -124,7 +140,7 @@ def model_info(
     try:
         engine = load_engine(cfg)
     except EngineError as exc:
-        raise fail(str(exc)) from None
+        raise _model_error(exc) from None
     info = describe_engine(engine, cfg)
     if as_json:
         console.print_json(json.dumps(info, default=str))

@@ -389,6 +389,11 @@ def test_sinkkv_settings_reach_the_engine(tmp_path: Path) -> None:
     assert engine.params["sink_tokens"] == 2 and engine.params["recent_tokens"] == 30
     bf16 = loading.load_engine(_settings(tmp_path, model="tiny-llama", dtype="bfloat16"))
     assert bf16.params["storage_dtype"] == "bfloat16"
+    stored_bf16 = loading.load_engine(
+        _settings(tmp_path, model="tiny-llama", state_dtype="bfloat16")
+    )
+    assert stored_bf16.params["storage_dtype"] == "bfloat16"
+    assert loading.full_state_nbytes(stored_bf16) < loading.full_state_nbytes(engine)
 
 
 def test_full_state_bytes_match_a_real_full_state(tmp_path: Path) -> None:

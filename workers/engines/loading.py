@@ -551,8 +551,8 @@ _TINY_HF_ARCHS = {"tiny-llama": "llama", "tiny-qwen2": "qwen2"}
 
 def load_engine(settings: Settings, spec: ModelSpec | str | None = None) -> Engine[Any]:
     """The engine for ``spec`` (default ``settings.model``) with the settings' device, dtype,
-    sink_tokens, recent_tokens and chunk_tokens: sink-KV for Hugging Face models, the RWKV
-    engine for ``rwkv:`` and ``tiny-rwkv`` specs."""
+    state_dtype, sink_tokens, recent_tokens and chunk_tokens: sink-KV for Hugging Face
+    models, the RWKV engine for ``rwkv:`` and ``tiny-rwkv`` specs."""
     if not isinstance(spec, ModelSpec):
         spec = parse_spec(spec if spec is not None else settings.model)
     if spec.engine_kind == "rwkv":
