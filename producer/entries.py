@@ -95,8 +95,8 @@ def parse_entry(
 ) -> ParsedEntry:
     """Turn a raw stream entry (bytes or str keys/values) into an InputEntry or a Rejected.
 
-    ``max_text_bytes`` lets a worker refuse giant texts written by clients that bypass the
-    producer's splitting; ``None`` accepts any size.
+    ``max_text_bytes`` lets a worker refuse giant texts (text + speaker, both are fed to the
+    model) written by clients that bypass the producer's splitting; ``None`` accepts any size.
     """
     eid = _as_str(entry_id)
     try:
@@ -117,6 +117,11 @@ def _parse(eid: str, fields: Mapping[Any, Any], max_text_bytes: int | None) -> I
     text_value = raw.get(TEXT, b"")
     if max_text_bytes is not None and len(text_value) > max_text_bytes:
         raise _Reject(f"text is {len(text_value)} bytes, over the {max_text_bytes}-byte limit")
+    # the speaker is fed to the model too ("speaker: text"), so it counts against the limit
+    speaker_value = raw.get(SPEAKER, b"")
+    if max_text_bytes is not None and len(text_value) + len(speaker_value) > max_text_bytes:
+        raise _Reject(f"text + speaker are {len(text_value) + len(speaker_value)} bytes, over "
+                      f"the {max_text_bytes}-byte limit")
     text = _decode_field(TEXT, text_value)
     if not text and not eos:
         raise _Reject("field 'text' is empty (only an end-of-stream entry may be empty)")

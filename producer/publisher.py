@@ -102,6 +102,16 @@ class _Reply:
     last_id: str
 
 
+def attempts_for(seconds: float, base: float = 0.1, cap: float = 5.0) -> int:
+    """Attempts of :func:`retry_call` (defaults) whose shortest possible waits add up to
+    ``seconds``: the backoff waits at least half of each ceiling (``Backoff``)."""
+    attempts, waited = 1, 0.0
+    while waited < seconds:
+        waited += min(cap, base * 2 ** (attempts - 1)) / 2
+        attempts += 1
+    return max(attempts, 2)
+
+
 def split_utf8(data: bytes, max_bytes: int) -> list[bytes]:
     """Split UTF-8 ``data`` into chunks of at most ``max_bytes``, after whitespace.
 
@@ -193,7 +203,7 @@ class Producer:
         on_full: Literal["block", "fail"] | None = None,
         batch_entries: int = 1000,
         block_timeout: float | None = None,
-        retry_attempts: int = 8,
+        retry_attempts: int | None = None,
         mark_runnable: bool = True,
     ) -> None:
         self.settings = settings or load_settings()
@@ -206,7 +216,9 @@ class Producer:
         self.on_full = on_full or self.settings.on_full
         self.batch_entries = max(1, batch_entries)
         self.block_timeout = block_timeout
-        self.retry_attempts = retry_attempts
+        # default: enough attempts (0.1 s doubling to 5 s) to cover producer_retry_seconds
+        self.retry_attempts = retry_attempts if retry_attempts is not None else \
+            attempts_for(self.settings.producer_retry_seconds)
         self.mark_runnable = mark_runnable
         self._sha: str | None = None
         self._next_seq: dict[str, int] = {}

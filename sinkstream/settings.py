@@ -185,6 +185,10 @@ class Settings(BaseSettings):
     on_full: Literal["block", "fail"] = Field(
         "block", description="what a producer does when a stream is at max_stream_length"
     )
+    producer_retry_seconds: float = Field(
+        60.0, ge=0, description="how long a producer call rides out an unreachable Redis "
+        "(retrying with backoff, no duplicates) before it raises",
+    )
     max_streams_per_worker: int = Field(
         1024, ge=1, description="most stream states a worker keeps in memory (hot cache)"
     )

@@ -195,6 +195,7 @@ class Backoff:
         self.failures = 0
 
 
+_ALWAYS_WARN_ATTEMPTS = 2
 _last_warned: dict[str, float] = {}
 _MAX_WARNED_KEYS = 1024
 
@@ -229,9 +230,10 @@ def retry_call(
     ``fn`` must be safe to repeat (a lost reply means it may have run). With the defaults a
     caller rides out about 15 s of outage (0.1 s doubling to 5 s), e.g. a Redis restart, then
     the last error propagates. One WARNING per failed attempt says what is being retried; with
-    ``warn_every_s`` > 0, at most one WARNING per that many seconds for the same ``what``, across
-    calls (the rest at DEBUG), so a caller that keeps retrying through a long outage logs a
-    line now and then, not a flood.
+    ``warn_every_s`` > 0, after the first two attempts of a call (a blip is fully visible), at
+    most one WARNING per that many seconds for the same ``what``, across calls (the rest at
+    DEBUG), so a caller that keeps retrying through a long outage logs a line now and then,
+    not a flood.
     """
     backoff = Backoff(base, cap)
     for attempt in range(1, attempts + 1):
@@ -241,7 +243,8 @@ def retry_call(
             if attempt == attempts:
                 raise
             delay = backoff.next_delay()
-            level = logging.WARNING if _warn_due(what, warn_every_s) else logging.DEBUG
+            due = _warn_due(what, warn_every_s)
+            level = logging.WARNING if due or attempt <= _ALWAYS_WARN_ATTEMPTS else logging.DEBUG
             logger.log(
                 level, "%s failed (%s: %s); attempt %d/%d, retrying in %.2fs",
                 what, type(exc).__name__, exc, attempt, attempts, delay,

@@ -24,10 +24,12 @@ class CacheStats:
 
 
 class HotStateCache(Generic[T]):
-    """LRU by bytes. ``get`` only hits when the caller's version matches the cached one."""
+    """LRU by bytes (and by count, with ``max_items``: ``max_streams_per_worker``). ``get``
+    only hits when the caller's version matches the cached one."""
 
-    def __init__(self, budget_bytes: int) -> None:
+    def __init__(self, budget_bytes: int, max_items: int | None = None) -> None:
         self.budget_bytes = budget_bytes
+        self.max_items = max_items
         self._items: OrderedDict[str, tuple[int, T, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -58,7 +60,9 @@ class HotStateCache(Generic[T]):
                 return
             self._items[stream_id] = (version, state, nbytes)
             self._bytes += nbytes
-            while self._bytes > self.budget_bytes:
+            while self._bytes > self.budget_bytes or (
+                self.max_items is not None and len(self._items) > self.max_items
+            ):
                 oldest = next(iter(self._items))
                 self._drop(oldest)
                 self.stats.evictions += 1

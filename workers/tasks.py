@@ -7,10 +7,12 @@ import time
 from typing import Any
 
 from celery import signals
+from kombu.exceptions import ChannelError
 
 from monitoring.metrics import start_metrics_server
 from state_store.connection import TRANSIENT_ERRORS
 from workers.app import QUEUE, app
+from workers.processor import Outcome
 from workers.runtime import Runtime, get_runtime
 from workers.scheduling import Dispatcher
 from workers.summaries import SummaryKind, answer_instruction
@@ -49,6 +51,12 @@ def process_stream(stream_id: str) -> dict[str, Any]:
     try:
         rt.scheduler.refresh(stream_id)
         outcome = rt.processor.process(stream_id, rt.settings.batch_time_slice_seconds)
+        _log_outcome(stream_id, outcome)
+        if outcome.status == "busy":
+            # another worker holds the lease and continues the stream itself
+            rt.scheduler.after_busy(stream_id)
+        else:
+            rt.scheduler.after_batch(stream_id, outcome.more and outcome.status == "applied")
     except TRANSIENT_ERRORS as exc:
         # Redis went away mid-batch: nothing was committed (or the commit landed and its reply
         # was lost; the state says which). Hand the stream to the dispatcher, which re-enqueues
@@ -56,15 +64,16 @@ def process_stream(stream_id: str) -> dict[str, Any]:
         _warn_redis_down(stream_id, exc)
         rt.scheduler.retry_later(stream_id)
         return {"status": "retry", "entries": 0, "tokens": 0}
+    return {"status": outcome.status, "entries": outcome.entries, "tokens": outcome.tokens}
+
+
+def _log_outcome(stream_id: str, outcome: Outcome) -> None:
     if outcome.status == "applied":
         log.info("stream %s: %d entries, %d tokens, v%d (feed %.3fs, load %.3fs%s, save %.3fs)",
                  stream_id, outcome.entries, outcome.tokens, outcome.version, outcome.feed_s,
                  outcome.load_s, " hot" if outcome.cache_hit else "", outcome.save_s)
     elif outcome.status in ("failed", "stale", "lost"):
         log.warning("stream %s: %s %s", stream_id, outcome.status, outcome.reason)
-    # busy: another worker holds the lease and will continue the stream itself.
-    rt.scheduler.after_batch(stream_id, outcome.more and outcome.status == "applied")
-    return {"status": outcome.status, "entries": outcome.entries, "tokens": outcome.tokens}
 
 
 @app.task(name="sinkstream.summarize", ignore_result=True)
@@ -106,8 +115,25 @@ def _start_background(sender: Any = None, **_: Any) -> None:
     except Exception:
         log.exception("worker start-up: metrics or model warm-up failed; scheduling anyway")
     finally:
+        rt.scheduler.backlog = _queue_backlog
+        rt.scheduler.max_backlog = rt.settings.max_queued_tasks
         _dispatcher = Dispatcher(rt.client, rt.scheduler, rt.settings.dispatch_interval_seconds,
                                  rt.settings.discover_interval_seconds).start()
+
+
+def _queue_backlog() -> int:
+    """Messages waiting in the task queue (any broker); 0 when the queue does not exist yet
+    (the Redis transport has no queue while its list is empty)."""
+    try:
+        with app.pool.acquire(block=True) as conn:
+            try:
+                return int(conn.default_channel.queue_declare(queue=QUEUE, passive=True)
+                           .message_count)
+            except ChannelError:  # the Redis transport: an empty queue has no list key
+                return 0
+    except Exception as exc:  # broker unreachable: enqueue nothing new until it is back
+        log.debug("dispatcher: cannot read the queue length (%s)", exc)
+        return 1 << 62
 
 
 @signals.worker_shutting_down.connect
