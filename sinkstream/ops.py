@@ -69,12 +69,16 @@ def _decode(fields: dict[Any, Any]) -> dict[str, str]:
 
 
 def read_outputs(
-    client: redis.Redis, stream: str, *, from_start: bool, block_ms: int = 1000,
-    stop: threading.Event | None = None,
+    client: redis.Redis, stream: str, *, from_start: bool = False, after: str | None = None,
+    block_ms: int = 1000, stop: threading.Event | None = None,
 ) -> Iterator[tuple[str, dict[str, str]]]:
-    """Yield output entries as they arrive (``from_start`` replays what is already there)."""
+    """Yield output entries as they arrive, until ``stop`` is set.
+
+    Starts after entry id ``after`` if given, else from the beginning (``from_start``) or
+    from now.
+    """
     key = _keys(stream).output
-    last = "0-0" if from_start else "$"
+    last = after or ("0-0" if from_start else "$")
     while stop is None or not stop.is_set():
         reply: Any = client.xread({key: last}, block=block_ms, count=100)
         for _, entries in reply or []:
@@ -123,18 +127,17 @@ def _request(stream: str, question: str, timeout: float) -> dict[str, str]:
     from workers.tasks import summarize
 
     request = secrets.token_hex(8)
-    start_id = f"{int(time.time() * 1000) - 1}-0"
+    sent_at = f"{int(time.time() * 1000) - 1}-0"  # an answer can land before the first read
     summarize.apply_async(args=[stream, request, question])
-    deadline = time.monotonic() + timeout
-    last = start_id
-    while time.monotonic() < deadline:
-        reply: Any = client.xread({keys.output: last}, block=500, count=100)
-        for _, entries in reply or []:
-            for entry_id, fields in entries:
-                last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                decoded = _decode(fields)
-                if decoded.get("request") == request:
-                    return decoded
+    stop = threading.Event()
+    timer = threading.Timer(timeout, stop.set)
+    timer.start()
+    try:
+        for _, fields in read_outputs(client, stream, after=sent_at, block_ms=500, stop=stop):
+            if fields.get("request") == request:
+                return fields
+    finally:
+        timer.cancel()
     raise fail(f"no answer within {timeout:.0f}s: is a worker running? (sinkstream worker)")
 
 

@@ -58,6 +58,6 @@ _lock = threading.Lock()
 def get_runtime(enqueue: Enqueue) -> Runtime:
     global _runtime
     with _lock:
-        if _runtime is None or _runtime.settings is None:
+        if _runtime is None:
             _runtime = Runtime(load_settings(), enqueue)
         return _runtime
