@@ -124,6 +124,12 @@ class StreamKeys:
         return f"{self.tag}:summary"
 
     @property
+    def memory(self) -> str:
+        """Hash: the stream's long-term memory (summary memory and retrieval chunks of text
+        that left the window); written only inside commits (``HashUpdate``)."""
+        return f"{self.tag}:memory"
+
+    @property
     def scheduled(self) -> str:
         """String set NX while a task for this stream is queued or running."""
         return f"{self.tag}:scheduled"

@@ -126,7 +126,9 @@ return 1
 #:   #state field args, pairs..., #meta field args, pairs...,
 #:   #summary field args (-1 = leave the summary alone), pairs...,
 #:   input trim MINID ('' = none), output MAXLEN ('' = none),
-#:   #outputs, per output: #field args, pairs..., #dead letters, per entry: #field args, pairs...
+#:   #outputs, per output: #field args, pairs..., #dead letters, per entry: #field args, pairs...,
+#:   #hash updates, per update (its key is the next KEYS entry): #field args to set, pairs...,
+#:   #fields to delete, names...
 #: Returns {1, new_version, {output ids}, {dead-letter ids}}, or {0, reason, fence, version}
 #: without writing anything but the refusal counters. Every check runs before the first write,
 #: so an error never leaves half a commit behind.
@@ -166,6 +168,12 @@ local trim_minid, out_maxlen = arg(), arg()
 local outputs, deads = {}, {}
 for i = 1, tonumber(arg()) do outputs[i] = args(tonumber(arg())) end
 for i = 1, tonumber(arg()) do deads[i] = args(tonumber(arg())) end
+local updates = {}
+for i = 1, tonumber(arg()) do
+  local key = keys(1)[1]
+  local sets = args(tonumber(arg()))
+  updates[i] = {key, sets, args(tonumber(arg()))}
+end
 
 local current_fence = redis.call('GET', fence) or '0'
 local current_version = redis.call('HGET', state, 'version') or '0'
@@ -200,6 +208,9 @@ end
 if not (type_ok(output, 'stream') and type_ok(dead, 'stream') and type_ok(input, 'stream')
         and type_ok(summary, 'hash') and type_ok(pending, 'zset') and type_ok(meta, 'hash')) then
   return reject('wrong_type')
+end
+for _, u in ipairs(updates) do
+  if not type_ok(u[1], 'hash') then return reject('wrong_type') end
 end
 
 local function xadd(key, fields, maxlen)
@@ -245,6 +256,10 @@ if #meta_fields > 0 then redis.call('HSET', meta, unpack(meta_fields)) end
 if summary_fields then
   redis.call('DEL', summary)
   if #summary_fields > 0 then redis.call('HSET', summary, unpack(summary_fields)) end
+end
+for _, u in ipairs(updates) do
+  if #u[2] > 0 then redis.call('HSET', u[1], unpack(u[2])) end
+  if #u[3] > 0 then redis.call('HDEL', u[1], unpack(u[3])) end
 end
 return {1, version, out_ids, dead_ids}
 """

@@ -39,7 +39,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -75,6 +75,15 @@ _CHUNK_WRITE_BATCH = 16  # chunks per pipeline round trip while writing
 _LOAD_ATTEMPTS = 8
 _UNREPLICATED_LOG_INTERVAL_S = 30.0
 _MAX_CHUNKS = 100_000  # bounds the key list built from a (possibly damaged) generation name
+
+
+@dataclass(frozen=True)
+class HashUpdate:
+    """Fields to set, then fields to delete, in one hash of the stream, inside a commit."""
+
+    key: str
+    set: Mapping[str, FieldValue] = field(default_factory=dict)
+    delete: Sequence[str] = ()
 
 
 class CommitError(RuntimeError):
@@ -271,6 +280,7 @@ class StateStore:
         summary: Mapping[str, FieldValue] | None = None,
         trim_input: bool = False,
         output_maxlen: int | None = None,
+        hash_updates: Sequence[HashUpdate] = (),
     ) -> CommitResult:
         """Atomically apply one batch to the stream, or raise and change nothing.
 
@@ -279,7 +289,9 @@ class StateStore:
         state hash; appends ``outputs`` to the ``output`` stream (approximately capped at
         ``output_maxlen``) and ``dead_letters`` to ``dead``; merges ``meta_fields`` into
         ``meta``; replaces the ``summary`` hash when given; with ``trim_input`` deletes input
-        entries up to and including ``last_entry_id``. All of it happens only if
+        entries up to and including ``last_entry_id``; applies ``hash_updates`` (fields set,
+        then fields deleted, in hashes of this stream's hash slot, e.g. the retrieval memory)
+        so side data a batch produces commits exactly once with it. All of it happens only if
         ``fence_token`` is the stream's current fence, the lease still carries it and the
         stored version equals ``expected_version``; else StaleCommitError (counted in
         ``meta``). Other refusals (CommitError): ``no_state``, ``chunks_missing``,
@@ -298,6 +310,8 @@ class StateStore:
         _check_commit_args(fence_token, expected_version, last_entry_id, trim_input,
                            output_maxlen, extra_fields)
         entry_args = _entries_args(outputs, "output") + _entries_args(dead_letters, "dead letter")
+        update_keys, update_args = _updates_args(keys, hash_updates)
+        entry_args += update_args
         stored_generation, orphans = self._commit_context(keys)
 
         chunk_plan: tuple[int, str, int] | None = None
@@ -308,7 +322,7 @@ class StateStore:
             reply, replicas = self._run_commit(
                 keys, fence_token, expected_version, state_bytes, last_entry_id, chunk_plan,
                 stored_generation, orphans, extra_fields, meta_fields, summary,
-                trim_input, output_maxlen, entry_args,
+                trim_input, output_maxlen, entry_args, update_keys,
             )
         except BaseException:
             if chunk_plan is not None:
@@ -377,6 +391,7 @@ class StateStore:
         trim_input: bool,
         output_maxlen: int | None,
         entry_args: list[FieldValue],
+        update_keys: Sequence[str] = (),
     ) -> tuple[list[Any], int | None]:
         if state_bytes is None:
             mode, data, generation, new_chunks = "keep", b"", "", list[str]()
@@ -404,6 +419,7 @@ class StateStore:
         args += [_entry_after(last_entry_id) if trim_input and last_entry_id else ""]
         args += ["" if output_maxlen is None else output_maxlen]
         args += entry_args
+        script_keys += update_keys
         if self.wait_replicas > 0:
             return self._commit_and_wait(keys, script_keys, args)
         reply: list[Any] = self._commit(keys=script_keys, args=args)
@@ -577,6 +593,24 @@ def _fields_args(fields: Mapping[str, FieldValue] | None) -> list[FieldValue]:
             raise TypeError(f"field {name!r}: value must be str, bytes, int or float")
         flat += [name, value]
     return [len(flat), *flat]
+
+
+def _updates_args(
+    keys: StreamKeys, updates: Sequence[HashUpdate]
+) -> tuple[list[str], list[FieldValue]]:
+    """Script keys and arguments for ``hash_updates``; refuses keys outside the stream's slot
+    (in Redis Cluster a script may only touch keys of one slot)."""
+    update_keys: list[str] = []
+    args: list[FieldValue] = [len(updates)]
+    for update in updates:
+        if not update.key.startswith(f"{keys.tag}:"):
+            raise ValueError(f"hash update key {update.key!r} is not a key of {keys.tag}")
+        if update.key in (keys.state, keys.meta, keys.summary, keys.producers):
+            raise ValueError(f"hash update key {update.key!r} is owned by the store")
+        update_keys.append(update.key)
+        args += _fields_args(update.set)
+        args += [len(update.delete), *update.delete]
+    return update_keys, args
 
 
 def _entries_args(entries: Sequence[Mapping[str, FieldValue]], what: str) -> list[FieldValue]:

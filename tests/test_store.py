@@ -15,6 +15,7 @@ from state_store.keys import StreamKeys
 from state_store.lease import LeaseManager
 from state_store.store import (
     CommitError,
+    HashUpdate,
     StaleCommitError,
     StateStore,
     StoredState,
@@ -111,6 +112,33 @@ def test_invalid_arguments_are_refused_before_redis(store: StateStore) -> None:
 
 
 # ----- fencing ---------------------------------------------------------------------------------
+def test_hash_updates_commit_with_the_batch_and_only_with_it(
+    r: redis.Redis, store: StateStore, leases: LeaseManager
+) -> None:
+    lease = leases.acquire(SID, "w1", 30)
+    assert lease is not None
+    first = HashUpdate(KEYS.memory, {"chunk:0": b"alpha", "open": "partial"})
+    store.commit(SID, lease.token, 0, b"s1", "1-1", hash_updates=[first])
+    assert r.hgetall(KEYS.memory) == {b"chunk:0": b"alpha", b"open": b"partial"}
+    # a refused commit writes none of its side data
+    with pytest.raises(StaleCommitError):
+        store.commit(SID, lease.token, 0, b"s2", "1-2",
+                     hash_updates=[HashUpdate(KEYS.memory, {"chunk:1": b"beta"})])
+    assert r.hgetall(KEYS.memory) == {b"chunk:0": b"alpha", b"open": b"partial"}
+    store.commit(SID, lease.token, 1, b"s2", "1-2",
+                 hash_updates=[HashUpdate(KEYS.memory, {"chunk:1": b"beta"}, ["chunk:0", "open"])])
+    assert r.hgetall(KEYS.memory) == {b"chunk:1": b"beta"}
+
+
+def test_hash_updates_stay_inside_the_stream(store: StateStore, leases: LeaseManager) -> None:
+    lease = leases.acquire(SID, "w1", 30)
+    assert lease is not None
+    for key in ("sinkstream:{other}:memory", KEYS.state, KEYS.meta):
+        with pytest.raises(ValueError):
+            store.commit(SID, lease.token, 0, b"s", "1-1", hash_updates=[HashUpdate(key, {"a": 1})])
+    assert store.load(SID) is None
+
+
 def test_stale_fence_is_refused_and_counted(
     r: redis.Redis, store: StateStore, leases: LeaseManager
 ) -> None:
