@@ -110,8 +110,28 @@ class Engine(abc.ABC, Generic[S]):
         prompt_ids: Sequence[int],
         max_new_tokens: int,
         sampling: Sampling = Sampling(),
+        extra_capacity: int = 0,
     ) -> list[int]:
-        """Continue the stream with ``prompt_ids`` and return new token ids; state unchanged."""
+        """Continue the stream with ``prompt_ids`` and return new token ids; state unchanged.
+
+        ``extra_capacity``: tokens a windowed engine may hold beyond its window during this
+        call only, so a long temporary prompt (e.g. retrieved text) does not evict the
+        stream's recent window. At most ``max_extra_capacity()``; engines without a window
+        ignore it.
+        """
+
+    def max_extra_capacity(self) -> int:
+        """The most ``extra_capacity`` that ``generate`` accepts (the model's position limit
+        minus the window); unbounded for engines without a window."""
+        return 1 << 30
+
+    def window_tokens(self) -> int | None:
+        """How many of the stream's latest tokens the state holds verbatim (the recent
+        window), or None when the state has no window and summarizes everything (RWKV).
+
+        Text before that has left the model's view: it is what retrieval brings back.
+        """
+        return None
 
     @abc.abstractmethod
     def score(self, state: S, token_ids: Sequence[int]) -> list[float]:

@@ -518,8 +518,8 @@ class RWKVEngine(Engine[RWKVState]):
         A round with one row, a single-stream ``feed``, and every other configuration (v4-v6,
         CUDA kernels, DeepEmbed) use the package forward, so solo feeding stays bit-identical
         to the package and replays of a stream fed alone are unchanged. A stream fed batched
-        and replayed alone after a crash matches only to that rounding (workers feed one
-        stream at a time today, so only callers that batch streams see this).
+        and replayed alone after a crash matches only to that rounding, which is why workers
+        batch streams only when ``batch_streams`` > 1 (``workers/multistream.py``).
         """
         if len(states) != len(token_lists):
             raise ValueError(f"{len(states)} states but {len(token_lists)} token lists")
@@ -569,8 +569,11 @@ class RWKVEngine(Engine[RWKVState]):
         prompt_ids: Sequence[int],
         max_new_tokens: int,
         sampling: Sampling = Sampling(),
+        extra_capacity: int = 0,
     ) -> list[int]:
         """Continue from ``pending + prompt_ids`` on a scratch copy; ``state`` is unchanged.
+
+        ``extra_capacity`` is ignored: a recurrent state has no window to protect.
 
         Greedy when ``temperature`` is 0, else temperature + top-p sampling from a private
         generator seeded with ``sampling.seed`` (reproducible). The repetition penalty (CTRL

@@ -38,9 +38,11 @@ layer's re-rotated window only when that layer attends, in one buffer reused by 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -121,6 +123,8 @@ def _append_evicted(
 ) -> torch.Tensor:
     """``cat([old, new], dim)`` restricted to ``ranges``, without building the full concat."""
     n_old = old.shape[dim]
+    if ranges == [(0, n_old + new.shape[dim])]:  # nothing evicted: one plain concat
+        return torch.cat([old, new], dim=dim)
     parts = []
     for start, stop in ranges:
         if start < n_old:
@@ -193,30 +197,50 @@ class SlotRotary:
 class _ForwardWindows:
     """The windows of a batch of streams as the model's layers see them in one forward.
 
-    Rows are left-padded to the longest cache L: row i's cached token j sits at index
-    ``pads[i] + j`` and is at slot j; the T new tokens follow at index L + t. Each layer's
-    keys/values are materialised only when that layer asks for them (``layer``), into one
-    buffer pair ``[B, H_kv, L + T, D]`` (compute dtype) shared by all layers: layers run one after
-    another and each reads its window inside its own attention call, so the next layer may
-    overwrite it. The whole window is thus never copied for all layers at once (memory), and
-    no big tensor is allocated per layer (CPU page faults cost more than the copies).
+    Rows come sorted by cache length (``SinkKVEngine._forward`` sorts them). Rows of equal
+    length n share one contiguous buffer pair ``[g, H_kv, n + T, D]`` (compute dtype): their
+    cached tokens at slots 0..n-1, then the T new tokens. Rows are *not* padded to the longest
+    cache: a multi-row forward attends group by group (``_ragged_attention``), so a short row
+    costs its own length, not the longest one's, and no padding mask is built. A single row's
+    buffer is exactly the ``[1, H_kv, L + T, D]`` window the model's own attention gets (the
+    solo path is unchanged, bit for bit).
+
+    Each layer's keys/values are materialised only when that layer asks for them (``layer``),
+    into buffers shared by all layers: layers run one after another and each reads its window
+    inside its own attention call, so the next layer may overwrite it. The whole window is thus
+    never copied for all layers at once (memory), and no big tensor is allocated per layer (CPU
+    page faults cost more than the copies).
     """
 
     def __init__(
         self, rotary: SlotRotary, windows: Sequence[_Window], T: int, dtype: torch.dtype
     ) -> None:
         self.windows = windows
+        self.T = T
         self.lengths = [w.length for w in windows]
-        self.length = max(self.lengths)  # L
-        self.pads = [self.length - n for n in self.lengths]
+        if self.lengths != sorted(self.lengths):
+            raise ValueError("rows of a forward must come sorted by cache length")
+        self.length = self.lengths[-1]  # L, the longest cache
         first = windows[0].keys[0]
         H, D, dev = first.shape[0], first.shape[2], first.device
-        B, L = len(windows), self.length
-        self.keys = torch.empty(B, H, L + T, D, dtype=dtype, device=dev)  # [B, H_kv, L + T, D]
-        self.values = torch.empty(B, H, L + T, D, dtype=dtype, device=dev)
-        for i, pad in enumerate(self.pads):  # padding is masked out; zeros keep it finite
-            self.keys[i, :, :pad].zero_()
-            self.values[i, :, :pad].zero_()
+        #: (first row, end row, cache length) of each run of rows with equal length
+        self.groups: list[tuple[int, int, int]] = []
+        for i, n in enumerate(self.lengths):
+            if self.groups and self.groups[-1][2] == n:
+                self.groups[-1] = (self.groups[-1][0], i + 1, n)
+            else:
+                self.groups.append((i, i + 1, n))
+        self.group_keys: list[torch.Tensor] = []  # per group [g, H_kv, n + T, D]
+        self.group_values: list[torch.Tensor] = []
+        self.row_keys: list[torch.Tensor] = []  # per row [H_kv, n_i + T, D]
+        self.row_values: list[torch.Tensor] = []
+        for start, end, n in self.groups:
+            for kind, rows in ((self.group_keys, self.row_keys),
+                               (self.group_values, self.row_values)):
+                buf = torch.empty(end - start, H, n + T, D, dtype=dtype, device=dev)
+                kind.append(buf)
+                rows.extend(buf.unbind(0))
+        self.dtype, self.device = dtype, dev
         # Per row: the first cached index whose slot moved (sinks never move), and the
         # rotation from stored to current slot for the moved ones: cos/sin [n_i - s0_i, D/2].
         self.first_moved: list[int] = []
@@ -236,34 +260,107 @@ class _ForwardWindows:
             if dtype != torch.float32 and longest_moved
             else None
         )
+        self._masks: dict[int, torch.Tensor] = {}
         self.new_keys: list[torch.Tensor] = []  # per layer [B, H_kv, T, D], as HF made them
         self.new_values: list[torch.Tensor] = []
 
     def layer(
         self, index: int, new_keys: torch.Tensor, new_values: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer ``index``'s keys and values ``[B, H_kv, L + T, D]`` incl. the new chunk."""
-        L = self.length
+        """Layer ``index``'s window incl. the new chunk.
+
+        One row: ``[1, H_kv, L + T, D]``, what the model's own attention function expects.
+        Several rows: the last group's buffers, a placeholder; ``_ragged_attention`` reads
+        every group (``group_keys``/``group_values``) itself.
+        """
         for i, w in enumerate(self.windows):
-            p, n, s0 = self.pads[i], self.lengths[i], self.first_moved[i]
+            n, s0 = self.lengths[i], self.first_moved[i]
             stored_k, stored_v = w.keys[index], w.values[index]  # [H_kv, n, D] storage dtype
-            dst = self.keys[i, :, p : p + n]  # [H_kv, n, D]
+            dst = self.row_keys[i]  # [H_kv, n + T, D]
             dst[:, :s0].copy_(stored_k[:, :s0])  # not moved: exactly as stored
             rotation = self.cos_sin[i]
             if rotation is not None:  # moved: one fp32 rotation from the stored slot
                 cos, sin = rotation
                 if self.scratch is None:
-                    SlotRotary.rotate_into(stored_k[:, s0:], cos, sin, dst[:, s0:])
+                    SlotRotary.rotate_into(stored_k[:, s0:], cos, sin, dst[:, s0:n])
                 else:
                     tmp = self.scratch[:, : n - s0]
                     SlotRotary.rotate_into(stored_k[:, s0:], cos, sin, tmp)
-                    dst[:, s0:].copy_(tmp)
-            self.values[i, :, p : p + n].copy_(stored_v)
-        self.keys[:, :, L:] = new_keys
-        self.values[:, :, L:] = new_values
+                    dst[:, s0:n].copy_(tmp)
+            self.row_values[i][:, :n].copy_(stored_v)
+        for g, (start, end, n) in enumerate(self.groups):  # the new chunk: one copy per group
+            self.group_keys[g][:, :, n:] = new_keys[start:end]
+            self.group_values[g][:, :, n:] = new_values[start:end]
         self.new_keys.append(new_keys)
         self.new_values.append(new_values)
-        return self.keys, self.values
+        if len(self.windows) == 1:
+            return self.group_keys[0], self.group_values[0]
+        return self.group_keys[-1], self.group_values[-1]
+
+    def mask(self, n: int) -> torch.Tensor:
+        """The additive attention mask ``[T, n + T]`` of rows with ``n`` cached tokens (compute
+        dtype; 0 = attend, -inf = not): every cached token, and the new tokens causally.
+        Shared by all layers. Additive, because SDPA would turn a boolean mask into one on
+        every call."""
+        found = self._masks.get(n)
+        if found is None:
+            T, dev = self.T, self.device
+            found = torch.zeros(T, n + T, dtype=self.dtype, device=dev)
+            found[:, n:].masked_fill_(
+                torch.ones(T, T, dtype=torch.bool, device=dev).triu(1), float("-inf"))
+            self._masks[n] = found
+        return found
+
+
+def _ragged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention for a batched forward of rows with different cache lengths, row by row.
+
+    Registered as a Hugging Face attention implementation (``_RAGGED_ATTENTION``) and switched
+    on only for the duration of a multi-row forward. ``query`` is ``[B, H, T, D]``; the keys and
+    values are read from ``kwargs["sinkstream_rows"]`` (``_ForwardWindows``), each group at its
+    own length, so no row pays for another's (the padded alternative spent ~40% of a 16-stream
+    forward attending to padding, plus a GQA head copy). Returns ``[B, T, H, D]`` like
+    ``sdpa_attention_forward``. Eval only: ``dropout`` must be 0.
+    """
+    rows: _ForwardWindows = kwargs["sinkstream_rows"]
+    if dropout:
+        raise ValueError("the ragged attention path is for inference (dropout 0)")
+    B, H, T, D = query.shape
+    out = torch.empty(B, T, H, D, dtype=query.dtype, device=query.device)
+    for g, (start, end, n) in enumerate(rows.groups):
+        k, v = rows.group_keys[g], rows.group_values[g]  # [g, H_kv, n + T, D]
+        o = torch.nn.functional.scaled_dot_product_attention(
+            query[start:end], k, v, attn_mask=rows.mask(n), scale=scaling,
+            enable_gqa=k.shape[1] != H,
+        )  # [g, H, T, D]
+        out[start:end] = o.transpose(1, 2)
+    return out, None
+
+
+#: name of ``_ragged_attention`` in transformers' attention registry
+_RAGGED_ATTENTION = "sinkstream_ragged"
+_registered = False
+
+
+def _register_ragged_attention() -> None:
+    """Register ``_ragged_attention`` once per process (a global registry in transformers).
+    No mask function is registered with it: for an implementation without one, transformers
+    skips building the 4D mask (the rows carry their own)."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(_RAGGED_ATTENTION, _ragged_attention)
+        _registered = True
 
 
 class _WindowLayer(DynamicLayer):
@@ -273,7 +370,7 @@ class _WindowLayer(DynamicLayer):
         super().__init__()
         self._windows, self._index = windows, index
         self._seen = windows.length
-        self.dtype, self.device = windows.keys.dtype, windows.keys.device
+        self.dtype, self.device = windows.dtype, windows.device
         self.is_initialized = True
 
     def get_seq_length(self) -> int:
@@ -392,6 +489,9 @@ class SinkKVEngine(Engine[SinkKVState]):
         self.rotary = SlotRotary(rotary.inv_freq, self.window.capacity + chunk_tokens, self.device)
         self.eos_token_ids = _eos_ids(self.model, self.tokenizer)
         self._fingerprint: str | None = None
+        #: held around every model call: a multi-row forward switches the model's attention
+        #: implementation for its duration, which no other call may see
+        self._model_lock = threading.Lock()
 
     # ----- identity ------------------------------------------------------------------------
     @property
@@ -461,10 +561,24 @@ class SinkKVEngine(Engine[SinkKVState]):
         self, windows: Sequence[_Window], pieces: Sequence[Sequence[int]]
     ) -> tuple[list[_Window], torch.Tensor]:
         """Feed ``pieces[i]`` (all of length T) after ``windows[i]``; evict; return the new
-        windows and the final hidden states ``[B, T, E]``."""
+        windows and the final hidden states ``[B, T, E]``.
+
+        One row runs the model exactly as configured (its own attention function and mask).
+        Several rows run with ``_ragged_attention`` (each row attends at its own cache length,
+        no padding): the same maths, rounded differently (~1e-6 on fp32 logits), so a stream
+        fed in a batch matches it fed alone to that tolerance, not bit for bit.
+        """
         B, T = len(windows), len(pieces[0])
         if any(len(p) != T for p in pieces):
             raise ValueError("all rows of one forward must have the same number of tokens")
+        order = sorted(range(B), key=lambda i: windows[i].length)
+        if order != list(range(B)):  # rows of equal cache length must sit side by side
+            new_windows, hidden = self._forward(
+                [windows[i] for i in order], [pieces[i] for i in order])
+            back = [0] * B
+            for j, i in enumerate(order):
+                back[i] = j
+            return [new_windows[j] for j in back], hidden[torch.tensor(back)]
         dev = self.device
         view = _ForwardWindows(self.rotary, windows, T, self.compute_dtype)
         L, lengths = view.length, view.lengths
@@ -476,16 +590,30 @@ class SinkKVEngine(Engine[SinkKVState]):
         position_ids = (
             torch.tensor(lengths, dtype=torch.long)[:, None] + torch.arange(T)[None, :]
         ).to(dev)  # [B, T]
-        attention_mask = torch.ones(B, L + T, dtype=torch.long)  # [B, L + T], 0 = padding
-        for i, pad in enumerate(view.pads):
-            attention_mask[i, :pad] = 0
-        out = self._decoder(
-            input_ids=input_ids,
-            attention_mask=attention_mask.to(dev),
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-        )
+        with self._model_lock:
+            if B == 1:
+                out = self._decoder(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones(1, L + T, dtype=torch.long, device=dev),
+                    position_ids=position_ids,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+            else:
+                config = self.model.config
+                configured = config._attn_implementation
+                _register_ragged_attention()
+                config._attn_implementation = _RAGGED_ATTENTION
+                try:
+                    out = self._decoder(
+                        input_ids=input_ids,
+                        position_ids=position_ids,
+                        past_key_values=cache,
+                        use_cache=True,
+                        sinkstream_rows=view,
+                    )
+                finally:
+                    config._attn_implementation = configured
         hidden = out.last_hidden_state  # [B, T, E]
         if len(view.new_keys) != self.n_layers:
             raise RuntimeError("the model did not update every cache layer exactly once")
@@ -567,10 +695,13 @@ class SinkKVEngine(Engine[SinkKVState]):
         prompt_ids: Sequence[int],
         max_new_tokens: int,
         sampling: Sampling = Sampling(),
+        extra_capacity: int = 0,
     ) -> list[int]:
         self._check_tokens(prompt_ids)
+        # a wider copy of this engine (same model) holds the prompt without evicting the window
+        engine = self._widened(extra_capacity)
         context = [*state.pending, *prompt_ids]
-        window, hidden = self._run(_Window.of(state), context)
+        window, hidden = engine._run(_Window.of(state), context)
         last = hidden[-1][0, -1] if hidden else state.last_hidden  # [E]
         if last is None:
             raise ValueError("nothing to continue from: the stream is empty and so is the prompt")
@@ -584,9 +715,43 @@ class SinkKVEngine(Engine[SinkKVState]):
             out.append(token)
             if step == max_new_tokens - 1:
                 break
-            (window,), h = self._forward([window], [[token]])  # evicts as it goes
+            (window,), h = engine._forward([window], [[token]])  # evicts as it goes
             last = h[0, -1]
         return out
+
+    def max_extra_capacity(self) -> int:
+        limit = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+        sliding = getattr(self.model.config, "sliding_window", None)
+        if sliding:
+            limit = min(limit, int(sliding)) if limit else int(sliding)
+        return max(0, limit - self.window.capacity - self.chunk_tokens)
+
+    def window_tokens(self) -> int | None:
+        return self.window.recent
+
+    def _widened(self, extra: int) -> SinkKVEngine:
+        """This engine with ``extra`` more recent slots, for one ``generate`` call.
+
+        A shallow copy: it shares the model, tokenizer and lock, and only has its own window
+        policy and a rotary table long enough for the wider slots (cached per size), so
+        concurrent feeds on this engine are unaffected.
+        """
+        if extra == 0:
+            return self
+        if not 0 < extra <= self.max_extra_capacity():
+            raise ValueError(f"extra_capacity {extra} outside [0, {self.max_extra_capacity()}] "
+                             "(the model's position limit minus the window)")
+        size = -(-extra // 256) * 256  # a few table sizes, not one per prompt length
+        size = min(size, self.max_extra_capacity())
+        tables: dict[int, SlotRotary] = self.__dict__.setdefault("_wide_rotary", {})
+        if size not in tables:
+            inv_freq = self._decoder.rotary_emb.inv_freq
+            tables[size] = SlotRotary(inv_freq, self.window.capacity + size + self.chunk_tokens,
+                                      self.device)
+        wide = copy.copy(self)
+        wide.window = SinkWindow(self.window.sink, self.window.recent + size)
+        wide.rotary = tables[size]
+        return wide
 
     def score(self, state: SinkKVState, token_ids: Sequence[int]) -> list[float]:
         """Log-probabilities; the first token of a stream that has seen nothing has none (NaN)."""
