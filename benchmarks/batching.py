@@ -14,6 +14,13 @@ the work itself, whatever other jobs do to wall time):
 Engines: ``tiny-llama`` through sink-KV (S=4, R=1020) and ``tiny-rwkv`` (RWKV-7, 2x128)
 through the RWKV engine (batched via :mod:`workers.engines.rwkv_batched`). Headline keys:
 ``speedup_16_sinkkv``, ``speedup_16_rwkv`` and ``speedup_16`` (the smaller of the two).
+
+Worker level (rows with ``level = worker``): M streams of QMSum turns published to a private
+``redis-server``; ``solo`` drains them with ``StreamProcessor.process`` one stream per task
+(round-robin), ``multi`` with ``MultiStreamProcessor`` (``batch_streams`` = M) claiming the
+others as companions: the whole per-batch path (lease, load from the hot cache, read, feed,
+fenced commit with state encoding), no summaries. Wall seconds (Redis is another process),
+the faster of interleaved repetitions; ``ratio`` = multi tok/s / solo tok/s.
 """
 
 from __future__ import annotations
@@ -79,6 +86,80 @@ def _measure(engine: Any, n: int, reps: int, seed: int) -> dict[str, Any]:
     }
 
 
+def _worker_level(engine: Any, spec: str, streams: int, turns: int, reps: int) -> dict[str, Any]:
+    """M streams through the worker's per-stream path vs the cross-stream path, one Redis."""
+    import tempfile
+    from pathlib import Path
+
+    from benchmarks.common import qmsum_text
+    from producer.publisher import Producer
+    from sinkstream.localredis import RedisServer
+    from workers.multistream import MultiStreamProcessor
+    from workers.processor import StreamProcessor
+
+    settings = bench_settings(
+        sink_tokens=4, recent_tokens=1020, chunk_tokens=CHUNK, summary_every_tokens=0,
+        summary_memory=False, retrieval="off", max_batch_entries=4, max_batch_tokens=2048,
+        metrics_port=0)
+    lines = [ln for ln in qmsum_text(3).splitlines() if ln.strip()]
+    times: dict[str, list[float]] = {"solo": [], "multi": []}
+    tokens = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        server = RedisServer(Path(tmp) / "redis").start()
+        try:
+            client = server.client()
+            for rep in range(reps):
+                for side in (("solo", "multi") if rep % 2 == 0 else ("multi", "solo")):
+                    client.flushall()
+                    producer = Producer(client, settings=settings)
+                    sids = [f"{side}{rep}-{i}" for i in range(streams)]
+                    for i, sid in enumerate(sids):
+                        start = (i * 37) % max(1, len(lines) - turns)
+                        producer.publish_many(sid, lines[start : start + turns])
+                    # applied input is trimmed: remember where each stream ends
+                    ends = {sid: _last_id(client, sid) for sid in sids}
+                    proc = StreamProcessor(engine, client, settings, f"bench-{side}")
+                    multi = MultiStreamProcessor(proc, streams, 1_000_000)
+                    started = time.perf_counter()
+                    pending = list(sids)
+                    while pending:
+                        if side == "solo":
+                            outcomes = [proc.process(sid) for sid in pending]
+                        else:
+                            outcomes = multi.process(pending[0])
+                        bad = [o for o in outcomes if o.status not in ("applied", "idle")]
+                        if bad:
+                            raise RuntimeError(f"benchmark streams failed: {bad[:3]}")
+                        pending = [s for s in sids if _committed(proc, s) != ends[s]]
+                    times[side].append(time.perf_counter() - started)
+                    tokens = sum(proc.committed_state(s)[0].tokens_seen for s in sids)
+        finally:
+            server.stop(hard=True)
+    solo_tps, multi_tps = tokens / min(times["solo"]), tokens / min(times["multi"])
+    return {
+        "level": "worker",
+        "engine": engine.kind,
+        "streams": streams,
+        "reps": reps,
+        "batched_tok_s": multi_tps,
+        "sequential_tok_s": solo_tps,
+        "speedup": multi_tps / solo_tps,
+        "median_speedup": median(times["solo"]) / median(times["multi"]),
+    }
+
+
+def _last_id(client: Any, stream: str) -> str:
+    from state_store.keys import StreamKeys
+
+    last: Any = client.xrevrange(StreamKeys.of(stream).input, count=1)
+    return str(last[0][0].decode())
+
+
+def _committed(proc: Any, stream: str) -> str | None:
+    info = proc.store.info(stream)
+    return None if info is None else str(info.last_entry_id)
+
+
 def run(quick: bool) -> BenchResult:
     import torch
 
@@ -92,7 +173,13 @@ def run(quick: bool) -> BenchResult:
         engine = load_engine(settings, spec)
         for n in STREAMS:
             rows.append(_measure(engine, n, reps if n < 64 else max(2, reps - 2), seed=n))
-    by = {(r["engine"], r["streams"]): r["speedup"] for r in rows}
+    for r in rows:
+        r["level"] = "engine"
+    for spec in ("tiny-llama", "tiny-rwkv"):
+        engine = load_engine(settings, spec)
+        rows.append(_worker_level(engine, spec, 16, 8 if quick else 16, 2 if quick else 3))
+    by = {(r["engine"], r["streams"]): r["speedup"] for r in rows if r["level"] == "engine"}
+    worker = {r["engine"]: r["speedup"] for r in rows if r["level"] == "worker"}
     return BenchResult(
         title=f"feed_batch vs one stream at a time, {CHUNK}-token chunks, tiny-llama (sink-KV) "
         f"and tiny-rwkv7, {threads()} threads",
@@ -103,6 +190,8 @@ def run(quick: bool) -> BenchResult:
             "speedup_16_rwkv": by[("rwkv", 16)],
             "speedup_64_sinkkv": by[("sinkkv", 64)],
             "speedup_64_rwkv": by[("rwkv", 64)],
+            "worker_ratio_16_sinkkv": worker["sinkkv"],
+            "worker_ratio_16_rwkv": worker["rwkv"],
             "threads": threads(),
         },
     )

@@ -42,6 +42,11 @@ tokenizer, so that feed time dominates like with a real model; ``tiny-rwkv`` the
 RWKV-7. Full mode adds the stock ``tiny-llama`` (overhead-sensitive: ~5x faster per token), the
 same at a small batch size, and ``smollm2`` when its converted cache is present.
 
+State layouts (issue #6): the sink-KV rows run with the default ``state_layout`` first (the
+headline ``ratio``), and ``tiny-llama-mid`` (and in full mode ``tiny-llama``) again with the
+other layout; ``ratio_whole`` / ``ratio_segments`` are the ``tiny-llama-mid`` pair. RWKV
+states always use the whole layout.
+
 Threads: ``SINKSTREAM_BENCH_THREADS`` (default 1, the machines are shared) for both sides.
 """
 
@@ -84,15 +89,35 @@ class Case:
     timeout_s: float = 300.0
 
 
+def _layouts() -> tuple[str, str]:
+    """(default state_layout, the other one)."""
+    default = _settings().state_layout
+    return default, "whole" if default == "segments" else "segments"
+
+
+def _layout_env(layout: str) -> dict[str, str]:
+    return {"SINKSTREAM_STATE_LAYOUT": layout}
+
+
 def _cases(quick: bool) -> list[Case]:
+    default, other = _layouts()
     if quick:
         return [
-            Case("tiny-llama-mid", _mid_llama_dir, streams=6, bytes_per_stream=2_700, rounds=6),
+            Case("tiny-llama-mid", _mid_llama_dir, streams=6, bytes_per_stream=2_700, rounds=6,
+                 env=_layout_env(default)),
+            Case(f"tiny-llama-mid, {other}", _mid_llama_dir, streams=6, bytes_per_stream=2_700,
+                 rounds=6, env=_layout_env(other)),
             Case("tiny-rwkv", "tiny-rwkv", streams=6, bytes_per_stream=2_700, rounds=6),
         ]
     cases = [
-        Case("tiny-llama-mid", _mid_llama_dir, streams=8, bytes_per_stream=5_000, rounds=8),
-        Case("tiny-llama", "tiny-llama", streams=8, bytes_per_stream=10_000, rounds=8),
+        Case("tiny-llama-mid", _mid_llama_dir, streams=8, bytes_per_stream=5_000, rounds=8,
+             env=_layout_env(default)),
+        Case(f"tiny-llama-mid, {other}", _mid_llama_dir, streams=8, bytes_per_stream=5_000,
+             rounds=8, env=_layout_env(other)),
+        Case("tiny-llama", "tiny-llama", streams=8, bytes_per_stream=10_000, rounds=8,
+             env=_layout_env(default)),
+        Case(f"tiny-llama, {other}", "tiny-llama", streams=8, bytes_per_stream=10_000,
+             rounds=8, env=_layout_env(other)),
         Case("tiny-llama, batch 256 tok", "tiny-llama", streams=6, bytes_per_stream=4_000,
              rounds=6, env={"SINKSTREAM_MAX_BATCH_TOKENS": "256"}),
         Case("tiny-rwkv", "tiny-rwkv", streams=8, bytes_per_stream=5_000, rounds=8),
@@ -522,6 +547,7 @@ def _measure(case: Case, root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             "idle_batches": _delta(after, before, "sinkstream_batches_total:idle"),
             "bare_batches": sum(len(s.batches) for s in streams),
             "state_bytes": max(engine.state_nbytes(st) for st in states.values()),
+            "state_layout": settings.state_layout,
             "tokenize_s_in_bench": tokenize_s,
             "publish_s": publish_s,
             "worker_ready_s": ready_s,
@@ -565,6 +591,11 @@ def run(quick: bool) -> BenchResult:
         key = "".join(c if c.isalnum() else "_" for c in row["engine"]).strip("_")
         summary[f"ratio_{key}"] = row["ratio"]
         summary[f"feed_share_{key}"] = row["feed share"]
+    default, other = _layouts()
+    summary["state_layout_default"] = default
+    summary[f"ratio_{default}"] = head["ratio"]
+    summary[f"ratio_{other}"] = next(
+        (r["ratio"] for r in rows if r["engine"] == f"tiny-llama-mid, {other}"), None)
     return BenchResult(
         title="pipeline: Redis + Celery worker vs bare engine feed (tokens/s, same run)",
         rows=rows, summary=summary, extra={"details": details},

@@ -64,10 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", choices=available())
     parser.add_argument("--quick", action="store_true", help="finish in under a minute or so")
     parser.add_argument("--json", type=Path, help="write the result as JSON here")
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
     module = importlib.import_module(f"benchmarks.{args.name}")
+    kwargs: dict[str, Any] = {}
+    if hasattr(module, "add_arguments"):  # a benchmark's own options, e.g. qmsum --model
+        own = argparse.ArgumentParser(prog=f"python -m benchmarks.run {args.name}")
+        module.add_arguments(own)
+        kwargs["options"] = own.parse_args(rest)
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     started = dt.datetime.now(dt.timezone.utc)
-    result: BenchResult = module.run(quick=args.quick)
+    result: BenchResult = module.run(quick=args.quick, **kwargs)
     console = Console()
     print_table(result, console)
     if args.json:

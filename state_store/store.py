@@ -8,8 +8,10 @@ One stream's state lives in the ``state`` hash::
     data            the encoded state, when it fits in one value ("inline"), else
     generation      "<version>.<nonce>.<count>" naming the chunk keys that hold it
     chunks          number of chunks (absent when inline)
-    nbytes          encoded size
+    nbytes          encoded size (segmented states: header plus every segment)
     committed_ms    Redis server time of the commit
+    segments        segmented states only: "<id>.<nonce>.<nbytes> ..." naming the segment
+                    keys (``<id>.<nonce>``) and their sizes
     + caller fields (``extra_fields``: tokens seen, engine, model ... for ``sinkstream status``)
 
 Why a commit is one Lua script: the state, the input position, the version, the summaries
@@ -26,6 +28,17 @@ in the ``state:pending`` sorted set. Nothing reads them until the commit script 
 in the same atomic step. A crash between writing chunks and committing leaves orphans: the next
 successful commit deletes every pending set but its own, ``cleanup_orphans`` deletes old ones
 on demand, and failing both they expire (``orphan_ttl_s``).
+
+Segmented states (sink-KV with ``state_layout = "segments"``, see
+``workers/engines/sinkkv_segments.py``): ``data``/chunks hold a small header (the envelope
+with the window's segment ids) and the window's K/V lives in immutable segment keys. A commit
+passes a :class:`SegmentUpdate`: the ids of the new window and the bytes of the segments not
+stored yet. Those are staged like chunks (expiring, pending member ``s.<nonce>.<ids>``); the
+script persists them, swaps the ``segments`` field and deletes the evicted segments in the
+same atomic, fenced step, so Redis traffic per batch is the new tokens plus the header. A
+commit without segments (the whole layout) deletes any stored segments: switching layouts is
+just the next commit. ``head`` returns the version and the segment names in one HMGET, so a
+load reads the hash and every segment in one pipelined round trip.
 
 Reads need no MULTI: a generation's chunks never change once written and are deleted only by
 the commit that replaces them, so "every chunk of the generation read from the hash is still
@@ -59,7 +72,7 @@ FieldValue = str | bytes | int | float
 #: State hash fields the store owns; ``extra_fields`` may not overwrite them.
 RESERVED_FIELDS = frozenset(
     {"version", "fence", "last_entry_id", "data", "generation", "chunks", "nbytes",
-     "committed_ms"}
+     "committed_ms", "segments"}
 )
 
 # Refusal reasons: the first three are "you are not the owner any more" (StaleCommitError).
@@ -75,6 +88,7 @@ _CHUNK_WRITE_BATCH = 16  # chunks per pipeline round trip while writing
 _LOAD_ATTEMPTS = 8
 _UNREPLICATED_LOG_INTERVAL_S = 30.0
 _MAX_CHUNKS = 100_000  # bounds the key list built from a (possibly damaged) generation name
+_MAX_SEGMENTS = 1_000_000  # bounds segment ids and lists read back from Redis
 
 
 @dataclass(frozen=True)
@@ -84,6 +98,32 @@ class HashUpdate:
     key: str
     set: Mapping[str, FieldValue] = field(default_factory=dict)
     delete: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class SegmentUpdate:
+    """The window of a segmented state after a commit.
+
+    ``keep``: every segment id the new state is made of; ``write``: the bytes of those not
+    stored yet (each an encoded, checksummed envelope). Stored segments outside ``keep`` are
+    deleted by the same commit.
+    """
+
+    keep: Sequence[int]
+    write: Mapping[int, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StateHead:
+    """The committed version and segment names: one HMGET, enough for a hot-cache check and
+    for reading a segmented state in a single round trip (``load(head=...)``)."""
+
+    version: int
+    segments: dict[int, str]  # segment id -> key name suffix "<id>.<nonce>"
+
+    @property
+    def segment_ids(self) -> list[int]:
+        return sorted(self.segments)
 
 
 class CommitError(RuntimeError):
@@ -128,6 +168,7 @@ class StateInfo:
     chunks: int
     committed_ms: int
     fields: dict[str, bytes]
+    segments: int = 0
 
 
 @dataclass(frozen=True)
@@ -140,6 +181,8 @@ class StoredState:
     data: bytes
     chunks: int
     fields: dict[str, bytes]
+    #: segmented states: segment id -> its encoded bytes (empty for a whole state)
+    segments: dict[int, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -150,6 +193,8 @@ class CommitResult:
     chunks: int
     #: replicas that acknowledged the commit (WAIT), None when the store does not wait
     replicas: int | None = None
+    #: segment bytes this commit wrote (0 for whole states)
+    segment_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -198,6 +243,16 @@ class StateStore:
         raw = self.client.hget(StreamKeys.of(stream_id).state, "version")
         return int(raw) if raw else 0
 
+    def head(self, stream_id: str) -> StateHead:
+        """Version and segment names in one HMGET (version 0: no state yet)."""
+        raw_version, raw_segments = self.client.hmget(
+            StreamKeys.of(stream_id).state, ["version", "segments"]
+        )
+        return StateHead(
+            version=int(raw_version) if raw_version else 0,
+            segments=_parse_segments(stream_id, _b(raw_segments or b"")),
+        )
+
     def info(self, stream_id: str) -> StateInfo | None:
         """Everything about the stored state but its bytes; None if nothing was committed."""
         keys = StreamKeys.of(stream_id)
@@ -216,22 +271,43 @@ class StateStore:
             chunks=_int(fields, "chunks"),
             committed_ms=_int(fields, "committed_ms"),
             fields=_extra(fields),
+            segments=len(_parse_segments(stream_id, fields.get("segments", b""))),
         )
 
-    def load(self, stream_id: str) -> StoredState | None:
-        """The committed state with its bytes, or None if the stream has none yet."""
+    def load(self, stream_id: str, head: StateHead | None = None) -> StoredState | None:
+        """The committed state with its bytes, or None if the stream has none yet.
+
+        With ``head`` (from :meth:`head`), the hash and the segments it names are read in one
+        pipelined round trip; if a commit moved on meanwhile the read is simply repeated.
+        """
         keys = StreamKeys.of(stream_id)
+        names = head.segments if head is not None else None
         for _ in range(_LOAD_ATTEMPTS):
-            raw = self.client.hgetall(keys.state)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hgetall(keys.state)
+            wanted = sorted((names or {}).items())
+            for _, name in wanted:
+                pipe.get(_segment_key(keys, name))
+            raw, *parts = pipe.execute()
             fields = {_b(k).decode(): _b(v) for k, v in raw.items()}
             if not fields.get("version"):
                 return None
+            stored_names = _parse_segments(stream_id, fields.get("segments", b""))
+            if names != stored_names:
+                names = stored_names  # first read, or a commit moved the window: read again
+                if stored_names:
+                    continue
+                wanted, parts = [], []
+            segments = self._segments_read(keys, fields, wanted, parts)
+            if segments is None:
+                continue  # a commit replaced the window while we read: read again
             data = self._state_bytes(keys, fields)
             if data is None:
                 continue  # a commit replaced this generation while we read: read again
-            if len(data) != _int(fields, "nbytes"):
+            size = len(data) + sum(len(part) for part in segments.values())
+            if size != _int(fields, "nbytes"):
                 raise StateReadError(
-                    f"stream {stream_id!r}: state is {len(data)} bytes, the hash says "
+                    f"stream {stream_id!r}: state is {size} bytes, the hash says "
                     f"{_int(fields, 'nbytes')}"
                 )
             return StoredState(
@@ -241,10 +317,38 @@ class StateStore:
                 data=data,
                 chunks=_int(fields, "chunks"),
                 fields=_extra(fields),
+                segments=segments,
             )
         raise StateReadError(
             f"stream {stream_id!r}: state changed {_LOAD_ATTEMPTS} times while being read"
         )
+
+    def _segments_read(
+        self,
+        keys: StreamKeys,
+        fields: Mapping[str, bytes],
+        wanted: Sequence[tuple[int, str]],
+        parts: Sequence[Any],
+    ) -> dict[int, bytes] | None:
+        """The segments read, or None if a commit raced the read (read again).
+
+        Segments are deleted only by the commit that drops them from the hash, so a segment
+        missing while the hash still names it at the same version is really gone (deleted by
+        hand, lost by a failover to a lagging replica): refused by name, never waited on.
+        """
+        missing = [(seg, name) for (seg, name), part in zip(wanted, parts, strict=True)
+                   if part is None]
+        if missing:
+            now = self.head(keys.stream_id)
+            if now.version == _int(fields, "version") and now.segments == dict(wanted):
+                seg, name = missing[0]
+                raise StateReadError(
+                    f"stream {keys.stream_id!r}: segment {seg} of state version "
+                    f"{now.version} is missing (key {_segment_key(keys, name)!r}; "
+                    f"{len(missing)} of {len(wanted)} segments missing)"
+                )
+            return None
+        return {seg: _b(part) for (seg, _), part in zip(wanted, parts, strict=True)}
 
     def _state_bytes(self, keys: StreamKeys, fields: Mapping[str, bytes]) -> bytes | None:
         """Inline data, or the chunks named by ``generation``; None if they are gone."""
@@ -281,6 +385,7 @@ class StateStore:
         trim_input: bool = False,
         output_maxlen: int | None = None,
         hash_updates: Sequence[HashUpdate] = (),
+        segments: SegmentUpdate | None = None,
     ) -> CommitResult:
         """Atomically apply one batch to the stream, or raise and change nothing.
 
@@ -305,6 +410,11 @@ class StateStore:
         and cannot be taken back, and if a later failover does roll it back, the state, its
         input position, version and input trim roll back together and the stream is simply
         replayed from there (the version check still refuses any double application).
+
+        ``segments`` makes the state segmented: ``state_bytes`` is then its header, the new
+        segments are staged before the script and the evicted ones deleted by it. With
+        ``state_bytes`` and no ``segments`` any stored segments are deleted (whole layout).
+        A ``keep`` id that is neither stored nor written is refused (``segments_missing``).
         """
         keys = StreamKeys.of(stream_id)
         _check_commit_args(fence_token, expected_version, last_entry_id, trim_input,
@@ -312,25 +422,28 @@ class StateStore:
         entry_args = _entries_args(outputs, "output") + _entries_args(dead_letters, "dead letter")
         update_keys, update_args = _updates_args(keys, hash_updates)
         entry_args += update_args
-        stored_generation, orphans = self._commit_context(keys)
+        _check_segments(state_bytes, segments)
+        stored_generation, stored_segments, orphans = self._commit_context(keys)
+        seg_plan = _plan_segments(keys, stored_segments, segments, state_bytes is None)
 
         chunk_plan: tuple[int, str, int] | None = None
-        if state_bytes is not None and len(state_bytes) > self.chunk_bytes:
-            chunk_plan = self._write_chunks(keys, expected_version + 1, state_bytes)
-            checkpoint("chunks_written")
         try:
+            if seg_plan.write:
+                self._write_segments(keys, seg_plan)
+            if state_bytes is not None and len(state_bytes) > self.chunk_bytes:
+                chunk_plan = self._write_chunks(keys, expected_version + 1, state_bytes)
+            if seg_plan.write or chunk_plan is not None:
+                checkpoint("chunks_written")
             reply, replicas = self._run_commit(
                 keys, fence_token, expected_version, state_bytes, last_entry_id, chunk_plan,
                 stored_generation, orphans, extra_fields, meta_fields, summary,
-                trim_input, output_maxlen, entry_args, update_keys,
+                trim_input, output_maxlen, entry_args, update_keys, seg_plan,
             )
         except BaseException:
-            if chunk_plan is not None:
-                self._forget_chunks(keys, chunk_plan)
+            self._forget(keys, chunk_plan, seg_plan)
             raise
         if reply[0] != 1:
-            if chunk_plan is not None:
-                self._forget_chunks(keys, chunk_plan)
+            self._forget(keys, chunk_plan, seg_plan)
             raise _refusal(stream_id, reply)
         return CommitResult(
             version=int(reply[1]),
@@ -338,16 +451,45 @@ class StateStore:
             dead_letter_ids=[i.decode() for i in reply[3]],
             chunks=chunk_plan[2] if chunk_plan else 0,
             replicas=replicas,
+            segment_bytes=sum(len(b) for b in seg_plan.write.values()),
         )
 
-    def _commit_context(self, keys: StreamKeys) -> tuple[str, list[tuple[str, list[str]]]]:
-        """The stored generation and the pending (uncommitted) chunk sets, in one round trip."""
+    def _commit_context(
+        self, keys: StreamKeys
+    ) -> tuple[str, str, list[tuple[str, list[str]]]]:
+        """The stored generation and segments field and the pending (uncommitted) chunk and
+        segment sets, in one round trip."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.hget(keys.state, "generation")
+        pipe.hmget(keys.state, ["generation", "segments"])
         pipe.zrange(keys.state_pending, 0, -1)
-        generation_raw, members = pipe.execute()
+        (generation_raw, segments_raw), members = pipe.execute()
         stored = generation_raw.decode() if generation_raw else ""
-        return stored, [o for o in _pending_sets(keys, members) if o[0] != stored]
+        segments = segments_raw.decode() if segments_raw else ""
+        return stored, segments, [o for o in _pending_sets(keys, members) if o[0] != stored]
+
+    def _write_segments(self, keys: StreamKeys, plan: _SegmentPlan) -> None:
+        """Stage the new segments as expiring keys, registered as pending first (one round
+        trip per batch of keys): nobody reads them until the commit names them."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(keys.state_pending, {plan.member: int(time.time() * 1000)})
+        for i, (key, data) in enumerate(plan.write.items(), start=1):
+            pipe.set(key, data, px=self.orphan_ttl_ms)
+            if i % _CHUNK_WRITE_BATCH == 0:
+                pipe.execute()
+                pipe = self.client.pipeline(transaction=False)
+        pipe.execute()
+
+    def _forget(
+        self, keys: StreamKeys, chunk_plan: tuple[int, str, int] | None, seg_plan: _SegmentPlan
+    ) -> None:
+        if chunk_plan is not None:
+            self._forget_chunks(keys, chunk_plan)
+        if seg_plan.write:
+            try:
+                self._cleanup(keys=[keys.state, keys.state_pending, *seg_plan.write],
+                              args=[seg_plan.member, len(seg_plan.write)])
+            except redis.RedisError:
+                pass  # the next commit, cleanup_orphans or the segments' expiry will do it
 
     def _write_chunks(self, keys: StreamKeys, version: int, data: bytes) -> tuple[int, str, int]:
         """Write ``data`` as expiring chunk keys, registered as pending; nobody reads them yet."""
@@ -392,6 +534,7 @@ class StateStore:
         output_maxlen: int | None,
         entry_args: list[FieldValue],
         update_keys: Sequence[str] = (),
+        seg_plan: _SegmentPlan | None = None,
     ) -> tuple[list[Any], int | None]:
         if state_bytes is None:
             mode, data, generation, new_chunks = "keep", b"", "", list[str]()
@@ -402,18 +545,22 @@ class StateStore:
             generation = _generation(*chunk_plan)
             new_chunks = _chunk_keys(keys, *chunk_plan)
         old_chunks = _generation_keys(keys, stored_generation)
+        seg = seg_plan or _SegmentPlan(stored="", mode="keep")
         script_keys: list[str] = [
             keys.state, keys.fence, keys.lease, keys.meta, keys.output, keys.dead, keys.input,
             keys.summary, keys.state_pending, *new_chunks, *old_chunks,
         ]
         args: list[FieldValue] = [
             str(fence_token), str(expected_version), last_entry_id or "", mode, data, generation,
-            len(state_bytes) if state_bytes is not None else 0,
+            len(state_bytes) + seg.nbytes if state_bytes is not None else 0,
             len(new_chunks), stored_generation, len(old_chunks), len(orphans),
         ]
         for name, chunk_keys in orphans:
             args += [name, len(chunk_keys)]
             script_keys += chunk_keys
+        args += [seg.stored, seg.mode, seg.new_field, seg.member, len(seg.write),
+                 len(seg.evicted)]
+        script_keys += [*seg.write, *seg.evicted]
         args += _fields_args(extra_fields) + _fields_args(meta_fields)
         args += [-1] if summary is None else _fields_args(summary)
         args += [_entry_after(last_entry_id) if trim_input and last_entry_id else ""]
@@ -538,6 +685,107 @@ class StateStore:
 
 
 # ----- helpers ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _SegmentPlan:
+    """What a commit does to the segment keys (script arguments)."""
+
+    stored: str  # the ``segments`` field as read before the commit
+    mode: str  # 'keep' | 'set' | 'none'
+    new_field: str = ""  # the new ``segments`` field
+    member: str = ""  # pending member of the staged segments
+    write: dict[str, bytes] = field(default_factory=dict)  # staged key -> bytes
+    evicted: list[str] = field(default_factory=list)  # stored keys to delete
+    nbytes: int = 0  # bytes of every segment of the new window
+
+
+def _check_segments(state_bytes: bytes | None, segments: SegmentUpdate | None) -> None:
+    if segments is None:
+        return
+    if state_bytes is None:
+        raise ValueError("segments need state_bytes (the segmented state's header)")
+    keep = list(segments.keep)
+    for seg in [*keep, *segments.write]:
+        if isinstance(seg, bool) or not isinstance(seg, int) or not 0 <= seg < _MAX_SEGMENTS:
+            raise ValueError(f"segment ids must be ints in [0, {_MAX_SEGMENTS}), got {seg!r}")
+    if len(set(keep)) != len(keep):
+        raise ValueError("segments.keep lists a segment twice")
+    extra = set(segments.write) - set(keep)
+    if extra:
+        raise ValueError(f"segments.write has segments {sorted(extra)} outside keep")
+    for seg, data in segments.write.items():
+        if not isinstance(data, bytes):
+            raise TypeError(f"segment {seg}: bytes needed, got {type(data).__name__}")
+
+
+def _plan_segments(
+    keys: StreamKeys, stored_field: str, update: SegmentUpdate | None, keep_state: bool
+) -> _SegmentPlan:
+    """Keys to stage and to delete, from the stored ``segments`` field and the update."""
+    if keep_state:  # the stored state stays as it is, segments included
+        return _SegmentPlan(stored=stored_field, mode="keep")
+    stored = _parse_segments(keys.stream_id, stored_field.encode())
+    if update is None:  # a whole state replaces any segments: delete them all
+        return _SegmentPlan(stored=stored_field, mode="none",
+                            evicted=[_segment_key(keys, n) for n in stored.values()])
+    nonce = os.urandom(8).hex()
+    names: dict[int, str] = {}
+    write: dict[str, bytes] = {}
+    for seg in sorted(update.keep):
+        if seg in update.write:
+            names[seg] = f"{seg}.{nonce}.{len(update.write[seg])}"
+            write[_segment_key(keys, names[seg])] = update.write[seg]
+        elif seg in stored:
+            names[seg] = stored[seg]
+        else:
+            raise CommitError(
+                f"stream {keys.stream_id!r}: segment {seg} is neither stored nor written",
+                stream_id=keys.stream_id, reason="segments_missing",
+            )
+    kept = set(names.values())
+    member = f"s.{nonce}.{','.join(str(s) for s in sorted(update.write))}" if write else ""
+    return _SegmentPlan(
+        stored=stored_field, mode="set", new_field=" ".join(names[s] for s in sorted(names)),
+        member=member, write=write,
+        evicted=[_segment_key(keys, n) for n in stored.values() if n not in kept],
+        nbytes=sum(_segment_size(n) for n in names.values()),
+    )
+
+
+def _segment_key(keys: StreamKeys, name: str) -> str:
+    seg, nonce, _ = name.split(".")
+    return keys.state_segment(int(seg), nonce)
+
+
+def _segment_size(name: str) -> int:
+    return int(name.rsplit(".", 1)[1])
+
+
+def _parse_segments(stream_id: str, raw: bytes) -> dict[int, str]:
+    """``"<id>.<nonce>.<nbytes> ..."`` -> {id: name}; a damaged field is refused by name."""
+    out: dict[int, str] = {}
+    for token in raw.decode(errors="replace").split():
+        parts = token.split(".")
+        if not (len(parts) == 3 and all(p.isdigit() and p.isascii() for p in parts[::2])
+                and int(parts[0]) < _MAX_SEGMENTS and int(parts[0]) not in out
+                and parts[1] and all(c in "0123456789abcdef" for c in parts[1])):
+            raise StateReadError(f"stream {stream_id!r}: bad segments field entry {token!r}")
+        out[int(parts[0])] = token
+    return out
+
+
+def _parse_segment_member(name: str) -> tuple[str, list[int]] | None:
+    """A pending member ``s.<nonce>.<id>,<id>...`` -> (nonce, ids); None if not one."""
+    parts = name.split(".")
+    if len(parts) != 3 or parts[0] != "s" or not parts[1]:
+        return None
+    if any(c not in "0123456789abcdef" for c in parts[1]):
+        return None
+    ids = parts[2].split(",")
+    if not ids or len(ids) > _MAX_CHUNKS or not all(i.isdigit() and i.isascii() for i in ids):
+        return None
+    return parts[1], [int(i) for i in ids]
+
+
 def _decodes_responses(client: Any) -> bool:
     try:
         return bool(client.get_encoder().decode_responses)
@@ -663,13 +911,19 @@ def _generation_keys(keys: StreamKeys, generation: str) -> list[str]:
 
 
 def _pending_sets(keys: StreamKeys, members: Sequence[bytes]) -> list[tuple[str, list[str]]]:
-    """(generation, its chunk keys) for each parseable pending member."""
+    """(generation, its chunk keys) or (segment set, its segment keys) for each parseable
+    pending member."""
     out = []
     for member in members:
         name = member.decode(errors="replace")
         parsed = _parse_generation(name)
         if parsed is not None:
             out.append((name, _chunk_keys(keys, *parsed)))
+            continue
+        staged = _parse_segment_member(name)
+        if staged is not None:
+            nonce, ids = staged
+            out.append((name, [keys.state_segment(i, nonce) for i in ids]))
     return out
 
 

@@ -31,18 +31,38 @@ from state_store.codec import (
 from state_store.connection import TRANSIENT_ERRORS
 from state_store.keys import StreamKeys
 from state_store.lease import Lease, LeaseKeeper, LeaseLostError, LeaseManager
-from state_store.store import StaleCommitError, StateReadError, StateStore
+from state_store.store import (
+    HashUpdate,
+    SegmentUpdate,
+    StaleCommitError,
+    StateReadError,
+    StateStore,
+    StoredState,
+)
+from workers.engines import sinkkv_segments
 from workers.engines.base import Engine, EngineError, EngineState
 from workers.hot_cache import HotStateCache
+from workers.memory import retrieve
+from workers.memory.chunks import Turn
+from workers.memory.embedder import Embedder, get_embedder
+from workers.memory.records import MemoryHead, MemoryWrite, SummaryMemory
+from workers.memory.store import plan_write, read_chunks, read_head
 from workers.summaries import (
-    FINAL_INSTRUCTION,
-    ROLLING_INSTRUCTION,
+    SECTIONS,
     SUMMARY_SAMPLING,
     OutputEntry,
+    Section,
+    Source,
     SummaryKind,
+    answer_with_context_instruction,
+    context_block,
+    format_notes,
     format_turn,
     make_output,
+    rolling_instruction,
     rolling_summary_due,
+    section_instruction,
+    tidy_section,
 )
 
 log = logging.getLogger(__name__)
@@ -91,6 +111,8 @@ class _Loaded:
     version: int
     last_entry_id: str | None
     cache_hit: bool
+    #: ids of the segments stored for this version (segmented states; [] when whole)
+    segments: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -127,6 +149,8 @@ class StreamProcessor:
         self._unreleased: dict[str, Lease] = {}
         self._labels = {"engine": engine.kind, "model": engine.model_name}
         metrics.init_worker(**self._labels, device=settings.device, dtype=settings.dtype)
+        #: the stream keeps a memory hash (summary memory and/or retrieval chunks)
+        self.keeps_memory = settings.summary_memory or settings.retrieval != "off"
 
     # ----- one batch ---------------------------------------------------------------------------
     def process(self, stream_id: str, time_slice_s: float = 0.0) -> Outcome:
@@ -136,15 +160,9 @@ class StreamProcessor:
         has not run out; each batch still commits on its own (fenced), so exactly-once is the
         same as one batch per task, minus the scheduling round trips between batches.
         """
-        if self.store.failure(stream_id) is not None:
-            return Outcome(stream_id, "failed", reason="stream is marked failed")
-        self._release_unreleased(stream_id)
-        lease = self.leases.acquire(stream_id, self.worker_id, self.settings.lease_seconds)
-        if lease is None:
-            return Outcome(stream_id, "busy")
-        if lease.took_over:
-            metrics.LEASES_TAKEN_OVER.inc()
-            log.info("stream %s: took over from %s", stream_id, lease.previous_holder)
+        lease = self._acquire(stream_id)
+        if isinstance(lease, Outcome):
+            return lease
         try:
             with LeaseKeeper(self.leases, lease) as keeper:
                 outcome = self._process_leased(stream_id, lease, keeper)
@@ -164,6 +182,22 @@ class StreamProcessor:
             metrics.note_active_stream(stream_id)
         return outcome
 
+    def _acquire(self, stream_id: str, holder: str | None = None) -> Lease | Outcome:
+        """The stream's lease (``holder`` defaults to this worker's id), or why not: "failed"
+        (parked) or "busy" (leased elsewhere). Never waits. Shared with workers/multistream.py.
+        """
+        if self.store.failure(stream_id) is not None:
+            return Outcome(stream_id, "failed", reason="stream is marked failed")
+        self._release_unreleased(stream_id)
+        lease = self.leases.acquire(stream_id, holder or self.worker_id,
+                                    self.settings.lease_seconds)
+        if lease is None:
+            return Outcome(stream_id, "busy")
+        if lease.took_over:
+            metrics.LEASES_TAKEN_OVER.inc()
+            log.info("stream %s: took over from %s", stream_id, lease.previous_holder)
+        return lease
+
     def _release(self, lease: Lease) -> None:
         """Release, or remember the lease if Redis is unreachable (never masks the error that
         is already propagating: a failed release only delays the stream until the next try)."""
@@ -181,6 +215,21 @@ class StreamProcessor:
             self._release(stale)
 
     def _process_leased(self, stream_id: str, lease: Lease, keeper: LeaseKeeper) -> Outcome:
+        began = self._begin(stream_id)
+        if isinstance(began, Outcome):
+            return began
+        loaded, batch, load_s = began
+        started = time.perf_counter()
+        new_state = self.engine.feed(loaded.state, batch.tokens) if batch.tokens else loaded.state
+        feed_s = time.perf_counter() - started
+        if batch.tokens:
+            metrics.FEED_SECONDS.labels(**self._labels).observe(feed_s)
+        return self._finish(stream_id, lease, keeper, loaded, batch, new_state, load_s, feed_s)
+
+    def _begin(self, stream_id: str) -> tuple[_Loaded, _Batch, float] | Outcome:
+        """The steps before the feed: the committed state and the next batch after it, with
+        the load time; or the outcome when there is nothing to feed ("idle", "failed").
+        Shared with workers/multistream.py, which feeds several streams' batches at once."""
         started = time.perf_counter()
         try:
             loaded = self._load(stream_id)
@@ -191,7 +240,8 @@ class StreamProcessor:
 
         try:
             batch = self._read_batch(stream_id, loaded.last_entry_id,
-                                     at_stream_start=loaded.state.tokens_seen == 0)
+                                     at_stream_start=loaded.state.tokens_seen == 0,
+                                     token_cap=self._rolling_cap(loaded.state.tokens_seen))
         except redis.ResponseError as exc:
             if "WRONGTYPE" not in str(exc):
                 raise
@@ -200,16 +250,20 @@ class StreamProcessor:
                                          f"({exc})")
         if batch is None:
             return Outcome(stream_id, "idle", version=loaded.version, cache_hit=loaded.cache_hit)
+        return loaded, batch, load_s
 
-        started = time.perf_counter()
-        new_state = self.engine.feed(loaded.state, batch.tokens) if batch.tokens else loaded.state
-        feed_s = time.perf_counter() - started
-        if batch.tokens:
-            metrics.FEED_SECONDS.labels(**self._labels).observe(feed_s)
+    def _finish(
+        self, stream_id: str, lease: Lease, keeper: LeaseKeeper, loaded: _Loaded, batch: _Batch,
+        new_state: EngineState, load_s: float, feed_s: float,
+    ) -> Outcome:
+        """The steps after the feed, under ``lease``: summaries, memory and the fenced
+        commit. Shared with workers/multistream.py."""
         checkpoint("after_feed")
         keeper.check()
 
-        summaries = self._summaries(loaded.state, new_state, batch)
+        head = read_head(self.client, stream_id) if self.keeps_memory else None
+        summaries = self._summaries(loaded.state, new_state, batch, head)
+        memory = self._memory_write(head, loaded.state, new_state, batch, summaries)
         keeper.check()
         # deliberately after the last lease check: a paused worker that resumes here must be
         # stopped by the commit's fencing check, not by luck
@@ -217,7 +271,8 @@ class StreamProcessor:
 
         started = time.perf_counter()
         try:
-            version, nbytes = self._commit(stream_id, lease, loaded, new_state, batch, summaries)
+            version, nbytes = self._commit(stream_id, lease, loaded, new_state, batch, summaries,
+                                           memory)
         except StaleCommitError as exc:
             self.cache.discard(stream_id)
             metrics.STALE_COMMITS.labels(reason=exc.reason or "stale").inc()
@@ -235,19 +290,35 @@ class StreamProcessor:
 
     # ----- steps -------------------------------------------------------------------------------
     def _load(self, stream_id: str) -> _Loaded:
-        """The committed state: from the hot cache when its version is current, else Redis."""
-        version = self.store.version(stream_id)
+        """The committed state: from the hot cache when its version is current, else Redis.
+
+        Either layout loads, whatever ``state_layout`` says (the header tells), so switching
+        layouts needs no migration: the next commit writes the configured one.
+        """
+        head = self.store.head(stream_id)  # version + segment names: one HMGET
+        version = head.version
         cached = self.cache.get(stream_id, version)
         if cached is not None:
             metrics.HOT_CACHE_HITS.inc()
-            return _Loaded(cached[0], version, cached[1], cache_hit=True)
+            return _Loaded(cached[0], version, cached[1], cache_hit=True,
+                           segments=head.segment_ids)
         if version == 0:  # a new stream: nothing to load, neither a hit nor a miss
             return _Loaded(self.engine.new_state(), 0, None, cache_hit=False)
         metrics.HOT_CACHE_MISSES.inc()
         started = time.perf_counter()
-        stored = self.store.load(stream_id)
+        stored = self.store.load(stream_id, head)  # hash + segments: one round trip
         if stored is None:
             return _Loaded(self.engine.new_state(), 0, None, cache_hit=False)
+        state = self._decode(stream_id, stored)
+        metrics.STATE_LOAD_BYTES.observe(
+            len(stored.data) + sum(len(b) for b in stored.segments.values()))
+        metrics.STATE_LOAD_SECONDS.observe(time.perf_counter() - started)
+        return _Loaded(state, stored.version, stored.last_entry_id, cache_hit=False,
+                       segments=sorted(stored.segments))
+
+    def _decode(self, stream_id: str, stored: StoredState) -> EngineState:
+        """A stored state of either layout as an engine state; refuses foreign or damaged
+        states (and segments) by name."""
         envelope = decode_state(
             stored.data, stream_id=stream_id, max_bytes=self.settings.max_state_bytes
         )
@@ -255,18 +326,46 @@ class StreamProcessor:
             envelope, self.engine.kind, self.engine.fingerprint, self.engine.params,
             stream_id=stream_id,
         )
-        state = self.engine.import_state(envelope.snapshot)
-        metrics.STATE_LOAD_BYTES.observe(len(stored.data))
-        metrics.STATE_LOAD_SECONDS.observe(time.perf_counter() - started)
-        return _Loaded(state, stored.version, stored.last_entry_id, cache_hit=False)
+        if not sinkkv_segments.is_segmented(envelope):
+            if stored.segments:
+                raise StateReadError(f"stream {stream_id!r}: a whole state with "
+                                     f"{len(stored.segments)} segment keys")
+            return self.engine.import_state(envelope.snapshot)
+        if not sinkkv_segments.supports(self.engine):
+            raise StateReadError(f"stream {stream_id!r}: segmented state, engine "
+                                 f"{self.engine.kind} cannot read it")
+        return sinkkv_segments.decode(
+            self.engine, envelope, stored.segments,  # type: ignore[arg-type]
+            stream_id=stream_id, max_bytes=self.settings.max_state_bytes,
+        )
+
+    def _encode(
+        self, loaded: _Loaded, new_state: EngineState, last_entry_id: str
+    ) -> tuple[bytes, SegmentUpdate | None]:
+        """The bytes a commit writes: the whole envelope, or (``state_layout = "segments"``,
+        sink-KV) the header plus the segments not stored yet."""
+        if self.settings.state_layout == "segments" and sinkkv_segments.supports(self.engine):
+            return sinkkv_segments.encode(
+                self.engine, new_state, loaded.segments, last_entry_id,  # type: ignore[arg-type]
+                max_bytes=self.settings.max_state_bytes,
+            )
+        return encode_state(
+            StateEnvelope(
+                engine=self.engine.kind, fingerprint=self.engine.fingerprint,
+                params=self.engine.params, tokens_seen=new_state.tokens_seen,
+                last_entry_id=last_entry_id, snapshot=self.engine.export_state(new_state),
+            ),
+            max_bytes=self.settings.max_state_bytes,
+        ), None
 
     def _read_batch(
-        self, stream_id: str, after: str | None, at_stream_start: bool
+        self, stream_id: str, after: str | None, at_stream_start: bool,
+        token_cap: int | None = None,
     ) -> _Batch | None:
         """Entries after the committed id, bounded by entry count and token budget.
 
         A batch stops right after an end-of-stream entry so the final summary covers exactly
-        the stream up to its end.
+        the stream up to its end. ``token_cap`` lowers the token budget (see ``_rolling_cap``).
         """
         limit = self.settings.max_batch_entries
         raw: Any = self.client.xrange(
@@ -282,6 +381,8 @@ class StreamProcessor:
         # the stream prefix (added below) counts against the batch's token budget too
         budget = self.settings.max_batch_tokens - (
             len(self.engine.stream_prefix()) if at_stream_start else 0)
+        if token_cap is not None:
+            budget = min(budget, token_cap)
         for entry_id, fields in raw[:limit]:
             parsed = parse_entry(entry_id, fields, max_text_bytes=self.settings.max_entry_bytes)
             if isinstance(parsed, Rejected):
@@ -305,53 +406,174 @@ class StreamProcessor:
             eos, more=len(raw) > used,
         )
 
+    def _rolling_cap(self, tokens_seen: int) -> int | None:
+        """With summary memory, a batch ends before the next rolling-summary boundary.
+
+        The batch after it then crosses the boundary with its first entry and is summarized at
+        once, so a rolling summary always sees every entry since the previous one inside the
+        window (``summary_every_tokens`` <= ``recent_tokens``): summary memory misses nothing.
+        """
+        every = self.settings.rolling_every_tokens
+        if not (self.settings.summary_memory and every > 0) \
+                or self.engine.window_tokens() is None:
+            return None
+        return max(1, (tokens_seen // every + 1) * every - tokens_seen)
+
     def _summaries(
-        self, before: EngineState, after: EngineState, batch: _Batch
+        self, before: EngineState, after: EngineState, batch: _Batch,
+        head: MemoryHead | None = None,
     ) -> list[OutputEntry]:
+        notes = self._notes(head)
         if batch.eos:
-            return [self.summarize(after, SummaryKind.FINAL, batch.last_id)]
+            return [self.summarize(after, SummaryKind.FINAL, batch.last_id, notes=notes)]
         if rolling_summary_due(
             before.tokens_seen, after.tokens_seen,
-            self.settings.summary_every_tokens,
+            self.settings.rolling_every_tokens,
         ):
-            return [self.summarize(after, SummaryKind.ROLLING, batch.last_id)]
+            return [self.summarize(after, SummaryKind.ROLLING, batch.last_id, notes=notes)]
         return []
+
+    def _notes(self, head: MemoryHead | None) -> str | None:
+        """The previous summary to fold in, when summary memory is on and there is one."""
+        if not self.settings.summary_memory or head is None or head.summary is None:
+            return None
+        return head.summary.text or None
 
     def summarize(
         self, state: EngineState, kind: SummaryKind, covers: str, instruction: str | None = None,
-        request: str = "",
+        request: str = "", notes: str | None = None,
     ) -> OutputEntry:
-        """Generate from a copy of ``state`` (engines never mutate it)."""
-        if instruction is None:
-            instruction = FINAL_INSTRUCTION if kind is SummaryKind.FINAL else ROLLING_INSTRUCTION
-        started = time.perf_counter()
-        ids = self.engine.generate(
-            state, self.engine.summary_prompt(instruction),
-            self.settings.summary_max_new_tokens, SUMMARY_SAMPLING,
+        """Generate from a copy of ``state`` (engines never mutate it).
+
+        ``notes``: the previous summary (summary memory), folded in. A final summary is
+        meeting notes in sections, each generated with its own short prompt (``SECTIONS``).
+        """
+        if instruction is None and kind is SummaryKind.FINAL:
+            text = format_notes([(section, self._section(state, section, notes))
+                                 for section in SECTIONS])
+        else:
+            text = self._generate(
+                state, self.engine.summary_prompt(instruction or rolling_instruction(notes)),
+                self.settings.summary_max_new_tokens, kind)
+        return make_output(
+            kind, text, covers, state.tokens_seen, self.engine.model_name, request,
         )
+
+    def _section(self, state: EngineState, section: Section, notes: str | None) -> str:
+        lead = self.engine.tokenizer.encode(section.lead) if section.lead else []
+        prompt = self.engine.summary_prompt(section_instruction(section, notes)) + lead
+        budget = self.settings.summary_max_new_tokens if not section.bullets \
+            else max(16, self.settings.summary_max_new_tokens // 2)
+        return tidy_section(section, self._generate(state, prompt, budget, SummaryKind.FINAL))
+
+    def _generate(
+        self, state: EngineState, prompt: list[int], max_new_tokens: int, kind: SummaryKind,
+        extra_capacity: int = 0,
+    ) -> str:
+        """The one place that runs the model for text: model output only ever becomes the
+        ``text`` of an output entry (and, through summary memory, a later prompt's notes)."""
+        started = time.perf_counter()
+        ids = self.engine.generate(state, prompt, max_new_tokens, SUMMARY_SAMPLING,
+                                   extra_capacity=extra_capacity)
         labels = {**self._labels, "kind": kind.value}
         metrics.SUMMARY_SECONDS.labels(**labels).observe(time.perf_counter() - started)
         metrics.SUMMARY_TOKENS.labels(**labels).inc(len(ids))
-        return make_output(
-            kind, self.engine.tokenizer.decode(ids), covers,
-            state.tokens_seen, self.engine.model_name, request,
+        return str(self.engine.tokenizer.decode(ids))
+
+    # ----- whole-stream memory ------------------------------------------------------------------
+    @property
+    def embedder(self) -> Embedder | None:
+        """The embedding model when ``retrieval = "embedding"`` and it can load (else BM25)."""
+        if self.settings.retrieval != "embedding":
+            return None
+        return get_embedder(self.settings.embedding_model)
+
+    def _memory_write(
+        self, head: MemoryHead | None, before: EngineState, after: EngineState, batch: _Batch,
+        summaries: Sequence[OutputEntry],
+    ) -> MemoryWrite | None:
+        """What this batch changes in the stream's memory, committed with the batch."""
+        if head is None:
+            return None
+        summary = None
+        if self.settings.summary_memory and summaries and summaries[-1].text:
+            last = summaries[-1]
+            summary = SummaryMemory(last.text, last.covers, last.tokens_seen)
+        retrieval = self.settings.retrieval != "off"
+        return plan_write(
+            head, self._turns(before, after, batch) if retrieval else [],
+            chunk_tokens=self.settings.memory_chunk_tokens if retrieval else None,
+            max_chunks=self.settings.memory_max_chunks, embedder=self.embedder,
+            summary=summary,
         )
+
+    def _turns(self, before: EngineState, after: EngineState, batch: _Batch) -> list[Turn]:
+        """The batch's entries with their token positions in the stream."""
+        pos = before.tokens_seen
+        if before.tokens_seen == 0 and batch.entries:
+            pos += len(self.engine.stream_prefix())
+        turns = []
+        for entry in batch.entries:
+            n = len(turn_tokens(self.engine, entry))
+            line = format_turn(entry.text, entry.speaker) if entry.text else ""
+            turns.append(Turn(entry.id, line, entry.speaker, entry.ts, pos, pos + n))
+            pos += n
+        if pos != after.tokens_seen:  # would misplace chunks against the window
+            raise RuntimeError(f"memory positions disagree with the state: {pos} vs "
+                               f"{after.tokens_seen} tokens")
+        return turns
+
+    def answer(self, stream_id: str, question: str, request: str = "") -> OutputEntry:
+        """Answer ``question`` from the committed state, plus the most relevant text that left
+        the window (``retrieval``), placed in a temporary context after the window.
+
+        Read-only: needs no lease. The output's ``sources`` cite the retrieved chunks.
+        """
+        state, covers = self.committed_state(stream_id)
+        notes = self._notes(read_head(self.client, stream_id)) \
+            if self.settings.summary_memory else None
+        hits: list[retrieve.Hit] = []
+        if self.settings.retrieval != "off":
+            candidates = retrieve.evicted(read_chunks(self.client, stream_id),
+                                          state.tokens_seen, self.engine.window_tokens())
+            hits = retrieve.rank(question, candidates, top_k=self.settings.retrieval_top_k,
+                                 embedder=self.embedder)
+        max_new = self.settings.summary_max_new_tokens
+        limit = self.engine.max_extra_capacity()
+        while True:
+            used = sorted(hits, key=lambda h: h.chunk.seq)  # in the order they were said
+            sources = [Source((h.chunk.first_id, h.chunk.last_id), h.chunk.speakers, h.chunk.ts,
+                              h.score) for h in used]
+            instruction = answer_with_context_instruction(
+                question, context_block(sources, [h.chunk.text for h in used]) if used else "",
+                notes)
+            prompt = self.engine.summary_prompt(instruction)
+            extra = len(prompt) + max_new + self.engine.chunk_tokens
+            if extra <= limit or not hits:
+                break
+            hits = sorted(hits, key=lambda h: -h.score)[:-1]  # drop the least relevant
+        text = self._generate(state, prompt, max_new, SummaryKind.ANSWER,
+                              extra_capacity=min(extra, limit))
+        return make_output(SummaryKind.ANSWER, text, covers or "0-0", state.tokens_seen,
+                           self.engine.model_name, request, sources)
+
+    def summary_now(self, stream_id: str, request: str = "") -> OutputEntry:
+        """An on-demand summary of the committed state, folding in the summary memory."""
+        state, covers = self.committed_state(stream_id)
+        notes = self._notes(read_head(self.client, stream_id)) \
+            if self.settings.summary_memory else None
+        return self.summarize(state, SummaryKind.ON_DEMAND, covers or "0-0", request=request,
+                              notes=notes)
 
     def _commit(
         self, stream_id: str, lease: Lease, loaded: _Loaded, new_state: EngineState,
-        batch: _Batch, summaries: Sequence[OutputEntry],
+        batch: _Batch, summaries: Sequence[OutputEntry], memory: MemoryWrite | None = None,
     ) -> tuple[int, int]:
         started = time.perf_counter()
         payload: bytes | None = None
+        segments: SegmentUpdate | None = None
         if batch.tokens or loaded.version == 0:
-            payload = encode_state(
-                StateEnvelope(
-                    engine=self.engine.kind, fingerprint=self.engine.fingerprint,
-                    params=self.engine.params, tokens_seen=new_state.tokens_seen,
-                    last_entry_id=batch.last_id, snapshot=self.engine.export_state(new_state),
-                ),
-                max_bytes=self.settings.max_state_bytes,
-            )
+            payload, segments = self._encode(loaded, new_state, batch.last_id)
         tokens_total = new_state.tokens_seen
         meta: dict[str, str | int | float] = {"tokens_seen": tokens_total,
                                               "worker": self.worker_id}
@@ -369,15 +591,20 @@ class StreamProcessor:
             summary=summaries[-1].fields() if summaries else None,
             trim_input=self.settings.trim_applied_input,
             output_maxlen=OUTPUT_MAXLEN,
+            hash_updates=[HashUpdate(StreamKeys.of(stream_id).memory, memory.set, memory.delete)]
+            if memory else (),
+            segments=segments,
         )
         self.cache.put(stream_id, result.version, (new_state, batch.last_id),
                        self.engine.state_nbytes(new_state))
         metrics.HOT_CACHE_BYTES.set(self.cache.nbytes)
+        written = len(payload or b"") + result.segment_bytes
         if payload is not None:
-            metrics.STATE_SAVE_BYTES.observe(len(payload))
-            metrics.STATE_SIZE.labels(**self._labels).set(len(payload))
+            metrics.STATE_SAVE_BYTES.observe(written)
+            metrics.STATE_SIZE.labels(**self._labels).set(
+                len(payload) if segments is None else self.engine.state_nbytes(new_state))
         metrics.STATE_SAVE_SECONDS.observe(time.perf_counter() - started)
-        return result.version, len(payload or b"")
+        return result.version, written
 
     def _fail(self, stream_id: str, reason: str) -> Outcome:
         """Park a stream whose state cannot be used; the others carry on."""

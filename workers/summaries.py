@@ -7,9 +7,12 @@ the new tokens, never a re-read of the transcript.
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from workers.engines.base import Sampling
 
@@ -38,6 +41,154 @@ def answer_instruction(question: str) -> str:
     return f"Answer this question about the conversation above: {question}"
 
 
+# ----- whole-stream memory (issue #8) ---------------------------------------------------------
+#: how much of the previous summary a prompt carries (characters; a runaway summary from a
+#: small model must not crowd the window out of the next prompt)
+MAX_NOTES_CHARS = 1500
+
+
+def rolling_instruction(previous: str | None) -> str:
+    """The rolling-summary instruction, folding in the previous summary when there is one.
+
+    The previous summary covers text that may have left the window; asking for a summary of
+    "the earlier part and the conversation above" carries the whole stream forward in a
+    bounded prompt. (Tried by hand on SmolLM2-135M: "update these notes" made it describe the
+    notes - "The previous note mentions..." - and notes placed after the request were
+    ignored; notes first, then one request naming both parts, worked best.)
+    """
+    if not previous:
+        return ROLLING_INSTRUCTION
+    return (f"Earlier in the conversation: {_notes(previous)}\n\n"
+            "Summarize the whole conversation so far, the earlier part and the conversation "
+            "above, in four sentences. Mention who does what.")
+
+
+@dataclass(frozen=True)
+class Section:
+    """One section of the final meeting notes, generated with its own short prompt.
+
+    ``lead`` pre-fills the assistant's answer (``"-"`` for a list), which a 135M model
+    follows far better than a multi-part instruction. No trailing space: BPE vocabularies
+    attach the space to the next word, and a lead of ``"- "`` made SmolLM2 continue with word
+    pieces ("- rd person ...").
+    """
+
+    title: str
+    instruction: str
+    lead: str = ""
+    bullets: bool = True
+
+
+#: the sections people expect from meeting notes, in the order they are printed;
+#: ``{meeting}`` is "the meeting above", or with summary memory "the whole meeting"
+SECTIONS = (
+    Section("Summary", "Summarize {meeting} in three sentences.", bullets=False),
+    Section("Decisions", "List the decisions made in {meeting}, one per line.", "-"),
+    Section("Action items", "List the action items from {meeting}, one per line, each with "
+                            "the name of the person who owns it.", "-"),
+    Section("Open questions", "List the questions {meeting} left open, one per line.", "-"),
+)
+#: most items kept in a list section, and characters in the summary section
+MAX_SECTION_ITEMS = 6
+
+
+def section_instruction(section: Section, previous: str | None) -> str:
+    if not previous:
+        return section.instruction.format(meeting="the meeting above")
+    return (f"Earlier in the meeting: {_notes(previous)}\n\n" + section.instruction.format(
+        meeting="the whole meeting, the earlier part and the conversation above"))
+
+
+def tidy_section(section: Section, generated: str) -> str:
+    """The generated section body, cut to what belongs to it: small models go on to the next
+    section or loop, so a list keeps its first distinct ``- `` items and prose its first
+    paragraph."""
+    text = (section.lead + generated).strip()
+    if not section.bullets:
+        return text.split("\n\n")[0].strip()
+    items: list[str] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            if items:
+                break
+            continue
+        if not line.startswith(("-", "*", "•")) and not line[:1].isdigit():
+            if items:
+                break
+            continue
+        item = line.lstrip("-*•0123456789.) ").strip()
+        if item and item.lower() not in {i.lower() for i in items}:
+            items.append(item)
+        if len(items) >= MAX_SECTION_ITEMS:
+            break
+    return "\n".join(f"- {i}" for i in items) if items else "- none noted"
+
+
+def format_notes(sections: Sequence[tuple[Section, str]]) -> str:
+    """Meeting notes as markdown: one ``## Title`` per section."""
+    return "\n\n".join(f"## {s.title}\n{body}" for s, body in sections)
+
+
+def context_block(sources: Sequence[Source], texts: Sequence[str]) -> str:
+    """Retrieved text that left the window, each excerpt labelled with where it came from."""
+    parts = [f"[{i}] {src.label()}\n{text.strip()}"
+             for i, (src, text) in enumerate(zip(sources, texts, strict=True), start=1)]
+    return "Earlier parts of the conversation, no longer above:\n\n" + "\n\n".join(parts)
+
+
+def answer_with_context_instruction(
+    question: str, context: str = "", notes: str | None = None
+) -> str:
+    """The answer instruction, after the retrieved ``context`` and the summary-memory
+    ``notes`` when there are any (both come after the window, in the same user turn)."""
+    head = f"Earlier in the conversation: {_notes(notes)}\n\n" if notes else ""
+    if not context:
+        return head + answer_instruction(question)
+    return (f"{head}{context}\n\nQuestion: {question}\nAnswer in one short sentence, using "
+            "the conversation above and the earlier parts.")
+
+
+def _notes(text: str) -> str:
+    text = text.strip()
+    return text if len(text) <= MAX_NOTES_CHARS else text[:MAX_NOTES_CHARS].rsplit(" ", 1)[0]
+
+
+@dataclass(frozen=True)
+class Source:
+    """What an answer rests on: a run of input entries, who spoke, when, and how relevant."""
+
+    entries: tuple[str, str]
+    speakers: tuple[str, ...] = ()
+    ts: tuple[float, float] | None = None
+    score: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"entries": list(self.entries), "speakers": list(self.speakers),
+                "ts": list(self.ts) if self.ts is not None else None,
+                "score": round(self.score, 4)}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Source:
+        first, last = raw["entries"]
+        ts = raw.get("ts")
+        return cls((str(first), str(last)), tuple(str(s) for s in raw.get("speakers") or ()),
+                   (float(ts[0]), float(ts[1])) if ts else None, float(raw.get("score", 0.0)))
+
+    def label(self) -> str:
+        """``12:01-14:30, Alice, Bob`` (or the entry ids when there are no timestamps)."""
+        where = (f"{clock(self.ts[0])}-{clock(self.ts[1])}" if self.ts is not None
+                 else f"entries {self.entries[0]}..{self.entries[1]}")
+        return f"{where}, {', '.join(self.speakers)}" if self.speakers else where
+
+
+def clock(seconds: float) -> str:
+    """``m:ss`` or ``h:mm:ss`` (timestamps of entries are seconds)."""
+    whole = int(seconds)
+    h, m, s = whole // 3600, whole // 60 % 60, whole % 60
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
 def format_turn(text: str, speaker: str | None) -> str:
     """How one input entry enters the model: ``Speaker: text`` on its own line."""
     text = text.strip()
@@ -55,6 +206,7 @@ class OutputEntry:
     model: str
     ts: float
     request: str = ""
+    sources: tuple[Source, ...] = ()
 
     def fields(self) -> dict[str, str]:
         out = {
@@ -67,6 +219,8 @@ class OutputEntry:
         }
         if self.request:
             out["request"] = self.request
+        if self.sources:
+            out["sources"] = json.dumps([src.to_dict() for src in self.sources])
         return out
 
     @classmethod
@@ -79,13 +233,26 @@ class OutputEntry:
             model=fields.get("model", ""),
             ts=float(fields.get("ts", "0")),
             request=fields.get("request", ""),
+            sources=parse_sources(fields.get("sources", "")),
         )
 
 
+def parse_sources(text: str) -> tuple[Source, ...]:
+    """The ``sources`` field of an output entry (empty or unreadable: none)."""
+    if not text:
+        return ()
+    try:
+        return tuple(Source.from_dict(raw) for raw in json.loads(text))
+    except (ValueError, KeyError, TypeError):
+        return ()
+
+
 def make_output(
-    kind: SummaryKind, text: str, covers: str, tokens_seen: int, model: str, request: str = ""
+    kind: SummaryKind, text: str, covers: str, tokens_seen: int, model: str, request: str = "",
+    sources: Sequence[Source] = (),
 ) -> OutputEntry:
-    return OutputEntry(kind, text.strip(), covers, tokens_seen, model, time.time(), request)
+    return OutputEntry(kind, text.strip(), covers, tokens_seen, model, time.time(), request,
+                       tuple(sources))
 
 
 def rolling_summary_due(tokens_before: int, tokens_after: int, every: int) -> bool:

@@ -12,10 +12,10 @@ from kombu.exceptions import ChannelError
 from monitoring.metrics import start_metrics_server
 from state_store.connection import TRANSIENT_ERRORS
 from workers.app import QUEUE, app
+from workers.multistream import MultiStreamProcessor, companion_holder
 from workers.processor import Outcome
 from workers.runtime import Runtime, get_runtime
 from workers.scheduling import Dispatcher
-from workers.summaries import SummaryKind, answer_instruction
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,15 @@ def process_stream(stream_id: str) -> dict[str, Any]:
     rt = runtime()
     try:
         rt.scheduler.refresh(stream_id)
-        outcome = rt.processor.process(stream_id, rt.settings.batch_time_slice_seconds)
+        outcome = _process(rt, stream_id)
         _log_outcome(stream_id, outcome)
-        if outcome.status == "busy":
+        if outcome.status == "busy" and companion_holder(rt.processor.leases.holder(stream_id)):
+            # held for one batched round as another task's companion: that holder does not
+            # continue the stream, so this task comes back shortly (the flag stays set)
+            rt.scheduler.refresh(stream_id)
+            process_stream.apply_async(args=[stream_id], queue=QUEUE,
+                                       countdown=_COMPANION_RETRY_S)
+        elif outcome.status == "busy":
             # another worker holds the lease and continues the stream itself
             rt.scheduler.after_busy(stream_id)
         else:
@@ -67,6 +73,27 @@ def process_stream(stream_id: str) -> dict[str, Any]:
     return {"status": outcome.status, "entries": outcome.entries, "tokens": outcome.tokens}
 
 
+#: a task whose stream is held as a companion comes back after this long
+_COMPANION_RETRY_S = 0.2
+_multistream: MultiStreamProcessor | None = None
+
+
+def _process(rt: Runtime, stream_id: str) -> Outcome:
+    """The task's batches: of ``stream_id`` alone, or (``batch_streams`` > 1) together with
+    companions claimed by ``workers/multistream.py``; returns ``stream_id``'s outcome.
+    Companions keep their own scheduling (their queued tasks or the dispatcher)."""
+    if rt.settings.batch_streams <= 1:
+        return rt.processor.process(stream_id, rt.settings.batch_time_slice_seconds)
+    global _multistream
+    if _multistream is None:
+        _multistream = MultiStreamProcessor(rt.processor, rt.settings.batch_streams,
+                                            rt.settings.batch_tokens)
+    outcomes = _multistream.process(stream_id, rt.settings.batch_time_slice_seconds)
+    for companion in outcomes[1:]:
+        _log_outcome(companion.stream_id, companion)
+    return outcomes[0]
+
+
 def _log_outcome(stream_id: str, outcome: Outcome) -> None:
     if outcome.status == "applied":
         log.info("stream %s: %d entries, %d tokens, v%d (feed %.3fs, load %.3fs%s, save %.3fs)",
@@ -78,14 +105,15 @@ def _log_outcome(stream_id: str, outcome: Outcome) -> None:
 
 @app.task(name="sinkstream.summarize", ignore_result=True)
 def summarize(stream_id: str, request: str, question: str = "") -> None:
-    """On-demand summary or answer from the committed state, appended to the output stream."""
+    """On-demand summary or answer from the committed state, appended to the output stream.
+
+    An answer also draws on the stream's retrieval memory and cites it (``sources``).
+    """
     rt = runtime()
-    state, covers = rt.processor.committed_state(stream_id)
-    kind = SummaryKind.ANSWER if question else SummaryKind.ON_DEMAND
-    entry = rt.processor.summarize(
-        state, kind, covers or "0-0", answer_instruction(question) if question else None,
-        request=request,
-    )
+    if question:
+        entry = rt.processor.answer(stream_id, question, request=request)
+    else:
+        entry = rt.processor.summary_now(stream_id, request=request)
     from state_store.keys import StreamKeys
 
     fields: Any = entry.fields()

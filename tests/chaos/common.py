@@ -37,11 +37,11 @@ import redis
 from producer.entries import InputEntry, read_entries
 from producer.publisher import Producer
 from sinkstream.settings import Settings
-from state_store.codec import decode_state
 from state_store.keys import StreamKeys
 from state_store.store import StateStore
 from tests.pipeline.harness import ROOT, Worker, WorkerPool, settings_from_env, wait_until
 from workers.engines.base import Engine
+from workers.engines.sinkkv_segments import whole_snapshot
 from workers.processor import entry_tokens
 
 DEFAULT_SEED = 20261123
@@ -178,7 +178,8 @@ def committed(client: redis.Redis, stream: str) -> tuple[str | None, dict[str, b
     stored = StateStore(client).load(stream)
     if stored is None:
         return None, None
-    return stored.last_entry_id, _snapshot_bytes(decode_state(stored.data).snapshot)
+    # either state layout (whole, or segments reassembled)
+    return stored.last_entry_id, _snapshot_bytes(whole_snapshot(stored.data, stored.segments))
 
 
 def verify(client: redis.Redis, reference: Reference, workload: Workload) -> Verdict:

@@ -21,10 +21,10 @@ import redis
 
 from producer.entries import InputEntry, read_entries
 from sinkstream.settings import Settings
-from state_store.codec import decode_state
 from state_store.keys import StreamKeys
 from state_store.store import StateStore
 from workers.engines.loading import load_engine
+from workers.engines.sinkkv_segments import whole_snapshot
 from workers.processor import entry_tokens
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,6 +50,9 @@ def worker_env(
         "SINKSTREAM_DISPATCH_INTERVAL_SECONDS": "0.05",
         "SINKSTREAM_METRICS_PORT": "0",
         "SINKSTREAM_TRIM_APPLIED_INPUT": "false",
+        # lexical retrieval: no embedding model to load in every test worker (tests/memory
+        # covers the embedding path)
+        "SINKSTREAM_RETRIEVAL": "bm25",
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
     }
@@ -158,7 +161,7 @@ def reference_tensors(settings: Settings, turns: Iterable[InputEntry]) -> dict[s
 def committed_tensors(client: redis.Redis, stream: str) -> dict[str, bytes]:
     stored = StateStore(client).load(stream)
     assert stored is not None, f"no committed state for {stream}"
-    snapshot = decode_state(stored.data).snapshot
+    snapshot = whole_snapshot(stored.data, stored.segments)  # either state layout
     return {name: t.data for name, t in snapshot.tensors.items()} | {
         "__scalars__": json.dumps(snapshot.scalars, sort_keys=True, default=str).encode()
     }

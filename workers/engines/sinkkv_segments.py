@@ -20,22 +20,36 @@ are proportional to the new tokens (plus the header), not to the window. :func:`
 rebuilds a state bit-identical to the one split (the engine re-rotates from stored slots as
 usual), so whole and segmented layouts continue a stream identically.
 
-This module is the engine side only. The Redis side (segment keys under the stream's hash
-tag, written and deleted in the same fenced commit as the header) is not wired into
-``state_store.store`` yet; ``benchmarks/state_io.py`` measures the I/O of the layout.
+This module is the engine side (it needs torch). The Redis side is ``state_store.store``: the
+header is stored where a whole state goes, each segment under its own key in the stream's hash
+tag, new ones staged before and evicted ones deleted in the same fenced commit
+(``SegmentUpdate``). Header and segments are each a codec envelope (own digest, engine,
+fingerprint, params). :func:`encode` and :func:`decode` are what ``workers/processor.py``
+calls; ``benchmarks/state_io.py`` measures the I/O through the real commit path.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
-from state_store.tensors import RawTensor, StateSnapshot
+from state_store.codec import (
+    StateEnvelope,
+    StateTooLargeError,
+    check_compatible,
+    decode_segment,
+    decode_state,
+    encode_state,
+)
+from state_store.store import SegmentUpdate
+from state_store.tensors import DTYPE_SIZES, RawTensor, StateSnapshot
 from workers.engines.base import StateMismatchError
 from workers.engines.sinkkv import SinkKVEngine, SinkKVState
-from workers.engines.tensor_bytes import from_raw, to_raw
+from workers.engines.tensor_bytes import dtype_name, to_raw, torch_dtype
 
 LAYOUT = "sinkkv-segments/v1"
 
@@ -58,23 +72,59 @@ def _processed(state: SinkKVState) -> int:
     return state.tokens_seen - len(state.pending)
 
 
+@dataclass(frozen=True)
+class _Geometry:
+    """What a window's layout depends on: from the engine, or from a stored header."""
+
+    sink: int
+    recent: int
+    chunk: int
+
+    @classmethod
+    def of(cls, engine: SinkKVEngine) -> _Geometry:
+        return cls(engine.window.sink, engine.window.recent, engine.chunk_tokens)
+
+    def positions(self, processed: int) -> torch.Tensor:
+        if processed <= self.sink + self.recent:
+            return torch.arange(processed, dtype=torch.long)
+        return torch.cat([
+            torch.arange(self.sink, dtype=torch.long),
+            torch.arange(processed - self.recent, processed, dtype=torch.long),
+        ])
+
+    def segment_ids(self, processed: int) -> list[int]:
+        pos = self.positions(processed)
+        return sorted({int(p) for p in torch.unique(pos // self.chunk)})
+
+
 def positions(engine: SinkKVEngine, processed: int) -> torch.Tensor:
     """Stream position of every cache index of a state that has processed ``processed``."""
-    w = engine.window
-    if processed <= w.capacity:
-        return torch.arange(processed, dtype=torch.long)
-    return torch.cat(
-        [
-            torch.arange(w.sink, dtype=torch.long),
-            torch.arange(processed - w.recent, processed, dtype=torch.long),
-        ]
-    )
+    return _Geometry.of(engine).positions(processed)
 
 
 def segment_ids(engine: SinkKVEngine, processed: int) -> list[int]:
     """Sorted ids of the segments overlapping the window after ``processed`` tokens."""
-    pos = positions(engine, processed)
-    return sorted({int(p) for p in torch.unique(pos // engine.chunk_tokens)})
+    return _Geometry.of(engine).segment_ids(processed)
+
+
+def _view(raw: RawTensor) -> torch.Tensor:
+    """A read-only view of a segment's bytes, no copy: segments are only sliced and
+    concatenated (one copy), never written in place."""
+    dtype = torch_dtype(raw.dtype)
+    if not raw.data:
+        return torch.empty(raw.shape, dtype=dtype)
+    with warnings.catch_warnings():  # torch warns that the bytes are not writable: by design
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(raw.data, dtype=torch.uint8)
+    return flat.view(dtype).reshape(raw.shape)
+
+
+def _raw_view(tensor: torch.Tensor) -> RawTensor:
+    """``tensor``'s bytes as a RawTensor without a copy (``import_state`` makes the one copy
+    the state keeps); the memoryview keeps the tensor alive."""
+    t = tensor.contiguous()
+    data = t.view(torch.uint8).reshape(-1).numpy().data if t.numel() else b""
+    return RawTensor(dtype_name(t.dtype), tuple(t.shape), cast(bytes, data))
 
 
 def _check_engine(engine: SinkKVEngine) -> None:
@@ -102,6 +152,8 @@ def header_of(engine: SinkKVEngine, state: SinkKVState) -> StateSnapshot:
             "fingerprint": engine.fingerprint,
             "params": engine.params,
             "segments": segment_ids(engine, processed),
+            # K/V geometry, so an empty window can be rebuilt without the engine
+            "kv": [engine.kv_heads, engine.head_dim, dtype_name(engine.storage_dtype)],
         },
     )
 
@@ -142,46 +194,193 @@ def assemble(
 ) -> SinkKVState:
     """Rebuild the state from its header and segments; validated by ``import_state``."""
     _check_engine(engine)
+    return engine.import_state(join(header, segments))
+
+
+def join(header: StateSnapshot, segments: Mapping[int, StateSnapshot]) -> StateSnapshot:
+    """The whole-layout snapshot (what ``export_state`` gives) of a segmented state, without
+    an engine: the window geometry comes from the header. Raises StateMismatchError when the
+    segments do not cover the window exactly; ``import_state`` checks the rest."""
     sc = header.scalars
     if sc.get("layout") != LAYOUT:
         raise StateMismatchError(f"state layout {sc.get('layout')!r}, expected {LAYOUT!r}")
+    geo, layers, kv = _header_geometry(sc)
     seen, pending = sc.get("tokens_seen"), sc.get("pending")
     if not isinstance(seen, int) or not isinstance(pending, list):
         raise StateMismatchError("segmented state header lacks tokens_seen/pending")
     processed = seen - len(pending)
-    if processed < 0 or processed % engine.chunk_tokens:
+    if processed < 0 or processed % geo.chunk:
         raise StateMismatchError(f"segmented header: {seen} seen, {len(pending)} pending")
-    want = segment_ids(engine, processed)
+    want = geo.segment_ids(processed)
     listed = sc.get("segments")
     if not isinstance(listed, list) or listed != want or sorted(segments) != want:
         raise StateMismatchError(
             f"segmented state lists segments {sc.get('segments')!r} and holds "
             f"{sorted(segments)}; its window needs {want}"
         )
-    kept_pos = positions(engine, processed)
+    kept_pos = geo.positions(processed)
+    names = {"pos", "slots"} | {
+        f"{kind}.{layer}" for kind in ("keys", "values") for layer in range(layers)
+    }
     parts: dict[str, list[torch.Tensor]] = {}
     for g in want:
         seg = segments[g]
-        pos = from_raw(seg.tensors["pos"]).to(torch.long)
-        index = torch.nonzero(torch.isin(pos, kept_pos)).flatten()
+        if set(seg.tensors) != names:
+            raise StateMismatchError(
+                f"segment {g} holds tensors {sorted(seg.tensors)[:4]}..., not this model's"
+            )
+        pos = _view(seg.tensors["pos"]).to(torch.long)
+        if pos.dim() != 1:
+            raise StateMismatchError(f"segment {g}: positions are not a vector")
+        # the window is [0, S) and [processed - R, processed): a comparison, not a set lookup
+        kept = (pos < geo.sink) | (pos >= processed - geo.recent)
+        index = torch.nonzero(kept & (pos < processed)).flatten()
         lo, n = (int(index[0]), index.numel()) if index.numel() else (0, 0)
         contiguous = n == 0 or int(index[-1]) - lo + 1 == n
         for name, raw in seg.tensors.items():
-            t = from_raw(raw)
+            t = _view(raw)
             dim = 1 if name.startswith(("keys.", "values.")) else 0
+            if t.dim() <= dim or t.shape[dim] != pos.shape[0]:
+                raise StateMismatchError(f"segment {g}: tensor {name} has shape {raw.shape}")
             # kept tokens of a segment are almost always one run: a view, no gather
             part = t.narrow(dim, lo, n) if contiguous else t.index_select(dim, index)
             parts.setdefault(name, []).append(part)
     got = torch.cat(parts["pos"]) if parts else torch.zeros(0, dtype=torch.long)
     if not torch.equal(got, kept_pos):
         raise StateMismatchError("segments do not cover the window exactly")
-    tensors = {
-        name: to_raw(torch.cat(ts, dim=1 if "." in name else 0)) for name, ts in parts.items()
-    }
+    try:
+        tensors = {
+            name: _raw_view(torch.cat(ts, dim=1 if "." in name else 0))
+            for name, ts in parts.items()
+        }
+    except RuntimeError as exc:  # segments of different shapes or dtypes
+        raise StateMismatchError(f"segments do not fit together: {exc}") from None
     tensors.pop("pos", None)
     if not parts:  # an empty stream: no segments at all
-        empty = engine.export_state(engine.new_state()).tensors
-        tensors = {k: v for k, v in empty.items() if k != "last_hidden"}
+        heads, dim, dtype = kv
+        empty = RawTensor(dtype, (heads, 0, dim), b"")
+        tensors = {"slots": RawTensor("int64", (0,), b"")}
+        tensors |= {f"{kind}.{layer}": empty for kind in ("keys", "values")
+                    for layer in range(layers)}
     tensors["last_hidden"] = header.tensors["last_hidden"]
-    scalars = {k: v for k, v in sc.items() if k not in ("layout", "segments")}
-    return engine.import_state(StateSnapshot(tensors=tensors, scalars=scalars))
+    scalars = {k: v for k, v in sc.items() if k not in ("layout", "segments", "kv")}
+    return StateSnapshot(tensors=tensors, scalars=scalars)
+
+
+def _header_geometry(sc: Mapping[str, object]) -> tuple[_Geometry, int, tuple[int, int, str]]:
+    params, kv = sc.get("params"), sc.get("kv")
+    if not isinstance(params, dict):
+        raise StateMismatchError("segmented state header lacks params")
+    sink, recent, chunk, layers = (
+        _count(params.get("sink_tokens")), _count(params.get("recent_tokens")),
+        _count(params.get("chunk_tokens")), _count(sc.get("layers")),
+    )
+    if sink is None or recent is None or chunk is None or layers is None:
+        raise StateMismatchError(f"segmented state header has a bad window {params!r}")
+    if chunk < 1 or recent < chunk:
+        raise StateMismatchError(f"segmented state header: recent {recent} < chunk {chunk}")
+    if not (isinstance(kv, list) and len(kv) == 3 and kv[2] in DTYPE_SIZES):
+        raise StateMismatchError(f"segmented state header has a bad kv geometry {kv!r}")
+    heads, dim = _count(kv[0]), _count(kv[1])
+    if heads is None or dim is None:
+        raise StateMismatchError(f"segmented state header has a bad kv geometry {kv!r}")
+    return _Geometry(sink, recent, chunk), layers, (heads, dim, str(kv[2]))
+
+
+def _count(value: object) -> int | None:
+    """``value`` if it is a non-negative int (not a bool), else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+# ----- bytes: what the processor commits and loads ---------------------------------------------
+def supports(engine: object) -> bool:
+    """True when ``engine`` can store its states as segments (sink-KV, R >= chunk)."""
+    return isinstance(engine, SinkKVEngine) and engine.window.recent >= engine.chunk_tokens
+
+
+def is_segmented(envelope: StateEnvelope) -> bool:
+    """True when a decoded envelope is the header of a segmented state."""
+    return envelope.snapshot.scalars.get("layout") == LAYOUT
+
+
+def _wrap(
+    engine: SinkKVEngine, snapshot: StateSnapshot, tokens_seen: int, last_entry_id: str | None
+) -> StateEnvelope:
+    return StateEnvelope(
+        engine=engine.kind, fingerprint=engine.fingerprint, params=engine.params,
+        tokens_seen=tokens_seen, last_entry_id=last_entry_id, snapshot=snapshot,
+    )
+
+
+def encode(
+    engine: SinkKVEngine,
+    state: SinkKVState,
+    stored: Iterable[int],
+    last_entry_id: str | None,
+    *,
+    max_bytes: int | None = None,
+) -> tuple[bytes, SegmentUpdate]:
+    """The header bytes and the segment update that turn stored segments ``stored`` into
+    ``state``: only segments not stored yet are encoded (the bytes a commit writes)."""
+    if max_bytes is not None and engine.state_nbytes(state) > max_bytes:
+        raise StateTooLargeError(
+            f"state is {engine.state_nbytes(state)} bytes of tensors, limit is {max_bytes}"
+        )
+    p = plan(engine, state, stored)
+    header = encode_state(_wrap(engine, p.header, state.tokens_seen, last_entry_id),
+                          max_bytes=max_bytes)
+    write = {
+        g: encode_state(_wrap(engine, seg, state.tokens_seen, None), max_bytes=max_bytes)
+        for g, seg in p.write.items()
+    }
+    return header, SegmentUpdate(keep=p.keep, write=write)
+
+
+def decode(
+    engine: SinkKVEngine,
+    header: StateEnvelope,
+    segments: Mapping[int, bytes],
+    *,
+    stream_id: str | None = None,
+    max_bytes: int | None = None,
+) -> SinkKVState:
+    """Rebuild a state from its decoded (and compatibility-checked) header envelope and the
+    segments' bytes. Each segment is decoded and checked on its own, so a corrupt or foreign
+    one is refused by name (:class:`state_store.codec.StateError`); ``assemble`` then checks
+    that they cover the window exactly (:class:`StateMismatchError`)."""
+    total = sum(len(b) for b in segments.values())
+    if max_bytes is not None and total > max_bytes:
+        raise StateTooLargeError(
+            f"segments hold {total} bytes, limit is {max_bytes}", stream_id=stream_id
+        )
+    pieces: dict[int, StateSnapshot] = {}
+    for g, data in segments.items():
+        env = decode_segment(data, segment=g, stream_id=stream_id,
+                             **({} if max_bytes is None else {"max_bytes": max_bytes}))
+        check_compatible(env, engine.kind, engine.fingerprint, engine.params,
+                         stream_id=stream_id)
+        if env.snapshot.scalars.get("segment") != g:
+            raise StateMismatchError(
+                f"segment key {g} holds segment {env.snapshot.scalars.get('segment')!r}"
+            )
+        pieces[g] = env.snapshot
+    return assemble(engine, header.snapshot, pieces)
+
+
+def whole_snapshot(
+    data: bytes, segments: Mapping[int, bytes], *, stream_id: str | None = None
+) -> StateSnapshot:
+    """The whole-layout snapshot (``export_state`` form) of a stored state of either layout,
+    without an engine: for tests and tools that compare committed states."""
+    envelope = decode_state(data, stream_id=stream_id)
+    if not is_segmented(envelope):
+        return envelope.snapshot
+    pieces = {g: decode_segment(b, segment=g, stream_id=stream_id).snapshot
+              for g, b in segments.items()}
+    joined = join(envelope.snapshot, pieces)
+    return StateSnapshot(
+        tensors={k: RawTensor(t.dtype, t.shape, bytes(t.data)) for k, t in joined.tensors.items()},
+        scalars=joined.scalars,
+    )

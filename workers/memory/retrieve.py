@@ -1,0 +1,63 @@
+"""Which stored chunks a question brings back: evicted ones only, best first.
+
+Only chunks that have left the model's window are candidates: the window already holds the
+rest, and repeating it would only crowd out older text. Chunks are ranked by the cosine
+similarity of their embedding to the question's when every candidate has an embedding from
+the configured model, else by BM25 (so a store written under ``retrieval = "bm25"``, or by a
+worker without the embedding package, still answers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from workers.memory.embedder import Embedder, from_bytes
+from workers.memory.lexical import bm25_scores
+from workers.memory.records import Chunk
+
+Method = Literal["embedding", "bm25"]
+
+
+@dataclass(frozen=True)
+class Hit:
+    chunk: Chunk
+    score: float
+    method: Method
+
+
+def evicted(chunks: Sequence[Chunk], tokens_seen: int, window_tokens: int | None) -> list[Chunk]:
+    """Chunks wholly before the window (``window_tokens`` None: no window, all of them)."""
+    if window_tokens is None:
+        return list(chunks)
+    horizon = tokens_seen - window_tokens
+    return [c for c in chunks if c.end <= horizon]
+
+
+def rank(
+    question: str, chunks: Sequence[Chunk], *, top_k: int, embedder: Embedder | None
+) -> list[Hit]:
+    """The ``top_k`` chunks most relevant to ``question``, best first (ties: older first).
+
+    BM25 drops chunks with no word of the question; embeddings rank every chunk.
+    """
+    if not chunks or top_k <= 0:
+        return []
+    method: Method
+    if embedder is not None and all(
+        c.embedding and c.embed_model == embedder.name for c in chunks
+    ):
+        query = embedder.embed([question])[0]
+        matrix = np.stack([from_bytes(c.embedding) for c in chunks])  # [N, dim]
+        scores = [float(s) for s in matrix @ query]
+        method = "embedding"
+    else:
+        scores = bm25_scores(question, [c.text for c in chunks])
+        method = "bm25"
+    order = sorted(range(len(chunks)), key=lambda i: (-scores[i], chunks[i].seq))
+    hits = [Hit(chunks[i], scores[i], method) for i in order
+            if method == "embedding" or scores[i] > 0]
+    return hits[:top_k]
