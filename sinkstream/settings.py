@@ -243,6 +243,10 @@ class Settings(BaseSettings):
         1000, ge=1, le=1_000_000, description="retrieval chunks kept per stream; the oldest "
                                               "are deleted beyond this")
     retrieval_top_k: int = Field(4, ge=1, le=64, description="chunks retrieved per question")
+    key_moments: int = Field(
+        8, ge=0, le=100, description="with summary_memory: the most substantive turns of the "
+                                     "whole stream kept verbatim (speaker, entry id) and listed "
+                                     "under 'Key moments' in the final notes; 0 disables")
 
     # --- state persistence layout (issue #6): incremental sink-KV segments --------------
     state_layout: Literal["whole", "segments"] = Field(

@@ -42,9 +42,10 @@ from state_store.store import (
 from workers.engines import sinkkv_segments
 from workers.engines.base import Engine, EngineError, EngineState
 from workers.hot_cache import HotStateCache
-from workers.memory import retrieve
+from workers.memory import highlights, retrieve
 from workers.memory.chunks import Turn
 from workers.memory.embedder import Embedder, get_embedder
+from workers.memory.highlights import Moment
 from workers.memory.records import MemoryHead, MemoryWrite, SummaryMemory
 from workers.memory.store import plan_write, read_chunks, read_head
 from workers.summaries import (
@@ -262,8 +263,10 @@ class StreamProcessor:
         keeper.check()
 
         head = read_head(self.client, stream_id) if self.keeps_memory else None
-        summaries = self._summaries(loaded.state, new_state, batch, head)
-        memory = self._memory_write(head, loaded.state, new_state, batch, summaries)
+        turns = self._turns(loaded.state, new_state, batch) if head is not None else []
+        moments = self._moments(head, turns)
+        summaries = self._summaries(loaded.state, new_state, batch, head, moments)
+        memory = self._memory_write(head, turns, summaries, moments)
         keeper.check()
         # deliberately after the last lease check: a paused worker that resumes here must be
         # stopped by the commit's fencing check, not by luck
@@ -421,11 +424,12 @@ class StreamProcessor:
 
     def _summaries(
         self, before: EngineState, after: EngineState, batch: _Batch,
-        head: MemoryHead | None = None,
+        head: MemoryHead | None = None, moments: Sequence[Moment] | None = None,
     ) -> list[OutputEntry]:
         notes = self._notes(head)
         if batch.eos:
-            return [self.summarize(after, SummaryKind.FINAL, batch.last_id, notes=notes)]
+            return [self.summarize(after, SummaryKind.FINAL, batch.last_id, notes=notes,
+                                   moments=moments or ())]
         if rolling_summary_due(
             before.tokens_seen, after.tokens_seen,
             self.settings.rolling_every_tokens,
@@ -441,16 +445,19 @@ class StreamProcessor:
 
     def summarize(
         self, state: EngineState, kind: SummaryKind, covers: str, instruction: str | None = None,
-        request: str = "", notes: str | None = None,
+        request: str = "", notes: str | None = None, moments: Sequence[Moment] = (),
     ) -> OutputEntry:
         """Generate from a copy of ``state`` (engines never mutate it).
 
         ``notes``: the previous summary (summary memory), folded in. A final summary is
-        meeting notes in sections, each generated with its own short prompt (``SECTIONS``).
+        meeting notes in sections, each generated with its own short prompt (``SECTIONS``),
+        then the stream's key ``moments`` verbatim (extractive, so they cannot drift).
         """
         if instruction is None and kind is SummaryKind.FINAL:
             text = format_notes([(section, self._section(state, section, notes))
                                  for section in SECTIONS])
+            if moments:
+                text += "\n\n## Key moments\n" + "\n".join(m.line() for m in moments)
         else:
             text = self._generate(
                 state, self.engine.summary_prompt(instruction or rolling_instruction(notes)),
@@ -488,9 +495,15 @@ class StreamProcessor:
             return None
         return get_embedder(self.settings.embedding_model)
 
+    def _moments(self, head: MemoryHead | None, turns: Sequence[Turn]) -> list[Moment] | None:
+        """The key moments after this batch (None: not kept)."""
+        if head is None or not self.settings.summary_memory or self.settings.key_moments == 0:
+            return None
+        return highlights.fold(head.moments, turns, self.settings.key_moments)
+
     def _memory_write(
-        self, head: MemoryHead | None, before: EngineState, after: EngineState, batch: _Batch,
-        summaries: Sequence[OutputEntry],
+        self, head: MemoryHead | None, turns: Sequence[Turn], summaries: Sequence[OutputEntry],
+        moments: Sequence[Moment] | None,
     ) -> MemoryWrite | None:
         """What this batch changes in the stream's memory, committed with the batch."""
         if head is None:
@@ -501,10 +514,10 @@ class StreamProcessor:
             summary = SummaryMemory(last.text, last.covers, last.tokens_seen)
         retrieval = self.settings.retrieval != "off"
         return plan_write(
-            head, self._turns(before, after, batch) if retrieval else [],
+            head, turns if retrieval else [],
             chunk_tokens=self.settings.memory_chunk_tokens if retrieval else None,
             max_chunks=self.settings.memory_max_chunks, embedder=self.embedder,
-            summary=summary,
+            summary=summary, moments=moments,
         )
 
     def _turns(self, before: EngineState, after: EngineState, batch: _Batch) -> list[Turn]:
@@ -553,7 +566,10 @@ class StreamProcessor:
                 break
             hits = sorted(hits, key=lambda h: -h.score)[:-1]  # drop the least relevant
         text = self._generate(state, prompt, max_new, SummaryKind.ANSWER,
-                              extra_capacity=min(extra, limit))
+                              extra_capacity=min(extra, limit)).strip()
+        quoted = retrieve.quote(question, hits)
+        if quoted is not None:
+            text += f"\n\nQuote [{used.index(quoted[0]) + 1}]: {quoted[1]}"
         return make_output(SummaryKind.ANSWER, text, covers or "0-0", state.tokens_seen,
                            self.engine.model_name, request, sources)
 

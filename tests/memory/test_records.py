@@ -7,8 +7,8 @@ import pytest
 from workers.memory.chunks import Turn, extend_chunks
 from workers.memory.records import (
     FIRST_FIELD,
+    HEAD_FIELDS,
     NEXT_FIELD,
-    OPEN_FIELD,
     SUMMARY_FIELD,
     Chunk,
     MemoryHead,
@@ -32,8 +32,7 @@ def _apply(head: MemoryHead, write_set: dict, write_delete: list, fields: dict) 
         fields.pop(name, None)
     return MemoryHead.from_fields([fields.get(f) if not isinstance(fields.get(f), int)
                                    else str(fields[f]).encode()
-                                   for f in (SUMMARY_FIELD, OPEN_FIELD, NEXT_FIELD,
-                                             FIRST_FIELD)])
+                                   for f in HEAD_FIELDS])
 
 
 def test_chunks_close_after_the_entry_that_fills_them() -> None:

@@ -5,7 +5,8 @@ Hash fields (all in ``StreamKeys.memory``):
 - ``summary``: the latest summary folded into the next one (``SummaryMemory``);
 - ``open``: the chunk still being filled (``OpenChunk``);
 - ``next``: sequence number the next closed chunk gets; ``first``: oldest kept;
-- ``chunk:<seq>``: a closed chunk (``Chunk``), zero-padded so fields sort by age.
+- ``chunk:<seq>``: a closed chunk (``Chunk``), zero-padded so fields sort by age;
+- ``moments``: the key moments so far (``workers.memory.highlights``).
 
 Everything is derived from the committed entries and the previous memory only, so a batch
 replayed after a crash rewrites exactly the same fields.
@@ -13,18 +14,22 @@ replayed after a crash rewrites exactly the same fields.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+
+from workers.memory.highlights import Moment
 
 SUMMARY_FIELD = "summary"
 OPEN_FIELD = "open"
 NEXT_FIELD = "next"
 FIRST_FIELD = "first"
 CHUNK_PREFIX = "chunk:"
+MOMENTS_FIELD = "moments"
 #: fields read at the start of every batch (never the chunks themselves)
-HEAD_FIELDS = (SUMMARY_FIELD, OPEN_FIELD, NEXT_FIELD, FIRST_FIELD)
+HEAD_FIELDS = (SUMMARY_FIELD, OPEN_FIELD, NEXT_FIELD, FIRST_FIELD, MOMENTS_FIELD)
 #: bumped if the record layout changes; records of another version are ignored, not misread
 RECORD_VERSION = 1
 
@@ -124,17 +129,33 @@ class MemoryHead:
     open: OpenChunk | None = None
     next_seq: int = 0
     first_seq: int = 0
+    moments: list[Moment] = field(default_factory=list)
 
     @classmethod
     def from_fields(cls, values: list[bytes | None]) -> MemoryHead:
         """From ``HMGET memory *HEAD_FIELDS`` (missing fields are None)."""
-        summary, open_, next_, first = values
+        summary, open_, next_, first, moments = values
         return cls(
             SummaryMemory.decode(summary) if summary else None,
             OpenChunk.decode(open_) if open_ else None,
             int(next_) if next_ else 0,
             int(first) if first else 0,
+            decode_moments(moments) if moments else [],
         )
+
+
+def encode_moments(moments: Sequence[Moment]) -> bytes:
+    return _pack({"moments": [m.to_list() for m in moments]})
+
+
+def decode_moments(data: bytes) -> list[Moment]:
+    raw = _unpack(data).get("moments")
+    if not isinstance(raw, list):
+        raise MemoryRecordError("memory record without moments")
+    try:
+        return [Moment.from_list(item) for item in raw]
+    except (TypeError, ValueError) as exc:
+        raise MemoryRecordError(f"unreadable key moment: {exc}") from None
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Literal
 import numpy as np
 
 from workers.memory.embedder import Embedder, from_bytes
+from workers.memory.highlights import content_words, cut
 from workers.memory.lexical import bm25_scores
 from workers.memory.records import Chunk
 
@@ -61,3 +62,21 @@ def rank(
     hits = [Hit(chunks[i], scores[i], method) for i in order
             if method == "embedding" or scores[i] > 0]
     return hits[:top_k]
+
+
+def quote(question: str, hits: Sequence[Hit], lines_from: int = 2) -> tuple[Hit, str] | None:
+    """The transcript line an answer can quote: among the best ``lines_from`` hits' lines, the
+    one sharing most content words with the question (ties: the better hit, then the more
+    substantive line). A small model's answer is often wrong; the quoted line, with where it
+    was said, is evidence the reader can check."""
+    wanted = content_words(question)
+    best: tuple[tuple[int, int, int], Hit, str] | None = None
+    for rank_, hit in enumerate(hits[:lines_from]):
+        for line in hit.chunk.text.splitlines():
+            words = content_words(line)
+            if not words:
+                continue
+            key = (len(words & wanted), -rank_, len(words))
+            if best is None or key > best[0]:
+                best = (key, hit, line.strip())
+    return None if best is None else (best[1], cut(best[2]))

@@ -17,10 +17,12 @@ import redis
 from state_store.keys import StreamKeys
 from workers.memory.chunks import Turn, extend_chunks
 from workers.memory.embedder import Embedder
+from workers.memory.highlights import Moment
 from workers.memory.records import (
     CHUNK_PREFIX,
     FIRST_FIELD,
     HEAD_FIELDS,
+    MOMENTS_FIELD,
     NEXT_FIELD,
     OPEN_FIELD,
     SUMMARY_FIELD,
@@ -30,6 +32,7 @@ from workers.memory.records import (
     MemoryWrite,
     SummaryMemory,
     chunk_field,
+    encode_moments,
 )
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,7 @@ def read_chunks(client: redis.Redis, stream_id: str) -> list[Chunk]:
 def plan_write(
     head: MemoryHead, turns: Sequence[Turn], *, chunk_tokens: int | None, max_chunks: int,
     embedder: Embedder | None, summary: SummaryMemory | None,
+    moments: Sequence[Moment] | None = None,
 ) -> MemoryWrite:
     """The memory fields one batch sets and deletes.
 
@@ -79,6 +83,8 @@ def plan_write(
     write = MemoryWrite()
     if summary is not None:
         write.set[SUMMARY_FIELD] = summary.encode()
+    if moments is not None and list(moments) != head.moments:
+        write.set[MOMENTS_FIELD] = encode_moments(moments)
     if chunk_tokens is None:
         return write
     closed, still_open = extend_chunks(head.open, turns, chunk_tokens)

@@ -1,0 +1,93 @@
+"""Key moments: the most substantive turns of the whole stream, kept verbatim.
+
+Generated summary memory is only as good as the model: a 135M model folding its own notes
+drifts further from the meeting with every fold (measured in ``benchmarks/qmsum.py``).
+Key moments are extractive, so they cannot drift: every batch folds its turns into a bounded
+set of the highest-scoring turns so far, with speaker and entry id, and the final notes list
+them in order under "Key moments". The selection is the top ``keep`` of all turns under one
+total order (score, then entry id), so it does not depend on how the stream was cut into
+batches: a replay after a crash rewrites the same set.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # chunks -> records -> highlights: only the annotation needs Turn
+    from workers.memory.chunks import Turn
+
+#: longest text kept per moment, in words (the rest is cut with "...")
+MOMENT_WORDS = 40
+_WORD = re.compile(r"[a-z][a-z']{3,}")
+#: frequent words of four letters or more that carry no content in transcripts
+_FILLER = frozenset("""
+about actually after again also been before being both but could didn does doing done
+down each even every from going gonna have having here into just know like made make
+maybe more most much must need okay only other over really right said same should since
+some something still such sure than that thats the their them then there these they thing
+things think this those though through very want wanna well were what when where which
+while will with would yeah yes your you're it's i'm that's don't there's we're they're
+i've can't won't didn't isn't let's
+""".split())
+
+
+@dataclass(frozen=True)
+class Moment:
+    entry_id: str
+    speaker: str | None
+    text: str
+    score: int
+
+    def to_list(self) -> list[object]:
+        return [self.entry_id, self.speaker or "", self.text, self.score]
+
+    @classmethod
+    def from_list(cls, raw: Sequence[object]) -> Moment:
+        entry_id, speaker, text, score = raw
+        return cls(str(entry_id), str(speaker) or None, str(text), int(str(score)))
+
+    def line(self) -> str:
+        who = f"{self.speaker}: " if self.speaker else ""
+        return f"- {who}{self.text} ({self.entry_id})"
+
+
+def content_words(text: str) -> set[str]:
+    """Lower-cased words of four letters or more that are not transcript filler."""
+    return {w for w in _WORD.findall(text.lower()) if w not in _FILLER}
+
+
+def score(text: str) -> int:
+    """Distinct content words: long, substantive turns score high; "yeah, okay" scores 0."""
+    return len(content_words(text))
+
+
+def fold(previous: Sequence[Moment], turns: Iterable[Turn], keep: int) -> list[Moment]:
+    """The best ``keep`` of ``previous`` and ``turns``, in stream order."""
+    candidates = list(previous)
+    for turn in turns:
+        text = _spoken(turn)
+        points = score(text)
+        if points > 0:
+            candidates.append(Moment(turn.entry_id, turn.speaker, cut(text), points))
+    best = sorted(candidates, key=lambda m: (-m.score, _order(m.entry_id)))[:keep]
+    return sorted(best, key=lambda m: _order(m.entry_id))
+
+
+def _spoken(turn: Turn) -> str:
+    """The turn's words without the ``Speaker:`` prefix the model read."""
+    line = turn.line.strip()
+    prefix = f"{turn.speaker}:" if turn.speaker else ""
+    return line[len(prefix):].strip() if prefix and line.startswith(prefix) else line
+
+
+def cut(text: str) -> str:
+    words = text.split()
+    return " ".join(words[:MOMENT_WORDS]) + (" ..." if len(words) > MOMENT_WORDS else "")
+
+
+def _order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
