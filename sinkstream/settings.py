@@ -167,6 +167,9 @@ class Settings(BaseSettings):
     model_cache_dir: Path = Field(default_factory=default_cache_dir)
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    torch_threads: int = Field(
+        0, ge=0, le=1024, description="torch CPU threads per worker process (0 = torch's default, "
+                                      "one per core); set 1 when several workers share the cores")
     state_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of stored KV states ('auto' = model dtype); bf16 halves I/O"
     )

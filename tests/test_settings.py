@@ -251,3 +251,20 @@ def test_backoff_grows_exponentially_with_bounded_jitter() -> None:
     assert max(delays) <= 1.0
     backoff.reset()
     assert backoff.next_delay() <= 0.1
+
+
+def test_torch_threads_apply_when_the_worker_loads_its_model(tmp_path: Path) -> None:
+    import torch
+
+    from workers.runtime import Runtime
+
+    with pytest.raises(SettingsError, match="torch_threads"):
+        load_settings(torch_threads=-1)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        settings = load_settings(model="tiny-llama", torch_threads=1, model_cache_dir=tmp_path)
+        engine = Runtime(settings, enqueue=lambda stream_id: None).engine
+        assert engine.kind == "sinkkv" and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -40,6 +40,10 @@ class Runtime:
     def engine(self) -> Engine[Any]:
         from workers.engines.loading import load_engine
 
+        if self.settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.settings.torch_threads)
         return load_engine(self.settings)
 
     @cached_property
