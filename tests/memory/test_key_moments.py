@@ -110,3 +110,12 @@ def test_answers_quote_the_retrieved_line_that_matches_the_question() -> None:
     # only the best two hits are quoted from, and nothing is quoted from nothing
     assert quote("travel plans?", hits)[0] is not hits[2]  # type: ignore[index]
     assert quote("anything", []) is None
+
+
+def test_moments_read_as_clean_verbatim() -> None:
+    from workers.memory.highlights import clean
+
+    raw = "um so um in the {vocalsound} stages of the design , uh-huh , umbrella {disfmarker} first"
+    assert clean(raw) == "so in the stages of the design, umbrella first"
+    (moment,) = fold([], [Turn("1-0", f"Ana: {raw}\n", "Ana", None, 0, 20)], keep=1)
+    assert "{" not in moment.text and " um " not in f" {moment.text} "

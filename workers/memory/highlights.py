@@ -34,6 +34,10 @@ i've can't won't didn't isn't let's
 """.split())
 
 
+_ANNOTATION = re.compile(r"\{[a-z_]+\}")
+_HESITATION = re.compile(r"(?<![\w'])(?:uh-huh|um+|uh+|erm|er|mm+|hmm+)(?![\w'])", re.IGNORECASE)
+
+
 @dataclass(frozen=True)
 class Moment:
     entry_id: str
@@ -83,8 +87,19 @@ def _spoken(turn: Turn) -> str:
     return line[len(prefix):].strip() if prefix and line.startswith(prefix) else line
 
 
+def clean(text: str) -> str:
+    """Clean verbatim for notes: transcript annotations (``{vocalsound}``, ``{disfmarker}``)
+    and hesitations (um, uh) dropped, spaces before punctuation closed up."""
+    text = _ANNOTATION.sub(" ", text)
+    text = _HESITATION.sub(" ", text)
+    text = re.sub(r"\s+([,.?!;:])", r"\1", text)
+    text = re.sub(r"([,.?!;:])(?:\s*[,;])+", r"\1", text)
+    return " ".join(text.split()).lstrip(",;. ")
+
+
 def cut(text: str) -> str:
-    words = text.split()
+    """``text`` cleaned and cut to MOMENT_WORDS words."""
+    words = clean(text).split()
     return " ".join(words[:MOMENT_WORDS]) + (" ..." if len(words) > MOMENT_WORDS else "")
 
 
