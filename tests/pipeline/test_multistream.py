@@ -20,7 +20,6 @@ from producer.publisher import Producer
 from sinkstream import faults
 from sinkstream.localredis import RedisServer
 from sinkstream.settings import Settings
-from state_store.codec import decode_state
 from state_store.keys import RUNNABLE, StreamKeys
 from state_store.lease import LeaseManager
 from state_store.store import StateStore
@@ -36,6 +35,7 @@ from tests.pipeline.harness import (
 )
 from workers.engines.base import Engine, EngineState
 from workers.engines.loading import load_engine
+from workers.engines.sinkkv_segments import whole_snapshot
 from workers.engines.tensor_bytes import from_raw
 from workers.multistream import COMPANION_SUFFIX, MultiStreamProcessor, companion_holder
 from workers.processor import StreamProcessor, entry_tokens
@@ -73,7 +73,7 @@ def _solo(engine: Engine[Any], client: redis.Redis, stream: str) -> EngineState:
 def _committed(engine: Engine[Any], client: redis.Redis, stream: str) -> EngineState:
     stored = StateStore(client).load(stream)
     assert stored is not None, f"nothing committed for {stream}"
-    return engine.import_state(decode_state(stored.data).snapshot)
+    return engine.import_state(whole_snapshot(stored.data, stored.segments))  # either layout
 
 
 def _logits(engine: Engine[Any], state: EngineState) -> torch.Tensor:
