@@ -172,3 +172,24 @@ def pyplot() -> Any | None:
         print("matplotlib is not installed (pip install -e '.[dev]'): no plot written")
         return None
     return plt
+
+
+def scrape_metrics(port: int) -> dict[str, float]:
+    """A worker's /metrics as {sample name: value summed over labels}; histogram buckets are
+    left out and batches are kept apart by outcome (``sinkstream_batches_total:applied``)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                continue
+            key = sample.name
+            if key == "sinkstream_batches_total":
+                key = f"{key}:{sample.labels.get('outcome', '')}"
+            out[key] = out.get(key, 0.0) + float(sample.value)
+    return out

@@ -61,13 +61,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import DATA_DIR, mid_tiny_llama, smollm2_ready
+from benchmarks.common import DATA_DIR, mid_tiny_llama, scrape_metrics, smollm2_ready
 from benchmarks.run import BenchResult
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,24 +233,6 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _scrape(port: int) -> dict[str, float]:
-    """The worker's /metrics as {sample name: value summed over labels}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name.endswith("_bucket"):
-                continue
-            key = sample.name
-            if sample.name == "sinkstream_batches_total":
-                key = f"{sample.name}:{sample.labels.get('outcome', '')}"
-            out[key] = out.get(key, 0.0) + float(sample.value)
-    return out
-
-
 def _delta(after: dict[str, float], before: dict[str, float], name: str) -> float:
     return after.get(name, 0.0) - before.get(name, 0.0)
 
@@ -323,7 +304,7 @@ def _wait_worker(port: int, proc: subprocess.Popen[bytes], log_path: Path, clien
                                f"{log_path.read_text(errors='replace')[-3000:]}")
         if not metrics_up:
             try:
-                _scrape(port)
+                scrape_metrics(port)
                 metrics_up = True
             except OSError:
                 pass
@@ -474,7 +455,7 @@ def _measure(case: Case, root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         # its speed drifts by tens of percent within seconds, so each side samples the same
         # stretches of time; sums over the rounds give the ratio.
         groups = [streams[i :: case.rounds] for i in range(case.rounds)]
-        before = _scrape(metrics_port)
+        before = scrape_metrics(metrics_port)
         feed_s = bare_cpu = pipeline_s = pipe_cpu = 0.0
         committed = 0
         timed_out = False
@@ -495,7 +476,7 @@ def _measure(case: Case, root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             committed += p_done
             timed_out |= p_timeout
             round_ratios.append((p_done / p_wall) / (sum(s.tokens for s in group) / b_wall))
-        after = _scrape(metrics_port)
+        after = scrape_metrics(metrics_port)
         _stop_worker(proc)
         proc = None
 

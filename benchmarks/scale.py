@@ -60,13 +60,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import DATA_DIR, output_path, pyplot
+from benchmarks.common import DATA_DIR, output_path, pyplot, scrape_metrics
 from benchmarks.run import BenchResult
 
 REPO = Path(__file__).resolve().parents[1]
@@ -200,24 +199,6 @@ def _worker_env(url: str, port: int, cache_bytes: int, tmp: Path) -> dict[str, s
     }
     env.pop("SINKSTREAM_CONFIG", None)
     return env
-
-
-def _scrape(port: int) -> dict[str, float]:
-    """A worker's /metrics as {sample name: value summed over labels} (no buckets)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name.endswith("_bucket"):
-                continue
-            key = sample.name
-            if key == "sinkstream_batches_total":
-                key = f"{key}:{sample.labels.get('outcome', '')}"
-            out[key] = out.get(key, 0.0) + float(sample.value)
-    return out
 
 
 def _rss(pid: int) -> int:
@@ -363,7 +344,7 @@ class Monitor:
                 ages.append(lag.oldest_age_s)
                 pending += lag.pending
                 by_stream.setdefault(lag.stream_id, []).append(lag.oldest_age_s)
-        metrics = [_scrape(w.port) for w in self.workers]
+        metrics = [scrape_metrics(w.port) for w in self.workers]
         ages.sort()
         self.samples.append({
             "t": time.monotonic() - self.t0,
@@ -599,7 +580,7 @@ def run(quick: bool) -> BenchResult:
             while True:
                 _check_alive(workers)
                 try:
-                    _scrape(w.port)
+                    scrape_metrics(w.port)
                     break
                 except OSError:
                     if time.monotonic() > deadline:
@@ -687,7 +668,7 @@ def run(quick: bool) -> BenchResult:
         dead = sum(int(replies[3 * i]) for i in range(len(sids)))
         failed = sum(replies[3 * i + 1] == b"failed" for i in range(len(sids)))
         state_bytes = [int(replies[3 * i + 2] or 0) for i in range(len(sids))]
-        final_metrics = [_scrape(w.port) for w in workers]
+        final_metrics = [scrape_metrics(w.port) for w in workers]
         watcher.stop()
     finally:
         for w in workers:
