@@ -124,6 +124,8 @@ class _Batch:
     last_id: str
     eos: bool
     more: bool
+    #: tokens of each entry in ``entries`` (counted once, when the batch is read)
+    counts: list[int] = field(default_factory=list)
 
 
 class StreamProcessor:
@@ -379,6 +381,7 @@ class StreamProcessor:
         entries: list[InputEntry] = []
         rejected: list[Rejected] = []
         tokens: list[int] = []
+        counts: list[int] = []
         used = 0
         eos = False
         # the stream prefix (added below) counts against the batch's token budget too
@@ -397,6 +400,7 @@ class StreamProcessor:
                 break
             entries.append(parsed)
             tokens.extend(ids)
+            counts.append(len(ids))
             used += 1
             if parsed.eos:
                 eos = True
@@ -406,7 +410,7 @@ class StreamProcessor:
         last_id = raw[used - 1][0]
         return _Batch(
             entries, rejected, tokens, last_id.decode() if isinstance(last_id, bytes) else last_id,
-            eos, more=len(raw) > used,
+            eos, more=len(raw) > used, counts=counts,
         )
 
     def _rolling_cap(self, tokens_seen: int) -> int | None:
@@ -526,8 +530,7 @@ class StreamProcessor:
         if before.tokens_seen == 0 and batch.entries:
             pos += len(self.engine.stream_prefix())
         turns = []
-        for entry in batch.entries:
-            n = len(turn_tokens(self.engine, entry))
+        for entry, n in zip(batch.entries, batch.counts, strict=True):
             line = format_turn(entry.text, entry.speaker) if entry.text else ""
             turns.append(Turn(entry.id, line, entry.speaker, entry.ts, pos, pos + n))
             pos += n
