@@ -42,3 +42,17 @@ def qmsum_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"QMSum data not found at {path}")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Run a module single-threaded: tiny models gain nothing from intra-op threads, on a
+    shared CPU the threads of small ops wait on each other (10x slower), and in-process
+    references then compute like the workers (OMP_NUM_THREADS=1). Use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

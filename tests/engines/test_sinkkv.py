@@ -25,14 +25,7 @@ except ImportError:  # pragma: no cover
     codec = None  # type: ignore[assignment]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU the threads of
-    small ops wait on each other (10x slower): run this module single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_engine(arch: str = "llama", seed: int = 0, **kw: Any) -> SinkKVEngine:

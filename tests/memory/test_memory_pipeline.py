@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-import torch
 
 from producer.formats import read_file
 from producer.publisher import Producer
@@ -36,13 +34,7 @@ MEMORY_ENV = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The in-process reference computes like the workers (OMP_NUM_THREADS=1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _turns(qmsum_dir: Path, n: int) -> list[tuple[str, str | None, float | None]]:

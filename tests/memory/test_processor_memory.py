@@ -3,13 +3,11 @@ models, the processor run in-process (no Celery)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-import torch
 
 from producer.entries import InputEntry, read_entries
 from producer.formats import read_file
@@ -33,12 +31,7 @@ BASE: dict[str, Any] = {
 FACT = ("The Zanzibar budget is four thousand two hundred euros.", "Olga", 12.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ does not evict the stream's window, on tiny seeded models."""
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,7 @@ from workers.engines.sinkkv import SinkKVEngine
 from workers.engines.tiny import tiny_hf_model
 from workers.engines.tokenizers import ByteTokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tokens(n: int, seed: int) -> list[int]:
