@@ -4,6 +4,8 @@ fairness, worker memory under a binding hot-cache budget, and exactly-once at th
 Setup: a private ``redis-server`` (free loopback port), 2 real ``sinkstream worker``
 processes (tiny-llama, one torch thread each, production defaults for the window, batching,
 time slice, dispatcher and trimming; rolling summaries off so feeding is what is measured;
+which dispatcher mode ran, producers' wake-ups or full passes only (``SINKSTREAM_DISPATCH_WAKE``,
+``SINKSTREAM_DISPATCH_INTERVAL_SECONDS``), is recorded in ``extra.settings.dispatcher``;
 ``hot_cache_bytes`` small enough that the streams' states do not all fit), and producer
 *processes* (``python -m benchmarks.scale produce``, each with its own ``Producer``) that
 publish caption-like entries (a QMSum speaker, 10-30 words) round-robin over their streams at
@@ -36,11 +38,13 @@ ratio is sampling noise, hence the per-entry latency above.)
 tokens/s = the workers' ``sinkstream_tokens_fed_total`` delta over the phase's publishing
 window (applied, not published). Worker RSS (psutil) and the ``sinkstream_hot_cache_bytes``
 gauge are sampled too; RSS growth is measured from the baseline taken after each worker
-applied small warm-up streams (model loaded, first forwards done) and compared with
-``hot_cache_bytes``. Exactly-once: after the last drain each stream's committed
-``last_entry_id`` must equal the id of the last entry published to it, and its
-``tokens_seen`` the tokens of every entry published to it, tokenized as the worker does (a
-duplicate or a loss changes the count); no dead letters, no failed streams.
+applied small warm-up streams (models loaded: the language model and, with the default
+``retrieval = "embedding"``, the MiniLM embedder, which workers load at start; first forwards
+done; retrieval memory chunks closed and embedded) and compared with ``hot_cache_bytes``.
+Exactly-once: after the last drain each stream's committed ``last_entry_id`` must equal the
+id of the last entry published to it, and its ``tokens_seen`` the tokens of every entry
+published to it, tokenized as the worker does (a duplicate or a loss changes the count); no
+dead letters, no failed streams.
 
 The box has 2 CPU cores shared with other jobs: capacity is calibrated in the same run, and
 the load average is recorded. Environment: ``SINKSTREAM_SCALE_STREAMS``,
@@ -535,6 +539,19 @@ def _expected_tokens(engine: Any, entries: list[list[str]], prefix: bool = True)
     return out
 
 
+def _memory_chunks(client: Any, sids: list[str]) -> dict[str, int]:
+    """Closed retrieval memory chunks per stream (the warm-up streams should have some)."""
+    from workers.memory.store import read_chunks
+
+    return {sid: len(read_chunks(client, sid)) for sid in sids}
+
+
+def _dispatcher_mode(settings: Any) -> dict[str, Any]:
+    """How the workers dispatch: they read the same environment as ``settings``."""
+    return {"mode": "wake" if settings.dispatch_wake else "poll",
+            "dispatch_interval_seconds": settings.dispatch_interval_seconds}
+
+
 def _load_avg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -589,6 +606,7 @@ def run(quick: bool) -> BenchResult:
         warm_ids = {f"warm-{i}": producer.publish_many(
             f"warm-{i}", [next(texts) for _ in range(8)]).last_id or "" for i in range(4)}
         _wait_applied(client, warm_ids, workers, 300)
+        warm_chunks = _memory_chunks(client, list(warm_ids))  # closed (and embedded) too
         time.sleep(1.0)
         for w in workers:
             w.rss_baseline = _rss(w.proc.pid)
@@ -728,12 +746,16 @@ def run(quick: bool) -> BenchResult:
         "samples": mon.samples,
         "settings": {"hot_cache_bytes": cache_bytes, "model": "tiny-llama", "threads": 1,
                      "sample_s": size.sample_s, "producers": PRODUCERS, "sustain": SUSTAIN,
-                     "overload": OVERLOAD, "summaries": "off"},
+                     "overload": OVERLOAD, "summaries": "off",
+                     "dispatcher": _dispatcher_mode(settings),
+                     "retrieval": settings.retrieval},
+        "warm_up_memory_chunks": warm_chunks,
     }
     _plot(mon, bounds, workers, cache_bytes, quick)
     return BenchResult(
         title=f"scale: {size.streams} streams, {WORKERS} workers (tiny-llama, 1 thread each), "
-              f"hot cache {size.cache_mib} MiB, {os.cpu_count()} shared CPU cores",
+              f"hot cache {size.cache_mib} MiB, dispatcher {_dispatcher_mode(settings)['mode']}, "
+              f"{os.cpu_count()} shared CPU cores",
         rows=rows, summary=summary, extra=extra)
 
 

@@ -20,6 +20,11 @@ Why it is built this way:
   activity) and ``ZADD NX`` to ``sinkstream:runnable`` (work to schedule). Those keys live on
   other cluster slots, so they are pipelined after the script, not inside it; both are
   idempotent, so retries are harmless.
+* **Wake-up.** In the same round trip the stream id is PUBLISHed on ``sinkstream:wake``
+  (one message per script call, not per entry), so the leading dispatcher schedules the
+  stream at once instead of at its next full pass over every stream. It is only a hint: a
+  lost message costs at most one ``dispatch_interval_seconds``; a server that refuses it (an
+  ACL without ``+publish``) turns it off for this Producer, with one warning.
 
 A Producer is safe to share between threads (calls are serialised) but not between
 processes: give each process its own.
@@ -40,7 +45,7 @@ import redis
 
 from sinkstream.settings import Settings, load_settings
 from state_store.connection import Backoff, redis_from_settings, retry_call
-from state_store.keys import RUNNABLE, STREAMS_REGISTRY, StreamKeys
+from state_store.keys import RUNNABLE, STREAMS_REGISTRY, WAKE_CHANNEL, StreamKeys
 from state_store.scripts import PRODUCER_APPEND
 
 log = logging.getLogger(__name__)
@@ -192,6 +197,10 @@ class Producer:
     ``client`` defaults to one built from ``settings`` (which default to the environment).
     ``producer_id`` defaults to a random 64-bit id; pass a stable one only if a single
     process uses it at a time (numbering then resumes from what Redis recorded).
+    ``mark_runnable=False`` leaves the scheduling hints out: no ``sinkstream:runnable`` mark
+    and no wake-up message, so the appended entries are found by the dispatcher's next full
+    pass only (``dispatch_interval_seconds``), as for a raw ``XADD``; the stream is still
+    registered. Without it (or with ``dispatch_wake = false``) no wake-up is published.
     """
 
     def __init__(
@@ -220,6 +229,7 @@ class Producer:
         self.retry_attempts = retry_attempts if retry_attempts is not None else \
             attempts_for(self.settings.producer_retry_seconds)
         self.mark_runnable = mark_runnable
+        self.wake = mark_runnable and self.settings.dispatch_wake
         self._sha: str | None = None
         self._next_seq: dict[str, int] = {}
         self._pending: dict[str, list[_Entry]] = {}
@@ -448,11 +458,27 @@ class Producer:
         pipe.zadd(STREAMS_REGISTRY, {keys.stream_id: now})
         if self.mark_runnable:
             pipe.zadd(RUNNABLE, {keys.stream_id: now}, nx=True)
+        wake = self.wake
+        if wake:
+            # execute_command for the same reason as EVALSHA: the cluster pipeline blocks
+            # .publish(); any node will do, a cluster forwards PUBLISH to every node
+            pipe.execute_command("PUBLISH", WAKE_CHANNEL, keys.stream_id)
         replies = pipe.execute(raise_on_error=False)
+        if wake and isinstance(replies[-1], redis.ResponseError):
+            self._wake_refused(replies.pop())
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
         return list(replies[0])
+
+    def _wake_refused(self, exc: redis.ResponseError) -> None:
+        """The append landed but the wake-up was refused (e.g. an ACL user without
+        ``+publish`` on ``sinkstream:wake``): stop sending it; the dispatcher's full pass
+        still finds this producer's input, only later."""
+        self.wake = False
+        log.warning("producer %s: %s refused (%s); appends no longer wake the dispatcher, "
+                    "so new input waits for its next full pass (dispatch_interval_seconds)",
+                    self.producer_id, WAKE_CHANNEL, exc)
 
     def _forget(self) -> None:
         streams = [s for s in self._next_seq if not self._pending.get(s)]

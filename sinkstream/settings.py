@@ -216,7 +216,16 @@ class Settings(BaseSettings):
     schedule_ttl_seconds: float = Field(
         120.0, gt=0, description="a lost task's stream is re-scheduled after this"
     )
-    dispatch_interval_seconds: float = Field(0.25, gt=0, description="poll for new input")
+    dispatch_interval_seconds: float = Field(
+        1.0, gt=0, description="full pass over every registered stream; producers wake the "
+        "dispatcher at once (dispatch_wake), so this pass only catches raw XADD writers, "
+        "lost tasks and missed wakes",
+    )
+    dispatch_wake: bool = Field(
+        True, description="producers PUBLISH each append on sinkstream:wake and the leading "
+        "dispatcher schedules those streams at once; false: the full pass alone finds new "
+        "input (then lower dispatch_interval_seconds)",
+    )
     discover_interval_seconds: float = Field(
         10.0, gt=0, description="scan for streams written by raw XADD, not yet registered"
     )

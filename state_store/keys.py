@@ -19,6 +19,9 @@ STREAMS_REGISTRY = f"{PREFIX}:streams"
 RUNNABLE = f"{PREFIX}:runnable"
 #: String: the worker whose dispatcher currently polls the registry (with a TTL).
 DISPATCHER_LEADER = f"{PREFIX}:dispatcher"
+#: Pub/sub channel (not a key): producers PUBLISH a stream id after appending to it, so the
+#: leading dispatcher schedules that stream at once rather than at its next full pass.
+WAKE_CHANNEL = f"{PREFIX}:wake"
 
 MAX_STREAM_ID_LENGTH = 128
 _STREAM_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*")

@@ -128,8 +128,9 @@ _dispatcher: Dispatcher | None = None
 def _start_background(sender: Any = None, **_: Any) -> None:
     """Metrics endpoint, model warm-up and the dispatcher, once the worker is up.
 
-    The model is warmed up here only for the solo pool (tasks run in this very process); with
-    a forking pool this is the parent, which must not touch CUDA, so children load lazily.
+    The models are warmed up here only for the solo pool (tasks run in this very process);
+    with a forking pool this is the parent, which must not touch CUDA, so children load
+    lazily.
     """
     global _dispatcher
     rt = runtime()
@@ -138,6 +139,7 @@ def _start_background(sender: Any = None, **_: Any) -> None:
         if pool is not None and "solo" in type(pool).__module__:
             # load the model (and create its metric series at zero) before the first task
             rt.processor  # noqa: B018
+            _warm_up_embedder(rt)
         # only now: an answering /metrics means "ready" (the demo and probes rely on it)
         start_metrics_server(rt.settings.metrics_host, rt.settings.metrics_port)
     except Exception:
@@ -146,7 +148,24 @@ def _start_background(sender: Any = None, **_: Any) -> None:
         rt.scheduler.backlog = _queue_backlog
         rt.scheduler.max_backlog = rt.settings.max_queued_tasks
         _dispatcher = Dispatcher(rt.client, rt.scheduler, rt.settings.dispatch_interval_seconds,
-                                 rt.settings.discover_interval_seconds).start()
+                                 rt.settings.discover_interval_seconds,
+                                 wake=rt.settings.dispatch_wake).start()
+
+
+def _warm_up_embedder(rt: Runtime) -> None:
+    """Load the retrieval embedding model now (``retrieval = "embedding"``), not when the
+    first memory chunk of some stream closes: that load (1-2 s for MiniLM) would stall that
+    batch, and every stream waiting behind it, mid-stream. A failure is logged; the batch
+    that needs the model then loads it (or falls back to BM25) as before."""
+    if rt.settings.retrieval != "embedding":
+        return
+    try:
+        embedder = rt.processor.embedder
+        if embedder is not None:
+            embedder.embed(["warm-up"])  # loads the weights and runs one forward
+    except Exception:
+        log.exception("worker start-up: loading the embedding model %s failed",
+                      rt.settings.embedding_model)
 
 
 def _queue_backlog() -> int:
