@@ -63,6 +63,7 @@ from workers.summaries import (
     rolling_instruction,
     rolling_summary_due,
     section_instruction,
+    short_answer,
     tidy_section,
 )
 
@@ -458,7 +459,8 @@ class StreamProcessor:
         then the stream's key ``moments`` verbatim (extractive, so they cannot drift).
         """
         if instruction is None and kind is SummaryKind.FINAL:
-            text = format_notes([(section, self._section(state, section, notes))
+            key_lines = [m.spoken() for m in moments]
+            text = format_notes([(section, self._section(state, section, notes, key_lines))
                                  for section in SECTIONS])
             if moments:
                 text += "\n\n## Key moments\n" + "\n".join(m.line() for m in moments)
@@ -470,19 +472,30 @@ class StreamProcessor:
             kind, text, covers, state.tokens_seen, self.engine.model_name, request,
         )
 
-    def _section(self, state: EngineState, section: Section, notes: str | None) -> str:
+    def _section(self, state: EngineState, section: Section, notes: str | None,
+                 key_lines: Sequence[str] = ()) -> str:
         lead = self.engine.tokenizer.encode(section.lead) if section.lead else []
-        prompt = self.engine.summary_prompt(section_instruction(section, notes)) + lead
+        prompt = self.engine.summary_prompt(section_instruction(section, notes, key_lines)) \
+            + lead
         budget = self.settings.summary_max_new_tokens if not section.bullets \
             else max(16, self.settings.summary_max_new_tokens // 2)
         return tidy_section(section, self._generate(state, prompt, budget, SummaryKind.FINAL))
 
     def _generate(
         self, state: EngineState, prompt: list[int], max_new_tokens: int, kind: SummaryKind,
-        extra_capacity: int = 0,
+        extra_capacity: int | None = None,
     ) -> str:
         """The one place that runs the model for text: model output only ever becomes the
-        ``text`` of an output entry (and, through summary memory, a later prompt's notes)."""
+        ``text`` of an output entry (and, through summary memory, a later prompt's notes).
+
+        By default the prompt and the answer get room of their own beside the window
+        (``extra_capacity``, up to the model's position limit), so a long prompt, such as
+        notes carrying the summary memory and key moments, never evicts the end of the
+        conversation it asks about.
+        """
+        if extra_capacity is None:
+            extra_capacity = min(len(state.pending) + len(prompt) + max_new_tokens,
+                                 self.engine.max_extra_capacity())
         started = time.perf_counter()
         ids = self.engine.generate(state, prompt, max_new_tokens, SUMMARY_SAMPLING,
                                    extra_capacity=extra_capacity)
@@ -568,8 +581,8 @@ class StreamProcessor:
             if extra <= limit or not hits:
                 break
             hits = sorted(hits, key=lambda h: -h.score)[:-1]  # drop the least relevant
-        text = self._generate(state, prompt, max_new, SummaryKind.ANSWER,
-                              extra_capacity=min(extra, limit)).strip()
+        text = short_answer(self._generate(state, prompt, max_new, SummaryKind.ANSWER,
+                                              extra_capacity=min(extra, limit)))
         quoted = retrieve.quote(question, hits)
         if quoted is not None:
             text += f"\n\nQuote [{used.index(quoted[0]) + 1}]: {quoted[1]}"

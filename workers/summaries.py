@@ -8,6 +8,7 @@ the new tokens, never a re-read of the transcript.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,7 +39,8 @@ SUMMARY_SAMPLING = Sampling(repetition_penalty=1.3)
 
 
 def answer_instruction(question: str) -> str:
-    return f"Answer this question about the conversation above: {question}"
+    return (f"Answer this question about the conversation above in one or two short "
+            f"sentences: {question}")
 
 
 # ----- whole-stream memory (issue #8) ---------------------------------------------------------
@@ -82,7 +84,8 @@ class Section:
 #: the sections people expect from meeting notes, in the order they are printed;
 #: ``{meeting}`` is "the meeting above", or with summary memory "the whole meeting"
 SECTIONS = (
-    Section("Summary", "Summarize {meeting} in three sentences.", bullets=False),
+    Section("Summary", "Summarize {meeting} in three sentences.", "The meeting",
+            bullets=False),
     Section("Decisions", "List the decisions made in {meeting}, one per line.", "-"),
     Section("Action items", "List the action items from {meeting}, one per line, each with "
                             "the name of the person who owns it.", "-"),
@@ -92,11 +95,25 @@ SECTIONS = (
 MAX_SECTION_ITEMS = 6
 
 
-def section_instruction(section: Section, previous: str | None) -> str:
-    if not previous:
+def section_instruction(
+    section: Section, previous: str | None, key_lines: Sequence[str] = ()
+) -> str:
+    """A final-notes section's instruction, after what the stream's memory holds of the
+    earlier meeting: its key moments (the speakers' own words, ``Speaker: text``) when there
+    are any, else the previous summary.
+
+    The key moments cover the whole stream and cannot drift; a small model's folded summary
+    does, and a prompt carrying both is long enough to derail it: on QMSum with SmolLM2-135M
+    the key moments alone gave the best notes of the three (``benchmarks/README.md``).
+    """
+    if key_lines:
+        head = "Key moments of the whole meeting:\n" + _notes("\n".join(key_lines))
+    elif previous:
+        head = f"Earlier in the meeting: {_notes(previous)}"
+    else:
         return section.instruction.format(meeting="the meeting above")
-    return (f"Earlier in the meeting: {_notes(previous)}\n\n" + section.instruction.format(
-        meeting="the whole meeting, the earlier part and the conversation above"))
+    return head + "\n\n" + section.instruction.format(
+        meeting="the whole meeting, the earlier part and the conversation above")
 
 
 def tidy_section(section: Section, generated: str) -> str:
@@ -105,7 +122,7 @@ def tidy_section(section: Section, generated: str) -> str:
     paragraph."""
     text = (section.lead + generated).strip()
     if not section.bullets:
-        return text.split("\n\n")[0].strip()
+        return first_paragraph(text)
     items: list[str] = []
     for line in text.splitlines():
         line = line.strip()
@@ -123,6 +140,25 @@ def tidy_section(section: Section, generated: str) -> str:
         if len(items) >= MAX_SECTION_ITEMS:
             break
     return "\n".join(f"- {i}" for i in items) if items else "- none noted"
+
+
+def first_paragraph(text: str) -> str:
+    """Prose cut at its first blank line: a small model that has answered goes on to invent
+    a next turn ("What happened next..."), a heading or another question."""
+    return text.strip().split("\n\n")[0].strip()
+
+
+#: an answer keeps at most this many sentences of what the model wrote
+ANSWER_SENTENCES = 2
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
+
+
+def short_answer(text: str) -> str:
+    """The model's answer cut to its first ``ANSWER_SENTENCES`` sentences (of its first
+    paragraph): asked for a short answer, a small model gives one and then keeps going into
+    invented detail; the evidence that matters is cited apart (``sources``, the quote)."""
+    sentences = _SENTENCE_END.split(first_paragraph(text))
+    return " ".join(sentences[:ANSWER_SENTENCES]).strip()
 
 
 def format_notes(sections: Sequence[tuple[Section, str]]) -> str:
@@ -145,8 +181,8 @@ def answer_with_context_instruction(
     head = f"Earlier in the conversation: {_notes(notes)}\n\n" if notes else ""
     if not context:
         return head + answer_instruction(question)
-    return (f"{head}{context}\n\nQuestion: {question}\nAnswer in one short sentence, using "
-            "the conversation above and the earlier parts.")
+    return (f"{head}{context}\n\nQuestion: {question}\nAnswer in one or two short sentences, "
+            "using the conversation above and the earlier parts.")
 
 
 def _notes(text: str) -> str:

@@ -112,6 +112,21 @@ def test_answers_quote_the_retrieved_line_that_matches_the_question() -> None:
     assert quote("anything", []) is None
 
 
+def test_a_quote_matches_what_was_said_not_who_said_it() -> None:
+    from workers.memory.records import Chunk
+    from workers.memory.retrieve import Hit, quote
+
+    text = ("Project Manager: Okay thank you.\n"
+            "Industrial Designer: Yeah. I have one question.\n"
+            "Marketing: the battery cover question is the cost of the rubber case\n")
+    hit = Hit(Chunk("1-0", "1-9", text, 0, 90,
+                    ("Project Manager", "Industrial Designer", "Marketing"), None, seq=1),
+              1.0, "bm25")
+    found = quote("What did the Project Manager question about the battery cover?", [hit])
+    assert found is not None
+    assert found[1] == "Marketing: the battery cover question is the cost of the rubber case"
+
+
 def test_moments_read_as_clean_verbatim() -> None:
     from workers.memory.highlights import clean
 

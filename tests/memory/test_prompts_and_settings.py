@@ -20,6 +20,7 @@ from workers.summaries import (
     make_output,
     rolling_instruction,
     section_instruction,
+    short_answer,
     tidy_section,
 )
 
@@ -44,6 +45,10 @@ def test_every_section_prompt_carries_the_notes_when_there_are_some() -> None:
         folded = section_instruction(section, "Olga decided X.")
         assert folded.startswith("Earlier in the meeting: Olga decided X.")
         assert "the whole meeting" in folded
+        # key moments, when the stream has them, stand in for the drifting summary
+        grounded = section_instruction(section, "Olga decided X.", ["Olga: ship it Friday"])
+        assert grounded.startswith("Key moments of the whole meeting:\nOlga: ship it Friday")
+        assert "Olga decided X." not in grounded and "the whole meeting" in grounded
     assert [s.title for s in SECTIONS] == ["Summary", "Decisions", "Action items",
                                            "Open questions"]
 
@@ -54,7 +59,8 @@ def test_tidy_section_keeps_distinct_items_and_stops_at_the_next_section() -> No
     assert tidy_section(decisions, raw) == "- Ship on the 14th\n- Keep the staged rollout"
     assert tidy_section(decisions, "\n\n") == "- none noted"
     summary = SECTIONS[0]
-    assert tidy_section(summary, " A short summary.\n\nDecisions: none") == "A short summary."
+    # the summary is pre-filled with "The meeting", which the model continues
+    assert tidy_section(summary, " was short.\n\nDecisions: none") == "The meeting was short."
     notes = format_notes([(summary, "A."), (decisions, "- B")])
     assert notes == "## Summary\nA.\n\n## Decisions\n- B"
 
@@ -67,7 +73,14 @@ def test_answer_prompt_labels_retrieved_text_with_speakers_and_times() -> None:
     assert prompt.index("Earlier: X.") < prompt.index("[1]") \
         < prompt.index("Question: What is the budget?")
     assert answer_with_context_instruction("Q?") == "Answer this question about the " \
-                                                    "conversation above: Q?"
+        "conversation above in one or two short sentences: Q?"
+
+
+def test_answers_keep_their_first_two_sentences_of_the_first_paragraph() -> None:
+    rambling = ("Olga set the budget. It is 4200 euros. Then Ben asked about travel.\n\n"
+                "What happened next... (continued)")
+    assert short_answer(rambling) == "Olga set the budget. It is 4200 euros."
+    assert short_answer(" 4200 euros, e.g. 3.5 per head ") == "4200 euros, e.g. 3.5 per head"
 
 
 def test_sources_travel_as_a_json_field_of_the_output_entry() -> None:

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # chunks -> records -> highlights: only the annotation needs Turn
     from workers.memory.chunks import Turn
 
-#: longest text kept per moment, in words (the rest is cut with "...")
-MOMENT_WORDS = 40
+#: longest text kept per moment, in words (the rest is cut with "..."): the gist of a turn,
+#: short enough that the moments stay a fraction of the notes and fit the notes' prompts
+MOMENT_WORDS = 25
 _WORD = re.compile(r"[a-z][a-z']{3,}")
 #: frequent words of four letters or more that carry no content in transcripts
 _FILLER = frozenset("""
@@ -52,6 +53,10 @@ class Moment:
     def from_list(cls, raw: Sequence[object]) -> Moment:
         entry_id, speaker, text, score = raw
         return cls(str(entry_id), str(speaker) or None, str(text), int(str(score)))
+
+    def spoken(self) -> str:
+        """``Speaker: text``, as the model reads a transcript line."""
+        return f"{self.speaker}: {self.text}" if self.speaker else self.text
 
     def line(self) -> str:
         who = f"{self.speaker}: " if self.speaker else ""

@@ -21,6 +21,8 @@ from workers.memory.lexical import bm25_scores
 from workers.memory.records import Chunk
 
 Method = Literal["embedding", "bm25"]
+#: a quoted line says something: at least this many content words (when any line has them)
+_QUOTE_MIN_WORDS = 4
 
 
 @dataclass(frozen=True)
@@ -65,18 +67,51 @@ def rank(
 
 
 def quote(question: str, hits: Sequence[Hit], lines_from: int = 2) -> tuple[Hit, str] | None:
-    """The transcript line an answer can quote: among the best ``lines_from`` hits' lines, the
-    one sharing most content words with the question (ties: the better hit, then the more
-    substantive line). A small model's answer is often wrong; the quoted line, with where it
-    was said, is evidence the reader can check."""
+    """The transcript line an answer can quote, from the best ``lines_from`` hits: the one
+    sharing most content words with the question; ties go to a line whose speaker the
+    question names, then to the better hit, then to the more substantive line. A small
+    model's answer is often wrong; the quoted line, with where it was said, is evidence the
+    reader can check.
+
+    The speaker label is matched apart from the words: counted as words, every "Project
+    Manager: okay, thank you" outranked what was said about the question's subject. Lines
+    with fewer than ``_QUOTE_MIN_WORDS`` content words ("Yeah. I have one question.") are
+    never quoted when a longer one is there.
+    """
     wanted = content_words(question)
-    best: tuple[tuple[int, int, int], Hit, str] | None = None
+    lines: list[_Line] = []
     for rank_, hit in enumerate(hits[:lines_from]):
         for line in hit.chunk.text.splitlines():
-            words = content_words(line)
-            if not words:
-                continue
-            key = (len(words & wanted), -rank_, len(words))
-            if best is None or key > best[0]:
-                best = (key, hit, line.strip())
-    return None if best is None else (best[1], cut(best[2]))
+            speaker, said = _speaker_and_words(line, hit.chunk.speakers)
+            words = content_words(said)
+            if words:
+                lines.append(_Line(rank_, hit, line.strip(), speaker, words))
+    if not lines:
+        return None
+    best = max(lines, key=lambda line: (
+        len(line.words) >= _QUOTE_MIN_WORDS,
+        len(line.words & wanted),
+        bool(line.speaker) and content_words(line.speaker) <= wanted,
+        -line.rank,
+        len(line.words),
+    ))
+    return best.hit, cut(best.text)
+
+
+@dataclass(frozen=True)
+class _Line:
+    """One line of a retrieved chunk, as :func:`quote` weighs it."""
+
+    rank: int  # of its hit
+    hit: Hit
+    text: str  # with the speaker label
+    speaker: str
+    words: set[str]
+
+
+def _speaker_and_words(line: str, speakers: Sequence[str]) -> tuple[str, str]:
+    """(speaker, what was said) of a ``Speaker: text`` line of a chunk with these speakers."""
+    head, sep, rest = line.partition(": ")
+    if sep and head.strip() in speakers:
+        return head.strip(), rest
+    return "", line
