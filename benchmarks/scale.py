@@ -483,6 +483,7 @@ def _phase_row(mon: Monitor, watcher: CommitWatcher, name: str, rate: float,
     misses = inside[-1]["misses"] - inside[0]["misses"]
     # entry latency: publish -> the commit that applied it (exact, from committed_ms)
     by_stream: dict[str, list[float]] = {}
+    timeline: list[tuple[int, float]] = []  # (publish ms, latency s): is the tail periodic?
     unseen = 0
     for sid, entry_id, _, _ in entries:
         latency = watcher.latency_s(sid, entry_id)
@@ -490,6 +491,7 @@ def _phase_row(mon: Monitor, watcher: CommitWatcher, name: str, rate: float,
             unseen += 1
         else:
             by_stream.setdefault(sid, []).append(latency)
+            timeline.append((int(entry_id.partition("-")[0]), round(latency, 4)))
     latencies = sorted(v for values in by_stream.values() for v in values)
     means = sorted(statistics.fmean(v) for v in by_stream.values())
     fair, fair_max, fair_med = _fairness(means)
@@ -526,6 +528,7 @@ def _phase_row(mon: Monitor, watcher: CommitWatcher, name: str, rate: float,
         "fairness_sampled_lag": sampled_fair,
         "fairness_sampled_lag_pending": pending_fair,
         "producer_worst_late_s": late_s,
+        "entry_latencies": sorted(timeline),
     }
     return row, details
 
