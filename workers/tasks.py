@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from typing import Any
@@ -140,6 +141,10 @@ def _start_background(sender: Any = None, **_: Any) -> None:
             # load the model (and create its metric series at zero) before the first task
             rt.processor  # noqa: B018
             _warm_up_embedder(rt)
+            # the models, modules and Celery's objects live as long as the process: out of
+            # the collector's sight, a full collection no longer walks them mid-batch
+            gc.collect()
+            gc.freeze()
         # only now: an answering /metrics means "ready" (the demo and probes rely on it)
         start_metrics_server(rt.settings.metrics_host, rt.settings.metrics_port)
     except Exception:
