@@ -33,9 +33,22 @@ def redis_server_binary() -> str:
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports: every socket stays bound until all are found,
+    so the kernel cannot hand the same port out twice (a cluster takes 12 before starting)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sockets.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 class RedisServer:
@@ -124,19 +137,22 @@ class LocalCluster:
         self.masters = masters
         self.replicas = replicas
         self.nodes: list[RedisServer] = []
-        for i in range(masters * (1 + replicas)):
+        count = masters * (1 + replicas)
+        ports = free_ports(2 * count)  # client and cluster-bus ports, all distinct
+        for i in range(count):
             node_dir = workdir / f"node{i}"
             args = (
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", str(node_dir / "nodes.conf"),
                 "--cluster-node-timeout", str(node_timeout_ms),
-                "--cluster-port", str(free_port()),
+                "--cluster-port", str(ports[count + i]),
                 "--cluster-replica-validity-factor", "0",
                 "--cluster-require-full-coverage", "yes",
                 "--repl-diskless-sync-delay", "0",
                 *extra_args,
             )
-            self.nodes.append(RedisServer(node_dir, appendonly=appendonly, extra_args=args))
+            self.nodes.append(RedisServer(node_dir, port=ports[i], appendonly=appendonly,
+                                          extra_args=args))
 
     @property
     def url(self) -> str:
