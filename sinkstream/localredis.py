@@ -160,8 +160,12 @@ class LocalCluster:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
     def start(self, timeout: float = 30.0) -> LocalCluster:
-        for node in self.nodes:
-            node.start()
+        try:
+            for node in self.nodes:
+                node.start()
+        except BaseException:
+            self.stop()  # the nodes already started would outlive the failed fixture
+            raise
         create = subprocess.run(
             [redis_cli_binary(), "--cluster", "create",
              *(f"127.0.0.1:{n.port}" for n in self.nodes),
