@@ -494,7 +494,7 @@ class StreamProcessor:
         conversation it asks about.
         """
         if extra_capacity is None:
-            extra_capacity = min(len(state.pending) + len(prompt) + max_new_tokens,
+            extra_capacity = min(self._room(state, prompt, max_new_tokens),
                                  self.engine.max_extra_capacity())
         started = time.perf_counter()
         ids = self.engine.generate(state, prompt, max_new_tokens, SUMMARY_SAMPLING,
@@ -503,6 +503,12 @@ class StreamProcessor:
         metrics.SUMMARY_SECONDS.labels(**labels).observe(time.perf_counter() - started)
         metrics.SUMMARY_TOKENS.labels(**labels).inc(len(ids))
         return str(self.engine.tokenizer.decode(ids))
+
+    @staticmethod
+    def _room(state: EngineState, prompt: Sequence[int], max_new_tokens: int) -> int:
+        """Slots a generation needs beside the window: the state's pending tokens, the
+        prompt and the answer."""
+        return len(state.pending) + len(prompt) + max_new_tokens
 
     # ----- whole-stream memory ------------------------------------------------------------------
     @property
@@ -577,12 +583,10 @@ class StreamProcessor:
                 question, context_block(sources, [h.chunk.text for h in used]) if used else "",
                 notes)
             prompt = self.engine.summary_prompt(instruction)
-            extra = len(prompt) + max_new + self.engine.chunk_tokens
-            if extra <= limit or not hits:
+            if self._room(state, prompt, max_new) <= limit or not hits:
                 break
             hits = sorted(hits, key=lambda h: -h.score)[:-1]  # drop the least relevant
-        text = short_answer(self._generate(state, prompt, max_new, SummaryKind.ANSWER,
-                                              extra_capacity=min(extra, limit)))
+        text = short_answer(self._generate(state, prompt, max_new, SummaryKind.ANSWER))
         quoted = retrieve.quote(question, hits)
         if quoted is not None:
             text += f"\n\nQuote [{used.index(quoted[0]) + 1}]: {quoted[1]}"

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from workers.scheduling import entry_id_key
+
 if TYPE_CHECKING:  # chunks -> records -> highlights: only the annotation needs Turn
     from workers.memory.chunks import Turn
 
@@ -59,8 +61,7 @@ class Moment:
         return f"{self.speaker}: {self.text}" if self.speaker else self.text
 
     def line(self) -> str:
-        who = f"{self.speaker}: " if self.speaker else ""
-        return f"- {who}{self.text} ({self.entry_id})"
+        return f"- {self.spoken()} ({self.entry_id})"
 
 
 def content_words(text: str) -> set[str]:
@@ -81,15 +82,22 @@ def fold(previous: Sequence[Moment], turns: Iterable[Turn], keep: int) -> list[M
         points = score(text)
         if points > 0:
             candidates.append(Moment(turn.entry_id, turn.speaker, cut(text), points))
-    best = sorted(candidates, key=lambda m: (-m.score, _order(m.entry_id)))[:keep]
-    return sorted(best, key=lambda m: _order(m.entry_id))
+    best = sorted(candidates, key=lambda m: (-m.score, entry_id_key(m.entry_id)))[:keep]
+    return sorted(best, key=lambda m: entry_id_key(m.entry_id))
 
 
 def _spoken(turn: Turn) -> str:
     """The turn's words without the ``Speaker:`` prefix the model read."""
-    line = turn.line.strip()
-    prefix = f"{turn.speaker}:" if turn.speaker else ""
-    return line[len(prefix):].strip() if prefix and line.startswith(prefix) else line
+    return split_speaker(turn.line.strip(), [turn.speaker] if turn.speaker else [])[1]
+
+
+def split_speaker(line: str, speakers: Sequence[str]) -> tuple[str, str]:
+    """(speaker, what was said) of a ``Speaker: text`` transcript line (``format_turn``),
+    when the label is one of ``speakers``; else ("", the whole line)."""
+    head, sep, rest = line.partition(": ")
+    if sep and head.strip() in speakers:
+        return head.strip(), rest.strip()
+    return "", line
 
 
 def clean(text: str) -> str:
@@ -106,8 +114,3 @@ def cut(text: str) -> str:
     """``text`` cleaned and cut to MOMENT_WORDS words."""
     words = clean(text).split()
     return " ".join(words[:MOMENT_WORDS]) + (" ..." if len(words) > MOMENT_WORDS else "")
-
-
-def _order(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)

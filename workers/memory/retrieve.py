@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 
 from workers.memory.embedder import Embedder, from_bytes
-from workers.memory.highlights import content_words, cut
+from workers.memory.highlights import content_words, cut, split_speaker
 from workers.memory.lexical import bm25_scores
 from workers.memory.records import Chunk
 
@@ -82,7 +82,7 @@ def quote(question: str, hits: Sequence[Hit], lines_from: int = 2) -> tuple[Hit,
     lines: list[_Line] = []
     for rank_, hit in enumerate(hits[:lines_from]):
         for line in hit.chunk.text.splitlines():
-            speaker, said = _speaker_and_words(line, hit.chunk.speakers)
+            speaker, said = split_speaker(line, hit.chunk.speakers)
             words = content_words(said)
             if words:
                 lines.append(_Line(rank_, hit, line.strip(), speaker, words))
@@ -107,11 +107,3 @@ class _Line:
     text: str  # with the speaker label
     speaker: str
     words: set[str]
-
-
-def _speaker_and_words(line: str, speakers: Sequence[str]) -> tuple[str, str]:
-    """(speaker, what was said) of a ``Speaker: text`` line of a chunk with these speakers."""
-    head, sep, rest = line.partition(": ")
-    if sep and head.strip() in speakers:
-        return head.strip(), rest
-    return "", line
