@@ -24,44 +24,14 @@ from typing import Any
 
 import redis
 
+from state_store.connection import run_script_each
 from state_store.keys import STREAMS_REGISTRY, InvalidStreamId, StreamKeys, validate_stream_id
+from state_store.scripts import STREAM_LAG
 
 #: Upper bounds (seconds) of the per-stream oldest-unapplied-age histogram.
 AGE_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0)
 STATUSES = ("active", "idle", "ended", "failed")
 
-# KEYS: state, meta, input, dead, lease.  ARGV: count cap.
-# Returns {last_entry_id, state_nbytes, status, ended, input_len, oldest_unapplied_id,
-#          pending, capped, dead_len, leased}; '' stands for "none" (Lua nil ends a table).
-LAG_SCRIPT = """
-local st = redis.call('HMGET', KEYS[1], 'last_entry_id', 'nbytes')
-local meta = redis.call('HMGET', KEYS[2], 'status', 'ended')
-local committed = st[1] or ''
-local len, oldest, pending, capped = 0, '', 0, 0
-if redis.call('TYPE', KEYS[3])['ok'] == 'stream' then
-  len = redis.call('XLEN', KEYS[3])
-  if len > 0 then
-    local start = '-'
-    if committed ~= '' then start = '(' .. committed end
-    local first = redis.call('XRANGE', KEYS[3], start, '+', 'COUNT', 1)
-    if #first > 0 then
-      oldest = first[1][1]
-      local head = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 1)
-      if head[1][1] == oldest then
-        pending = len
-      else
-        local cap = tonumber(ARGV[1])
-        pending = #redis.call('XRANGE', KEYS[3], start, '+', 'COUNT', cap)
-        if pending >= cap then capped = 1 end
-      end
-    end
-  end
-end
-local dead = 0
-if redis.call('TYPE', KEYS[4])['ok'] == 'stream' then dead = redis.call('XLEN', KEYS[4]) end
-return {committed, st[2] or '0', meta[1] or '', meta[2] or '', len, oldest, pending, capped,
-        dead, redis.call('EXISTS', KEYS[5])}
-"""
 
 
 @dataclass(frozen=True)
@@ -131,7 +101,6 @@ class LagReader:
         self.batch_size = batch_size
         self.count_cap = count_cap
         self.top_k = top_k
-        self._script = client.register_script(LAG_SCRIPT)
 
     def stream_ids(self) -> tuple[list[str], int]:
         pipe = self.client.pipeline(transaction=False)
@@ -189,26 +158,14 @@ class LagReader:
         return out
 
     def _run_scripts(self, ids: Sequence[str]) -> list[Any]:
-        """One LAG_SCRIPT per stream, pipelined. Raw EVALSHA (redis-py's cluster pipeline
-        blocks Script objects and .evalsha(), but routes a raw EVALSHA by its keys); a server
-        that lacks the script (first use, restart, a failed-over replica) gets it loaded on
-        every primary and the pipeline once more (NOSCRIPT means nothing ran)."""
-        for attempt in range(2):
-            pipe = self.client.pipeline(transaction=False)
-            for sid in ids:
-                keys = StreamKeys.of(sid)
-                pipe.execute_command("EVALSHA", self._script.sha, 5, keys.state, keys.meta,
-                                     keys.input, keys.dead, keys.lease, self.count_cap)
-            replies = pipe.execute(raise_on_error=False)
-            missing = any(isinstance(r, redis.exceptions.NoScriptError) for r in replies)
-            if missing and attempt == 0:
-                self.client.script_load(LAG_SCRIPT)
-                continue
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply
-            return list(replies)
-        raise AssertionError("unreachable")  # pragma: no cover
+        """One ``STREAM_LAG`` per stream, pipelined; any error is raised."""
+        calls = [((k.state, k.meta, k.input, k.dead, k.lease), (self.count_cap,))
+                 for k in map(StreamKeys.of, ids)]
+        replies = run_script_each(self.client, STREAM_LAG, calls)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
 
 def redis_memory(client: redis.Redis) -> dict[str, Any]:

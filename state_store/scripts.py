@@ -314,3 +314,70 @@ while argi < #ARGV do
 end
 return removed
 """
+
+
+# --- DISPATCHER -------------------------------------------------------------------------------
+#: Take, renew or give up the dispatcher leadership (workers/scheduling.py); one key.
+#: KEYS: leader key.  ARGV: node id, ttl ms (0 = give it up).  1 if we lead (now), else 0.
+DISPATCHER_LEAD = """
+local holder = redis.call('GET', KEYS[1])
+if ARGV[2] == '0' then
+  if holder == ARGV[1] then redis.call('DEL', KEYS[1]) end
+  return 0
+end
+if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]); return 1 end
+if not holder then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]); return 1 end
+return 0
+"""
+
+#: Does a stream need a task? The dispatcher's check of one stream, on the stream's own slot:
+#: one reply per stream instead of four, so a full pass over 1,000 streams costs the worker's
+#: Python a quarter of the packing and parsing it did (and the model the GIL for that long).
+#: KEYS[1] input stream, KEYS[2] state hash, KEYS[3] scheduled flag, KEYS[4] meta hash.
+#: Returns 1 when the input holds an entry after the committed ``last_entry_id`` (an exclusive
+#: XRANGE: no id parsing) and the stream is neither scheduled nor failed, else 0. An input key
+#: that is not a stream is a WRONGTYPE error for that stream alone.
+NEEDS_WORK = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+if redis.call('HGET', KEYS[4], 'status') == 'failed' then return 0 end
+local committed = redis.call('HGET', KEYS[2], 'last_entry_id')
+local start = '-'
+if committed and committed ~= '' then start = '(' .. committed end
+if #redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', 1) > 0 then return 1 end
+return 0
+"""
+
+# --- MONITORING -------------------------------------------------------------------------------
+#: Input lag and status of one stream (monitoring/lag.py), read-only.
+#: KEYS: state, meta, input, dead, lease.  ARGV: count cap.
+#: Returns {last_entry_id, state_nbytes, status, ended, input_len, oldest_unapplied_id,
+#:          pending, capped, dead_len, leased}; '' stands for "none" (Lua nil ends a table).
+STREAM_LAG = """
+local st = redis.call('HMGET', KEYS[1], 'last_entry_id', 'nbytes')
+local meta = redis.call('HMGET', KEYS[2], 'status', 'ended')
+local committed = st[1] or ''
+local len, oldest, pending, capped = 0, '', 0, 0
+if redis.call('TYPE', KEYS[3])['ok'] == 'stream' then
+  len = redis.call('XLEN', KEYS[3])
+  if len > 0 then
+    local start = '-'
+    if committed ~= '' then start = '(' .. committed end
+    local first = redis.call('XRANGE', KEYS[3], start, '+', 'COUNT', 1)
+    if #first > 0 then
+      oldest = first[1][1]
+      local head = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 1)
+      if head[1][1] == oldest then
+        pending = len
+      else
+        local cap = tonumber(ARGV[1])
+        pending = #redis.call('XRANGE', KEYS[3], start, '+', 'COUNT', cap)
+        if pending >= cap then capped = 1 end
+      end
+    end
+  end
+end
+local dead = 0
+if redis.call('TYPE', KEYS[4])['ok'] == 'stream' then dead = redis.call('XLEN', KEYS[4]) end
+return {committed, st[2] or '0', meta[1] or '', meta[2] or '', len, oldest, pending, capped,
+        dead, redis.call('EXISTS', KEYS[5])}
+"""

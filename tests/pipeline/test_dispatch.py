@@ -267,3 +267,35 @@ def test_a_worker_applies_published_input_without_waiting_for_its_full_pass(
             assert time.monotonic() - started < 10.0
     finally:
         pool.close()
+
+
+def test_needs_work_is_input_past_the_committed_entry_and_nothing_else(
+        client: redis.Redis) -> None:
+    """One script per stream decides; each case is a stream the dispatcher must (not) pick."""
+    def stream(name: str, entries: int = 1) -> tuple[StreamKeys, list[bytes]]:
+        keys = StreamKeys.of(name)
+        return keys, [client.xadd(keys.input, {"text": "x"}) for _ in range(entries)]
+
+    stream("fresh")  # input, nothing committed yet
+    keys, ids = stream("behind", 3)
+    client.hset(keys.state, "last_entry_id", ids[0])
+    keys, ids = stream("caught-up", 2)
+    client.hset(keys.state, "last_entry_id", ids[-1])
+    keys, ids = stream("trimmed", 2)  # applied input trimmed away: the committed id is gone
+    client.hset(keys.state, "last_entry_id", ids[-1])
+    client.xtrim(keys.input, maxlen=0)
+    keys, ids = stream("trimmed-then-more", 2)
+    client.hset(keys.state, "last_entry_id", ids[0])
+    client.xdel(keys.input, ids[0])
+    keys, _ = stream("scheduled")
+    client.set(keys.scheduled, "1")
+    keys, _ = stream("failed")
+    client.hset(keys.meta, "status", "failed")
+    client.set(StreamKeys.of("wrong-type").input, "not a stream")
+    names = ["fresh", "behind", "caught-up", "trimmed", "trimmed-then-more", "scheduled",
+             "failed", "wrong-type", "never-written"]
+
+    scheduler = Scheduler(client, Enqueued(), 60.0)
+    assert scheduler.needs_work(names) == ["fresh", "behind", "trimmed-then-more"]
+    client.script_flush()  # a restarted server lacks the script: loaded again, same answer
+    assert scheduler.needs_work(names) == ["fresh", "behind", "trimmed-then-more"]
