@@ -18,7 +18,11 @@ a steady aggregate rate.
 
 Phases, all on the same streams and workers:
 
-1. ``warm-up`` — one entry to every stream at once (creates every state).
+1. ``warm-up`` — rounds of one entry to every stream, until every stream's recent window is
+   full and evicting: a state's size (load, save) and its attention grow with its tokens up to
+   the window and stay flat after it, so every later phase runs at the size a long-lived
+   stream has. (Calibrating on 1-2 entry streams overstated capacity: the steady phase then
+   fell behind as the streams grew.)
 2. ``calibrate`` — again one entry to every stream at once; entries/s to apply them all is the
    workers' capacity when each task carries one entry of one stream (the steady regime).
 3. ``steady`` — ``SUSTAIN`` x capacity entries/s for ``duration`` seconds, then drain.
@@ -60,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shutil
@@ -97,13 +102,15 @@ class Size:
 
 
 def _size(quick: bool) -> Size:
-    size = Size(200, 30.0, 15.0, 0.5, 16) if quick else Size(1000, 60.0, 30.0, 1.0, 64)
+    # steady: long enough for ~6 entries per stream at 0.6x capacity (a stream's mean latency
+    # over 2-3 entries was mostly one entry's luck); overload: long enough to build a backlog
+    size = Size(200, 30.0, 15.0, 0.5, 16) if quick else Size(1000, 120.0, 30.0, 1.0, 64)
     env = os.environ
     steady_s = float(env.get("SINKSTREAM_SCALE_SECONDS", size.steady_s))
     return Size(
         streams=int(env.get("SINKSTREAM_SCALE_STREAMS", size.streams)),
         steady_s=steady_s,
-        overload_s=steady_s / 2,
+        overload_s=steady_s * size.overload_s / size.steady_s,
         sample_s=size.sample_s,
         cache_mib=int(env.get("SINKSTREAM_SCALE_CACHE_MIB", size.cache_mib)),
     )
@@ -456,6 +463,22 @@ def _collect(procs: list[subprocess.Popen[bytes]], outs: list[Path]) -> dict[str
     return {"published": published, "worst_late_s": late}
 
 
+def _fill_rounds(engine: Any, texts: Iterator[tuple[str, str]], sample: int = 200) -> int:
+    """How many entries fill a stream's recent window, plus one so it has started evicting.
+
+    Calibrating on young streams overstated capacity: a state's load, save and attention
+    grow with its tokens until the window is full, so a steady phase at 0.6x that capacity
+    fell behind once the streams had grown (lag rising from mid-phase on). Past the window a
+    stream costs the same per entry for ever, which is the regime a deployment runs in."""
+    from producer.entries import InputEntry
+    from workers.processor import turn_tokens
+
+    window = engine.window_tokens() or 0
+    lengths = [len(turn_tokens(engine, InputEntry(id="0-0", text=t, speaker=s)))
+               for t, s in (next(texts) for _ in range(sample))]
+    return math.ceil(window / statistics.fmean(lengths)) + 1
+
+
 def _burst(producer: Any, sids: list[str], texts: Iterator[tuple[str, str]]) -> tuple[
         dict[str, str], list[list[str]]]:
     """One entry to every stream, as fast as possible; returns last ids and the entries."""
@@ -627,13 +650,19 @@ def run(quick: bool) -> BenchResult:
         details: dict[str, dict[str, Any]] = {}
         watcher = CommitWatcher(url)
 
-        # --- warm-up and calibration bursts: one entry to every stream at once --------------
+        # --- warm-up: every stream's window filled (states at their steady size, evicting);
+        # calibration: one more entry to every stream at once --------------------------------
+        fill = _fill_rounds(engine, captions(7))
         bursts = {}
         for name in ("warm-up", "calibrate"):
             mon.phase = name
             t_start = time.monotonic() - mon.t0
             started = time.monotonic()
-            last, entries = _burst(producer, sids, texts)
+            last, entries = {}, []
+            for _ in range(fill if name == "warm-up" else 1):
+                round_last, round_entries = _burst(producer, sids, texts)
+                last.update(round_last)
+                entries.extend(round_entries)
             all_entries.extend(entries)
             publish_s = time.monotonic() - started
             drain_s = _wait_applied(client, last, workers, 900, mon)
@@ -719,6 +748,7 @@ def run(quick: bool) -> BenchResult:
     summary: dict[str, Any] = {
         "streams": size.streams,
         "workers": WORKERS,
+        "warm_up_entries_per_stream": fill,
         "capacity_entries_per_s": capacity,
         "steady_rate_entries_per_s": rates["steady"],
         "tokens_per_s": steady["applied tok/s"],
@@ -757,7 +787,7 @@ def run(quick: bool) -> BenchResult:
                      "sample_s": size.sample_s, "producers": PRODUCERS, "sustain": SUSTAIN,
                      "overload": OVERLOAD, "summaries": "off",
                      "dispatcher": _dispatcher_mode(settings),
-                     "retrieval": settings.retrieval},
+                     "retrieval": os.environ.get("SINKSTREAM_SCALE_RETRIEVAL", "bm25")},
         "warm_up_memory_chunks": warm_chunks,
     }
     _plot(mon, bounds, workers, cache_bytes, quick)
