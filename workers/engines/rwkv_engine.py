@@ -65,6 +65,7 @@ from workers.engines.base import (
     UnsupportedModelError,
     aligned_chunks,
 )
+from workers.engines.sampling import pick_token
 from workers.engines.tensor_bytes import dtype_name, from_raw, to_raw
 from workers.engines.tokenizers import ByteTokenizer
 
@@ -598,7 +599,7 @@ class RWKVEngine(Engine[RWKVState]):
         gen = torch.Generator(device="cpu").manual_seed(int(sampling.seed))
         out: list[int] = []
         for step in range(max_new_tokens):
-            token = _sample(logits, out, sampling, gen)
+            token = pick_token(logits, out, sampling, gen)
             if token in stops:
                 break
             out.append(token)
@@ -739,26 +740,3 @@ class RWKVEngine(Engine[RWKVState]):
         """
         text = re.sub(r"\n\s*\n+", "\n", instruction.strip())
         return self.tokenizer.encode(f"\n\nUser: {text}\n\nAssistant:")
-
-
-def _sample(
-    logits: torch.Tensor, history: list[int], sampling: Sampling, gen: torch.Generator
-) -> int:
-    """Pick one token from ``logits`` (``[V]``) on CPU in fp32, reproducibly."""
-    x = logits.detach().float().cpu().clone()
-    penalty = float(sampling.repetition_penalty)
-    if penalty != 1.0 and history:
-        idx = torch.tensor(sorted(set(history)), dtype=torch.long)
-        vals = x[idx]
-        x[idx] = torch.where(vals > 0, vals / penalty, vals * penalty)
-    if sampling.temperature <= 0:
-        return int(torch.argmax(x))
-    probs = torch.softmax(x / float(sampling.temperature), dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        cum = torch.cumsum(sorted_p, dim=-1)
-        keep = (cum - sorted_p) < float(sampling.top_p)  # always keeps the top token
-        sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-        probs = probs / probs.sum()
-    return int(torch.multinomial(probs, 1, generator=gen))

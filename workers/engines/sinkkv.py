@@ -60,6 +60,7 @@ from workers.engines.base import (
     UnsupportedModelError,
     aligned_chunks,
 )
+from workers.engines.sampling import pick_token
 from workers.engines.tensor_bytes import dtype_name, from_raw, to_raw, torch_dtype
 from workers.engines.tokenizers import HFTokenizer
 
@@ -709,7 +710,7 @@ class SinkKVEngine(Engine[SinkKVState]):
         stops = set(sampling.stop_token_ids) | set(self.eos_token_ids)
         out: list[int] = []
         for step in range(max_new_tokens):
-            token = _pick(self._logits(last).cpu(), [*context, *out], sampling, generator)
+            token = pick_token(self._logits(last), out, sampling, generator)
             if token in stops:
                 break
             out.append(token)
@@ -929,28 +930,6 @@ def _eos_ids(model: PreTrainedModel, tokenizer: Any) -> tuple[int, ...]:
         elif isinstance(source, (list, tuple, set)):
             ids.update(int(i) for i in source if isinstance(i, int))
     return tuple(sorted(ids))
-
-
-def _pick(
-    logits: torch.Tensor, history: Sequence[int], sampling: Sampling, generator: torch.Generator
-) -> int:
-    """Choose the next token from fp32 CPU ``logits`` ``[V]``."""
-    logits = logits.clone()
-    if sampling.repetition_penalty != 1.0 and history:
-        seen = torch.tensor(sorted(set(history)), dtype=torch.long)
-        picked = logits[seen]
-        penalty = sampling.repetition_penalty
-        logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
-    if sampling.temperature <= 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits / sampling.temperature, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (always at least one token)
-        keep = (torch.cumsum(sorted_probs, dim=0) - sorted_probs) < sampling.top_p
-        keep[0] = True
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def model_fingerprint(model: PreTrainedModel) -> str:
