@@ -560,7 +560,8 @@ class StreamProcessor:
 
     def answer(self, stream_id: str, question: str, request: str = "") -> OutputEntry:
         """Answer ``question`` from the committed state, plus the most relevant text that left
-        the window (``retrieval``), placed in a temporary context after the window.
+        the window (``retrieval``): the retrieved chunks' lines that best match the question,
+        placed in a temporary context after the window.
 
         Read-only: needs no lease. The output's ``sources`` cite the retrieved chunks.
         """
@@ -568,26 +569,28 @@ class StreamProcessor:
         notes = self._notes(read_head(self.client, stream_id)) \
             if self.settings.summary_memory else None
         hits: list[retrieve.Hit] = []
+        pervasive: frozenset[str] = frozenset()
         if self.settings.retrieval != "off":
             candidates = retrieve.evicted(read_chunks(self.client, stream_id),
                                           state.tokens_seen, self.engine.window_tokens())
             hits = retrieve.rank(question, candidates, top_k=self.settings.retrieval_top_k,
                                  embedder=self.embedder)
+            pervasive = retrieve.pervasive_words(candidates)
         max_new = self.settings.summary_max_new_tokens
         limit = self.engine.max_extra_capacity()
         while True:
             used = sorted(hits, key=lambda h: h.chunk.seq)  # in the order they were said
             sources = [Source((h.chunk.first_id, h.chunk.last_id), h.chunk.speakers, h.chunk.ts,
                               h.score) for h in used]
+            lines = retrieve.relevant_lines(question, hits, pervasive=pervasive)
             instruction = answer_with_context_instruction(
-                question, context_block(sources, [h.chunk.text for h in used]) if used else "",
-                notes)
+                question, context_block(lines) if lines else "", notes)
             prompt = self.engine.summary_prompt(instruction)
             if self._room(state, prompt, max_new) <= limit or not hits:
                 break
             hits = sorted(hits, key=lambda h: -h.score)[:-1]  # drop the least relevant
         text = short_answer(self._generate(state, prompt, max_new, SummaryKind.ANSWER))
-        quoted = retrieve.quote(question, hits)
+        quoted = retrieve.quote(question, hits, pervasive=pervasive)
         if quoted is not None:
             text += f"\n\nQuote [{used.index(quoted[0]) + 1}]: {quoted[1]}"
         return make_output(SummaryKind.ANSWER, text, covers or "0-0", state.tokens_seen,

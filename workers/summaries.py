@@ -166,11 +166,12 @@ def format_notes(sections: Sequence[tuple[Section, str]]) -> str:
     return "\n\n".join(f"## {s.title}\n{body}" for s, body in sections)
 
 
-def context_block(sources: Sequence[Source], texts: Sequence[str]) -> str:
-    """Retrieved text that left the window, each excerpt labelled with where it came from."""
-    parts = [f"[{i}] {src.label()}\n{text.strip()}"
-             for i, (src, text) in enumerate(zip(sources, texts, strict=True), start=1)]
-    return "Earlier parts of the conversation, no longer above:\n\n" + "\n\n".join(parts)
+def context_block(lines: Sequence[str]) -> str:
+    """Retrieved lines that left the window, verbatim, in the order they were said. No
+    labels: where each came from is cited in the answer's ``sources``; in the prompt, labels
+    were more text between a small model and the question."""
+    return "Earlier parts of the conversation, no longer above:\n\n" + "\n".join(
+        line.strip() for line in lines)
 
 
 def answer_with_context_instruction(

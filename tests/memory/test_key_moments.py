@@ -107,9 +107,40 @@ def test_answers_quote_the_retrieved_line_that_matches_the_question() -> None:
     assert found is not None
     hit, line = found
     assert hit is hits[0] and line == "Olga: the Zanzibar budget is four thousand euros"
-    # only the best two hits are quoted from, and nothing is quoted from nothing
-    assert quote("travel plans?", hits)[0] is not hits[2]  # type: ignore[index]
+    # only the best two hits are quoted from, a line must share a word with the question,
+    # and nothing is quoted from nothing
+    assert quote("travel plans?", hits) is None
     assert quote("anything", []) is None
+
+
+def test_words_of_the_whole_stream_do_not_choose_the_quote_or_the_prompt_lines() -> None:
+    from workers.memory.records import Chunk
+    from workers.memory.retrieve import Hit, pervasive_words, quote, relevant_lines
+
+    def chunk(seq: int, text: str) -> Chunk:
+        return Chunk(f"{seq}-0", f"{seq}-9", text, seq * 100, seq * 100 + 90,
+                     ("Project Manager", "Marketing"), None, seq=seq)
+
+    stream = [chunk(1, "Project Manager: we design a new remote control for the television"),
+              chunk(2, "Marketing: the remote control needs fewer buttons than usual"),
+              chunk(3, "Marketing: one long lasting battery keeps the remote control small"),
+              chunk(4, "Project Manager: the remote control should sell for twenty five euros")]
+    pervasive = pervasive_words(stream)
+    assert {"remote", "control"} <= pervasive and "battery" not in pervasive
+    hits = [Hit(stream[0], 0.9, "bm25"), Hit(stream[2], 0.8, "bm25")]
+    question = "What did the group think of the battery of the remote control?"
+    # counted, "remote control" ties the opening line with the battery line; ignored, the
+    # battery line is the evidence
+    found = quote(question, hits, pervasive=pervasive)
+    assert found is not None and "battery" in found[1]
+    # a question only the stream's own words match has nothing to quote
+    assert quote("What colour is the remote control?", hits, pervasive=pervasive) is None
+    assert relevant_lines(question, hits, keep=1, pervasive=pervasive) == [
+        "Marketing: one long lasting battery keeps the remote control small"]
+    # lines come back in the order they were said, whatever their rank
+    assert relevant_lines(question, list(reversed(hits)), keep=2, pervasive=pervasive) == [
+        stream[0].text, stream[2].text]
+    assert pervasive_words(stream[:3]) == frozenset()  # too few chunks to tell
 
 
 def test_a_quote_matches_what_was_said_not_who_said_it() -> None:

@@ -65,12 +65,12 @@ def test_tidy_section_keeps_distinct_items_and_stops_at_the_next_section() -> No
     assert notes == "## Summary\nA.\n\n## Decisions\n- B"
 
 
-def test_answer_prompt_labels_retrieved_text_with_speakers_and_times() -> None:
-    src = Source(("170-1", "170-4"), ("Olga", "Tomas"), (12.0, 3725.5), 0.8)
-    block = context_block([src], ["Olga: the budget is 4200 euros\n"])
-    assert "[1] 0:12-1:02:05, Olga, Tomas\nOlga: the budget is 4200 euros" in block
+def test_answer_prompt_carries_retrieved_lines_verbatim_after_the_notes() -> None:
+    block = context_block(["Olga: the budget is 4200 euros\n", "Tomas: approved"])
+    assert block.endswith("Olga: the budget is 4200 euros\nTomas: approved")
+    assert "[1]" not in block  # where they came from is in the answer's sources, not here
     prompt = answer_with_context_instruction("What is the budget?", block, notes="Earlier: X.")
-    assert prompt.index("Earlier: X.") < prompt.index("[1]") \
+    assert prompt.index("Earlier: X.") < prompt.index("Olga: the budget") \
         < prompt.index("Question: What is the budget?")
     assert answer_with_context_instruction("Q?") == "Answer this question about the " \
         "conversation above in one or two short sentences: Q?"
