@@ -49,6 +49,7 @@ from workers.memory.highlights import Moment
 from workers.memory.records import MemoryHead, MemoryWrite, SummaryMemory
 from workers.memory.store import plan_write, read_chunks, read_head
 from workers.summaries import (
+    ANSWER_SAMPLING,
     SECTIONS,
     SUMMARY_SAMPLING,
     OutputEntry,
@@ -497,7 +498,8 @@ class StreamProcessor:
             extra_capacity = min(self._room(state, prompt, max_new_tokens),
                                  self.engine.max_extra_capacity())
         started = time.perf_counter()
-        ids = self.engine.generate(state, prompt, max_new_tokens, SUMMARY_SAMPLING,
+        sampling = ANSWER_SAMPLING if kind is SummaryKind.ANSWER else SUMMARY_SAMPLING
+        ids = self.engine.generate(state, prompt, max_new_tokens, sampling,
                                    extra_capacity=extra_capacity)
         labels = {**self._labels, "kind": kind.value}
         metrics.SUMMARY_SECONDS.labels(**labels).observe(time.perf_counter() - started)

@@ -34,8 +34,11 @@ FINAL_INSTRUCTION = (
     "The meeting is over. Write short meeting notes for the conversation above: what was "
     "decided, who does what, and what is still open."
 )
-#: sampling for summaries: greedy, with a penalty that keeps small models from looping
-SUMMARY_SAMPLING = Sampling(repetition_penalty=1.3)
+#: sampling for summaries: greedy, with a penalty that keeps small models from looping and
+#: from copying their notes
+SUMMARY_SAMPLING = Sampling(repetition_penalty=1.3, penalize_prompt=True)
+#: sampling for answers: the same, but free to reuse the words of the question and excerpts
+ANSWER_SAMPLING = Sampling(repetition_penalty=1.3)
 
 
 def answer_instruction(question: str) -> str:

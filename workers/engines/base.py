@@ -42,13 +42,19 @@ class Tokenizer(Protocol):
 
 @dataclass(frozen=True)
 class Sampling:
-    """How ``generate`` picks tokens. temperature 0 means greedy (deterministic)."""
+    """How ``generate`` picks tokens. temperature 0 means greedy (deterministic).
+
+    ``penalize_prompt`` extends the repetition penalty from the generated tokens to the
+    context (the state's pending tokens and the prompt): it keeps a summary from copying its
+    notes verbatim, and hurts an answer, which should reuse the question's words.
+    """
 
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
     repetition_penalty: float = 1.1
     stop_token_ids: tuple[int, ...] = ()
+    penalize_prompt: bool = False
 
 
 @dataclass

@@ -65,7 +65,7 @@ from workers.engines.base import (
     UnsupportedModelError,
     aligned_chunks,
 )
-from workers.engines.sampling import pick_token
+from workers.engines.sampling import penalized, pick_token
 from workers.engines.tensor_bytes import dtype_name, from_raw, to_raw
 from workers.engines.tokenizers import ByteTokenizer
 
@@ -579,7 +579,8 @@ class RWKVEngine(Engine[RWKVState]):
         Greedy when ``temperature`` is 0, else temperature + top-p sampling from a private
         generator seeded with ``sampling.seed`` (reproducible). The repetition penalty (CTRL
         style: positive logits divided, negative multiplied) applies to tokens generated in
-        this call; the stream's history is not kept. Generation stops before any of
+        this call, and to ``pending + prompt_ids`` with ``penalize_prompt``; the stream's
+        history is not kept. Generation stops before any of
         ``sampling.stop_token_ids`` or the end-of-text token (``bos_token_id``, 0 for RWKV
         vocabularies), which are not returned.
         """
@@ -599,7 +600,7 @@ class RWKVEngine(Engine[RWKVState]):
         gen = torch.Generator(device="cpu").manual_seed(int(sampling.seed))
         out: list[int] = []
         for step in range(max_new_tokens):
-            token = pick_token(logits, out, sampling, gen)
+            token = pick_token(logits, penalized(context, out, sampling), sampling, gen)
             if token in stops:
                 break
             out.append(token)

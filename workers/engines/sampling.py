@@ -1,11 +1,12 @@
 """Choosing the next token from a model's logits: one rule for every engine.
 
 The repetition penalty (CTRL style: positive logits divided by it, negative ones multiplied)
-applies to the tokens generated in this call only, not to the prompt or the stream. It is
-there to stop a small model repeating itself; applied to the prompt as well, it pushed the
-model away from the very words it was asked about: with retrieved excerpts in an answer
+applies to the tokens generated in this call, and to the prompt only when the sampling says
+``penalize_prompt``. Answers leave the prompt alone: with retrieved excerpts in an answer
 prompt, every word of the excerpts was penalized and SmolLM2's answers drifted into
 unrelated words ("[insert text here]", "T&E"), scoring below answers given without them.
+Summaries penalize it: without, the model copied lines of its notes (summary memory, key
+moments) into the final summary and scored below a summary made without notes.
 """
 
 from __future__ import annotations
@@ -17,16 +18,22 @@ import torch
 from workers.engines.base import Sampling
 
 
+def penalized(context: Sequence[int], generated: Sequence[int], sampling: Sampling) -> list[int]:
+    """The tokens the repetition penalty covers at this step of a ``generate`` call."""
+    return [*context, *generated] if sampling.penalize_prompt else list(generated)
+
+
 def pick_token(
-    logits: torch.Tensor, generated: Sequence[int], sampling: Sampling,
+    logits: torch.Tensor, penalize: Sequence[int], sampling: Sampling,
     generator: torch.Generator,
 ) -> int:
     """The next token from ``logits`` ``[V]`` (any device and dtype; picked on the CPU in
-    fp32, so the choice is reproducible), given the tokens ``generated`` so far in this
-    call: greedy at temperature 0, else temperature and top-p sampling from ``generator``."""
+    fp32, so the choice is reproducible), with the repetition penalty on the tokens in
+    ``penalize`` (see ``penalized``): greedy at temperature 0, else temperature and top-p
+    sampling from ``generator``."""
     logits = logits.detach().float().cpu().clone()
-    if sampling.repetition_penalty != 1.0 and generated:
-        seen = torch.tensor(sorted(set(generated)), dtype=torch.long)
+    if sampling.repetition_penalty != 1.0 and penalize:
+        seen = torch.tensor(sorted(set(penalize)), dtype=torch.long)
         picked = logits[seen]
         penalty = float(sampling.repetition_penalty)
         logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)

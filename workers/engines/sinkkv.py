@@ -60,7 +60,7 @@ from workers.engines.base import (
     UnsupportedModelError,
     aligned_chunks,
 )
-from workers.engines.sampling import pick_token
+from workers.engines.sampling import penalized, pick_token
 from workers.engines.tensor_bytes import dtype_name, from_raw, to_raw, torch_dtype
 from workers.engines.tokenizers import HFTokenizer
 
@@ -710,7 +710,8 @@ class SinkKVEngine(Engine[SinkKVState]):
         stops = set(sampling.stop_token_ids) | set(self.eos_token_ids)
         out: list[int] = []
         for step in range(max_new_tokens):
-            token = pick_token(self._logits(last), out, sampling, generator)
+            token = pick_token(self._logits(last), penalized(context, out, sampling), sampling,
+                               generator)
             if token in stops:
                 break
             out.append(token)
