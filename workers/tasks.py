@@ -13,6 +13,7 @@ from kombu.exceptions import ChannelError
 from monitoring.metrics import start_metrics_server
 from state_store.connection import TRANSIENT_ERRORS
 from workers.app import QUEUE, app
+from workers.heap import HeapTrimmer
 from workers.multistream import MultiStreamProcessor, companion_holder
 from workers.processor import Outcome
 from workers.runtime import Runtime, get_runtime
@@ -123,6 +124,17 @@ def summarize(stream_id: str, request: str, question: str = "") -> None:
 
 
 _dispatcher: Dispatcher | None = None
+_trimmer: HeapTrimmer | None = None
+
+
+@signals.task_postrun.connect
+def _trim_heap(**_: Any) -> None:
+    """Hand the memory the task freed back to the system (``workers/heap.py``), in the
+    process that ran it."""
+    global _trimmer
+    if _trimmer is None:
+        _trimmer = HeapTrimmer(runtime().settings.heap_trim_seconds)
+    _trimmer.maybe_trim()
 
 
 @signals.worker_ready.connect
