@@ -59,6 +59,12 @@ HOT_CACHE_HITS = Counter("sinkstream_hot_cache_hits_total",
 HOT_CACHE_MISSES = Counter("sinkstream_hot_cache_misses_total",
                            "Batches that downloaded the state from Redis")
 HOT_CACHE_BYTES = Gauge("sinkstream_hot_cache_bytes", "Tensor bytes held by the hot cache")
+HOT_CACHE_LIMIT = Gauge("sinkstream_hot_cache_limit_bytes",
+                        "Bytes the hot cache may hold now: hot_cache_bytes, less what the "
+                        "worker's memory outside the cache needs")
+RSS_GROWTH = Gauge("sinkstream_worker_rss_growth_bytes",
+                   "Peak resident memory growth over the worker's ready baseline, since the "
+                   "previous check (about once a second)")
 LEASES_TAKEN_OVER = Counter("sinkstream_leases_taken_over_total",
                             "Streams taken over from a worker whose lease expired")
 STALE_COMMITS = Counter("sinkstream_stale_commits_refused_total",

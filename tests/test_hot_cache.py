@@ -24,3 +24,17 @@ def test_state_larger_than_budget_is_not_kept() -> None:
     cache: HotStateCache[str] = HotStateCache(budget_bytes=5)
     cache.put("a", 1, "A", nbytes=6)
     assert len(cache) == 0 and cache.nbytes == 0
+
+
+def test_a_lower_limit_evicts_now_and_bounds_later_puts() -> None:
+    cache: HotStateCache[str] = HotStateCache(budget_bytes=30)
+    for name in "abc":
+        cache.put(name, 1, name.upper(), nbytes=10)
+    assert cache.set_limit(15) == 15
+    assert cache.nbytes == 10 and cache.get("c", 1) == "C"  # the most recent stays
+    cache.put("d", 1, "D", nbytes=10)
+    assert cache.nbytes == 10 and cache.get("d", 1) == "D"
+    cache.put("big", 1, "B", nbytes=20)  # within the budget, over the limit: not kept
+    assert cache.get("big", 1) is None
+    assert cache.set_limit(100) == 30  # never above the budget
+    assert cache.set_limit(-5) == 0 and len(cache) == 0

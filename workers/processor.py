@@ -154,6 +154,7 @@ class StreamProcessor:
         self._unreleased: dict[str, Lease] = {}
         self._labels = {"engine": engine.kind, "model": engine.model_name}
         metrics.init_worker(**self._labels, device=settings.device, dtype=settings.dtype)
+        metrics.HOT_CACHE_LIMIT.set(self.cache.limit_bytes)
         #: the stream keeps a memory hash (summary memory and/or retrieval chunks)
         self.keeps_memory = settings.summary_memory or settings.retrieval != "off"
 

@@ -10,10 +10,12 @@ from typing import Any
 from celery import signals
 from kombu.exceptions import ChannelError
 
+from monitoring import metrics
 from monitoring.metrics import start_metrics_server
 from state_store.connection import TRANSIENT_ERRORS
 from workers.app import QUEUE, app
 from workers.heap import HeapTrimmer
+from workers.memory_budget import RssBudget
 from workers.multistream import MultiStreamProcessor, companion_holder
 from workers.processor import Outcome
 from workers.runtime import Runtime, get_runtime
@@ -125,16 +127,37 @@ def summarize(stream_id: str, request: str, question: str = "") -> None:
 
 _dispatcher: Dispatcher | None = None
 _trimmer: HeapTrimmer | None = None
+_budget: RssBudget | None = None
 
 
 @signals.task_postrun.connect
 def _trim_heap(**_: Any) -> None:
-    """Hand the memory the task freed back to the system (``workers/heap.py``), in the
-    process that ran it."""
+    """Hand the memory the task freed back to the system (``workers/heap.py``), then hold the
+    hot cache to what the worker's RSS growth leaves of the budget
+    (``workers/memory_budget.py``), in the process that ran the task."""
+    rt = runtime()
+    _heap_trimmer(rt).maybe_trim()
+    budget = _memory_budget(rt)
+    if budget is not None and budget.maybe_check():
+        metrics.HOT_CACHE_LIMIT.set(budget.cache.limit_bytes)
+        metrics.HOT_CACHE_BYTES.set(budget.cache.nbytes)
+        metrics.RSS_GROWTH.set(budget.growth)
+
+
+def _heap_trimmer(rt: Runtime) -> HeapTrimmer:
     global _trimmer
     if _trimmer is None:
-        _trimmer = HeapTrimmer(runtime().settings.heap_trim_seconds)
-    _trimmer.maybe_trim()
+        _trimmer = HeapTrimmer(rt.settings.heap_trim_seconds)
+    return _trimmer
+
+
+def _memory_budget(rt: Runtime) -> RssBudget | None:
+    """The process's RSS budget (``hot_cache_bounds_rss``), made on first use: a forked
+    pool child takes its baseline after its first task."""
+    global _budget
+    if _budget is None and rt.settings.hot_cache_bounds_rss:
+        _budget = RssBudget(rt.processor.cache, rt.settings.hot_cache_bytes)
+    return _budget
 
 
 @signals.worker_ready.connect
@@ -157,6 +180,10 @@ def _start_background(sender: Any = None, **_: Any) -> None:
             # the collector's sight, a full collection no longer walks them mid-batch
             gc.collect()
             gc.freeze()
+            budget = _memory_budget(rt)
+            if budget is not None:
+                _heap_trimmer(rt).maybe_trim()  # start-up garbage goes before the baseline
+                budget.start()
         # only now: an answering /metrics means "ready" (the demo and probes rely on it)
         start_metrics_server(rt.settings.metrics_host, rt.settings.metrics_port)
     except Exception:
