@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import torch
 
 from producer.entries import InputEntry, read_entries
 from sinkstream.settings import Settings
@@ -147,11 +148,18 @@ def valid_entries(
 
 
 def reference_tensors(settings: Settings, turns: Iterable[InputEntry]) -> dict[str, bytes]:
-    """Feed the entries straight into the engine, one call per entry, in this process."""
-    engine = load_engine(settings)
-    state = engine.new_state()
-    for index, turn in enumerate(turns):
-        state = engine.feed(state, entry_tokens(engine, [turn], at_stream_start=index == 0))
+    """Feed the entries straight into the engine, one call per entry, in this process, on
+    one torch thread like the workers (``OMP_NUM_THREADS=1``): on some CPUs the RWKV kernels
+    round differently with two threads than with one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine = load_engine(settings)  # its first forward (the fresh state) included
+        state = engine.new_state()
+        for index, turn in enumerate(turns):
+            state = engine.feed(state, entry_tokens(engine, [turn], at_stream_start=index == 0))
+    finally:
+        torch.set_num_threads(threads)
     snapshot = engine.export_state(state)
     return {name: t.data for name, t in snapshot.tensors.items()} | {
         "__scalars__": json.dumps(snapshot.scalars, sort_keys=True, default=str).encode()
