@@ -48,7 +48,7 @@ def _setup(model: Any, tokenizer: Any, vocab: int, seed: int = 0) -> dict[str, A
     """A sink-KV engine with a full, shifted window, and a DynamicCache of the same length."""
     from transformers import DynamicCache
 
-    from workers.engines.sinkkv import SinkKVEngine
+    from workers.engines.sinkkv import SinkKVEngine, cache_keyword
 
     engine = SinkKVEngine(
         model,
@@ -71,7 +71,7 @@ def _setup(model: Any, tokenizer: Any, vocab: int, seed: int = 0) -> dict[str, A
     with torch.no_grad():
         for i in range(0, capacity, CHUNK):
             ids = torch.tensor([stream[i : min(i + CHUNK, capacity)]])
-            decoder(input_ids=ids, past_key_values=cache, use_cache=True)
+            decoder(input_ids=ids, use_cache=True, **{cache_keyword(decoder): cache})
     assert cache.get_seq_length() == capacity
     return {
         "engine": engine,
@@ -94,7 +94,10 @@ def _measure(setup: dict[str, Any], vocab: int, step: str, reps: int) -> dict[st
     engine, state, decoder, cache, head = (
         setup[k] for k in ("engine", "state", "decoder", "cache", "head")
     )
+    from workers.engines.sinkkv import cache_keyword
+
     n = CHUNK if step == "prefill" else 1
+    keyword = cache_keyword(decoder)
     rng = setup["rng"]
     inputs = [[rng.randrange(vocab) for _ in range(n)] for _ in range(reps + 1)]
 
@@ -106,7 +109,7 @@ def _measure(setup: dict[str, Any], vocab: int, step: str, reps: int) -> dict[st
 
     @torch.no_grad()
     def run_dense(c: list[int]) -> None:
-        out = decoder(input_ids=torch.tensor([c]), past_key_values=cache, use_cache=True)
+        out = decoder(input_ids=torch.tensor([c]), use_cache=True, **{keyword: cache})
         if step == "decode":
             int(torch.argmax(head(out.last_hidden_state[0, -1]).float()))
         cache.crop(-len(c))  # back to `capacity` tokens (v5: negative = tokens to drop)

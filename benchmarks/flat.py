@@ -88,6 +88,7 @@ def _stream(method: str, checkpoints: tuple[int, ...], budget_s: float) -> dict[
     else:
         from transformers import DynamicCache
 
+        from workers.engines.sinkkv import cache_keyword
         from workers.engines.tiny import tiny_hf_model
 
         decoder = tiny_hf_model("llama", seed=0).get_decoder()
@@ -95,7 +96,8 @@ def _stream(method: str, checkpoints: tuple[int, ...], budget_s: float) -> dict[
 
         @torch.no_grad()
         def step(piece: list[int]) -> None:
-            decoder(input_ids=torch.tensor([piece]), past_key_values=cache, use_cache=True)
+            decoder(input_ids=torch.tensor([piece]), use_cache=True,
+                    **{cache_keyword(decoder): cache})
 
         def state_bytes() -> int:
             return sum(

@@ -75,6 +75,8 @@ def _dense_nll(model: Any, ids: list[int], limit: int, deadline: float) -> np.nd
     """nll[p] with a growing DynamicCache, for p < ``limit`` (or until ``deadline``)."""
     from transformers import DynamicCache
 
+    from workers.engines.sinkkv import cache_keyword
+
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     nll = np.full(len(ids), np.nan)
     cache = DynamicCache()
@@ -82,7 +84,8 @@ def _dense_nll(model: Any, ids: list[int], limit: int, deadline: float) -> np.nd
         if time.monotonic() > deadline:
             break
         piece = ids[start : start + CHUNK]
-        out = decoder(input_ids=torch.tensor([piece]), past_key_values=cache, use_cache=True)
+        out = decoder(input_ids=torch.tensor([piece]), use_cache=True,
+                      **{cache_keyword(decoder): cache})
         n = min(len(piece), min(limit, len(ids)) - 1 - start)
         logits = head(out.last_hidden_state[0, :n])
         nll[start + 1 : start + 1 + n] = _chunk_nll(

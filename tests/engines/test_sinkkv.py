@@ -15,7 +15,7 @@ from transformers import DynamicCache
 
 from state_store.tensors import RawTensor, StateSnapshot
 from workers.engines.base import Sampling, StateMismatchError, UnsupportedModelError
-from workers.engines.sinkkv import SinkKVEngine, SinkKVState
+from workers.engines.sinkkv import SinkKVEngine, SinkKVState, cache_keyword
 from workers.engines.tiny import REFUSED_ARCHS, SUPPORTED_ARCHS, tiny_hf_model
 from workers.engines.tokenizers import ByteTokenizer, HFTokenizer
 
@@ -126,7 +126,7 @@ def reference_logits(
         else:
             cache = DynamicCache()
         with recording_prerope_keys(model) as calls:
-            out = model(torch.tensor([piece]), past_key_values=cache, use_cache=True)
+            out = model(torch.tensor([piece]), **{cache_keyword(model): cache}, use_cache=True)
         assert len(calls) == n_layers
         logits.append(out.logits[0].float())
         for t in range(len(piece)):
@@ -166,7 +166,7 @@ def test_no_eviction_is_identical_to_plain_dynamic_cache(arch: str) -> None:
     plain = []
     with torch.no_grad():
         for start in range(0, 96, 8):
-            out = model(torch.tensor([tokens[start : start + 8]]), past_key_values=cache)
+            out = model(torch.tensor([tokens[start : start + 8]]), **{cache_keyword(model): cache})
             plain.append(out.logits[0].float())
     got, state = engine_logits(engine, tokens[:96])
     assert torch.equal(got, torch.cat(plain))
@@ -177,7 +177,7 @@ def test_no_eviction_is_identical_to_plain_dynamic_cache(arch: str) -> None:
     # score over pending + new tokens equals the plain run's log-probs
     state = engine.feed(state, tokens[96:99])
     with torch.no_grad():
-        out = model(torch.tensor([tokens[96:100]]), past_key_values=cache)
+        out = model(torch.tensor([tokens[96:100]]), **{cache_keyword(model): cache})
     plain_lp = torch.log_softmax(torch.cat([plain[-1][-1:], out.logits[0].float()]), dim=-1)
     expect = [plain_lp[i, tokens[96 + i]].item() for i in range(4)][3:]
     assert engine.score(state, tokens[99:100]) == expect

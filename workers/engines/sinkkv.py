@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import math
 import threading
@@ -96,6 +97,14 @@ _VOLATILE_CONFIG_KEYS = (
     "_attn_implementation_autoset",
     "_commit_hash",
 )
+
+
+def cache_keyword(module: torch.nn.Module) -> str:
+    """The keyword a transformers model's ``forward`` takes its cache under: ``cache`` from
+    transformers 5.24 on (``past_key_values`` still works there with a FutureWarning, until
+    5.40), ``past_key_values`` before."""
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 # ----- eviction policy -----------------------------------------------------------------------
@@ -478,6 +487,7 @@ class SinkKVEngine(Engine[SinkKVState]):
         self.tokenizer = _adapt_tokenizer(tokenizer)
         config = self.model.config
         self._decoder = self.model.get_decoder()
+        self._cache_kw = cache_keyword(self._decoder)
         self._lm_head = self.model.get_output_embeddings()
         attn = self._decoder.layers[0].self_attn
         self.n_layers = len(self._decoder.layers)
@@ -597,7 +607,7 @@ class SinkKVEngine(Engine[SinkKVState]):
                     input_ids=input_ids,
                     attention_mask=torch.ones(1, L + T, dtype=torch.long, device=dev),
                     position_ids=position_ids,
-                    past_key_values=cache,
+                    **{self._cache_kw: cache},
                     use_cache=True,
                 )
             else:
@@ -609,7 +619,7 @@ class SinkKVEngine(Engine[SinkKVState]):
                     out = self._decoder(
                         input_ids=input_ids,
                         position_ids=position_ids,
-                        past_key_values=cache,
+                        **{self._cache_kw: cache},
                         use_cache=True,
                         sinkstream_rows=view,
                     )
