@@ -204,9 +204,10 @@ class Settings(BaseSettings):
     )
     hot_cache_bytes: int = Field(512 * 1024 * 1024, ge=0)
     hot_cache_bounds_rss: bool = Field(
-        True, description="the hot cache also gives way while the worker's resident memory, "
-        "peaks included, has grown past its ready baseline by more than hot_cache_bytes "
-        "(workers/memory_budget.py): the budget bounds RSS growth, not just the cache")
+        True, description="CPU workers: the hot cache also gives way while the worker's "
+        "resident memory, peaks included, has grown past its ready baseline by more than "
+        "hot_cache_bytes (workers/memory_budget.py): the budget bounds RSS growth, not just "
+        "the cache")
     heap_trim_seconds: float = Field(
         1.0, ge=0, description="after a task, give freed heap memory back to the system "
         "(glibc malloc_trim) at most this often; 0 = never. Without it, states leaving the "

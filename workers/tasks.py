@@ -152,10 +152,11 @@ def _heap_trimmer(rt: Runtime) -> HeapTrimmer:
 
 
 def _memory_budget(rt: Runtime) -> RssBudget | None:
-    """The process's RSS budget (``hot_cache_bounds_rss``), made on first use: a forked
-    pool child takes its baseline after its first task."""
+    """The process's RSS budget (``hot_cache_bounds_rss``, CPU workers: on a GPU the cache
+    holds device memory, which RSS does not show), made on first use: a forked pool child
+    takes its baseline after its first task."""
     global _budget
-    if _budget is None and rt.settings.hot_cache_bounds_rss:
+    if _budget is None and rt.settings.hot_cache_bounds_rss and rt.settings.device == "cpu":
         _budget = RssBudget(rt.processor.cache, rt.settings.hot_cache_bytes)
     return _budget
 
