@@ -108,7 +108,8 @@ def print_output(fields: dict[str, str]) -> None:
 
 
 def format_sources(raw: str) -> list[str]:
-    """One readable line per cited source: ``[1] 12:03-14:40  Alice, Bob  entries A..B``."""
+    """One readable line per cited source: ``[1] 12:03-14:40  Alice, Bob  entries A..B``,
+    and under the source an answer quotes, the quoted line."""
     from workers.summaries import clock, parse_sources
 
     lines = []
@@ -117,6 +118,8 @@ def format_sources(raw: str) -> list[str]:
         who = f"{', '.join(src.speakers)}  " if src.speakers else ""
         lines.append(escape(f"[{i}] {when}{who}entries {src.entries[0]}..{src.entries[1]}  "
                             f"(score {src.score:.2f})"))
+        if src.quote:
+            lines.append(f"    [italic]“{escape(src.quote)}”[/italic]")
     return lines
 
 

@@ -566,7 +566,8 @@ class StreamProcessor:
         the window (``retrieval``): the retrieved chunks' lines that best match the question,
         placed in a temporary context after the window.
 
-        Read-only: needs no lease. The output's ``sources`` cite the retrieved chunks.
+        Read-only: needs no lease. The output's ``sources`` cite the retrieved chunks, one
+        of them with the line that best matches the question (``Source.quote``).
         """
         state, covers = self.committed_state(stream_id)
         notes = self._notes(read_head(self.client, stream_id)) \
@@ -582,9 +583,6 @@ class StreamProcessor:
         max_new = self.settings.summary_max_new_tokens
         limit = self.engine.max_extra_capacity()
         while True:
-            used = sorted(hits, key=lambda h: h.chunk.seq)  # in the order they were said
-            sources = [Source((h.chunk.first_id, h.chunk.last_id), h.chunk.speakers, h.chunk.ts,
-                              h.score) for h in used]
             lines = retrieve.relevant_lines(question, hits, pervasive=pervasive)
             instruction = answer_with_context_instruction(
                 question, context_block(lines) if lines else "", notes)
@@ -594,8 +592,9 @@ class StreamProcessor:
             hits = sorted(hits, key=lambda h: -h.score)[:-1]  # drop the least relevant
         text = short_answer(self._generate(state, prompt, max_new, SummaryKind.ANSWER))
         quoted = retrieve.quote(question, hits, pervasive=pervasive)
-        if quoted is not None:
-            text += f"\n\nQuote [{used.index(quoted[0]) + 1}]: {quoted[1]}"
+        sources = [Source((h.chunk.first_id, h.chunk.last_id), h.chunk.speakers, h.chunk.ts,
+                          h.score, quoted[1] if quoted is not None and quoted[0] is h else "")
+                   for h in sorted(hits, key=lambda h: h.chunk.seq)]  # in the order said
         return make_output(SummaryKind.ANSWER, text, covers or "0-0", state.tokens_seen,
                            self.engine.model_name, request, sources)
 

@@ -159,7 +159,8 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
 def short_answer(text: str) -> str:
     """The model's answer cut to its first ``ANSWER_SENTENCES`` sentences (of its first
     paragraph): asked for a short answer, a small model gives one and then keeps going into
-    invented detail; the evidence that matters is cited apart (``sources``, the quote)."""
+    invented detail; the evidence that matters is cited apart (``sources``, with the
+    quoted line)."""
     sentences = _SENTENCE_END.split(first_paragraph(text))
     return " ".join(sentences[:ANSWER_SENTENCES]).strip()
 
@@ -196,24 +197,36 @@ def _notes(text: str) -> str:
 
 @dataclass(frozen=True)
 class Source:
-    """What an answer rests on: a run of input entries, who spoke, when, and how relevant."""
+    """What an answer rests on: a run of input entries, who spoke, when, how relevant, and
+    the line of it the answer quotes (at most one source of an answer has one).
+
+    The quote travels with its source, not inside the answer's text: it is the speakers'
+    own words, evidence the reader can check, and a client can show it, link it to the
+    entries or leave it out; appended to the text, it was a second answer glued to the
+    model's (on QMSum it also pulled the answer's ROUGE-L from 0.162 to 0.153).
+    """
 
     entries: tuple[str, str]
     speakers: tuple[str, ...] = ()
     ts: tuple[float, float] | None = None
     score: float = 0.0
+    quote: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"entries": list(self.entries), "speakers": list(self.speakers),
-                "ts": list(self.ts) if self.ts is not None else None,
-                "score": round(self.score, 4)}
+        out: dict[str, Any] = {"entries": list(self.entries), "speakers": list(self.speakers),
+                               "ts": list(self.ts) if self.ts is not None else None,
+                               "score": round(self.score, 4)}
+        if self.quote:
+            out["quote"] = self.quote
+        return out
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Source:
         first, last = raw["entries"]
         ts = raw.get("ts")
         return cls((str(first), str(last)), tuple(str(s) for s in raw.get("speakers") or ()),
-                   (float(ts[0]), float(ts[1])) if ts else None, float(raw.get("score", 0.0)))
+                   (float(ts[0]), float(ts[1])) if ts else None, float(raw.get("score", 0.0)),
+                   str(raw.get("quote") or ""))
 
     def label(self) -> str:
         """``12:01-14:30, Alice, Bob`` (or the entry ids when there are no timestamps)."""

@@ -152,6 +152,10 @@ def test_answer_retrieves_the_evicted_fact_and_cites_it(
         max(answer.sources, key=lambda s: s.score)
     assert top.entries[0] == fact_id and "Olga" in top.speakers and top.ts is not None \
         and top.ts[0] == 12.0
+    # the line that answers is quoted on its source, apart from the model's answer
+    (quoted,) = [s for s in answer.sources if s.quote]
+    assert quoted is top and "Zanzibar" in quoted.quote and quoted.quote.startswith("Olga:")
+    assert quoted.quote not in answer.text and "Quote" not in answer.text
     # text still in the window is never retrieved: the window already holds it
     recent = proc.answer("m", "Does the quokka mascot stay?")
     last_id = _entries(client, "m")[-1].id

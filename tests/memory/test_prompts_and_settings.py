@@ -93,6 +93,12 @@ def test_sources_travel_as_a_json_field_of_the_output_entry() -> None:
     assert back.sources[0].entries == ("170-1", "170-4") and back.text == "4200 euros"
     assert "sources" not in make_output(SummaryKind.ROLLING, "x", "1-0", 1, "m").fields()
     assert OutputEntry.from_fields({**fields, "sources": "not json"}).sources == ()
+    # the quoted line travels on its source, and only there
+    quoted = Source(("170-1", "170-4"), ("Olga",), (12.0, 30.5), 0.5, "Olga: 4200 euros")
+    raw = json.loads(make_output(SummaryKind.ANSWER, "x", "1-0", 1, "m", "",
+                                 [quoted, src]).fields()["sources"])
+    assert raw[0]["quote"] == "Olga: 4200 euros" and "quote" not in raw[1]
+    assert Source.from_dict(raw[0]) == quoted and Source.from_dict(raw[1]).quote == ""
 
 
 def test_memory_settings_defaults_and_bounds() -> None:
