@@ -241,10 +241,15 @@ class EvalConfig:
     max_batch_tokens: int = 2048
     retrieval: str = "embedding"
     separate_passes: bool = False  # stream (b) on its own instead of reusing (c)'s state
+    #: only (d): stream each meeting once without summaries, then answer its queries
+    answers_only: bool = False
+    #: keep the streamed meetings in this folder's Redis dump and reuse them in later runs
+    #: with the same model and window (answer prompts compared on the same states)
+    states_dir: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # any other Settings overrides
 
     def check(self) -> None:
-        if not 0 < self.summary_every_tokens <= self.recent_tokens:
+        if not self.answers_only and not 0 < self.summary_every_tokens <= self.recent_tokens:
             raise ValueError("summary_every_tokens must be in 1..recent_tokens, so every "
                              "stretch of the meeting is summarized before it is evicted")
         if self.retrieval == "off":
@@ -291,7 +296,7 @@ class Harness:
 
         self.cfg = cfg
         self.features = features
-        self.server = RedisServer(workdir / "redis").start()
+        self.server = RedisServer(cfg.states_dir or workdir / "redis").start()
         self.client = self.server.client()
         self.base = bench_settings(
             redis_url=self.server.url, model=cfg.model, sink_tokens=cfg.sink_tokens,
@@ -322,13 +327,18 @@ class Harness:
         return StreamProcessor(self.engine(settings), self.client, settings, "qmsum-bench")
 
     def stream(self, processor: Any, sid: str, turns: Sequence[tuple[str, str | None]],
-               on_tokens: Callable[[int], None]) -> _Pass:
-        """Publish the meeting and drive the processor until the final summary is out."""
+               on_tokens: Callable[[int], None], eos: bool = True) -> _Pass:
+        """Publish the meeting and drive the processor until its input is applied and, with
+        ``eos``, the final summary is out. A stream kept from an earlier run
+        (``states_dir``) is not published again."""
         from producer.publisher import Producer
         from state_store.keys import StreamKeys
 
         started = time.perf_counter()
-        Producer(self.client, settings=processor.settings).publish_many(sid, turns, eos=True)
+        if self.cfg.states_dir is not None and self.client.exists(StreamKeys.of(sid).input):
+            state, _ = processor.committed_state(sid)
+            return _Pass(final="", rolling=0, tokens=state.tokens_seen, wall_s=0.0, stream=sid)
+        Producer(self.client, settings=processor.settings).publish_many(sid, turns, eos=eos)
         tokens = 0
         while True:
             outcome = processor.process(sid)
@@ -341,18 +351,26 @@ class Harness:
         raw: Any = self.client.xrange(StreamKeys.of(sid).output)
         outputs = [_decode(f) for _, f in raw]
         finals = [o["text"] for o in outputs if o.get("kind") == "final"]
+        if not eos:
+            return _Pass(final="", rolling=0, tokens=tokens,
+                         wall_s=time.perf_counter() - started, stream=sid)
         if not finals:
             raise RuntimeError(f"stream {sid}: ended without a final summary")
         return _Pass(final=finals[-1], rolling=sum(o.get("kind") == "rolling" for o in outputs),
                      tokens=tokens, wall_s=time.perf_counter() - started, stream=sid)
 
     def drop(self, sid: str) -> None:
-        """Delete a finished stream's keys (a SmolLM2 state is ~47 MB)."""
+        """Delete a finished stream's keys (a SmolLM2 state is ~47 MB), unless they are
+        kept for later runs (``states_dir``)."""
+        if self.cfg.states_dir is not None:
+            return
         keys = list(self.client.scan_iter(match=f"*{{{sid}}}*", count=1000))
         if keys:
             self.client.delete(*keys)
 
     def close(self) -> None:
+        if self.cfg.states_dir is not None:
+            self.client.save()
         self.server.stop(hard=True)
 
 
@@ -426,6 +444,10 @@ def _evaluate(h: Harness, scorer: Scorer, meetings: Sequence[Meeting], progress:
     first = h.engine(settings["sink"])
     variants = [v for v in VARIANTS if not (v == "window" and first.kind != "sinkkv")]
     processors = {v: h.processor(settings[v]) for v in variants}
+    if cfg.answers_only:  # (d) alone: the memory pass without summaries, then the answers
+        variants = []
+        processors = {"memory": h.processor(h.settings(**{
+            **_variant_overrides(cfg, "memory", features), "summary_every_tokens": 0}))}
     answer_settings: dict[str, dict[str, Any]] = {"retrieval": {}, "sink_only": {}}
     if features.summary_memory:
         answer_settings = {k: {"summary_memory": False} for k in answer_settings}
@@ -437,7 +459,7 @@ def _evaluate(h: Harness, scorer: Scorer, meetings: Sequence[Meeting], progress:
                  for k, o in answer_settings.items()
                  if k == "sink_only" or features.retrieval}
 
-    feeding = len(variants) - (0 if cfg.separate_passes else 1)
+    feeding = 1 if cfg.answers_only else len(variants) - (0 if cfg.separate_passes else 1)
     total = sum(_count_tokens(first, m) for m in meetings) * feeding
     results: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -459,6 +481,13 @@ def _one_meeting(h: Harness, scorer: Scorer, meeting: Meeting, processors: dict[
     out: dict[str, Any] = {"meeting": meeting.name, "words": meeting.words,
                            "turns": len(meeting.turns), "reference": meeting.reference,
                            "variants": {}}
+    if h.cfg.answers_only:
+        sid = f"qmsum-memory-{meeting.name}"
+        out["tokens"] = h.stream(processors["memory"], sid, meeting.turns, advance,
+                                 eos=False).tokens
+        out["answers"] = _answers(h, scorer, meeting, sid, answerers)
+        h.drop(sid)
+        return out
     order = [v for v in ("window", "memory", "sink") if v in processors]
     for variant in order:
         processor = processors[variant]
@@ -606,6 +635,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queries", type=int, help="answer only the first N queries")
     parser.add_argument("--separate-passes", action="store_true",
                         help="stream (b) on its own instead of reusing pass (c)'s state")
+    parser.add_argument("--answers-only", action="store_true",
+                        help="only (d): stream each meeting once without summaries, then "
+                        "answer its queries with and without retrieval")
+    parser.add_argument("--states", type=Path, help="keep the streamed meetings in this "
+                        "folder's Redis dump and reuse them in later runs (same model and "
+                        "window): compare answer prompts without re-feeding")
     parser.add_argument("--data", type=Path, default=QMSUM_DIR, help="QMSum val folder")
     parser.add_argument("--partial", type=Path, help="where the report so far goes after each "
                         "meeting (default: next to --json, <name>.partial.json)")
@@ -630,6 +665,7 @@ def run(quick: bool, options: argparse.Namespace | None = None) -> BenchResult:
         retrieval=options.retrieval or (default_retrieval if default_retrieval != "off"
                                         else "embedding"),
         max_batch_tokens=env.max_batch_tokens, separate_passes=options.separate_passes,
+        answers_only=options.answers_only, states_dir=options.states,
     )
     names = [n.strip() for n in (options.meetings or "").split(",") if n.strip()]
     files = select_files(options.data, quick=quick, limit=options.limit, names=names)
