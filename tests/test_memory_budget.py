@@ -34,16 +34,23 @@ def _budget(cache: HotStateCache[object], proc: FakeProcess) -> RssBudget:
                      reset_peak=proc.reset, read_current=lambda: proc.rss)
 
 
+def _started(budget_mib: int, rss_mib: int
+             ) -> tuple[HotStateCache[object], FakeProcess, RssBudget]:
+    """A cache of ``budget_mib``, a process at ``rss_mib``, and its budget's baseline."""
+    cache: HotStateCache[object] = HotStateCache(budget_bytes=budget_mib * MiB)
+    proc = FakeProcess(rss=rss_mib * MiB)
+    budget = _budget(cache, proc)
+    budget.start()
+    return cache, proc, budget
+
+
 def _fill(cache: HotStateCache[object], n: int, size: int = MiB) -> None:
     for i in range(n):
         cache.put(f"s{i}", 1, object(), nbytes=size)
 
 
 def test_growth_past_the_budget_lowers_the_cache_limit_by_the_excess() -> None:
-    cache: HotStateCache[object] = HotStateCache(budget_bytes=10 * MiB)
-    proc = FakeProcess(rss=500 * MiB)
-    budget = _budget(cache, proc)
-    budget.start()
+    cache, proc, budget = _started(10, 500)
     assert budget.baseline == 500 * MiB
     _fill(cache, 10)
     proc.rss += 10 * MiB + 3 * MiB  # the full cache, plus 3 MiB the cache cannot see
@@ -53,10 +60,7 @@ def test_growth_past_the_budget_lowers_the_cache_limit_by_the_excess() -> None:
 
 
 def test_a_peak_between_checks_counts_and_is_reset() -> None:
-    cache: HotStateCache[object] = HotStateCache(budget_bytes=10 * MiB)
-    proc = FakeProcess(rss=100 * MiB)
-    budget = _budget(cache, proc)
-    budget.start()
+    cache, proc, budget = _started(10, 100)
     _fill(cache, 8)
     proc.rss += 8 * MiB
     proc.peak = proc.rss + 5 * MiB  # a batch's working set came and went
@@ -66,10 +70,7 @@ def test_a_peak_between_checks_counts_and_is_reset() -> None:
 
 
 def test_room_comes_back_half_of_what_is_free_per_check() -> None:
-    cache: HotStateCache[object] = HotStateCache(budget_bytes=16 * MiB)
-    proc = FakeProcess(rss=100 * MiB)
-    budget = _budget(cache, proc)
-    budget.start()
+    cache, proc, budget = _started(16, 100)
     cache.set_limit(0)
     proc.rss += 8 * MiB  # memory outside the cache: 8 MiB of the budget are left for states
     budget.check()
@@ -83,10 +84,7 @@ def test_room_comes_back_half_of_what_is_free_per_check() -> None:
 
 
 def test_memory_outside_the_cache_lowers_the_limit_before_the_cache_fills() -> None:
-    cache: HotStateCache[object] = HotStateCache(budget_bytes=10 * MiB)
-    proc = FakeProcess(rss=100 * MiB)
-    budget = _budget(cache, proc)
-    budget.start()
+    cache, proc, budget = _started(10, 100)
     _fill(cache, 2)
     proc.rss += 2 * MiB + 6 * MiB  # two states, and 6 MiB the first batches allocated
     budget.check()
@@ -97,10 +95,7 @@ def test_memory_outside_the_cache_lowers_the_limit_before_the_cache_fills() -> N
 
 
 def test_within_the_budget_nothing_is_evicted() -> None:
-    cache: HotStateCache[object] = HotStateCache(budget_bytes=10 * MiB)
-    proc = FakeProcess(rss=100 * MiB)
-    budget = _budget(cache, proc)
-    budget.start()
+    cache, proc, budget = _started(10, 100)
     _fill(cache, 9)
     proc.rss += 9 * MiB + MiB // 2
     budget.check()
