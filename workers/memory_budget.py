@@ -62,7 +62,8 @@ def current_rss() -> int:
 
 
 class RssBudget:
-    """Lowers ``cache``'s working limit while the worker's RSS growth exceeds ``budget``."""
+    """Holds ``cache``'s working limit at the budget less the worker's memory outside the
+    cache (peak RSS growth over the ready baseline, less the states the cache holds)."""
 
     def __init__(
         self,
@@ -113,7 +114,6 @@ class RssBudget:
         if self.baseline is None:
             self.start()
             return self.cache.limit_bytes
-        assert self.baseline is not None
         rss = self._read_peak() if self._peaks else None
         if rss is None:
             rss = self._read_current()
