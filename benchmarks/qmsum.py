@@ -56,6 +56,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import statistics
@@ -115,6 +116,21 @@ class Meeting:
     reference: str  # answer to "Summarize the whole meeting"
     queries: list[tuple[str, str]]  # (specific query, reference answer)
     topics: list[Topic]
+    #: each turn's index in the file's ``meeting_transcripts`` (blank turns are skipped),
+    #: published as its ``ts`` so retrieved chunks say which turns they hold
+    indexes: list[int] = field(default_factory=list)
+    #: per query, the transcript turns its reference answer rests on (``relevant_text_span``)
+    spans: list[list[tuple[int, int]]] = field(default_factory=list)
+
+    def published(self) -> list[Any]:
+        """The turns as the benchmark publishes them: ``(text, speaker, ts = turn index)``
+        (the model reads ``Speaker: text`` only; ``ts`` lands in the chunks' metadata)."""
+        from producer.formats import Turn
+
+        if not self.indexes:
+            return [Turn(text, speaker) for text, speaker in self.turns]
+        return [Turn(text, speaker, float(i))
+                for (text, speaker), i in zip(self.turns, self.indexes, strict=True)]
 
 
 def load_meeting(path: Path, max_turns: int | None = None,
@@ -125,16 +141,21 @@ def load_meeting(path: Path, max_turns: int | None = None,
 
     doc = json.loads(path.read_text())
     turns = [(t.text, t.speaker) for t in read_file(path, "qmsum")][:max_turns]
+    indexes = [i for i, item in enumerate(doc.get("meeting_transcripts", []))
+               if str(item.get("content", "")).strip()][:len(turns)]
     general = [q["answer"] for q in doc.get("general_query_list", [])
                if q["query"].strip().lower().startswith("summarize the whole meeting")]
     if not general:
         raise ValueError(f"{path}: no 'Summarize the whole meeting' reference")
-    queries = [(q["query"], q["answer"]) for q in doc.get("specific_query_list", [])]
+    specific = doc.get("specific_query_list", [])[:max_queries]
+    queries = [(q["query"], q["answer"]) for q in specific]
+    spans = [[(int(a), int(b)) for a, b in q.get("relevant_text_span", [])] for q in specific]
     topics = [Topic(t["topic"], [(int(a), int(b)) for a, b in t["relevant_text_span"]])
               for t in doc.get("topic_list", [])]
     return Meeting(
         name=path.stem, turns=turns, words=sum(len(text.split()) for text, _ in turns),
-        reference=general[0], queries=queries[:max_queries], topics=topics,
+        reference=general[0], queries=queries, topics=topics,
+        indexes=indexes if len(indexes) == len(turns) else [], spans=spans,
     )
 
 
@@ -326,7 +347,7 @@ class Harness:
 
         return StreamProcessor(self.engine(settings), self.client, settings, "qmsum-bench")
 
-    def stream(self, processor: Any, sid: str, turns: Sequence[tuple[str, str | None]],
+    def stream(self, processor: Any, sid: str, turns: Sequence[Any],
                on_tokens: Callable[[int], None], eos: bool = True) -> _Pass:
         """Publish the meeting and drive the processor until its input is applied and, with
         ``eos``, the final summary is out. A stream kept from an earlier run
@@ -390,6 +411,41 @@ def _answer(processor: Any, sid: str, question: str, features: Features) -> tupl
     entry = processor.summarize(state, SummaryKind.ANSWER, covers or "",
                                 answer_instruction(question))
     return entry.text, 0
+
+
+def retrieval_recall(processor: Any, sid: str, question: str,
+                     spans: Sequence[tuple[int, int]]) -> dict[str, float] | None:
+    """Did the retriever bring back the turns the reference answer rests on?
+
+    Judges retrieval apart from the model that writes the answer: the candidates are the
+    chunks that left the window, each holding a range of transcript turns (its ``ts``); a
+    ranking scores 1 when one of its ``retrieval_top_k`` chunks holds a turn of the query's
+    ``relevant_text_span``. Ranked by the embedding (with BM25 where chunks have none), by
+    BM25 alone, and the expected score of as many chunks drawn at random. None when none of
+    the relevant turns left the window (the window holds them: nothing to retrieve).
+    """
+    from workers.memory import retrieve
+    from workers.memory.store import read_chunks
+
+    state, _ = processor.committed_state(sid)
+    chunks = retrieve.evicted(read_chunks(processor.client, sid), state.tokens_seen,
+                              processor.engine.window_tokens())
+    relevant = {t for a, b in spans for t in range(a, b + 1)}
+    holding = [c for c in chunks if c.ts is not None
+               and relevant & set(range(int(c.ts[0]), int(c.ts[1]) + 1))]
+    if not holding:
+        return None
+    k = processor.settings.retrieval_top_k
+    wanted = {c.seq for c in holding}
+
+    def found(embedder: Any) -> float:
+        hits = retrieve.rank(question, chunks, top_k=k, embedder=embedder)
+        return float(any(hit.chunk.seq in wanted for hit in hits))
+
+    n, m = len(chunks), len(holding)
+    at_random = 1.0 - math.comb(n - m, min(k, n)) / math.comb(n, min(k, n))
+    return {"embedding": found(processor.embedder), "bm25": found(None),
+            "random": at_random, "candidates": n, "holding": m}
 
 
 # ----- the evaluation ----------------------------------------------------------------------
@@ -483,7 +539,7 @@ def _one_meeting(h: Harness, scorer: Scorer, meeting: Meeting, processors: dict[
                            "variants": {}}
     if h.cfg.answers_only:
         sid = f"qmsum-memory-{meeting.name}"
-        out["tokens"] = h.stream(processors["memory"], sid, meeting.turns, advance,
+        out["tokens"] = h.stream(processors["memory"], sid, meeting.published(), advance,
                                  eos=False).tokens
         out["answers"] = _answers(h, scorer, meeting, sid, answerers)
         h.drop(sid)
@@ -495,7 +551,7 @@ def _one_meeting(h: Harness, scorer: Scorer, meeting: Meeting, processors: dict[
         if variant == "sink" and not h.cfg.separate_passes:
             run = _final_from(processor, f"qmsum-memory-{meeting.name}")
         else:
-            run = h.stream(processor, sid, meeting.turns, advance)
+            run = h.stream(processor, sid, meeting.published(), advance)
             out["tokens"] = run.tokens
         out["variants"][variant] = {
             "final": run.final, "rolling_summaries": run.rolling, "wall_s": run.wall_s,
@@ -528,11 +584,14 @@ def _answers(h: Harness, scorer: Scorer, meeting: Meeting, sid: str,
     """Each specific query answered from the same committed stream by each answerer."""
     out = []
     started = time.perf_counter()
-    for query, reference in meeting.queries:
+    for index, (query, reference) in enumerate(meeting.queries):
         row: dict[str, Any] = {"query": query, "reference": reference}
         for name, processor in answerers.items():
             text, sources = _answer(processor, sid, query, h.features)
             row[name] = {"text": text, "sources": sources, **scorer.rouge(text, reference)}
+        if "retrieval" in answerers and index < len(meeting.spans) and meeting.indexes:
+            row["recall"] = retrieval_recall(answerers["retrieval"], sid, query,
+                                             meeting.spans[index])
         out.append(row)
     log.info("  answers: %d queries x %d, %.0f s", len(out), len(answerers),
              time.perf_counter() - started)
@@ -564,6 +623,10 @@ def _report(results: list[dict[str, Any]], cfg: EvalConfig, features: Features, 
     summary["retrieval_vs_sink_only"] = paired(answer("retrieval", "rougeL"),
                                                answer("sink_only", "rougeL")) \
         if features.retrieval else None
+    recalls = [a["recall"] for r in results for a in r["answers"] if a.get("recall")]
+    for ranking in ("embedding", "bm25", "random"):
+        summary[f"retrieval_recall_{ranking}"] = _mean([x[ranking] for x in recalls])
+    summary["retrieval_recall_queries"] = len(recalls)
     missing = [n for n, ok in (("summary_memory", features.summary_memory),
                                ("retrieval + StreamProcessor.answer", features.retrieval))
                if not ok]

@@ -59,6 +59,20 @@ def test_quick_meetings_are_short_full_meetings_with_queries(qmsum_dir: Path) ->
         qmsum.select_files(qmsum_dir, quick=False, names=["nope"])
 
 
+def test_published_turns_carry_their_transcript_index_for_retrieval_recall(
+    qmsum_dir: Path
+) -> None:
+    meeting = qmsum.load_meeting(qmsum_dir / "ES2006a.json")
+    doc = json.loads((qmsum_dir / "ES2006a.json").read_text())["meeting_transcripts"]
+    published = meeting.published()
+    assert len(published) == len(meeting.turns) == len(meeting.indexes)
+    for turn, index in zip(published, meeting.indexes, strict=True):
+        assert turn.ts == float(index) and turn.text == doc[index]["content"].strip()
+    # each query's reference rests on transcript turns (QMSum's relevant_text_span)
+    assert len(meeting.spans) == len(meeting.queries)
+    assert all(span and all(a <= b for a, b in span) for span in meeting.spans)
+
+
 def test_benchmark_run_writes_every_variant_and_score(qmsum_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "qmsum.json"
     assert run_main([
@@ -77,6 +91,7 @@ def test_benchmark_run_writes_every_variant_and_score(qmsum_dir: Path, tmp_path:
     if features["retrieval"]:
         assert 0.0 <= report["rouge_l_answers_retrieval"] <= 1.0
         assert report["retrieval_vs_sink_only"]["pairs"] == 2
+        assert 0 <= report["retrieval_recall_queries"] <= 2
     else:
         assert report["rouge_l_answers_retrieval"] is None
     assert report["memory_vs_sink"]["pairs"] == 1
