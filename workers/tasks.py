@@ -131,7 +131,7 @@ _budget: RssBudget | None = None
 
 
 @signals.task_postrun.connect
-def _trim_heap(**_: Any) -> None:
+def _after_task(**_: Any) -> None:
     """Hand the memory the task freed back to the system (``workers/heap.py``), then hold the
     hot cache to what the worker's RSS growth leaves of the budget
     (``workers/memory_budget.py``), in the process that ran the task."""
