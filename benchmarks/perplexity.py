@@ -80,12 +80,12 @@ def _dense_nll(model: Any, ids: list[int], limit: int, deadline: float) -> np.nd
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     nll = np.full(len(ids), np.nan)
     cache = DynamicCache()
+    keyword = cache_keyword(decoder)
     for start in range(0, min(limit, len(ids)) - 1, CHUNK):
         if time.monotonic() > deadline:
             break
         piece = ids[start : start + CHUNK]
-        out = decoder(input_ids=torch.tensor([piece]), use_cache=True,
-                      **{cache_keyword(decoder): cache})
+        out = decoder(input_ids=torch.tensor([piece]), use_cache=True, **{keyword: cache})
         n = min(len(piece), min(limit, len(ids)) - 1 - start)
         logits = head(out.last_hidden_state[0, :n])
         nll[start + 1 : start + 1 + n] = _chunk_nll(
