@@ -273,6 +273,9 @@ class EvalConfig:
         if not self.answers_only and not 0 < self.summary_every_tokens <= self.recent_tokens:
             raise ValueError("summary_every_tokens must be in 1..recent_tokens, so every "
                              "stretch of the meeting is summarized before it is evicted")
+        if self.states_dir is not None and not self.answers_only:
+            raise ValueError("--states keeps answer states only: use it with --answers-only "
+                             "(a kept stream has no final summary to score)")
         if self.retrieval == "off":
             raise ValueError("retrieval must name a method (embedding, bm25) to compare with off")
 
