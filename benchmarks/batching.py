@@ -93,7 +93,7 @@ def _worker_level(engine: Any, spec: str, streams: int, turns: int, reps: int) -
 
     from benchmarks.common import qmsum_text
     from producer.publisher import Producer
-    from sinkstream.localredis import RedisServer
+    from sinkstream.cli.localredis import RedisServer
     from workers.multistream import MultiStreamProcessor
     from workers.processor import StreamProcessor
 
@@ -149,7 +149,7 @@ def _worker_level(engine: Any, spec: str, streams: int, turns: int, reps: int) -
 
 
 def _last_id(client: Any, stream: str) -> str:
-    from state_store.keys import StreamKeys
+    from sinkstream.contracts.keys import StreamKeys
 
     last: Any = client.xrevrange(StreamKeys.of(stream).input, count=1)
     return str(last[0][0].decode())

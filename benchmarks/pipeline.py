@@ -252,8 +252,8 @@ def _read_streams(client: Any, sids: list[str], engine: Any, settings: Any) -> t
         list[_Stream], float]:
     """Entries back from Redis, parsed and tokenized exactly as the worker does, cut into the
     worker's batches. Returns the streams and the seconds spent tokenizing."""
-    from producer.entries import Rejected, parse_entry
-    from state_store.keys import StreamKeys
+    from sinkstream.contracts.entries import Rejected, parse_entry
+    from sinkstream.contracts.keys import StreamKeys
     from workers.processor import turn_tokens
 
     limit, budget = settings.max_batch_entries, settings.max_batch_tokens
@@ -293,7 +293,7 @@ def _read_streams(client: Any, sids: list[str], engine: Any, settings: Any) -> t
 def _wait_worker(port: int, proc: subprocess.Popen[bytes], log_path: Path, client: Any,
                  warm_tokens: int, timeout: float = 120.0) -> float:
     """Until /metrics answers and the warm-up stream is committed; returns seconds waited."""
-    from state_store.keys import StreamKeys
+    from sinkstream.contracts.keys import StreamKeys
 
     started = time.monotonic()
     meta = StreamKeys.of(WARMUP_STREAM).meta
@@ -356,8 +356,8 @@ def _measure(case: Case, root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     import redis
 
     from producer.publisher import Producer
-    from sinkstream.localredis import RedisServer, free_port
-    from state_store.keys import StreamKeys
+    from sinkstream.cli.localredis import RedisServer, free_port
+    from sinkstream.contracts.keys import StreamKeys
     from workers.app import QUEUE, create_app
     from workers.engines.loading import load_engine
     from workers.scheduling import Scheduler

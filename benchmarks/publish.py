@@ -22,10 +22,10 @@ import redis
 from benchmarks.run import BenchResult
 from producer.formats import Turn
 from producer.publisher import Producer
-from sinkstream.localredis import RedisServer
+from sinkstream.cli.localredis import RedisServer
+from sinkstream.contracts.keys import StreamKeys
 from sinkstream.settings import Settings, load_settings
 from state_store.connection import redis_from_settings
-from state_store.keys import StreamKeys
 
 BATCH = 1000
 _WORDS = (

@@ -316,7 +316,7 @@ class Harness:
     StreamProcessor per settings variant, all in this process."""
 
     def __init__(self, cfg: EvalConfig, workdir: Path, features: Features) -> None:
-        from sinkstream.localredis import RedisServer
+        from sinkstream.cli.localredis import RedisServer
 
         self.cfg = cfg
         self.features = features
@@ -356,7 +356,7 @@ class Harness:
         ``eos``, the final summary is out. A stream kept from an earlier run
         (``states_dir``) is not published again."""
         from producer.publisher import Producer
-        from state_store.keys import StreamKeys
+        from sinkstream.contracts.keys import StreamKeys
 
         started = time.perf_counter()
         if self.cfg.states_dir is not None and self.client.exists(StreamKeys.of(sid).input):
@@ -408,7 +408,8 @@ def _answer(processor: Any, sid: str, question: str, features: Features) -> tupl
     if features.retrieval:
         entry = processor.answer(sid, question)
         return entry.text, len(getattr(entry, "sources", None) or [])
-    from workers.summaries import SummaryKind, answer_instruction
+    from sinkstream.contracts.outputs import SummaryKind
+    from workers.summaries import answer_instruction
 
     state, covers = processor.committed_state(sid)
     entry = processor.summarize(state, SummaryKind.ANSWER, covers or "",
@@ -573,7 +574,7 @@ def _one_meeting(h: Harness, scorer: Scorer, meeting: Meeting, processors: dict[
 def _final_from(processor: Any, sid: str) -> _Pass:
     """The final summary a worker with ``processor``'s settings writes at the end-of-stream
     entry, generated from ``sid``'s committed final state (same engine, same tokens)."""
-    from workers.summaries import SummaryKind
+    from sinkstream.contracts.outputs import SummaryKind
 
     started = time.perf_counter()
     state, covers = processor.committed_state(sid)

@@ -232,7 +232,7 @@ def _check_alive(workers: list[Worker]) -> None:
 
 
 def _committed(client: Any, sids: list[str]) -> list[tuple[str | None, int]]:
-    from state_store.keys import StreamKeys
+    from sinkstream.contracts.keys import StreamKeys
 
     pipe = client.pipeline(transaction=False)
     for sid in sids:
@@ -245,7 +245,7 @@ def _wait_applied(client: Any, last_ids: dict[str, str], workers: list[Worker],
                   timeout: float, monitor: Monitor | None = None) -> float:
     """Seconds until every stream's committed id reached ``last_ids`` (sampling lag
     meanwhile when a monitor is given)."""
-    from workers.scheduling import entry_id_key
+    from sinkstream.ids import entry_id_key
 
     sids = list(last_ids)
     started = time.monotonic()
@@ -287,8 +287,8 @@ class CommitWatcher:
         self._thread.start()
 
     def _run(self) -> None:
-        from state_store.keys import StreamKeys
-        from workers.scheduling import entry_id_key
+        from sinkstream.contracts.keys import StreamKeys
+        from sinkstream.ids import entry_id_key
 
         while not self._stop.is_set():
             message = self.pubsub.get_message(timeout=0.2)
@@ -321,7 +321,7 @@ class CommitWatcher:
 
     def latency_s(self, sid: str, entry_id: str) -> float | None:
         """Seconds from publishing ``entry_id`` to the commit that applied it."""
-        from workers.scheduling import entry_id_key
+        from sinkstream.ids import entry_id_key
 
         key = entry_id_key(entry_id)
         for committed, ms in self.commits.get(sid, []):
@@ -470,7 +470,7 @@ def _fill_rounds(engine: Any, texts: Iterator[tuple[str, str]], sample: int = 20
     grow with its tokens until the window is full, so a steady phase at 0.6x that capacity
     fell behind once the streams had grown (lag rising from mid-phase on). Past the window a
     stream costs the same per entry for ever, which is the regime a deployment runs in."""
-    from producer.entries import InputEntry
+    from sinkstream.contracts.entries import InputEntry
     from workers.processor import turn_tokens
 
     window = engine.window_tokens() or 0
@@ -560,7 +560,7 @@ def _expected_tokens(engine: Any, entries: list[list[str]], prefix: bool = True)
         str, int]:
     """Tokens each stream's state must have seen: its prefix (at stream start) + every
     entry, tokenized as the worker does."""
-    from producer.entries import InputEntry
+    from sinkstream.contracts.entries import InputEntry
     from workers.processor import turn_tokens
 
     start = len(engine.stream_prefix()) if prefix else 0
@@ -592,9 +592,9 @@ def run(quick: bool) -> BenchResult:
     import redis
 
     from producer.publisher import Producer
-    from sinkstream.localredis import RedisServer, free_port
+    from sinkstream.cli.localredis import RedisServer, free_port
+    from sinkstream.contracts.keys import StreamKeys
     from sinkstream.settings import Settings
-    from state_store.keys import StreamKeys
     from workers.engines.loading import load_engine
 
     os.environ.setdefault("COLUMNS", "200")

@@ -91,7 +91,7 @@ def _flush(client: Any) -> None:
 
 
 def _committed(client: Any, sid: str) -> tuple[str | None, int]:
-    from state_store.keys import StreamKeys
+    from sinkstream.contracts.keys import StreamKeys
 
     last, tokens = client.hmget(StreamKeys.of(sid).state, ["last_entry_id", "tokens_seen"])
     return (last.decode() if last else None), int(tokens or 0)
@@ -114,8 +114,8 @@ def _cell(backend: str, data: Any, data_url: str, broker: Any, workers: int,
           streams: list[list[Any]], tmp: Path, round_no: int) -> dict[str, Any]:
     """Start ``workers`` workers, warm them up, time applying every stream; stop them."""
     from producer.publisher import Producer
+    from sinkstream.contracts.keys import StreamKeys
     from sinkstream.settings import Settings
-    from state_store.keys import StreamKeys
 
     client = data.client()
     _flush(client)
@@ -224,7 +224,7 @@ def _commit_rtt(client: Any, reps: int, wait_replicas: int = 0) -> dict[str, flo
 def _poll_cost(server: Any, n_streams: int) -> dict[str, float]:
     """One dispatcher pass over ``n_streams`` idle registered streams: client wall ms and
     Redis CPU ms (INFO cpu), median of 3."""
-    from state_store.keys import STREAMS_REGISTRY, StreamKeys
+    from sinkstream.contracts.keys import STREAMS_REGISTRY, StreamKeys
     from workers.scheduling import Dispatcher, Scheduler
 
     client = server.client()
@@ -256,7 +256,7 @@ def _poll_cost(server: Any, n_streams: int) -> dict[str, float]:
 
 
 def run(quick: bool) -> BenchResult:
-    from sinkstream.localredis import LocalCluster, RedisServer
+    from sinkstream.cli.localredis import LocalCluster, RedisServer
 
     n_streams, per_stream = (8, 24) if quick else (16, 48)
     rounds = 1 if quick else 2

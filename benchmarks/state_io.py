@@ -102,7 +102,7 @@ def run(quick: bool) -> BenchResult:
     import redis
     import torch
 
-    from sinkstream.localredis import RedisServer
+    from sinkstream.cli.localredis import RedisServer
     from state_store.lease import LeaseManager
     from state_store.store import StateStore
     from workers.engines.sinkkv import SinkKVEngine

@@ -24,14 +24,15 @@ from typing import Any
 
 import redis
 
+from sinkstream.contracts.keys import STREAMS_REGISTRY, StreamKeys
+from sinkstream.ids import InvalidStreamId, entry_id_ms, validate_stream_id
 from state_store.connection import run_script_each
-from state_store.keys import STREAMS_REGISTRY, InvalidStreamId, StreamKeys, validate_stream_id
+from state_store.replies import as_text
 from state_store.scripts import STREAM_LAG
 
 #: Upper bounds (seconds) of the per-stream oldest-unapplied-age histogram.
 AGE_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0)
 STATUSES = ("active", "idle", "ended", "failed")
-
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class StreamLag:
     oldest_age_s: float  # 0 when nothing is pending
     state_bytes: int
     dead_letters: int
+    #: the last input entry folded into the state (None: nothing applied yet)
+    last_entry_id: str | None = None
 
 
 @dataclass
@@ -81,14 +84,6 @@ class LagSnapshot:
         self.age_buckets[-1] += 1  # +Inf
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _entry_ms(entry_id: str) -> int:
-    return int(entry_id.partition("-")[0])
-
-
 class LagReader:
     """Computes :class:`LagSnapshot` s from one Redis client (bytes or str responses)."""
 
@@ -109,7 +104,7 @@ class LagReader:
         size, members = pipe.execute()
         ids = []
         for member in members:
-            sid = _text(member)
+            sid = as_text(member)
             try:
                 ids.append(validate_stream_id(sid))
             except InvalidStreamId:
@@ -139,9 +134,9 @@ class LagReader:
         out = []
         for sid, reply in zip(ids, self._run_scripts(ids), strict=True):
             committed, nbytes, status, ended, _length, oldest, pending, capped, dead, leased = (
-                _text(v) if isinstance(v, bytes) else v for v in reply
+                as_text(v) if isinstance(v, bytes) else v for v in reply
             )
-            age = max(0.0, now - _entry_ms(oldest) / 1000.0) if oldest else 0.0
+            age = max(0.0, now - entry_id_ms(oldest) / 1000.0) if oldest else 0.0
             if status == "failed":
                 state = "failed"
             elif int(pending) > 0 or int(leased):
@@ -154,6 +149,7 @@ class LagReader:
                 stream_id=sid, status=state, pending=int(pending), capped=bool(int(capped)),
                 oldest_age_s=age if int(pending) else 0.0,
                 state_bytes=int(nbytes or 0), dead_letters=int(dead),
+                last_entry_id=committed or None,
             ))
         return out
 
@@ -183,5 +179,5 @@ def redis_memory(client: redis.Redis) -> dict[str, Any]:
     return {
         "used_memory": float(info.get("used_memory", 0)),
         "maxmemory": float(info.get("maxmemory", 0) or 0),
-        "maxmemory_policy": _text(info.get("maxmemory_policy", "unknown")),
+        "maxmemory_policy": as_text(info.get("maxmemory_policy", "unknown")),
     }

@@ -26,6 +26,9 @@ from importlib import metadata
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info, start_http_server
 
+from sinkstream.contracts.outcomes import BATCH_STATUSES, STALE_REASONS
+from sinkstream.contracts.outputs import SummaryKind
+
 log = logging.getLogger(__name__)
 
 #: Buckets from a fast GPU batch (5 ms) to a slow CPU summary (5 minutes).
@@ -81,10 +84,7 @@ WORKER_STREAMS_ACTIVE = Gauge(
 WORKER = Info("sinkstream_worker", "Engine, model and device of this worker process")
 
 # ----- fixed label vocabularies (pre-initialised so every series exists from the first scrape)
-SUMMARY_KINDS = ("rolling", "final", "on_demand", "answer")
-BATCH_OUTCOMES = ("applied", "idle", "busy", "failed", "lost", "stale")
-#: StaleCommitError.reason values (state_store.store.STALE_REASONS).
-STALE_REASONS = ("stale_fence", "lease_lost", "version_conflict")
+SUMMARY_KINDS = tuple(kind.value for kind in SummaryKind)
 
 #: (label, words that identify it) in match order; the first match wins, else "other".
 _DEAD_LETTER_REASONS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -184,7 +184,7 @@ def init_worker(engine: str, model: str, device: str = "cpu", dtype: str = "") -
 
 
 def _init_fixed_labels() -> None:
-    for outcome in BATCH_OUTCOMES:
+    for outcome in BATCH_STATUSES:
         BATCHES.labels(outcome=outcome)
     for reason in STALE_REASONS:
         STALE_COMMITS.labels(reason=reason)

@@ -7,10 +7,10 @@ Library use::
     with Producer() as p:                                          # or your own
         p.publish_many("standup", [("hi", "Bob", 1.5), "no speaker"], eos=True)
 
-Workers parse entries with :func:`producer.entries.parse_entry` / :func:`read_entries`.
+The entry contract itself (``InputEntry``, ``parse_entry``) is ``sinkstream.contracts.entries``;
+:func:`read_entries` reads a stream's input back, parsed.
 """
 
-from producer.entries import InputEntry, ParsedEntry, Rejected, parse_entry, read_entries
 from producer.formats import FORMATS, InputFormatError, Turn, read_file
 from producer.publisher import (
     Producer,
@@ -21,6 +21,8 @@ from producer.publisher import (
     publish_many,
     split_utf8,
 )
+from producer.reader import read_entries
+from sinkstream.contracts.entries import InputEntry, ParsedEntry, Rejected, parse_entry
 
 __all__ = [
     "FORMATS",

@@ -43,9 +43,9 @@ from typing import Any, Literal
 
 import redis
 
+from sinkstream.contracts.keys import RUNNABLE, STREAMS_REGISTRY, WAKE_CHANNEL, StreamKeys
 from sinkstream.settings import Settings, load_settings
 from state_store.connection import Backoff, redis_from_settings, retry_call
-from state_store.keys import RUNNABLE, STREAMS_REGISTRY, WAKE_CHANNEL, StreamKeys
 from state_store.scripts import PRODUCER_APPEND
 
 log = logging.getLogger(__name__)

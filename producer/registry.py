@@ -12,8 +12,10 @@ from typing import Any
 
 import redis
 
-from producer.entries import InputEntry, parse_entry
-from state_store.keys import STREAMS_REGISTRY, StreamKeys, validate_stream_id
+from sinkstream.contracts.entries import InputEntry, parse_entry
+from sinkstream.contracts.keys import STREAMS_REGISTRY, StreamKeys
+from sinkstream.ids import validate_stream_id
+from state_store.replies import as_text
 
 
 @dataclass(frozen=True)
@@ -34,10 +36,6 @@ class StreamInfo:
         return int(self.last_entry_id.split("-", 1)[0]) / 1000.0
 
 
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
 def list_streams(client: redis.Redis, limit: int = 100) -> list[StreamInfo]:
     """The ``limit`` most recently active streams, newest first (one pipelined round trip)."""
     members: list[Any] = client.zrevrange(
@@ -45,7 +43,7 @@ def list_streams(client: redis.Redis, limit: int = 100) -> list[StreamInfo]:
     )
     valid: list[tuple[str, float]] = []
     for member, score in members:
-        stream_id = _text(member)
+        stream_id = as_text(member, "replace")
         try:
             validate_stream_id(stream_id)
         except ValueError:
@@ -60,7 +58,7 @@ def list_streams(client: redis.Redis, limit: int = 100) -> list[StreamInfo]:
     out = []
     for i, (stream_id, score) in enumerate(valid):
         length, last = int(replies[2 * i]), replies[2 * i + 1]
-        last_id = _text(last[0][0]) if last else None
+        last_id = as_text(last[0][0], "replace") if last else None
         parsed = parse_entry(last[0][0], last[0][1]) if last else None
         ended = isinstance(parsed, InputEntry) and parsed.eos
         out.append(StreamInfo(stream_id, length, last_id, score, ended))

@@ -21,8 +21,9 @@ from types import TracebackType
 
 import redis
 
+from sinkstream.contracts.keys import StreamKeys
 from state_store import scripts
-from state_store.keys import StreamKeys
+from state_store.replies import as_text
 
 
 class LeaseLostError(RuntimeError):
@@ -78,7 +79,7 @@ class LeaseManager:
             worker_id=worker_id,
             token=int(reply[1]),
             ttl_s=ttl_s,
-            previous_holder=_text(reply[2]),
+            previous_holder=as_text(reply[2]),
             valid_until=started + ttl_s,
         )
 
@@ -102,7 +103,7 @@ class LeaseManager:
     def holder(self, stream_id: str) -> str | None:
         """The live lease value ``worker|token``, or None."""
         raw = self.client.get(StreamKeys.of(stream_id).lease)
-        return _text(raw) or None
+        return as_text(raw) or None
 
     def current_token(self, stream_id: str) -> int:
         """The stream's fence counter: the token of the latest acquisition (0 = never)."""
@@ -183,9 +184,3 @@ def _ttl_ms(ttl_s: float) -> int:
 def _check_worker_id(worker_id: str) -> None:
     if not worker_id or not worker_id.isprintable() or len(worker_id) > 256:
         raise ValueError(f"worker id must be 1..256 printable characters, got {worker_id!r}")
-
-
-def _text(raw: bytes | str | None) -> str:
-    if raw is None:
-        return ""
-    return raw.decode() if isinstance(raw, bytes) else raw

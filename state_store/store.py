@@ -57,10 +57,12 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from sinkstream.contracts.keys import StreamKeys
+from sinkstream.contracts.outcomes import STALE_REASONS
 from sinkstream.faults import checkpoint
+from sinkstream.ids import entry_after, parse_entry_id
 from state_store import scripts
 from state_store.connection import is_cluster
-from state_store.keys import StreamKeys
 
 if TYPE_CHECKING:
     from sinkstream.settings import Settings
@@ -75,15 +77,9 @@ RESERVED_FIELDS = frozenset(
      "committed_ms", "segments"}
 )
 
-# Refusal reasons: the first three are "you are not the owner any more" (StaleCommitError).
-STALE_FENCE = "stale_fence"
-LEASE_LOST = "lease_lost"
-VERSION_CONFLICT = "version_conflict"
-STALE_REASONS = frozenset({STALE_FENCE, LEASE_LOST, VERSION_CONFLICT})
 
 _MAX_FIELDS_PER_ENTRY = 1000  # keeps Lua's unpack() far below its C stack limit
 _MAX_FAILURE_REASON = 4000
-_MAX_SEQ = 2**64 - 1
 _CHUNK_WRITE_BATCH = 16  # chunks per pipeline round trip while writing
 _LOAD_ATTEMPTS = 8
 _UNREPLICATED_LOG_INTERVAL_S = 30.0
@@ -563,7 +559,7 @@ class StateStore:
         script_keys += [*seg.write, *seg.evicted]
         args += _fields_args(extra_fields) + _fields_args(meta_fields)
         args += [-1] if summary is None else _fields_args(summary)
-        args += [_entry_after(last_entry_id) if trim_input and last_entry_id else ""]
+        args += [entry_after(last_entry_id) if trim_input and last_entry_id else ""]
         args += ["" if output_maxlen is None else output_maxlen]
         args += entry_args
         script_keys += update_keys
@@ -822,7 +818,7 @@ def _check_commit_args(
     if expected_version < 0:
         raise ValueError("expected_version must be >= 0")
     if last_entry_id is not None:
-        _parse_entry_id(last_entry_id)
+        parse_entry_id(last_entry_id)
     if trim_input and last_entry_id is None:
         raise ValueError("trim_input needs last_entry_id")
     if output_maxlen is not None and output_maxlen < 1:
@@ -868,22 +864,6 @@ def _entries_args(entries: Sequence[Mapping[str, FieldValue]], what: str) -> lis
             raise ValueError(f"each {what} needs 1..{_MAX_FIELDS_PER_ENTRY} fields")
         args += _fields_args(entry)
     return args
-
-
-def _parse_entry_id(entry_id: str) -> tuple[int, int]:
-    ms, sep, seq = entry_id.partition("-")
-    if not (sep and ms.isdigit() and seq.isdigit() and ms.isascii() and seq.isascii()):
-        raise ValueError(f"{entry_id!r} is not a stream entry id like '1700000000000-0'")
-    ms_i, seq_i = int(ms), int(seq)
-    if ms_i > _MAX_SEQ or seq_i > _MAX_SEQ:
-        raise ValueError(f"{entry_id!r} is out of range")
-    return ms_i, seq_i
-
-
-def _entry_after(entry_id: str) -> str:
-    """The smallest id above ``entry_id``: XTRIM MINID with it drops ``entry_id`` too."""
-    ms, seq = _parse_entry_id(entry_id)
-    return f"{ms + 1}-0" if seq == _MAX_SEQ else f"{ms}-{seq + 1}"
 
 
 def _generation(version: int, nonce: str, count: int) -> str:

@@ -1,5 +1,5 @@
 """Test access to the private redis-server launcher (it lives in the package for the demo)."""
 
-from sinkstream.localredis import RedisServer, free_port, redis_server_binary
+from sinkstream.cli.localredis import RedisServer, free_port, redis_server_binary
 
 __all__ = ["RedisServer", "free_port", "redis_server_binary"]

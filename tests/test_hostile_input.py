@@ -22,10 +22,11 @@ from typing import Any
 import pytest
 import redis
 
-from producer.entries import InputEntry, parse_entry
 from producer.publisher import Producer
-from sinkstream.localredis import RedisServer
-from state_store.keys import STREAMS_REGISTRY, InvalidStreamId, StreamKeys
+from sinkstream.cli.localredis import RedisServer
+from sinkstream.contracts.entries import InputEntry, parse_entry
+from sinkstream.contracts.keys import STREAMS_REGISTRY, StreamKeys
+from sinkstream.ids import InvalidStreamId
 from tests.chaos.common import Reference, all_caught_up, chaos_env, log_lines, wait_ready
 from tests.chaos.scenarios import stream_burst
 from tests.pipeline.harness import ROOT, Worker, WorkerPool, settings_from_env, wait_until

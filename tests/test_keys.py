@@ -5,14 +5,8 @@ from __future__ import annotations
 import pytest
 from redis.crc import key_slot
 
-from state_store.keys import (
-    MAX_STREAM_ID_LENGTH,
-    RUNNABLE,
-    STREAMS_REGISTRY,
-    InvalidStreamId,
-    StreamKeys,
-    validate_stream_id,
-)
+from sinkstream.contracts.keys import RUNNABLE, STREAMS_REGISTRY, StreamKeys
+from sinkstream.ids import MAX_STREAM_ID_LENGTH, InvalidStreamId, validate_stream_id
 
 
 def _all_keys(keys: StreamKeys) -> list[str]:

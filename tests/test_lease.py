@@ -7,7 +7,7 @@ import time
 import pytest
 import redis
 
-from state_store.keys import StreamKeys
+from sinkstream.contracts.keys import StreamKeys
 from state_store.lease import LeaseKeeper, LeaseLostError, LeaseManager
 from tests.redis_server import RedisServer
 

@@ -9,11 +9,12 @@ from typing import Any
 import pytest
 import redis
 
-from producer.entries import InputEntry, read_entries
 from producer.publisher import Producer
-from sinkstream.localredis import RedisServer
+from producer.reader import read_entries
+from sinkstream.cli.localredis import RedisServer
+from sinkstream.contracts.entries import InputEntry
+from sinkstream.contracts.keys import StreamKeys
 from sinkstream.settings import Settings
-from state_store.keys import StreamKeys
 from workers.engines.base import Engine
 from workers.processor import StreamProcessor, entry_tokens
 

@@ -21,15 +21,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from producer.entries import InputEntry, Rejected, parse_entry, read_entries
 from producer.formats import Turn, read_file
 from producer.publisher import Producer, StreamFullError, split_utf8
+from producer.reader import read_entries
 from producer.replay import follow, replay, timed_groups
-from sinkstream import cli
-from sinkstream.localredis import RedisServer, free_port
+from sinkstream.cli import app as cli
+from sinkstream.cli import common as cli_common
+from sinkstream.cli.localredis import RedisServer, free_port
+from sinkstream.contracts.entries import InputEntry, Rejected, parse_entry
+from sinkstream.contracts.keys import RUNNABLE, STREAMS_REGISTRY, StreamKeys
+from sinkstream.ids import InvalidStreamId
 from sinkstream.settings import Settings
 from state_store.connection import redis_from_settings
-from state_store.keys import RUNNABLE, STREAMS_REGISTRY, InvalidStreamId, StreamKeys
 from tests.test_formats import SRT_TURNS, VTT_TURNS
 
 SAMPLES = Path(__file__).parent / "samples"
@@ -512,8 +515,8 @@ def test_follow_handles_appends_truncation_and_rotation(tmp_path: Path) -> None:
 def runner(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
     monkeypatch.setenv("SINKSTREAM_REDIS_URL", redis_server.url)
     monkeypatch.delenv("SINKSTREAM_CONFIG", raising=False)
-    monkeypatch.setattr(cli._state, "settings", None)
-    monkeypatch.setattr(cli._state, "config", None)
+    monkeypatch.setattr(cli_common.state, "settings", None)
+    monkeypatch.setattr(cli_common.state, "config", None)
     return CliRunner()
 
 
@@ -647,8 +650,8 @@ def test_cli_full_stream_with_on_full_fail(runner: CliRunner, tmp_path: Path,
 
 def test_producer_modules_do_not_import_torch() -> None:
     code = (
-        "import sys, producer, producer.replay, producer.registry, producer.entries, "
-        "state_store.connection, state_store.keys, state_store.scripts\n"
+        "import sys, producer, producer.replay, producer.registry, producer.reader, "
+        "state_store.connection, sinkstream.contracts.keys, state_store.scripts\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')]\n"
         "assert not bad, bad\n"
     )

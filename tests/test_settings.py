@@ -12,7 +12,7 @@ import pytest
 import redis
 from redis.connection import SSLConnection, UnixDomainSocketConnection
 
-from sinkstream.localredis import RedisServer, free_port
+from sinkstream.cli.localredis import RedisServer, free_port
 from sinkstream.settings import CONFIG_ENV, Settings, SettingsError, load_settings
 from state_store.connection import (
     Backoff,

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import redis
 
+from sinkstream.contracts.keys import StreamKeys
 from state_store.codec import StateEnvelope, decode_state, encode_state
-from state_store.keys import StreamKeys
 from state_store.lease import LeaseManager
 from state_store.store import (
     CommitError,

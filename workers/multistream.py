@@ -40,7 +40,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from monitoring import metrics
-from state_store.keys import RUNNABLE, InvalidStreamId, validate_stream_id
+from sinkstream.contracts.keys import RUNNABLE
+from sinkstream.ids import InvalidStreamId, validate_stream_id
 from state_store.lease import Lease, LeaseKeeper, LeaseLostError
 from workers.engines.base import EngineState
 from workers.processor import Outcome, StreamProcessor, _Batch, _Loaded

@@ -13,12 +13,15 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import redis
 
 from monitoring import metrics
-from producer.entries import InputEntry, Rejected, parse_entry
+from sinkstream.contracts.entries import InputEntry, Rejected, parse_entry
+from sinkstream.contracts.keys import StreamKeys
+from sinkstream.contracts.outcomes import BatchStatus
+from sinkstream.contracts.outputs import OutputEntry, Source, SummaryKind, make_output
 from sinkstream.faults import checkpoint
 from sinkstream.settings import Settings
 from state_store.codec import (
@@ -29,7 +32,6 @@ from state_store.codec import (
     encode_state,
 )
 from state_store.connection import TRANSIENT_ERRORS
-from state_store.keys import StreamKeys
 from state_store.lease import Lease, LeaseKeeper, LeaseLostError, LeaseManager
 from state_store.store import (
     HashUpdate,
@@ -52,15 +54,11 @@ from workers.summaries import (
     ANSWER_SAMPLING,
     SECTIONS,
     SUMMARY_SAMPLING,
-    OutputEntry,
     Section,
-    Source,
-    SummaryKind,
     answer_with_context_instruction,
     context_block,
     format_notes,
     format_turn,
-    make_output,
     rolling_instruction,
     rolling_summary_due,
     section_instruction,
@@ -70,7 +68,6 @@ from workers.summaries import (
 
 log = logging.getLogger(__name__)
 
-Status = Literal["applied", "idle", "busy", "failed", "lost", "stale"]
 #: Longest field value copied into a dead letter; the rest is cut with a note.
 DEAD_LETTER_FIELD_BYTES = 4096
 #: Most fields, and longest field name, copied into a dead letter.
@@ -82,7 +79,7 @@ OUTPUT_MAXLEN = 10_000
 @dataclass
 class Outcome:
     stream_id: str
-    status: Status
+    status: BatchStatus
     entries: int = 0
     tokens: int = 0
     dead_letters: int = 0

@@ -52,15 +52,10 @@ from typing import Any
 import redis
 from redis.exceptions import RedisClusterException
 
+from sinkstream.contracts.keys import DISPATCHER_LEADER, STREAMS_REGISTRY, WAKE_CHANNEL, StreamKeys
+from sinkstream.ids import InvalidStreamId, validate_stream_id
 from state_store.connection import Backoff, is_cluster, run_script_each
-from state_store.keys import (
-    DISPATCHER_LEADER,
-    STREAMS_REGISTRY,
-    WAKE_CHANNEL,
-    InvalidStreamId,
-    StreamKeys,
-    validate_stream_id,
-)
+from state_store.replies import as_text
 from state_store.scripts import DISPATCHER_LEAD, NEEDS_WORK
 
 log = logging.getLogger(__name__)
@@ -84,15 +79,6 @@ _LEADER_TTL_MIN_S = 2.0
 _WAKE_WAIT_S = 0.2
 #: Longest wait for the server to confirm the wake-up subscription.
 _SUBSCRIBE_WAIT_S = 1.0
-
-
-def entry_id_key(entry_id: str | bytes | None) -> tuple[int, int]:
-    """Redis Stream ids compare as (milliseconds, sequence)."""
-    if not entry_id:
-        return (-1, -1)
-    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    ms, _, seq = text.partition("-")
-    return (int(ms), int(seq or 0))
 
 
 class Scheduler:
@@ -309,7 +295,7 @@ class Dispatcher:
         (logged once each)."""
         out = []
         for member in members:
-            sid = _text(member, errors="replace")
+            sid = as_text(member, errors="replace")
             try:
                 out.append(validate_stream_id(sid))
             except InvalidStreamId as exc:
@@ -335,7 +321,7 @@ class Dispatcher:
         batch: dict[str, float] = {}
         for key in self.client.scan_iter(match="sinkstream:{*}:in", count=1000, _type="STREAM",
                                          **scan_kwargs):
-            text = _text(key, errors="replace")
+            text = as_text(key, errors="replace")
             sid = text[len("sinkstream:{") : -len("}:in")]
             try:
                 validate_stream_id(sid)
@@ -453,7 +439,3 @@ class Dispatcher:
                 self._unsubscribe()
                 delay = max(self.interval_s, self._backoff.next_delay())
         self._unsubscribe()
-
-
-def _text(value: bytes | str, errors: str = "strict") -> str:
-    return value.decode(errors=errors) if isinstance(value, bytes) else value

@@ -118,7 +118,7 @@ def summarize(stream_id: str, request: str, question: str = "") -> None:
         entry = rt.processor.answer(stream_id, question, request=request)
     else:
         entry = rt.processor.summary_now(stream_id, request=request)
-    from state_store.keys import StreamKeys
+    from sinkstream.contracts.keys import StreamKeys
 
     fields: Any = entry.fields()
     rt.client.xadd(StreamKeys.of(stream_id).output, fields, maxlen=10_000,

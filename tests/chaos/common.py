@@ -34,10 +34,12 @@ from typing import Any
 
 import redis
 
-from producer.entries import InputEntry, read_entries
 from producer.publisher import Producer
+from producer.reader import read_entries
+from sinkstream.contracts.entries import InputEntry
+from sinkstream.contracts.keys import StreamKeys
+from sinkstream.ids import entry_id_key
 from sinkstream.settings import Settings
-from state_store.keys import StreamKeys
 from state_store.store import StateStore
 from tests.pipeline.harness import ROOT, Worker, WorkerPool, settings_from_env, wait_until
 from workers.engines.base import Engine
@@ -211,7 +213,7 @@ def verify_stream(
         if last_id is None:
             v.unapplied += len(ids)
         elif last_id != ids[-1]:
-            v.unapplied += sum(1 for i in ids if _key(i) > _key(last_id))
+            v.unapplied += sum(1 for i in ids if entry_id_key(i) > entry_id_key(last_id))
     if tensors is not None and tensors != reference.tensors(valid):
         v.mismatched.append(stream)
     v.summaries, v.bad_summaries = check_summaries(client, stream, {e.id for e in parsed})
@@ -243,20 +245,15 @@ def check_summaries(
         if fields[b"kind"] in (b"rolling", b"final"):
             if covers not in input_ids:
                 bad.append(f"{stream} {eid}: covers {covers} is not an input entry")
-            if previous is not None and _key(covers) <= previous:
+            if previous is not None and entry_id_key(covers) <= previous:
                 bad.append(f"{stream} {eid}: covers {covers} published twice / out of order")
-            previous = _key(covers)
+            previous = entry_id_key(covers)
         last_fields = fields
     if last_fields is not None:
         summary = client.hgetall(keys.summary)
         if summary != last_fields:
             bad.append(f"{stream}: summary hash is not the last output entry")
     return len(outputs), bad
-
-
-def _key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def all_caught_up(client: redis.Redis, streams: Iterable[str]) -> bool:

@@ -6,8 +6,8 @@
   state, and on mutated msgpack bodies re-sealed with a correct header and checksum: it
   returns an envelope or raises ``StateError``, nothing else, ever (no crash, no other
   exception, no unbounded allocation: sizes are checked before allocating);
-* ``producer.entries.parse_entry`` on arbitrary field maps: it returns an ``InputEntry`` or a
-  ``Rejected``, never raises.
+* ``sinkstream.contracts.entries.parse_entry`` on arbitrary field maps: it returns an
+  ``InputEntry`` or a ``Rejected``, never raises.
 
 ``tests/chaos/test_fuzz.py`` runs a short bounded pass in CI; ``benchmarks/chaos.py`` (soak)
 a longer one. Complements the hypothesis properties in ``tests/test_codec.py``.
@@ -20,7 +20,7 @@ import sys
 import atheris
 
 with atheris.instrument_imports(include=["producer", "state_store"]):
-    from producer.entries import InputEntry, Rejected, parse_entry
+    from sinkstream.contracts.entries import InputEntry, Rejected, parse_entry
     from state_store.codec import (
         HEADER_SIZE,
         StateEnvelope,

@@ -15,8 +15,8 @@ from typing import Any
 import redis
 
 from producer.publisher import Producer
-from sinkstream.localredis import RedisServer
-from state_store.keys import StreamKeys
+from sinkstream.cli.localredis import RedisServer
+from sinkstream.contracts.keys import StreamKeys
 from tests.chaos.common import (
     Reference,
     Verdict,
@@ -226,7 +226,7 @@ def stream_burst(
     worker. Watches the queue for ``observe_s`` (it must stay near ``max_queued``, not grow
     with re-scheduled duplicates); with ``drain``, waits until every stream is applied. Applied
     streams (``sample`` of them, or all when draining) are verified against the reference."""
-    from state_store.keys import STREAMS_REGISTRY
+    from sinkstream.contracts.keys import STREAMS_REGISTRY
 
     started = time.monotonic()
     server = RedisServer(tmp / "redis").start()

@@ -12,8 +12,8 @@ import uuid
 from pathlib import Path
 
 from producer.publisher import Producer
-from sinkstream.localredis import RedisServer
-from state_store.keys import StreamKeys
+from sinkstream.cli.localredis import RedisServer
+from sinkstream.contracts.keys import StreamKeys
 from tests.chaos.common import (
     Reference,
     all_caught_up,

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 
 from producer.publisher import Producer
-from sinkstream.localredis import RedisServer, free_port
+from sinkstream.cli.localredis import RedisServer, free_port
 from tests.chaos.common import all_caught_up, chaos_seed, make_workload, publish, settings_for
 from tests.chaos.common import wait_ready as wait_workers_ready
 from tests.pipeline.harness import WorkerPool, wait_until, worker_env

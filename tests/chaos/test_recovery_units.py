@@ -11,10 +11,10 @@ import time
 import pytest
 import redis
 
-from sinkstream.localredis import RedisServer, free_port
+from sinkstream.cli.localredis import RedisServer, free_port
+from sinkstream.contracts.keys import STREAMS_REGISTRY, StreamKeys
 from sinkstream.settings import Settings
 from state_store.connection import redis_from_settings
-from state_store.keys import STREAMS_REGISTRY, StreamKeys
 from state_store.lease import LeaseManager
 from workers.scheduling import Dispatcher, Scheduler
 

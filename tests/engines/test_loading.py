@@ -439,11 +439,12 @@ def test_cli_model_prepare_is_idempotent_and_info_reports(
 ) -> None:
     from typer.testing import CliRunner
 
-    from sinkstream import cli
+    from sinkstream.cli import app as cli
+    from sinkstream.cli import common as cli_common
 
     monkeypatch.setenv("SINKSTREAM_MODEL_CACHE_DIR", str(tmp_path / "models"))
     monkeypatch.setenv("SINKSTREAM_MODEL", str(tiny_gguf))
-    monkeypatch.setattr(cli._state, "settings", None)
+    monkeypatch.setattr(cli_common.state, "settings", None)
     runner = CliRunner()
     first = runner.invoke(cli.app, ["model", "prepare"])
     assert first.exit_code == 0, first.output

@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from producer.publisher import Producer
-from sinkstream.localredis import RedisServer
+from sinkstream.cli.localredis import RedisServer
+from sinkstream.contracts.outputs import SummaryKind
 from workers.engines.base import Engine
 from workers.memory.chunks import Turn
 from workers.memory.highlights import MOMENT_WORDS, Moment, fold, score
 from workers.memory.records import MemoryHead, decode_moments, encode_moments
 from workers.memory.store import read_head
-from workers.summaries import SummaryKind
 
 from .test_processor_memory import _drain, _meeting, _processor, engine  # noqa: F401
 

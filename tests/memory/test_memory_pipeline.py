@@ -12,8 +12,8 @@ import redis
 
 from producer.formats import read_file
 from producer.publisher import Producer
-from sinkstream.localredis import RedisServer
-from state_store.keys import StreamKeys
+from sinkstream.cli.localredis import RedisServer
+from sinkstream.contracts.keys import StreamKeys
 from state_store.store import StateStore
 from tests.pipeline.harness import (
     ROOT,

@@ -9,18 +9,20 @@ from typing import Any
 import pytest
 import redis
 
-from producer.entries import InputEntry, read_entries
 from producer.formats import read_file
 from producer.publisher import Producer
-from sinkstream.localredis import RedisServer
+from producer.reader import read_entries
+from sinkstream.cli.localredis import RedisServer
+from sinkstream.contracts.entries import InputEntry
+from sinkstream.contracts.keys import StreamKeys
+from sinkstream.contracts.outputs import OutputEntry
 from sinkstream.settings import Settings
-from state_store.keys import StreamKeys
 from workers.engines.base import Engine
 from workers.engines.loading import load_engine
 from workers.memory.records import Chunk, OpenChunk, SummaryMemory
 from workers.memory.store import read_chunks, read_head
 from workers.processor import StreamProcessor
-from workers.summaries import SECTIONS, OutputEntry, format_turn
+from workers.summaries import SECTIONS, format_turn
 
 BASE: dict[str, Any] = {
     "model": "tiny-llama", "recent_tokens": 48, "sink_tokens": 4, "chunk_tokens": 16,

@@ -6,18 +6,15 @@ import json
 
 import pytest
 
+from sinkstream.contracts.outputs import OutputEntry, Source, SummaryKind, make_output
 from sinkstream.settings import Settings, SettingsError, load_settings
 from workers.summaries import (
     MAX_NOTES_CHARS,
     ROLLING_INSTRUCTION,
     SECTIONS,
-    OutputEntry,
-    Source,
-    SummaryKind,
     answer_with_context_instruction,
     context_block,
     format_notes,
-    make_output,
     rolling_instruction,
     section_instruction,
     short_answer,

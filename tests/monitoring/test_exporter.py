@@ -19,8 +19,8 @@ from redis.retry import Retry
 
 from monitoring.exporter import LagExporter
 from monitoring.lag import LagReader
-from sinkstream.localredis import RedisServer, free_port
-from state_store.keys import STREAMS_REGISTRY, StreamKeys
+from sinkstream.cli.localredis import RedisServer, free_port
+from sinkstream.contracts.keys import STREAMS_REGISTRY, StreamKeys
 from state_store.lease import LeaseManager
 from state_store.store import StateStore
 from tests.pipeline.harness import ROOT
@@ -198,7 +198,7 @@ def test_exporter_command_serves_and_stops_on_sigterm(
 
 def test_lag_on_a_redis_cluster(tmp_path: Any) -> None:
     """Streams spread over three shards: one pipelined pass still reads every one."""
-    from sinkstream import localredis
+    from sinkstream.cli import localredis
 
     if not hasattr(localredis, "LocalCluster"):
         pytest.skip("no LocalCluster launcher in this build")

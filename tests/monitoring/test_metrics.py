@@ -13,8 +13,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from monitoring import gpu, metrics
-from producer.entries import Rejected, parse_entry
-from sinkstream.localredis import free_port
+from sinkstream.cli.localredis import free_port
+from sinkstream.contracts.entries import Rejected, parse_entry
 from state_store.codec import ForeignStateError, StateError, decode_state
 
 UNIT_SUFFIXES = ("_seconds", "_bytes", "_ratio", "_entries", "_streams")

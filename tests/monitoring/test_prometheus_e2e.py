@@ -29,8 +29,8 @@ import redis
 
 from monitoring import dashboard
 from producer.publisher import Producer
-from sinkstream.localredis import RedisServer, free_port
-from state_store.keys import StreamKeys
+from sinkstream.cli.localredis import RedisServer, free_port
+from sinkstream.contracts.keys import StreamKeys
 from state_store.lease import LeaseManager
 from state_store.store import StateStore
 from tests.pipeline.harness import (

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from sinkstream.localredis import RedisServer
+from sinkstream.cli.localredis import RedisServer
 from tests.pipeline.harness import WorkerPool, worker_env
 
 

@@ -20,9 +20,10 @@ from typing import Any
 import redis
 import torch
 
-from producer.entries import InputEntry, read_entries
+from producer.reader import read_entries
+from sinkstream.contracts.entries import InputEntry
+from sinkstream.contracts.keys import StreamKeys
 from sinkstream.settings import Settings
-from state_store.keys import StreamKeys
 from state_store.store import StateStore
 from workers.engines.loading import load_engine
 from workers.engines.sinkkv_segments import whole_snapshot

@@ -16,10 +16,10 @@ import pytest
 import redis
 
 from producer.publisher import Producer
-from sinkstream.localredis import RedisServer
+from sinkstream.cli.localredis import RedisServer
+from sinkstream.contracts.keys import DISPATCHER_LEADER, STREAMS_REGISTRY, WAKE_CHANNEL, StreamKeys
 from sinkstream.settings import Settings
 from state_store.connection import redis_from_settings
-from state_store.keys import DISPATCHER_LEADER, STREAMS_REGISTRY, WAKE_CHANNEL, StreamKeys
 from tests.pipeline.harness import WorkerPool, caught_up, wait_until, worker_env
 from workers.scheduling import Dispatcher, Scheduler
 

@@ -18,9 +18,9 @@ import torch
 from producer.formats import read_file
 from producer.publisher import Producer
 from sinkstream import faults
-from sinkstream.localredis import RedisServer
+from sinkstream.cli.localredis import RedisServer
+from sinkstream.contracts.keys import RUNNABLE, StreamKeys
 from sinkstream.settings import Settings
-from state_store.keys import RUNNABLE, StreamKeys
 from state_store.lease import LeaseManager
 from state_store.store import StateStore
 from tests.pipeline.harness import (

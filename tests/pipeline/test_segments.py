@@ -18,10 +18,10 @@ import torch
 
 from producer.formats import read_file
 from producer.publisher import Producer
-from sinkstream.localredis import RedisServer
+from sinkstream.cli.localredis import RedisServer
+from sinkstream.contracts.keys import StreamKeys
 from sinkstream.settings import Settings
 from state_store.codec import decode_state
-from state_store.keys import StreamKeys
 from state_store.store import StateStore
 from tests.pipeline.harness import (
     WorkerPool,

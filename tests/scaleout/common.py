@@ -16,8 +16,8 @@ import redis
 
 from producer.formats import read_file
 from producer.publisher import Producer
+from sinkstream.contracts.keys import StreamKeys
 from sinkstream.settings import Settings
-from state_store.keys import StreamKeys
 from tests.pipeline.harness import committed_tensors, reference_tensors, valid_entries
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sinkstream.localredis import LocalCluster, RedisServer
+from sinkstream.cli.localredis import LocalCluster, RedisServer
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Launchers the scale-out tests need besides ``sinkstream.localredis``: a Sentinel group, and
+"""Launchers the scale-out tests need besides ``sinkstream.cli.localredis``: a Sentinel group, and
 worker "hosts" in network namespaces. Everything listens on loopback or on a private /24 the
 test creates, and everything is torn down by the caller (``stop()`` / context managers)."""
 
@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 
-from sinkstream.localredis import RedisServer, free_port, redis_server_binary
+from sinkstream.cli.localredis import RedisServer, free_port, redis_server_binary
 from tests.pipeline.harness import ROOT, Worker
 
 

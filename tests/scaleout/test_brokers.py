@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from producer.publisher import Producer
-from sinkstream.localredis import RedisServer
+from sinkstream.cli.localredis import RedisServer
 from sinkstream.settings import Settings, SettingsError, load_settings, parse_redis_url
 from state_store.connection import redact_url
 from tests.pipeline.harness import WorkerPool, caught_up, settings_from_env, wait_until, worker_env

@@ -24,10 +24,10 @@ from redis.commands.core import Script
 from monitoring.lag import LagReader
 from producer.publisher import Producer
 from producer.registry import list_streams
-from sinkstream.localredis import LocalCluster, RedisServer
+from sinkstream.cli.localredis import LocalCluster, RedisServer
+from sinkstream.contracts.keys import STREAMS_REGISTRY, StreamKeys
 from sinkstream.settings import Settings
 from state_store.connection import is_cluster, redis_from_settings
-from state_store.keys import STREAMS_REGISTRY, StreamKeys
 from state_store.lease import LeaseManager
 from state_store.store import StaleCommitError, StateStore
 from tests.pipeline import harness

@@ -9,10 +9,10 @@ import threading
 import time
 
 from producer.publisher import Producer
-from sinkstream.localredis import LocalCluster, RedisServer
+from sinkstream.cli.localredis import LocalCluster, RedisServer
+from sinkstream.contracts.keys import WAKE_CHANNEL
 from sinkstream.settings import Settings
 from state_store.connection import redis_from_settings
-from state_store.keys import WAKE_CHANNEL
 from tests.scaleout.common import streams_per_shard
 from tests.scaleout.servers import wait_for
 from workers.scheduling import Dispatcher, Scheduler

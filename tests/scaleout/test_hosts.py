@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from producer.publisher import Producer
-from sinkstream.localredis import RedisServer
-from state_store.keys import StreamKeys
+from sinkstream.cli.localredis import RedisServer
+from sinkstream.contracts.keys import StreamKeys
 from state_store.lease import LeaseManager
 from tests.pipeline.harness import (
     Worker,

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from producer.publisher import Producer
+from sinkstream.contracts.keys import StreamKeys
 from state_store.connection import redis_from_settings
-from state_store.keys import StreamKeys
 from tests.pipeline import harness
 from tests.pipeline.harness import WorkerPool, caught_up, settings_from_env, worker_env
 from tests.scaleout.common import (

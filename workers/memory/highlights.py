@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from workers.scheduling import entry_id_key
+from sinkstream.ids import entry_id_key
 
 if TYPE_CHECKING:  # chunks -> records -> highlights: only the annotation needs Turn
     from workers.memory.chunks import Turn

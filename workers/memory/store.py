@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from state_store.keys import StreamKeys
+from sinkstream.contracts.keys import StreamKeys
 from workers.memory.chunks import Turn, extend_chunks
 from workers.memory.embedder import Embedder
 from workers.memory.highlights import Moment

@@ -1,15 +1,16 @@
-"""Every Redis key sinkstream uses, in one place.
+"""Every Redis key sinkstream uses, in one place (the key schema: a contract).
 
 All keys of one stream carry the Redis Cluster hash tag ``{<id>}`` so that a stream's input,
 state, offsets and outputs live on one shard and can change together in one Lua script or
-MULTI/EXEC. Stream ids are validated before they are ever interpolated into a key: an id that
-could smuggle a ``}`` or ``:`` into another stream's keyspace is refused.
+MULTI/EXEC. Stream ids are validated (``sinkstream.ids``) before they are ever interpolated
+into a key.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+
+from sinkstream.ids import validate_stream_id
 
 PREFIX = "sinkstream"
 
@@ -22,30 +23,6 @@ DISPATCHER_LEADER = f"{PREFIX}:dispatcher"
 #: Pub/sub channel (not a key): producers PUBLISH a stream id after appending to it, so the
 #: leading dispatcher schedules that stream at once rather than at its next full pass.
 WAKE_CHANNEL = f"{PREFIX}:wake"
-
-MAX_STREAM_ID_LENGTH = 128
-_STREAM_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*")
-
-
-class InvalidStreamId(ValueError):
-    """A stream id outside ``[A-Za-z0-9][A-Za-z0-9._-]*`` or longer than 128 characters."""
-
-
-def validate_stream_id(stream_id: str) -> str:
-    """Return ``stream_id`` unchanged if it is safe to use in keys, else raise InvalidStreamId."""
-    if not isinstance(stream_id, str):
-        raise InvalidStreamId(f"stream id must be a string, got {type(stream_id).__name__}")
-    if not stream_id or len(stream_id) > MAX_STREAM_ID_LENGTH:
-        raise InvalidStreamId(
-            f"stream id must be 1..{MAX_STREAM_ID_LENGTH} characters, got {len(stream_id)}"
-        )
-    if not _STREAM_ID_RE.fullmatch(stream_id):
-        raise InvalidStreamId(
-            f"invalid stream id {stream_id!r}: use letters, digits, '.', '_' and '-', "
-            "starting with a letter or digit"
-        )
-    return stream_id
-
 
 @dataclass(frozen=True)
 class StreamKeys:

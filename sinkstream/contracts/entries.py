@@ -16,13 +16,9 @@ dead-letter stream, and the stream continues.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-
-import redis
-
-from state_store.keys import StreamKeys
 
 TEXT = "text"
 SPEAKER = "speaker"
@@ -60,10 +56,6 @@ class Rejected:
 ParsedEntry = InputEntry | Rejected
 
 
-def _as_str(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _decode_field(name: str, value: bytes | str) -> str:
     """Decode one field strictly; the error names the field and the byte offset."""
     if isinstance(value, str):
@@ -98,7 +90,7 @@ def parse_entry(
     ``max_text_bytes`` lets a worker refuse giant texts (text + speaker, both are fed to the
     model) written by clients that bypass the producer's splitting; ``None`` accepts any size.
     """
-    eid = _as_str(entry_id)
+    eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
     try:
         return _parse(eid, fields, max_text_bytes)
     except _Reject as exc:
@@ -154,33 +146,3 @@ def _parse_ts(value: bytes | str | None) -> float | None:
     if not math.isfinite(ts):
         raise _Reject(f"field 'ts' must be finite, got {text[:30]!r}")
     return ts
-
-
-def read_entries(
-    client: redis.Redis,
-    stream_id: str,
-    *,
-    start: str = "-",
-    end: str = "+",
-    count: int | None = None,
-    page_size: int = 1000,
-    max_text_bytes: int | None = None,
-) -> Iterator[ParsedEntry]:
-    """Yield the entries of ``stream_id``'s input stream in order, parsed, page by page.
-
-    ``start``/``end`` are inclusive XRANGE bounds (``"("`` prefix for exclusive). Works with
-    clients with or without ``decode_responses``.
-    """
-    key = StreamKeys.of(stream_id).input
-    remaining = count
-    lower = start
-    while remaining is None or remaining > 0:
-        size = page_size if remaining is None else min(page_size, remaining)
-        page: list[Any] = client.xrange(key, min=lower, max=end, count=size)  # type: ignore[assignment]
-        for entry_id, fields in page:
-            yield parse_entry(entry_id, fields, max_text_bytes=max_text_bytes)
-        if len(page) < size:
-            return
-        if remaining is not None:
-            remaining -= len(page)
-        lower = "(" + _as_str(page[-1][0])

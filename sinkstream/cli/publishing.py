@@ -1,180 +1,23 @@
-"""The ``sinkstream`` command line: one entry point for producers, workers and operators."""
+"""``sinkstream publish`` and ``sinkstream streams``: the producer side."""
 
 from __future__ import annotations
 
-import logging
-import os
-from pathlib import Path
 from typing import Annotated, Any
 
 import redis
 import typer
-from rich.console import Console
 from rich.markup import escape
 
-from sinkstream.settings import Settings, SettingsError, load_settings
-
-app = typer.Typer(
-    name="sinkstream",
-    help="Keep a language model listening to live text streams and summarizing them.\n\n"
-    "Settings come from SINKSTREAM_* environment variables and an optional TOML file "
-    "(--config or SINKSTREAM_CONFIG).",
-    no_args_is_help=True,
-    rich_markup_mode="rich",
-    pretty_exceptions_show_locals=False,
-)
-console = Console()
-err_console = Console(stderr=True)
-
-
-class _State:
-    config: Path | None = None
-    settings: Settings | None = None
-
-
-_state = _State()
-
-
-@app.callback()
-def _root(
-    config: Annotated[
-        Path | None,
-        typer.Option("--config", "-c", help="TOML settings file", envvar="SINKSTREAM_CONFIG"),
-    ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
-) -> None:
-    _state.config = config
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
-def settings(**overrides: object) -> Settings:
-    """Settings for this invocation; exits with a readable message when they are invalid."""
-    if _state.settings is None or overrides:
-        try:
-            loaded = load_settings(_state.config, **overrides)
-        except SettingsError as exc:
-            err_console.print(f"[red]{exc}[/red]")
-            raise typer.Exit(2) from None
-        if overrides:
-            return loaded
-        _state.settings = loaded
-    return _state.settings
-
-
-def fail(message: str, code: int = 1) -> typer.Exit:
-    """Print an actionable error and return the Exit to raise."""
-    err_console.print(f"[red]error:[/red] {message}")
-    return typer.Exit(code)
-
-
-# ----- sinkstream model ... ---------------------------------------------------------------
-
-model_app = typer.Typer(
-    help="Prepare and inspect the model (SINKSTREAM_MODEL; default: smollm2).",
-    no_args_is_help=True,
-)
-app.add_typer(model_app, name="model")
-
-_SPEC_HELP = (
-    "smollm2 | /path/to/hf-dir | /path/to/model.gguf | rwkv:/path/model.pth | "
-    "tiny-llama[:seed] | tiny-qwen2[:seed] | tiny-rwkv[:seed] | ORG/NAME (hub); "
-    "default: the model setting"
+from sinkstream.cli.common import (
+    connect_redis,
+    console,
+    err_console,
+    fail,
+    settings,
+    stream_keys,
 )
 
 
-def _model_error(exc: Exception) -> typer.Exit:
-    """Like ``fail`` but unwrapped and unformatted: model errors carry a list of valid specs."""
-    from rich.markup import escape
-
-    err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
-    return typer.Exit(1)
-
-
-@model_app.command("prepare")
-def model_prepare(
-    spec: Annotated[str | None, typer.Argument(help=_SPEC_HELP, show_default=False)] = None,
-) -> None:
-    """Convert and cache the model once (GGUF -> safetensors), so workers start in a second.
-
-    Idempotent: a second run finds the cache and says so.
-    """
-    from workers.engines.base import EngineError
-    from workers.engines.loading import prepare_model
-
-    cfg = settings()
-    text = spec if spec is not None else cfg.model
-    try:
-        prepared = prepare_model(text, cfg)
-    except EngineError as exc:
-        raise _model_error(exc) from None
-    where, took = prepared.directory, f"{prepared.seconds:.1f} s"
-    message = {
-        "converted": f"converted into {where} ({took})",
-        "cached": f"already cached in {where} ({took})",
-        "in-place": f"nothing to prepare: loads from {where} in place",
-        "written": f"tiny checkpoint ready at {where} ({took})",
-        "fetched": f"fetched {where} into the Hugging Face cache ({took})",
-        "seeded": "nothing to prepare: tiny models are built from their seed at load",
-    }.get(prepared.action, f"ready at {where} ({took})")
-    console.print(f"{text}: {message}", soft_wrap=True)
-    if prepared.action == "cached" and prepared.info.get("convert_seconds"):
-        console.print(f"  (the conversion took {prepared.info['convert_seconds']:.1f} s)")
-
-
-@model_app.command("info")
-def model_info(
-    spec: Annotated[str | None, typer.Argument(help=_SPEC_HELP, show_default=False)] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
-) -> None:
-    """Load the model and show its architecture, size, fingerprint and per-stream state bytes
-    at the current settings (sink_tokens, recent_tokens, dtype)."""
-    import json
-
-    from workers.engines.base import EngineError
-    from workers.engines.loading import describe_engine, load_engine
-
-    cfg = settings() if spec is None else settings(model=spec)
-    try:
-        engine = load_engine(cfg)
-    except EngineError as exc:
-        raise _model_error(exc) from None
-    info = describe_engine(engine, cfg)
-    if as_json:
-        console.print_json(json.dumps(info, default=str))
-        return
-    from rich.table import Table
-
-    table = Table(title=f"model {cfg.model}", show_header=False)
-    table.add_column("field", style="bold")
-    table.add_column("value", overflow="fold")
-    for key, value in info.items():
-        if isinstance(value, dict):
-            value = ", ".join(f"{k}={v}" for k, v in value.items())
-        elif isinstance(value, int) and not isinstance(value, bool):
-            value = f"{value:,}"
-        table.add_row(key, str(value))
-    console.print(table)
-
-
-# ----- sinkstream publish / streams (producer) --------------------------------------------
-
-
-def _connect_redis_or_fail(cfg: Settings) -> redis.Redis:
-    """A pinged client for the data Redis, or a clear message naming the URL and the fix."""
-    from state_store.connection import describe_redis_error, redis_from_settings
-
-    client = redis_from_settings(cfg, client_name="sinkstream-cli")
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        raise fail(escape(describe_redis_error(cfg.redis_url, exc))) from None
-    return client
-
-
-@app.command("publish")
 def publish_cmd(
     stream: Annotated[str, typer.Argument(help="stream id: letters, digits, '.', '_', '-'")],
     file: Annotated[str, typer.Argument(help="transcript file, or - for stdin")] = "-",
@@ -219,13 +62,9 @@ def publish_cmd(
     from producer.formats import FORMATS, InputFormatError, guess_format
     from producer.publisher import Producer, StreamFullError
     from state_store.connection import describe_redis_error
-    from state_store.keys import InvalidStreamId, StreamKeys
 
     cfg = settings()
-    try:
-        keys = StreamKeys.of(stream)
-    except InvalidStreamId as exc:
-        raise fail(escape(str(exc)), 2) from None
+    keys = stream_keys(stream)
     fmt = fmt or guess_format(file)
     if fmt not in FORMATS:
         raise fail(f"unknown --format {fmt!r}; use one of {', '.join(FORMATS)}", 2)
@@ -233,7 +72,7 @@ def publish_cmd(
         raise fail("--follow needs a FILE (not stdin) and cannot be combined with --realtime", 2)
     try:
         source = _publish_source(file, fmt, follow, speakers, idle_timeout)
-        client = _connect_redis_or_fail(cfg)
+        client = connect_redis(cfg)
         with Producer(client, settings=cfg) as producer:
             result = _publish_run(producer, keys.stream_id, source, realtime, speed, eos)
     except (InputFormatError, StreamFullError) as exc:
@@ -291,7 +130,6 @@ def _publish_run(
         )
 
 
-@app.command("streams")
 def streams_cmd(
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="most recent N")] = 100,
 ) -> None:
@@ -304,7 +142,7 @@ def streams_cmd(
     from state_store.connection import describe_redis_error
 
     cfg = settings()
-    client = _connect_redis_or_fail(cfg)
+    client = connect_redis(cfg)
     try:
         infos = list_streams(client, limit)
     except redis.RedisError as exc:
@@ -343,16 +181,3 @@ def _redacted(url: str) -> str:
     from state_store.connection import redact_url
 
     return redact_url(url)
-
-
-# worker, follow, summarize, ask, status and demo live in their own module
-from sinkstream import ops  # noqa: E402,F401
-
-
-def main() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app()
-
-
-if __name__ == "__main__":
-    main()
