@@ -55,7 +55,7 @@ def _engine_nll(engine: Any, ids: list[int]) -> np.ndarray:
     Uses the engine's chunk forward (the exact code path of ``feed``) and keeps each chunk's
     final hidden states, so scoring costs no second pass; logits via the engine's lm_head.
     """
-    from workers.engines.sinkkv import _Window
+    from workers.engines.sinkkv.state import _Window
 
     nll = np.full(len(ids), np.nan)
     window = _Window.of(engine.new_state())

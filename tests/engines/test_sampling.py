@@ -7,7 +7,7 @@ import torch
 
 from workers.engines.base import Sampling
 from workers.engines.sampling import penalized, pick_token
-from workers.summaries import ANSWER_SAMPLING, SUMMARY_SAMPLING
+from workers.processing.prompts import ANSWER_SAMPLING, SUMMARY_SAMPLING
 
 
 def _pick(logits: list[float], generated: list[int], sampling: Sampling, seed: int = 0) -> int:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tests.engines.test_sinkkv import make_engine, max_state_diff, stream
-from workers.engines.sinkkv import _RAGGED_ATTENTION, _Window
+from workers.engines.sinkkv.attention import _RAGGED_ATTENTION
+from workers.engines.sinkkv.state import _Window
 
 TOL = 1e-5
 

@@ -10,7 +10,7 @@ import torch
 from state_store.tensors import RawTensor, StateSnapshot
 from workers.engines.base import StateMismatchError
 from workers.engines.sinkkv import SinkKVEngine, SinkKVState
-from workers.engines.sinkkv_segments import assemble, plan
+from workers.engines.sinkkv.segments import assemble, plan
 from workers.engines.tiny import tiny_hf_model
 from workers.engines.tokenizers import ByteTokenizer
 
@@ -100,34 +100,51 @@ def test_recent_shorter_than_a_chunk_is_refused() -> None:
 
 def test_encoded_segments_round_trip_and_damage_is_refused_by_name() -> None:
     from state_store.codec import ForeignStateError, StateCorruptError, decode_state
-    from workers.engines.sinkkv_segments import decode, encode, is_segmented, supports
+    from workers.engines.sinkkv.segments import decode, encode, is_segmented, supports
 
     engine = _engine()
     assert supports(engine) and not supports(_engine(4, CHUNK - 1))
     state = engine.feed(engine.new_state(), list(range(7 * CHUNK + 3)))
-    header, update = encode(engine, state, [], "5-0")
-    assert sorted(update.write) == list(update.keep)
-    env = decode_state(header, stream_id="s")
+    first = encode(engine, state, [], "5-0")
+    assert sorted(first.write) == list(first.keep)
+    env = decode_state(first.header, stream_id="s")
     assert is_segmented(env) and env.last_entry_id == "5-0"
-    _equal(decode(engine, env, dict(update.write), stream_id="s"), state)
+    _equal(decode(engine, env, dict(first.write), stream_id="s"), state)
 
     # only segments not stored yet are encoded
     more = engine.feed(state, list(range(2 * CHUNK)))
-    header2, update2 = encode(engine, more, update.keep, "6-0")
-    assert set(update2.write) == set(update2.keep) - set(update.keep) and len(update2.write) == 2
-    stored = {g: update2.write.get(g) or update.write[g] for g in update2.keep}
-    _equal(decode(engine, decode_state(header2), stored), more)
+    second = encode(engine, more, first.keep, "6-0")
+    assert set(second.write) == set(second.keep) - set(first.keep) and len(second.write) == 2
+    stored = {g: second.write.get(g) or first.write[g] for g in second.keep}
+    _equal(decode(engine, decode_state(second.header), stored), more)
 
-    g = update2.keep[-1]
+    g = second.keep[-1]
     damaged = dict(stored)
     damaged[g] = stored[g][:-1] + bytes([stored[g][-1] ^ 1])
     with pytest.raises(StateCorruptError, match=rf"stream 's': segment {g}: state checksum"):
-        decode(engine, decode_state(header2), damaged, stream_id="s")
+        decode(engine, decode_state(second.header), damaged, stream_id="s")
     swapped = dict(stored)
-    swapped[g] = stored[update2.keep[-2]]
+    swapped[g] = stored[second.keep[-2]]
     with pytest.raises(StateMismatchError, match=rf"segment key {g} holds segment"):
-        decode(engine, decode_state(header2), swapped, stream_id="s")
+        decode(engine, decode_state(second.header), swapped, stream_id="s")
     other = _engine(4, 2 * CHUNK)  # same model, other window: its segments are foreign
-    _, foreign = encode(other, other.feed(other.new_state(), list(range(9 * CHUNK))), [], None)
+    foreign = encode(other, other.feed(other.new_state(), list(range(9 * CHUNK))), [], None)
     with pytest.raises(ForeignStateError, match="params.recent_tokens"):
-        decode(engine, decode_state(header2), {**stored, g: foreign.write[g]}, stream_id="s")
+        decode(engine, decode_state(second.header), {**stored, g: foreign.write[g]},
+               stream_id="s")
+
+
+def test_encoded_segments_are_plain_bytes() -> None:
+    """``encode`` returns store-neutral bytes: a frozen header, sorted ids and segment bytes."""
+    import dataclasses
+
+    from workers.engines.sinkkv.segments import EncodedSegments, encode, segment_ids
+
+    engine = _engine()
+    state = engine.feed(engine.new_state(), list(range(6 * CHUNK)))
+    enc = encode(engine, state, [0], None)
+    assert isinstance(enc, EncodedSegments) and isinstance(enc.header, bytes)
+    assert enc.keep == tuple(segment_ids(engine, 6 * CHUNK)) and 0 not in enc.write
+    assert all(isinstance(b, bytes) for b in enc.write.values())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        enc.header = b""  # type: ignore[misc]

@@ -3,8 +3,8 @@
 A sink-KV window holds stream tokens ``[0, S)`` (sinks) and ``[n - R, n)`` (recent), where n
 counts the tokens processed so far (a multiple of ``chunk_tokens``: pending tokens are not in
 the cache). Each cached token's key is stored exactly as the model produced it plus the slot
-it was rotated at (see :mod:`workers.engines.sinkkv`), so a token's K, V and slot never change
-once computed. That makes the window a set of immutable pieces:
+it was rotated at (see :mod:`workers.engines.sinkkv.rotary`), so a token's K, V and slot
+never change once computed. That makes the window a set of immutable pieces:
 
 * segment g holds the cached tokens with stream position in ``[g*C, (g+1)*C)`` (C =
   ``chunk_tokens``): per layer K and V ``[H_kv, n_g, D]``, their ``slots`` and stream
@@ -20,12 +20,13 @@ are proportional to the new tokens (plus the header), not to the window. :func:`
 rebuilds a state bit-identical to the one split (the engine re-rotates from stored slots as
 usual), so whole and segmented layouts continue a stream identically.
 
-This module is the engine side (it needs torch). The Redis side is ``state_store.store``: the
-header is stored where a whole state goes, each segment under its own key in the stream's hash
-tag, new ones staged before and evicted ones deleted in the same fenced commit
-(``SegmentUpdate``). Header and segments are each a codec envelope (own digest, engine,
-fingerprint, params). :func:`encode` and :func:`decode` are what ``workers/processor.py``
-calls; ``benchmarks/state_io.py`` measures the I/O through the real commit path.
+This module is the engine side (it needs torch) and knows nothing of Redis: :func:`encode`
+returns plain bytes (:class:`EncodedSegments`) and :func:`decode` takes them. The caller maps
+them onto the store (``state_store.store``): the header is stored where a whole state goes,
+each segment under its own key in the stream's hash tag, new ones staged before and evicted
+ones deleted in the same fenced commit. Header and segments are each a codec envelope (own
+digest, engine, fingerprint, params). ``workers/processor.py`` calls :func:`encode` and
+:func:`decode`; ``benchmarks/state_io.py`` measures the I/O through the real commit path.
 """
 
 from __future__ import annotations
@@ -45,13 +46,28 @@ from state_store.codec import (
     decode_state,
     encode_state,
 )
-from state_store.store import SegmentUpdate
 from state_store.tensors import DTYPE_SIZES, RawTensor, StateSnapshot
 from workers.engines.base import StateMismatchError
-from workers.engines.sinkkv import SinkKVEngine, SinkKVState
+from workers.engines.sinkkv.engine import SinkKVEngine
+from workers.engines.sinkkv.state import SinkKVState
+from workers.engines.sinkkv.window import SinkWindow
 from workers.engines.tensor_bytes import dtype_name, to_raw, torch_dtype
 
 LAYOUT = "sinkkv-segments/v1"
+
+
+@dataclass(frozen=True)
+class EncodedSegments:
+    """The bytes one commit of a segmented state writes, free of any store type.
+
+    ``header``: the encoded header envelope (stored where a whole state would go);
+    ``keep``: every segment id of the new window, sorted (stored ones outside it are deleted);
+    ``write``: the encoded envelope of each segment in ``keep`` not stored yet.
+    """
+
+    header: bytes
+    keep: tuple[int, ...]
+    write: dict[int, bytes]
 
 
 @dataclass(frozen=True)
@@ -85,12 +101,8 @@ class _Geometry:
         return cls(engine.window.sink, engine.window.recent, engine.chunk_tokens)
 
     def positions(self, processed: int) -> torch.Tensor:
-        if processed <= self.sink + self.recent:
-            return torch.arange(processed, dtype=torch.long)
-        return torch.cat([
-            torch.arange(self.sink, dtype=torch.long),
-            torch.arange(processed - self.recent, processed, dtype=torch.long),
-        ])
+        """Stream position of every cache index: int64 ``[L]`` (``SinkWindow.positions``)."""
+        return SinkWindow(self.sink, self.recent).positions(processed)
 
     def segment_ids(self, processed: int) -> list[int]:
         pos = self.positions(processed)
@@ -202,6 +214,41 @@ def join(header: StateSnapshot, segments: Mapping[int, StateSnapshot]) -> StateS
     an engine: the window geometry comes from the header. Raises StateMismatchError when the
     segments do not cover the window exactly; ``import_state`` checks the rest."""
     sc = header.scalars
+    geo, layers, kv, processed = _header_window(sc, segments)
+    names = {"pos", "slots"} | {
+        f"{kind}.{layer}" for kind in ("keys", "values") for layer in range(layers)
+    }
+    parts: dict[str, list[torch.Tensor]] = {}
+    for g in geo.segment_ids(processed):
+        for name, part in _kept_parts(g, segments[g], names, geo, processed).items():
+            parts.setdefault(name, []).append(part)
+    got = torch.cat(parts["pos"]) if parts else torch.zeros(0, dtype=torch.long)
+    if not torch.equal(got, geo.positions(processed)):
+        raise StateMismatchError("segments do not cover the window exactly")
+    try:
+        tensors = {
+            name: _raw_view(torch.cat(ts, dim=1 if "." in name else 0))
+            for name, ts in parts.items()
+        }
+    except RuntimeError as exc:  # segments of different shapes or dtypes
+        raise StateMismatchError(f"segments do not fit together: {exc}") from None
+    tensors.pop("pos", None)
+    if not parts:  # an empty stream: no segments at all
+        heads, dim, dtype = kv
+        empty = RawTensor(dtype, (heads, 0, dim), b"")  # [H_kv, 0, D]
+        tensors = {"slots": RawTensor("int64", (0,), b"")}
+        tensors |= {f"{kind}.{layer}": empty for kind in ("keys", "values")
+                    for layer in range(layers)}
+    tensors["last_hidden"] = header.tensors["last_hidden"]
+    scalars = {k: v for k, v in sc.items() if k not in ("layout", "segments", "kv")}
+    return StateSnapshot(tensors=tensors, scalars=scalars)
+
+
+def _header_window(
+    sc: Mapping[str, object], segments: Mapping[int, StateSnapshot]
+) -> tuple[_Geometry, int, tuple[int, int, str], int]:
+    """Geometry, layer count, K/V geometry and tokens processed of a segmented header, checked
+    against the segment ids at hand: exactly the ones its window needs."""
     if sc.get("layout") != LAYOUT:
         raise StateMismatchError(f"state layout {sc.get('layout')!r}, expected {LAYOUT!r}")
     geo, layers, kv = _header_geometry(sc)
@@ -218,53 +265,35 @@ def join(header: StateSnapshot, segments: Mapping[int, StateSnapshot]) -> StateS
             f"segmented state lists segments {sc.get('segments')!r} and holds "
             f"{sorted(segments)}; its window needs {want}"
         )
-    kept_pos = geo.positions(processed)
-    names = {"pos", "slots"} | {
-        f"{kind}.{layer}" for kind in ("keys", "values") for layer in range(layers)
-    }
-    parts: dict[str, list[torch.Tensor]] = {}
-    for g in want:
-        seg = segments[g]
-        if set(seg.tensors) != names:
-            raise StateMismatchError(
-                f"segment {g} holds tensors {sorted(seg.tensors)[:4]}..., not this model's"
-            )
-        pos = _view(seg.tensors["pos"]).to(torch.long)
-        if pos.dim() != 1:
-            raise StateMismatchError(f"segment {g}: positions are not a vector")
-        # the window is [0, S) and [processed - R, processed): a comparison, not a set lookup
-        kept = (pos < geo.sink) | (pos >= processed - geo.recent)
-        index = torch.nonzero(kept & (pos < processed)).flatten()
-        lo, n = (int(index[0]), index.numel()) if index.numel() else (0, 0)
-        contiguous = n == 0 or int(index[-1]) - lo + 1 == n
-        for name, raw in seg.tensors.items():
-            t = _view(raw)
-            dim = 1 if name.startswith(("keys.", "values.")) else 0
-            if t.dim() <= dim or t.shape[dim] != pos.shape[0]:
-                raise StateMismatchError(f"segment {g}: tensor {name} has shape {raw.shape}")
-            # kept tokens of a segment are almost always one run: a view, no gather
-            part = t.narrow(dim, lo, n) if contiguous else t.index_select(dim, index)
-            parts.setdefault(name, []).append(part)
-    got = torch.cat(parts["pos"]) if parts else torch.zeros(0, dtype=torch.long)
-    if not torch.equal(got, kept_pos):
-        raise StateMismatchError("segments do not cover the window exactly")
-    try:
-        tensors = {
-            name: _raw_view(torch.cat(ts, dim=1 if "." in name else 0))
-            for name, ts in parts.items()
-        }
-    except RuntimeError as exc:  # segments of different shapes or dtypes
-        raise StateMismatchError(f"segments do not fit together: {exc}") from None
-    tensors.pop("pos", None)
-    if not parts:  # an empty stream: no segments at all
-        heads, dim, dtype = kv
-        empty = RawTensor(dtype, (heads, 0, dim), b"")
-        tensors = {"slots": RawTensor("int64", (0,), b"")}
-        tensors |= {f"{kind}.{layer}": empty for kind in ("keys", "values")
-                    for layer in range(layers)}
-    tensors["last_hidden"] = header.tensors["last_hidden"]
-    scalars = {k: v for k, v in sc.items() if k not in ("layout", "segments", "kv")}
-    return StateSnapshot(tensors=tensors, scalars=scalars)
+    return geo, layers, kv, processed
+
+
+def _kept_parts(
+    g: int, seg: StateSnapshot, names: set[str], geo: _Geometry, processed: int
+) -> dict[str, torch.Tensor]:
+    """Segment ``g``'s tensors cut to the tokens the window still keeps (views where the kept
+    tokens are one run): K/V ``[H_kv, k, D]``, ``slots`` and ``pos`` ``[k]``."""
+    if set(seg.tensors) != names:
+        raise StateMismatchError(
+            f"segment {g} holds tensors {sorted(seg.tensors)[:4]}..., not this model's"
+        )
+    pos = _view(seg.tensors["pos"]).to(torch.long)  # [n_g]
+    if pos.dim() != 1:
+        raise StateMismatchError(f"segment {g}: positions are not a vector")
+    # the window is [0, S) and [processed - R, processed): a comparison, not a set lookup
+    kept = (pos < geo.sink) | (pos >= processed - geo.recent)
+    index = torch.nonzero(kept & (pos < processed)).flatten()  # [k]
+    lo, n = (int(index[0]), index.numel()) if index.numel() else (0, 0)
+    contiguous = n == 0 or int(index[-1]) - lo + 1 == n
+    parts: dict[str, torch.Tensor] = {}
+    for name, raw in seg.tensors.items():
+        t = _view(raw)
+        dim = 1 if name.startswith(("keys.", "values.")) else 0
+        if t.dim() <= dim or t.shape[dim] != pos.shape[0]:
+            raise StateMismatchError(f"segment {g}: tensor {name} has shape {raw.shape}")
+        # kept tokens of a segment are almost always one run: a view, no gather
+        parts[name] = t.narrow(dim, lo, n) if contiguous else t.index_select(dim, index)
+    return parts
 
 
 def _header_geometry(sc: Mapping[str, object]) -> tuple[_Geometry, int, tuple[int, int, str]]:
@@ -321,9 +350,9 @@ def encode(
     last_entry_id: str | None,
     *,
     max_bytes: int | None = None,
-) -> tuple[bytes, SegmentUpdate]:
-    """The header bytes and the segment update that turn stored segments ``stored`` into
-    ``state``: only segments not stored yet are encoded (the bytes a commit writes)."""
+) -> EncodedSegments:
+    """The header bytes and the segments that turn stored segments ``stored`` into ``state``:
+    only segments not stored yet are encoded (the bytes a commit writes)."""
     if max_bytes is not None and engine.state_nbytes(state) > max_bytes:
         raise StateTooLargeError(
             f"state is {engine.state_nbytes(state)} bytes of tensors, limit is {max_bytes}"
@@ -335,7 +364,7 @@ def encode(
         g: encode_state(_wrap(engine, seg, state.tokens_seen, None), max_bytes=max_bytes)
         for g, seg in p.write.items()
     }
-    return header, SegmentUpdate(keep=p.keep, write=write)
+    return EncodedSegments(header=header, keep=tuple(p.keep), write=write)
 
 
 def decode(
