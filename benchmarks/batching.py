@@ -94,8 +94,8 @@ def _worker_level(engine: Any, spec: str, streams: int, turns: int, reps: int) -
     from benchmarks.common import qmsum_text
     from producer.publisher import Producer
     from sinkstream.cli.localredis import RedisServer
-    from workers.multistream import MultiStreamProcessor
-    from workers.processor import StreamProcessor
+    from workers.processing.multistream import MultiStreamProcessor
+    from workers.processing.processor import StreamProcessor
 
     settings = bench_settings(
         sink_tokens=4, recent_tokens=1020, chunk_tokens=CHUNK, summary_every_tokens=0,

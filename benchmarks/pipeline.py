@@ -153,7 +153,7 @@ def _meetings() -> Iterator[list[tuple[str, str | None]]]:
 
 def _backlog(streams: int, budget: int) -> list[list[tuple[str, str | None]]]:
     """``streams`` lists of turns, each about ``budget`` formatted UTF-8 bytes."""
-    from workers.summaries import format_turn
+    from workers.processing.prompts import format_turn
 
     out = []
     meetings = _meetings()
@@ -254,7 +254,7 @@ def _read_streams(client: Any, sids: list[str], engine: Any, settings: Any) -> t
     worker's batches. Returns the streams and the seconds spent tokenizing."""
     from sinkstream.contracts.entries import Rejected, parse_entry
     from sinkstream.contracts.keys import StreamKeys
-    from workers.processor import turn_tokens
+    from workers.processing.batches import turn_tokens
 
     limit, budget = settings.max_batch_entries, settings.max_batch_tokens
     out = []
@@ -358,9 +358,9 @@ def _measure(case: Case, root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     from producer.publisher import Producer
     from sinkstream.cli.localredis import RedisServer, free_port
     from sinkstream.contracts.keys import StreamKeys
-    from workers.app import QUEUE, create_app
+    from workers.app import create_app
     from workers.engines.loading import load_engine
-    from workers.scheduling import Scheduler
+    from workers.scheduling.scheduler import Scheduler
 
     threads = _threads()
     workdir = Path(tempfile.mkdtemp(prefix="pipebench-", dir=root))
@@ -417,7 +417,7 @@ def _measure(case: Case, root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
                 state = engine.feed(state, batch)
         celery_app = create_app(settings)
         scheduler.enqueue = lambda sid: celery_app.send_task(
-            "sinkstream.process_stream", args=[sid], queue=QUEUE)
+            "sinkstream.process_stream", args=[sid], queue=settings.broker_queue)
 
         def pipeline(group: list[_Stream]) -> tuple[float, float, int, bool]:
             """Lift the group's gates, schedule like the dispatcher, wait for the commits.

@@ -243,7 +243,7 @@ class Features:
     @classmethod
     def detect(cls) -> Features:
         from sinkstream.settings import Settings
-        from workers.processor import StreamProcessor
+        from workers.processing.processor import StreamProcessor
 
         fields = Settings.model_fields
         return cls(summary_memory="summary_memory" in fields,
@@ -346,7 +346,7 @@ class Harness:
         return self._engines[key]
 
     def processor(self, settings: Any) -> Any:
-        from workers.processor import StreamProcessor
+        from workers.processing.processor import StreamProcessor
 
         return StreamProcessor(self.engine(settings), self.client, settings, "qmsum-bench")
 
@@ -409,7 +409,7 @@ def _answer(processor: Any, sid: str, question: str, features: Features) -> tupl
         entry = processor.answer(sid, question)
         return entry.text, len(getattr(entry, "sources", None) or [])
     from sinkstream.contracts.outputs import SummaryKind
-    from workers.summaries import answer_instruction
+    from workers.processing.prompts import answer_instruction
 
     state, covers = processor.committed_state(sid)
     entry = processor.summarize(state, SummaryKind.ANSWER, covers or "",
@@ -429,7 +429,7 @@ def retrieval_recall(processor: Any, sid: str, question: str,
     the relevant turns left the window (the window holds them: nothing to retrieve).
     """
     from workers.memory import retrieve
-    from workers.memory.store import read_chunks
+    from workers.memory.persistence import read_chunks
 
     state, _ = processor.committed_state(sid)
     chunks = retrieve.evicted(read_chunks(processor.client, sid), state.tokens_seen,
@@ -476,7 +476,7 @@ def _progress(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
 
 
 def _count_tokens(engine: Any, meeting: Meeting) -> int:
-    from workers.summaries import format_turn
+    from workers.processing.prompts import format_turn
 
     return len(engine.stream_prefix()) + sum(
         len(engine.tokenizer.encode(format_turn(t, s))) for t, s in meeting.turns)

@@ -471,7 +471,7 @@ def _fill_rounds(engine: Any, texts: Iterator[tuple[str, str]], sample: int = 20
     fell behind once the streams had grown (lag rising from mid-phase on). Past the window a
     stream costs the same per entry for ever, which is the regime a deployment runs in."""
     from sinkstream.contracts.entries import InputEntry
-    from workers.processor import turn_tokens
+    from workers.processing.batches import turn_tokens
 
     window = engine.window_tokens() or 0
     lengths = [len(turn_tokens(engine, InputEntry(id="0-0", text=t, speaker=s)))
@@ -561,7 +561,7 @@ def _expected_tokens(engine: Any, entries: list[list[str]], prefix: bool = True)
     """Tokens each stream's state must have seen: its prefix (at stream start) + every
     entry, tokenized as the worker does."""
     from sinkstream.contracts.entries import InputEntry
-    from workers.processor import turn_tokens
+    from workers.processing.batches import turn_tokens
 
     start = len(engine.stream_prefix()) if prefix else 0
     out: dict[str, int] = {}
@@ -573,7 +573,7 @@ def _expected_tokens(engine: Any, entries: list[list[str]], prefix: bool = True)
 
 def _memory_chunks(client: Any, sids: list[str]) -> dict[str, int]:
     """Closed retrieval memory chunks per stream (the warm-up streams should have some)."""
-    from workers.memory.store import read_chunks
+    from workers.memory.persistence import read_chunks
 
     return {sid: len(read_chunks(client, sid)) for sid in sids}
 

@@ -173,7 +173,7 @@ def _commit_redis_cpu(client: Any, reps: int) -> dict[str, float]:
     """Redis CPU milliseconds per commit for each state size on one server (INFO cpu
     delta): what bounds a shard's commit bandwidth, apart from the network."""
     from state_store.lease import LeaseManager
-    from state_store.store import StateStore
+    from state_store.store import CommitRequest, StateStore
 
     store, leases = StateStore(client), LeaseManager(client)
     out: dict[str, float] = {}
@@ -182,10 +182,10 @@ def _commit_redis_cpu(client: Any, reps: int) -> dict[str, float]:
         payload = os.urandom(size)
         lease = leases.acquire(sid, "bench", 600)
         assert lease is not None
-        store.commit(sid, lease.token, 0, payload, "1-0")
+        store.commit(CommitRequest(sid, lease.token, 0, "1-0", state=payload))
         before = _redis_cpu_s(client)
         for i in range(1, reps + 1):
-            store.commit(sid, lease.token, i, payload, f"{i + 1}-0")
+            store.commit(CommitRequest(sid, lease.token, i, f"{i + 1}-0", state=payload))
         out[label] = (_redis_cpu_s(client) - before) / reps * 1000
         leases.release(lease)
         for key in list(client.scan_iter(match=f"sinkstream:{{{sid}}}:*")):
@@ -196,7 +196,7 @@ def _commit_redis_cpu(client: Any, reps: int) -> dict[str, float]:
 def _commit_rtt(client: Any, reps: int, wait_replicas: int = 0) -> dict[str, float]:
     """Median milliseconds of StateStore.commit for each state size (lease held)."""
     from state_store.lease import LeaseManager
-    from state_store.store import StateStore
+    from state_store.store import CommitRequest, StateStore
 
     store = StateStore(client, wait_replicas=wait_replicas, wait_timeout_ms=5000)
     leases = LeaseManager(client)
@@ -209,7 +209,7 @@ def _commit_rtt(client: Any, reps: int, wait_replicas: int = 0) -> dict[str, flo
         times = []
         for i in range(reps + 1):
             t0 = time.perf_counter()
-            result = store.commit(sid, lease.token, i, payload, f"{i + 1}-0")
+            result = store.commit(CommitRequest(sid, lease.token, i, f"{i + 1}-0", state=payload))
             if i:  # the first one also loads the script: not counted
                 times.append((time.perf_counter() - t0) * 1000)
             if wait_replicas:
@@ -225,7 +225,8 @@ def _poll_cost(server: Any, n_streams: int) -> dict[str, float]:
     """One dispatcher pass over ``n_streams`` idle registered streams: client wall ms and
     Redis CPU ms (INFO cpu), median of 3."""
     from sinkstream.contracts.keys import STREAMS_REGISTRY, StreamKeys
-    from workers.scheduling import Dispatcher, Scheduler
+    from workers.scheduling.dispatcher import Dispatcher
+    from workers.scheduling.scheduler import Scheduler
 
     client = server.client()
     client.flushall()

@@ -10,7 +10,7 @@ hot cache does (``StateStore.head`` + ``load``: hash and segments in one round t
 
 * ``whole``: the state encoded as one envelope (``state_store.codec``), stored in
   ``state_chunk_bytes`` (4 MiB) chunks, the previous version's chunks deleted;
-* ``segments``: ``state_layout = "segments"`` (``workers/engines/sinkkv_segments.py``): the
+* ``segments``: ``state_layout = "segments"`` (``workers/engines/sinkkv/segments.py``): the
   header (envelope with the segment list) plus only the segments not stored yet; the
   evicted ones are deleted by the same commit.
 
@@ -60,18 +60,22 @@ class _Layout:
     def commit(self, state: Any, entry: str) -> tuple[int, float]:
         """Encode + commit; returns (encoded bytes written, seconds)."""
         from state_store.codec import StateEnvelope, encode_state
-        from workers.engines import sinkkv_segments
+        from state_store.store import CommitRequest, SegmentUpdate
+        from workers.engines.sinkkv import segments as sinkkv_segments
 
         started = time.perf_counter()
+        update: SegmentUpdate | None
         if self.name == "segments":
-            payload, update = sinkkv_segments.encode(self.engine, state, self.segments, entry)
+            encoded = sinkkv_segments.encode(self.engine, state, self.segments, entry)
+            payload = encoded.header
+            update = SegmentUpdate(keep=encoded.keep, write=encoded.write)
         else:
             e = self.engine
             payload, update = encode_state(StateEnvelope(
                 e.kind, e.fingerprint, e.params, state.tokens_seen, entry,
                 e.export_state(state))), None
-        result = self.store.commit(self.sid, self.lease.token, self.version, payload, entry,
-                                   segments=update)
+        result = self.store.commit(CommitRequest(self.sid, self.lease.token, self.version, entry,
+                                                 state=payload, segments=update))
         elapsed = time.perf_counter() - started
         self.version = result.version
         self.segments = list(update.keep) if update is not None else []
@@ -80,7 +84,7 @@ class _Layout:
     def load(self) -> tuple[Any, float]:
         """Head + load + decode, as a worker whose hot cache missed."""
         from state_store.codec import decode_state
-        from workers.engines import sinkkv_segments
+        from workers.engines.sinkkv import segments as sinkkv_segments
 
         started = time.perf_counter()
         stored = self.store.load(self.sid, self.store.head(self.sid))

@@ -26,9 +26,8 @@ import redis
 
 from sinkstream.contracts.keys import STREAMS_REGISTRY, StreamKeys
 from sinkstream.ids import InvalidStreamId, entry_id_ms, validate_stream_id
-from state_store.connection import run_script_each
 from state_store.replies import as_text
-from state_store.scripts import STREAM_LAG
+from state_store.scripts import STREAM_LAG, run_script_each
 
 #: Upper bounds (seconds) of the per-stream oldest-unapplied-age histogram.
 AGE_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0)

@@ -68,6 +68,13 @@ HOT_CACHE_LIMIT = Gauge("sinkstream_hot_cache_limit_bytes",
 RSS_GROWTH = Gauge("sinkstream_worker_rss_growth_bytes",
                    "Peak resident memory growth over the worker's ready baseline, since the "
                    "previous check (about once a second)")
+MEMORY_VECTORS = Counter("sinkstream_memory_vectors_total",
+                         "Retrieval chunks embedded after the commit that closed them")
+MEMORY_VECTOR_SECONDS = Histogram("sinkstream_memory_vector_seconds",
+                                  "Time to read, embed and store one batch of chunks",
+                                  buckets=LATENCY_BUCKETS)
+MEMORY_VECTORS_PENDING = Gauge("sinkstream_memory_vectors_pending",
+                               "Committed chunks this worker has yet to embed")
 LEASES_TAKEN_OVER = Counter("sinkstream_leases_taken_over_total",
                             "Streams taken over from a worker whose lease expired")
 STALE_COMMITS = Counter("sinkstream_stale_commits_refused_total",
@@ -186,12 +193,12 @@ def init_worker(engine: str, model: str, device: str = "cpu", dtype: str = "") -
 def _init_fixed_labels() -> None:
     for outcome in BATCH_STATUSES:
         BATCHES.labels(outcome=outcome)
-    for reason in STALE_REASONS:
-        STALE_COMMITS.labels(reason=reason)
+    for stale in STALE_REASONS:
+        STALE_COMMITS.labels(reason=stale)
     for reason in DEAD_LETTER_REASONS:
         DEAD_LETTERS.labels(reason=reason)
-    for reason in FAILURE_REASONS:
-        STREAM_FAILURES.labels(reason=reason)
+    for failure in FAILURE_REASONS:
+        STREAM_FAILURES.labels(reason=failure)
 
 
 def _version() -> str:

@@ -9,11 +9,10 @@ not reconnect in lock step, and logs one WARNING per attempt, never a flood.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
@@ -85,30 +84,6 @@ def redis_from_settings(
 def is_cluster(client: Any) -> bool:
     """True for a :class:`redis.cluster.RedisCluster` (what a ``redis+cluster://`` URL gives)."""
     return isinstance(client, RedisCluster)
-
-
-def run_script_each(
-    client: redis.Redis, script: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
-) -> list[Any]:
-    """Run ``script`` once per ``(keys, args)`` in ``calls``, pipelined in one round trip
-    (per node on a cluster); the replies in order, a failed call's error as its reply.
-
-    Raw EVALSHA, because redis-py's cluster pipeline refuses Script objects and ``.evalsha()``
-    but routes a raw EVALSHA by its first key. A server that lacks the script (first use, a
-    restart, a promoted replica) answers NOSCRIPT, which means nothing ran: the script is loaded
-    (on every primary of a cluster) and the pipeline sent once more."""
-    sha = hashlib.sha1(script.encode()).hexdigest()
-    replies: list[Any] = []
-    for attempt in range(2):
-        pipe = client.pipeline(transaction=False)
-        for keys, args in calls:
-            pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
-        replies = pipe.execute(raise_on_error=False)
-        if attempt == 0 and any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
-            client.script_load(script)
-            continue
-        break
-    return replies
 
 
 def _cluster_client(target: RedisTarget, kwargs: dict[str, Any], retries: int) -> RedisCluster:

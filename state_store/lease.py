@@ -68,10 +68,10 @@ class LeaseManager:
     def acquire(self, stream_id: str, worker_id: str, ttl_s: float) -> Lease | None:
         """Take the stream if nobody holds it; None if another lease is live."""
         keys = StreamKeys.of(stream_id)
-        _check_worker_id(worker_id)
+        check_worker_id(worker_id)
         started = time.monotonic()
         reply = self._acquire(keys=[keys.lease, keys.fence, keys.meta],
-                              args=[worker_id, _ttl_ms(ttl_s)])
+                              args=[worker_id, ttl_ms(ttl_s)])
         if int(reply[0]) != 1:
             return None
         return Lease(
@@ -87,7 +87,7 @@ class LeaseManager:
         """Extend the lease by its ttl if it is still ours; False if it was lost."""
         started = time.monotonic()
         ok = self._renew(keys=[StreamKeys.of(lease.stream_id).lease],
-                         args=[lease.value, _ttl_ms(lease.ttl_s)])
+                         args=[lease.value, ttl_ms(lease.ttl_s)])
         if int(ok) == 1:
             lease.valid_until = started + lease.ttl_s
             return True
@@ -175,12 +175,12 @@ class LeaseKeeper:
                     return
 
 
-def _ttl_ms(ttl_s: float) -> int:
+def ttl_ms(ttl_s: float) -> int:
     if ttl_s <= 0:
         raise ValueError("lease ttl must be positive")
     return max(1, int(ttl_s * 1000))
 
 
-def _check_worker_id(worker_id: str) -> None:
+def check_worker_id(worker_id: str) -> None:
     if not worker_id or not worker_id.isprintable() or len(worker_id) > 256:
         raise ValueError(f"worker id must be 1..256 printable characters, got {worker_id!r}")

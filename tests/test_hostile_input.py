@@ -31,8 +31,8 @@ from tests.chaos.common import Reference, all_caught_up, chaos_env, log_lines, w
 from tests.chaos.scenarios import stream_burst
 from tests.pipeline.harness import ROOT, Worker, WorkerPool, settings_from_env, wait_until
 from tests.pipeline.harness import worker_env as harness_env
-from workers.app import QUEUE, create_app
-from workers.processor import DEAD_LETTER_FIELD_BYTES, DEAD_LETTER_MAX_FIELDS
+from workers.app import create_app
+from workers.processing.dead_letters import DEAD_LETTER_FIELD_BYTES, DEAD_LETTER_MAX_FIELDS
 
 MB = 1 << 20
 SEED = 7
@@ -173,8 +173,9 @@ def test_wrong_type_input_key_parks_only_that_stream(site: Site) -> None:
     wait_until(lambda: all_caught_up(site.client, ["next-to-wrongtype"]), 60,
                "a stream next to a wrong-type key", site.pool.logs)
     # the dispatcher skips it; a task sent for it anyway parks that stream with a reason
-    create_app(site.reference.settings).send_task("sinkstream.process_stream",
-                                                  args=["wrongtype"], queue=QUEUE)
+    settings = site.reference.settings
+    create_app(settings).send_task("sinkstream.process_stream", args=["wrongtype"],
+                                   queue=settings.broker_queue)
     wait_until(lambda: site.client.hget(StreamKeys.of("wrongtype").meta, "status") == b"failed",
                60, "the wrong-type stream to be marked failed", site.pool.logs)
     reason = site.client.hget(StreamKeys.of("wrongtype").meta, "failure_reason")

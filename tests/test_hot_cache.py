@@ -1,4 +1,4 @@
-from workers.hot_cache import HotStateCache
+from workers.processing.hot_cache import HotStateCache
 
 
 def test_hit_only_on_the_same_version() -> None:

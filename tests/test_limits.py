@@ -16,7 +16,8 @@ from sinkstream.contracts.entries import InputEntry
 from sinkstream.contracts.keys import StreamKeys
 from sinkstream.settings import Settings
 from workers.engines.base import Engine
-from workers.processor import StreamProcessor, entry_tokens
+from workers.processing.batches import entry_tokens
+from workers.processing.processor import StreamProcessor
 
 BASE: dict[str, Any] = {
     "model": "tiny-llama", "recent_tokens": 48, "sink_tokens": 4, "chunk_tokens": 16,
@@ -125,16 +126,16 @@ def test_failed_lease_release_is_retried_next_time(
     proc = _processor(engine, redis_server, lease_seconds=60)
     client = redis_server.client()
     client.xadd(StreamKeys.of("release").input, {"text": "one"})
-    real = proc.leases.release
+    real = proc.claims.release
     calls: list[str] = []
 
-    def flaky(lease: Any) -> bool:
+    def flaky(lease: Any, *args: Any) -> bool:
         calls.append(lease.stream_id)
         if len(calls) == 1:
             raise redis.ConnectionError("Connection reset by peer")
-        return real(lease)
+        return real(lease, *args)
 
-    monkeypatch.setattr(proc.leases, "release", flaky)
+    monkeypatch.setattr(proc.claims, "release", flaky)
     assert proc.process("release").status == "applied"  # the error did not escape
     assert proc.leases.holder("release") is not None      # still leased (60 s)...
     client.xadd(StreamKeys.of("release").input, {"text": "two"})

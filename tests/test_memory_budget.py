@@ -6,8 +6,8 @@ import platform
 
 import pytest
 
-from workers.hot_cache import HotStateCache
 from workers.memory_budget import RssBudget, peak_rss_since_reset, reset_peak_rss
+from workers.processing.hot_cache import HotStateCache
 
 MiB = 1 << 20
 

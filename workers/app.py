@@ -1,11 +1,17 @@
-"""The Celery application: ``celery -A workers.app worker`` works; ``sinkstream worker`` wraps it.
+"""The Celery application, built by a factory: ``create_app(settings)``.
+
+``celery -A workers.app worker`` still works: Celery looks up ``workers.app.app``, which is
+built on first access from the process's settings (``SINKSTREAM_*``, the config file), never
+at import, so importing this module (tests, the CLI's ``--help``) reads no settings and
+connects nowhere. ``sinkstream worker`` is that with the right command-line defaults.
 
 Choices that matter for correctness, not taste:
 
 * JSON only (``accept_content``): a Celery message can never carry a pickle.
 * ``task_acks_late`` + prefetch 1: a task is acknowledged after it ran, and a worker holds at
   most one unstarted task, so a busy stream cannot hoard work and a killed worker loses at most
-  the one task it was running (the sweeper re-schedules it; leases + fencing make re-runs safe).
+  the one task it was running (the dispatcher re-schedules it; leases + fencing make re-runs
+  safe).
 * ``visibility_timeout`` far longer than any task, so the Redis broker does not redeliver a task
   that is still running; redelivery that does happen is harmless (see the fencing commit).
 * The model is loaded lazily in the process that runs tasks: nothing touches CUDA before a fork.
@@ -18,11 +24,13 @@ Choices that matter for correctness, not taste:
 from __future__ import annotations
 
 import ssl
+import threading
 from typing import Any
 
 from celery import Celery
 
 from sinkstream.settings import Settings, load_settings
+from workers import tasks
 
 #: Seconds the Redis broker waits before redelivering an unacknowledged task.
 VISIBILITY_TIMEOUT_S = 4 * 3600
@@ -69,8 +77,9 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
 
 
 def create_app(settings: Settings) -> Celery:
+    """A Celery app for ``settings``, with sinkstream's tasks registered on it."""
     broker = settings.effective_broker_url
-    app = Celery("sinkstream", broker=broker, include=["workers.tasks"])
+    app = Celery("sinkstream", broker=broker)
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -96,10 +105,25 @@ def create_app(settings: Settings) -> Celery:
     ssl_options = _ssl_options(settings, broker)
     if ssl_options:
         app.conf.broker_use_ssl = ssl_options
+    tasks.register(app, settings.broker_queue)
     return app
 
 
-_settings = load_settings()
-#: The queue tasks are sent to and workers consume (setting ``broker_queue``).
-QUEUE = _settings.broker_queue
-app = create_app(_settings)
+_default: Celery | None = None
+_lock = threading.Lock()
+
+
+def default_app() -> Celery:
+    """This process's app, from its settings, built once on first use."""
+    global _default
+    with _lock:
+        if _default is None:
+            _default = create_app(load_settings())
+        return _default
+
+
+def __getattr__(name: str) -> Any:
+    """``workers.app.app``: what ``celery -A workers.app`` looks up, built on first access."""
+    if name == "app":
+        return default_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

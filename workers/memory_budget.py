@@ -29,7 +29,7 @@ from typing import Any
 
 import psutil
 
-from workers.hot_cache import HotStateCache
+from workers.processing.hot_cache import HotStateCache
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,11 @@ import redis
 from sinkstream.settings import Settings, load_settings
 from state_store.connection import redis_from_settings
 from workers.engines.base import Engine
-from workers.processor import StreamProcessor
-from workers.scheduling import Enqueue, Scheduler
+from workers.heap import HeapTrimmer
+from workers.memory_budget import RssBudget
+from workers.processing.multistream import MultiStreamProcessor
+from workers.processing.processor import StreamProcessor
+from workers.scheduling.scheduler import Enqueue, Scheduler
 
 
 def worker_id() -> str:
@@ -51,8 +54,27 @@ class Runtime:
         return StreamProcessor(self.engine, self.client, self.settings, worker_id())
 
     @cached_property
+    def multistream(self) -> MultiStreamProcessor:
+        """Cross-stream batching (``batch_streams`` > 1) around ``processor``."""
+        return MultiStreamProcessor(self.processor, self.settings.batch_streams,
+                                    self.settings.batch_tokens)
+
+    @cached_property
     def scheduler(self) -> Scheduler:
         return Scheduler(self.client, self.enqueue, self.settings.schedule_ttl_seconds)
+
+    @cached_property
+    def heap_trimmer(self) -> HeapTrimmer:
+        return HeapTrimmer(self.settings.heap_trim_seconds)
+
+    @cached_property
+    def memory_budget(self) -> RssBudget | None:
+        """The process's RSS budget (``hot_cache_bounds_rss``, CPU workers: on a GPU the cache
+        holds device memory, which RSS does not show), made on first use: a forked pool child
+        takes its baseline after its first task."""
+        if not (self.settings.hot_cache_bounds_rss and self.settings.device == "cpu"):
+            return None
+        return RssBudget(self.processor.cache, self.settings.hot_cache_bytes)
 
 
 _runtime: Runtime | None = None

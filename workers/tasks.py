@@ -1,4 +1,9 @@
-"""Celery tasks: thin wrappers that hand one stream's batch to the StreamProcessor."""
+"""Celery tasks and worker signals: thin wrappers around the process's ``Runtime``.
+
+``register`` binds the tasks to an app (``workers.app.create_app`` calls it), under fixed
+names other processes send by name (``PROCESS_STREAM``, ``SUMMARIZE``), so nothing here
+needs an app at import time.
+"""
 
 from __future__ import annotations
 
@@ -7,66 +12,73 @@ import logging
 import time
 from typing import Any
 
-from celery import signals
+from celery import Celery, signals
 from kombu.exceptions import ChannelError
 
 from monitoring import metrics
 from monitoring.metrics import start_metrics_server
+from sinkstream.contracts.keys import StreamKeys
 from state_store.connection import TRANSIENT_ERRORS
-from workers.app import QUEUE, app
-from workers.heap import HeapTrimmer
-from workers.memory_budget import RssBudget
-from workers.multistream import MultiStreamProcessor, companion_holder
-from workers.processor import Outcome
+from workers.processing.multistream import companion_holder
+from workers.processing.outcome import Outcome
 from workers.runtime import Runtime, get_runtime
-from workers.scheduling import Dispatcher
+from workers.scheduling.dispatcher import Dispatcher
 
 log = logging.getLogger(__name__)
 
-
+#: the task names, as producers of tasks send them (``app.send_task``)
+PROCESS_STREAM = "sinkstream.process_stream"
+SUMMARIZE = "sinkstream.summarize"
 #: At most one WARNING per this many seconds about Redis being down (the rest at DEBUG).
 _REDIS_DOWN_LOG_INTERVAL_S = 30.0
+#: a task whose stream is held as a companion comes back after this long
+_COMPANION_RETRY_S = 0.2
+#: output streams are capped (approximately) at this many entries
+_OUTPUT_MAXLEN = 10_000
+
+_app: Celery | None = None
+_queue = "sinkstream"
 _redis_down_logged = 0.0
+_dispatcher: Dispatcher | None = None
 
 
-def _warn_redis_down(stream_id: str, exc: BaseException) -> None:
-    global _redis_down_logged
-    now = time.monotonic()
-    if now - _redis_down_logged >= _REDIS_DOWN_LOG_INTERVAL_S:
-        _redis_down_logged = now
-        log.warning("stream %s: Redis unavailable mid-batch (%s: %s); nothing committed, "
-                    "re-scheduled once Redis is back", stream_id, type(exc).__name__, exc)
-    else:
-        log.debug("stream %s: Redis unavailable mid-batch (%s)", stream_id, exc)
+def register(app: Celery, queue: str) -> None:
+    """Register the tasks on ``app``; tasks this process enqueues go to ``queue``."""
+    global _app, _queue
+    _app, _queue = app, queue
+    app.task(name=PROCESS_STREAM, ignore_result=True)(process_stream)
+    app.task(name=SUMMARIZE, ignore_result=True)(summarize)
 
 
-def enqueue(stream_id: str) -> None:
-    process_stream.apply_async(args=[stream_id], queue=QUEUE)
+def enqueue(stream_id: str, countdown: float | None = None) -> None:
+    """Send a ``process_stream`` task for ``stream_id`` on this process's app."""
+    if _app is None:
+        raise RuntimeError("workers.tasks.register(app, queue) has not been called")
+    _app.send_task(PROCESS_STREAM, args=[stream_id], queue=_queue, countdown=countdown)
 
 
 def runtime() -> Runtime:
     return get_runtime(enqueue)
 
 
-@app.task(name="sinkstream.process_stream", ignore_result=True)
 def process_stream(stream_id: str) -> dict[str, Any]:
     """Apply the next batch of one stream, then continue or hand the stream back."""
     rt = runtime()
     try:
-        rt.scheduler.refresh(stream_id)
+        # the claim refreshed the stream's scheduled flag; its release settled it
         outcome = _process(rt, stream_id)
         _log_outcome(stream_id, outcome)
         if outcome.status == "busy" and companion_holder(rt.processor.leases.holder(stream_id)):
             # held for one batched round as another task's companion: that holder does not
             # continue the stream, so this task comes back shortly (the flag stays set)
-            rt.scheduler.refresh(stream_id)
-            process_stream.apply_async(args=[stream_id], queue=QUEUE,
-                                       countdown=_COMPANION_RETRY_S)
+            enqueue(stream_id, countdown=_COMPANION_RETRY_S)
         elif outcome.status == "busy":
             # another worker holds the lease and continues the stream itself
             rt.scheduler.after_busy(stream_id)
-        else:
-            rt.scheduler.after_batch(stream_id, outcome.more and outcome.status == "applied")
+        elif outcome.reschedule:
+            # input is left (the next batch waits its turn at the back of the queue), or
+            # arrived while the batch ran
+            enqueue(stream_id)
     except TRANSIENT_ERRORS as exc:
         # Redis went away mid-batch: nothing was committed (or the commit landed and its reply
         # was lost; the state says which). Hand the stream to the dispatcher, which re-enqueues
@@ -77,22 +89,13 @@ def process_stream(stream_id: str) -> dict[str, Any]:
     return {"status": outcome.status, "entries": outcome.entries, "tokens": outcome.tokens}
 
 
-#: a task whose stream is held as a companion comes back after this long
-_COMPANION_RETRY_S = 0.2
-_multistream: MultiStreamProcessor | None = None
-
-
 def _process(rt: Runtime, stream_id: str) -> Outcome:
     """The task's batches: of ``stream_id`` alone, or (``batch_streams`` > 1) together with
-    companions claimed by ``workers/multistream.py``; returns ``stream_id``'s outcome.
+    companions claimed by ``workers/processing/multistream.py``; ``stream_id``'s outcome.
     Companions keep their own scheduling (their queued tasks or the dispatcher)."""
     if rt.settings.batch_streams <= 1:
         return rt.processor.process(stream_id, rt.settings.batch_time_slice_seconds)
-    global _multistream
-    if _multistream is None:
-        _multistream = MultiStreamProcessor(rt.processor, rt.settings.batch_streams,
-                                            rt.settings.batch_tokens)
-    outcomes = _multistream.process(stream_id, rt.settings.batch_time_slice_seconds)
+    outcomes = rt.multistream.process(stream_id, rt.settings.batch_time_slice_seconds)
     for companion in outcomes[1:]:
         _log_outcome(companion.stream_id, companion)
     return outcomes[0]
@@ -107,7 +110,17 @@ def _log_outcome(stream_id: str, outcome: Outcome) -> None:
         log.warning("stream %s: %s %s", stream_id, outcome.status, outcome.reason)
 
 
-@app.task(name="sinkstream.summarize", ignore_result=True)
+def _warn_redis_down(stream_id: str, exc: BaseException) -> None:
+    global _redis_down_logged
+    now = time.monotonic()
+    if now - _redis_down_logged >= _REDIS_DOWN_LOG_INTERVAL_S:
+        _redis_down_logged = now
+        log.warning("stream %s: Redis unavailable mid-batch (%s: %s); nothing committed, "
+                    "re-scheduled once Redis is back", stream_id, type(exc).__name__, exc)
+    else:
+        log.debug("stream %s: Redis unavailable mid-batch (%s)", stream_id, exc)
+
+
 def summarize(stream_id: str, request: str, question: str = "") -> None:
     """On-demand summary or answer from the committed state, appended to the output stream.
 
@@ -118,16 +131,9 @@ def summarize(stream_id: str, request: str, question: str = "") -> None:
         entry = rt.processor.answer(stream_id, question, request=request)
     else:
         entry = rt.processor.summary_now(stream_id, request=request)
-    from sinkstream.contracts.keys import StreamKeys
-
     fields: Any = entry.fields()
-    rt.client.xadd(StreamKeys.of(stream_id).output, fields, maxlen=10_000,
+    rt.client.xadd(StreamKeys.of(stream_id).output, fields, maxlen=_OUTPUT_MAXLEN,
                    approximate=True)
-
-
-_dispatcher: Dispatcher | None = None
-_trimmer: HeapTrimmer | None = None
-_budget: RssBudget | None = None
 
 
 @signals.task_postrun.connect
@@ -136,29 +142,12 @@ def _after_task(**_: Any) -> None:
     hot cache to what the worker's RSS growth leaves of the budget
     (``workers/memory_budget.py``), in the process that ran the task."""
     rt = runtime()
-    _heap_trimmer(rt).maybe_trim()
-    budget = _memory_budget(rt)
+    rt.heap_trimmer.maybe_trim()
+    budget = rt.memory_budget
     if budget is not None and budget.maybe_check():
         metrics.HOT_CACHE_LIMIT.set(budget.cache.limit_bytes)
         metrics.HOT_CACHE_BYTES.set(budget.cache.nbytes)
         metrics.RSS_GROWTH.set(budget.growth)
-
-
-def _heap_trimmer(rt: Runtime) -> HeapTrimmer:
-    global _trimmer
-    if _trimmer is None:
-        _trimmer = HeapTrimmer(rt.settings.heap_trim_seconds)
-    return _trimmer
-
-
-def _memory_budget(rt: Runtime) -> RssBudget | None:
-    """The process's RSS budget (``hot_cache_bounds_rss``, CPU workers: on a GPU the cache
-    holds device memory, which RSS does not show), made on first use: a forked pool child
-    takes its baseline after its first task."""
-    global _budget
-    if _budget is None and rt.settings.hot_cache_bounds_rss and rt.settings.device == "cpu":
-        _budget = RssBudget(rt.processor.cache, rt.settings.hot_cache_bytes)
-    return _budget
 
 
 @signals.worker_ready.connect
@@ -181,9 +170,9 @@ def _start_background(sender: Any = None, **_: Any) -> None:
             # the collector's sight, a full collection no longer walks them mid-batch
             gc.collect()
             gc.freeze()
-            budget = _memory_budget(rt)
+            budget = rt.memory_budget
             if budget is not None:
-                _heap_trimmer(rt).maybe_trim()  # start-up garbage goes before the baseline
+                rt.heap_trimmer.maybe_trim()  # start-up garbage goes before the baseline
                 budget.start()
         # only now: an answering /metrics means "ready" (the demo and probes rely on it)
         start_metrics_server(rt.settings.metrics_host, rt.settings.metrics_port)
@@ -199,9 +188,9 @@ def _start_background(sender: Any = None, **_: Any) -> None:
 
 def _warm_up_embedder(rt: Runtime) -> None:
     """Load the retrieval embedding model now (``retrieval = "embedding"``), not when the
-    first memory chunk of some stream closes: that load (1-2 s for MiniLM) would stall that
-    batch, and every stream waiting behind it, mid-stream. A failure is logged; the batch
-    that needs the model then loads it (or falls back to BM25) as before."""
+    first memory chunk of some stream closes: that load (1-2 s for MiniLM) would stall the
+    vectorizer's first batch, or the first question. A failure is logged; whoever needs the
+    model then loads it (or falls back to BM25) as before."""
     if rt.settings.retrieval != "embedding":
         return
     try:
@@ -216,10 +205,12 @@ def _warm_up_embedder(rt: Runtime) -> None:
 def _queue_backlog() -> int:
     """Messages waiting in the task queue (any broker); 0 when the queue does not exist yet
     (the Redis transport has no queue while its list is empty)."""
+    if _app is None:
+        return 0
     try:
-        with app.pool.acquire(block=True) as conn:
+        with _app.pool.acquire(block=True) as conn:
             try:
-                return int(conn.default_channel.queue_declare(queue=QUEUE, passive=True)
+                return int(conn.default_channel.queue_declare(queue=_queue, passive=True)
                            .message_count)
             except ChannelError:  # the Redis transport: an empty queue has no list key
                 return 0

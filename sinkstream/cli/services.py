@@ -21,13 +21,13 @@ def worker_cmd(
     SINKSTREAM_METRICS_HOST:SINKSTREAM_METRICS_PORT. Ctrl-C / SIGTERM finish the batch in
     flight (it commits or is dropped whole) and stop.
     """
-    settings()  # fail early, with a readable message, on invalid settings
-    from workers.app import QUEUE
-    from workers.tasks import app as celery_app
+    cfg = settings()  # fail early, with a readable message, on invalid settings
+    from workers.app import create_app
 
     node = name or f"sinkstream-{os.getpid()}@%h"
-    celery_app.worker_main([
-        "worker", "--pool=solo", "--concurrency=1", "--prefetch-multiplier=1", "-Q", QUEUE,
+    create_app(cfg).worker_main([
+        "worker", "--pool=solo", "--concurrency=1", "--prefetch-multiplier=1",
+        "-Q", cfg.broker_queue,
         f"--loglevel={loglevel}", "-n", node, "--without-gossip", "--without-mingle",
         "--without-heartbeat",
     ])

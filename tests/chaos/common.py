@@ -43,8 +43,8 @@ from sinkstream.settings import Settings
 from state_store.store import StateStore
 from tests.pipeline.harness import ROOT, Worker, WorkerPool, settings_from_env, wait_until
 from workers.engines.base import Engine
-from workers.engines.sinkkv_segments import whole_snapshot
-from workers.processor import entry_tokens
+from workers.engines.sinkkv.segments import whole_snapshot
+from workers.processing.batches import entry_tokens
 
 DEFAULT_SEED = 20261123
 _TAG = re.compile(r"\[(?P<tag>[a-z0-9.-]+#\d+)\]")

@@ -27,7 +27,7 @@ from tests.chaos.common import (
     wait_ready,
 )
 from tests.pipeline.harness import WorkerPool, meta, wait_until, worker_env
-from workers.app import QUEUE, create_app
+from workers.app import create_app
 
 DUPLICATES = 6
 
@@ -55,7 +55,7 @@ def test_duplicate_task_delivery_applies_nothing_twice(
         task_id = str(uuid.uuid4())
         for i in range(DUPLICATES):
             # the same message again and again (a redelivery), and fresh tasks in between
-            app.send_task("sinkstream.process_stream", args=[stream], queue=QUEUE,
+            app.send_task("sinkstream.process_stream", args=[stream], queue=settings.broker_queue,
                           task_id=task_id if i % 2 == 0 else None)
         wait_until(lambda: all_caught_up(client, [stream]), 120, "the stream to catch up",
                    pool.logs)

@@ -16,7 +16,8 @@ from sinkstream.contracts.keys import STREAMS_REGISTRY, StreamKeys
 from sinkstream.settings import Settings
 from state_store.connection import redis_from_settings
 from state_store.lease import LeaseManager
-from workers.scheduling import Dispatcher, Scheduler
+from workers.scheduling.dispatcher import Dispatcher
+from workers.scheduling.scheduler import Scheduler
 
 
 def _scheduler(client: redis.Redis, ttl_s: float = 60.0) -> tuple[Scheduler, list[str]]:
@@ -84,10 +85,10 @@ def test_process_stream_task_survives_redis_being_down(monkeypatch: pytest.Monke
     rt = runtime_module.Runtime(settings, lambda sid: None)
     monkeypatch.setattr(tasks, "runtime", lambda: rt)
     monkeypatch.setattr(tasks, "_redis_down_logged", 0.0)
-    result = tasks.process_stream.run("down")
+    result = tasks.process_stream("down")
     assert result["status"] == "retry"
     assert rt.scheduler._retry == {"down"}
-    assert tasks.process_stream.run("down")["status"] == "retry"  # logged once, at DEBUG now
+    assert tasks.process_stream("down")["status"] == "retry"  # logged once, at DEBUG now
 
 
 def test_dispatcher_backs_off_and_logs_once_while_redis_is_down(

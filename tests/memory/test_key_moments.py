@@ -10,15 +10,15 @@ from producer.publisher import Producer
 from sinkstream.cli.localredis import RedisServer
 from sinkstream.contracts.outputs import SummaryKind
 from workers.engines.base import Engine
-from workers.memory.chunks import Turn
 from workers.memory.highlights import MOMENT_WORDS, Moment, fold, score
+from workers.memory.lines import TranscriptLine
+from workers.memory.persistence import read_head
 from workers.memory.records import MemoryHead, decode_moments, encode_moments
-from workers.memory.store import read_head
 
 from .test_processor_memory import _drain, _meeting, _processor, engine  # noqa: F401
 
 
-def _turns(n: int, seed: int = 0) -> list[Turn]:
+def _turns(n: int, seed: int = 0) -> list[TranscriptLine]:
     rnd = random.Random(seed)
     words = "budget remote control battery design euro profit marketing deadline screen".split()
     turns = []
@@ -26,7 +26,7 @@ def _turns(n: int, seed: int = 0) -> list[Turn]:
         text = " ".join(rnd.choice(words + ["yeah", "okay"]) for _ in range(rnd.randrange(1, 12)))
         speaker = rnd.choice(["Ana", "Ben", None])
         line = f"{speaker}: {text}\n" if speaker else f"{text}\n"
-        turns.append(Turn(f"{1000 + i}-0", line, speaker, float(i), i * 10, i * 10 + 10))
+        turns.append(TranscriptLine(f"{1000 + i}-0", line, speaker, float(i), i * 10, i * 10 + 10))
     return turns
 
 
@@ -53,7 +53,7 @@ def test_fold_does_not_depend_on_how_the_stream_was_batched() -> None:
 
 def test_moments_keep_the_speaker_apart_and_cut_long_turns() -> None:
     long = " ".join(f"word{i:03d}" for i in range(100))
-    (moment,) = fold([], [Turn("5-1", f"Ana: {long}\n", "Ana", None, 0, 100)], keep=3)
+    (moment,) = fold([], [TranscriptLine("5-1", f"Ana: {long}\n", "Ana", None, 0, 100)], keep=3)
     assert moment.speaker == "Ana" and not moment.text.startswith("Ana:")
     assert moment.text.endswith(" ...") and len(moment.text.split()) == MOMENT_WORDS + 1
     assert moment.line().startswith("- Ana: word000") and moment.line().endswith("(5-1)")
@@ -163,5 +163,5 @@ def test_moments_read_as_clean_verbatim() -> None:
 
     raw = "um so um in the {vocalsound} stages of the design , uh-huh , umbrella {disfmarker} first"
     assert clean(raw) == "so in the stages of the design, umbrella first"
-    (moment,) = fold([], [Turn("1-0", f"Ana: {raw}\n", "Ana", None, 0, 20)], keep=1)
+    (moment,) = fold([], [TranscriptLine("1-0", f"Ana: {raw}\n", "Ana", None, 0, 20)], keep=1)
     assert "{" not in moment.text and " um " not in f" {moment.text} "

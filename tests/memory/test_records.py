@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from workers.memory.chunks import Turn, extend_chunks
+from workers.memory.chunks import extend_chunks
+from workers.memory.lines import TranscriptLine
+from workers.memory.persistence import plan_write
 from workers.memory.records import (
     FIRST_FIELD,
     HEAD_FIELDS,
@@ -17,12 +19,11 @@ from workers.memory.records import (
     SummaryMemory,
     chunk_field,
 )
-from workers.memory.store import plan_write
 
 
-def _turns(n: int, tokens: int = 10) -> list[Turn]:
-    return [Turn(f"100-{i}", f"S{i % 3}: line {i}\n", f"S{i % 3}", 5.0 * i, 7 + i * tokens,
-                 7 + (i + 1) * tokens) for i in range(n)]
+def _turns(n: int, tokens: int = 10) -> list[TranscriptLine]:
+    return [TranscriptLine(f"100-{i}", f"S{i % 3}: line {i}\n", f"S{i % 3}", 5.0 * i,
+                           7 + i * tokens, 7 + (i + 1) * tokens) for i in range(n)]
 
 
 def _apply(head: MemoryHead, write_set: dict, write_delete: list, fields: dict) -> MemoryHead:
@@ -62,7 +63,7 @@ def test_chunk_boundaries_do_not_depend_on_batching(cuts: list[int]) -> None:
 
 
 def test_empty_turns_never_open_a_chunk() -> None:
-    eos = Turn("100-9", "", None, None, 50, 50)
+    eos = TranscriptLine("100-9", "", None, None, 50, 50)
     assert extend_chunks(None, [eos], 10) == ([], None)
 
 
@@ -84,8 +85,12 @@ def test_plan_write_bounds_storage_and_deletes_the_oldest() -> None:
     turns = _turns(40)
     for start in range(0, 40, 4):
         write = plan_write(head, turns[start:start + 4], chunk_tokens=10, max_chunks=5,
-                           embedder=None, summary=None)
+                           summary=None)
         assert not set(write.set) & set(write.delete)
+        # a trimmed chunk goes with its embedding (written beside it after the commit)
+        trimmed = [k for k in write.delete if k.startswith("chunk:")]
+        assert {k for k in write.delete if k.startswith("vec:")} == {
+            "vec:" + k.removeprefix("chunk:") for k in trimmed}
         head = _apply(head, write.set, write.delete, fields)
     chunks = sorted(k for k in fields if k.startswith("chunk:"))
     assert chunks == [chunk_field(s) for s in range(35, 40)]
@@ -95,9 +100,10 @@ def test_plan_write_bounds_storage_and_deletes_the_oldest() -> None:
 
 def test_plan_write_of_one_batch_larger_than_the_bound() -> None:
     write = plan_write(MemoryHead(), _turns(9), chunk_tokens=10, max_chunks=3,
-                       embedder=None, summary=SummaryMemory("s", "100-8", 97))
+                           summary=SummaryMemory("s", "100-8", 97))
     assert sorted(k for k in write.set if k.startswith("chunk:")) == [
         chunk_field(6), chunk_field(7), chunk_field(8)]
+    assert write.closed == [6, 7, 8]  # what the vectorizer embeds after the commit
     assert write.delete == []  # never stored, so never deleted
     assert write.set[FIRST_FIELD] == 6 and write.set[NEXT_FIELD] == 9
     assert SummaryMemory.decode(write.set[SUMMARY_FIELD]).covers == "100-8"
@@ -105,5 +111,5 @@ def test_plan_write_of_one_batch_larger_than_the_bound() -> None:
 
 def test_retrieval_off_keeps_only_the_summary() -> None:
     write = plan_write(MemoryHead(), _turns(9), chunk_tokens=None, max_chunks=3,
-                       embedder=None, summary=SummaryMemory("s", "100-8", 97))
+                           summary=SummaryMemory("s", "100-8", 97))
     assert list(write.set) == [SUMMARY_FIELD] and write.delete == []

@@ -22,7 +22,7 @@ from monitoring.lag import LagReader
 from sinkstream.cli.localredis import RedisServer, free_port
 from sinkstream.contracts.keys import STREAMS_REGISTRY, StreamKeys
 from state_store.lease import LeaseManager
-from state_store.store import StateStore
+from state_store.store import CommitRequest, StateStore
 from tests.pipeline.harness import ROOT
 
 
@@ -48,8 +48,9 @@ def _commit(client: redis.Redis, stream: str, last_id: str, trim: bool = False,
     leases = LeaseManager(client)
     lease = leases.acquire(stream, "test-worker", 5)
     assert lease is not None
-    StateStore(client).commit(stream, lease.token, StateStore(client).version(stream), payload,
-                              last_id, trim_input=trim)
+    store = StateStore(client)
+    store.commit(CommitRequest(stream, lease.token, store.version(stream), last_id, state=payload,
+                               trim_input=trim))
     leases.release(lease)
 
 

@@ -32,7 +32,7 @@ from producer.publisher import Producer
 from sinkstream.cli.localredis import RedisServer, free_port
 from sinkstream.contracts.keys import StreamKeys
 from state_store.lease import LeaseManager
-from state_store.store import StateStore
+from state_store.store import CommitRequest, StateStore
 from tests.pipeline.harness import (
     ROOT,
     WorkerPool,
@@ -137,7 +137,8 @@ def _publish(client: redis.Redis, env: dict[str, str]) -> None:
     # corrupt state: the worker marks the stream failed (a failure series)
     lease = LeaseManager(client).acquire("broken", "vandal", 5)
     assert lease is not None
-    StateStore(client).commit("broken", lease.token, 0, b"SNKSTATE but not really a state", "0-1")
+    StateStore(client).commit(CommitRequest("broken", lease.token, 0, "0-1",
+                                            state=b"SNKSTATE but not really a state"))
     LeaseManager(client).release(lease)
     producer.publish_many("broken", [("hello", "A", None)])
     # a "lost task": the scheduled flag never expires, so nobody picks the stream up -> lag

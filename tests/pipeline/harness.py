@@ -26,8 +26,8 @@ from sinkstream.contracts.keys import StreamKeys
 from sinkstream.settings import Settings
 from state_store.store import StateStore
 from workers.engines.loading import load_engine
-from workers.engines.sinkkv_segments import whole_snapshot
-from workers.processor import entry_tokens
+from workers.engines.sinkkv.segments import whole_snapshot
+from workers.processing.batches import entry_tokens
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -21,7 +21,8 @@ from sinkstream.contracts.keys import DISPATCHER_LEADER, STREAMS_REGISTRY, WAKE_
 from sinkstream.settings import Settings
 from state_store.connection import redis_from_settings
 from tests.pipeline.harness import WorkerPool, caught_up, wait_until, worker_env
-from workers.scheduling import Dispatcher, Scheduler
+from workers.scheduling.dispatcher import Dispatcher
+from workers.scheduling.scheduler import Scheduler
 
 
 class Enqueued:

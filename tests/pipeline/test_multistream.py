@@ -35,10 +35,11 @@ from tests.pipeline.harness import (
 )
 from workers.engines.base import Engine, EngineState
 from workers.engines.loading import load_engine
-from workers.engines.sinkkv_segments import whole_snapshot
+from workers.engines.sinkkv.segments import whole_snapshot
 from workers.engines.tensor_bytes import from_raw
-from workers.multistream import COMPANION_SUFFIX, MultiStreamProcessor, companion_holder
-from workers.processor import StreamProcessor, entry_tokens
+from workers.processing.batches import entry_tokens
+from workers.processing.multistream import COMPANION_SUFFIX, MultiStreamProcessor, companion_holder
+from workers.processing.processor import StreamProcessor
 
 TOL = 1e-5
 #: stream -> (first turn, number of turns) of the QMSum meeting: uneven lengths and offsets

@@ -18,7 +18,7 @@ from producer.publisher import Producer
 from sinkstream.cli.localredis import RedisServer
 from sinkstream.contracts.keys import StreamKeys
 from state_store.lease import LeaseManager
-from state_store.store import StateStore
+from state_store.store import CommitRequest, StateStore
 from tests.pipeline.harness import (
     ROOT,
     WorkerPool,
@@ -145,7 +145,8 @@ def test_corrupt_state_and_malformed_entries_do_not_stop_other_streams(
     store = StateStore(client)
     lease = LeaseManager(client).acquire("broken", "vandal", 5)
     assert lease is not None
-    store.commit("broken", lease.token, 0, b"SNKSTATE but not really a state", "0-1")
+    store.commit(CommitRequest("broken", lease.token, 0, "0-1",
+                               state=b"SNKSTATE but not really a state"))
     LeaseManager(client).release(lease)
     producer = Producer(client, settings=settings_from_env(pool.env))
     producer.publish_many("broken", [("hello", "A", None)])

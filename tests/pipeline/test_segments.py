@@ -32,11 +32,12 @@ from tests.pipeline.harness import (
     wait_until,
     worker_env,
 )
-from workers.engines import sinkkv_segments
 from workers.engines.loading import load_engine
 from workers.engines.sinkkv import SinkKVEngine, SinkKVState
-from workers.hot_cache import HotStateCache
-from workers.processor import StreamProcessor, entry_tokens
+from workers.engines.sinkkv import segments as sinkkv_segments
+from workers.processing.batches import entry_tokens
+from workers.processing.hot_cache import HotStateCache
+from workers.processing.processor import StreamProcessor
 
 PROBE = [72, 105, 33, 10, 65]
 #: retrieval memory embeds every batch's text: off here, these tests are about the state

@@ -29,7 +29,7 @@ from sinkstream.contracts.keys import STREAMS_REGISTRY, StreamKeys
 from sinkstream.settings import Settings
 from state_store.connection import is_cluster, redis_from_settings
 from state_store.lease import LeaseManager
-from state_store.store import StaleCommitError, StateStore
+from state_store.store import CommitRequest, StaleCommitError, StateStore
 from tests.pipeline import harness
 from tests.pipeline import test_pipeline as pipeline_tests
 from tests.pipeline.harness import WorkerPool, caught_up, settings_from_env, worker_env
@@ -44,7 +44,8 @@ from tests.scaleout.common import (
     version,
 )
 from tests.scaleout.servers import wait_for
-from workers.scheduling import Dispatcher, Scheduler
+from workers.scheduling.dispatcher import Dispatcher
+from workers.scheduling.scheduler import Scheduler
 
 
 @dataclass
@@ -110,12 +111,14 @@ def test_every_script_and_transaction_stays_in_one_slot(
         entries = client.xrange(StreamKeys.of(sid).input)
         last = entries[-1][0].decode()
         big = os.urandom(10_000)  # chunked: chunk keys carry the hash tag too
-        store.commit(sid, lease.token, 0, big, last, outputs=[{"kind": "rolling", "text": "x"}],
-                     dead_letters=[{"reason": "test"}], summary={"text": "x"}, trim_input=True,
-                     extra_fields={"tokens_seen": 3}, meta_fields={"worker": "w1"})
+        store.commit(CommitRequest(
+            sid, lease.token, 0, last, state=big, outputs=[{"kind": "rolling", "text": "x"}],
+            dead_letters=[{"reason": "test"}], summary={"text": "x"}, trim_input=True,
+            state_fields={"tokens_seen": 3}, meta_fields={"worker": "w1"}))
         with pytest.raises(StaleCommitError):
-            store.commit(sid, lease.token + 1, 1, b"late", last)
-        store.commit(sid, lease.token, 1, b"small inline state", last)  # replaces the chunks
+            store.commit(CommitRequest(sid, lease.token + 1, 1, last, state=b"late"))
+        # replaces the chunks
+        store.commit(CommitRequest(sid, lease.token, 1, last, state=b"small inline state"))
         assert store.load(sid).data == b"small inline state"  # type: ignore[union-attr]
         assert store.cleanup_orphans(sid, min_age_s=0) == 0
         assert leases.release(lease)
@@ -124,7 +127,7 @@ def test_every_script_and_transaction_stays_in_one_slot(
     waiting = StateStore(client, wait_replicas=1, wait_timeout_ms=2000)
     lease = leases.acquire(streams[1], "w2", 5)
     assert lease is not None
-    result = waiting.commit(streams[1], lease.token, 2, b"replicated", None)
+    result = waiting.commit(CommitRequest(streams[1], lease.token, 2, None, state=b"replicated"))
     assert result.replicas == 1, "WAIT must run on the connection that ran the commit"
     leases.release(lease)
     snapshot = LagReader(client).read()  # pipelined per-stream scripts, after a NOSCRIPT too

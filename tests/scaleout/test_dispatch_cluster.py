@@ -15,7 +15,8 @@ from sinkstream.settings import Settings
 from state_store.connection import redis_from_settings
 from tests.scaleout.common import streams_per_shard
 from tests.scaleout.servers import wait_for
-from workers.scheduling import Dispatcher, Scheduler
+from workers.scheduling.dispatcher import Dispatcher
+from workers.scheduling.scheduler import Scheduler
 
 
 def _settings(cluster: LocalCluster) -> Settings:

@@ -520,7 +520,7 @@ class RWKVEngine(Engine[RWKVState]):
         CUDA kernels, DeepEmbed) use the package forward, so solo feeding stays bit-identical
         to the package and replays of a stream fed alone are unchanged. A stream fed batched
         and replayed alone after a crash matches only to that rounding, which is why workers
-        batch streams only when ``batch_streams`` > 1 (``workers/multistream.py``).
+        batch streams only when ``batch_streams`` > 1 (``workers/processing/multistream.py``).
         """
         if len(states) != len(token_lists):
             raise ValueError(f"{len(states)} states but {len(token_lists)} token lists")

@@ -8,28 +8,14 @@ batch replayed after a crash, by any worker, closes the same chunks with the sam
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
+from workers.memory.lines import TranscriptLine
 from workers.memory.records import OpenChunk
 
 
-@dataclass(frozen=True)
-class Turn:
-    """One applied entry as memory sees it: the line the model read and where it sits.
-
-    ``start``/``end`` are token positions in the stream (end exclusive).
-    """
-
-    entry_id: str
-    line: str
-    speaker: str | None
-    ts: float | None
-    start: int
-    end: int
-
-
 def extend_chunks(
-    open_chunk: OpenChunk | None, turns: Sequence[Turn], chunk_tokens: int
+    open_chunk: OpenChunk | None, turns: Sequence[TranscriptLine], chunk_tokens: int
 ) -> tuple[list[OpenChunk], OpenChunk | None]:
     """Add ``turns`` to the open chunk; return the chunks that closed and the new open one."""
     closed: list[OpenChunk] = []
@@ -44,7 +30,7 @@ def extend_chunks(
     return closed, current
 
 
-def _append(chunk: OpenChunk | None, turn: Turn) -> OpenChunk:
+def _append(chunk: OpenChunk | None, turn: TranscriptLine) -> OpenChunk:
     speakers: tuple[str, ...] = (turn.speaker,) if turn.speaker else ()
     ts = (turn.ts, turn.ts) if turn.ts is not None else None
     if chunk is None:

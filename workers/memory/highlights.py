@@ -14,12 +14,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from sinkstream.ids import entry_id_key
-
-if TYPE_CHECKING:  # chunks -> records -> highlights: only the annotation needs Turn
-    from workers.memory.chunks import Turn
+from workers.memory.lines import TranscriptLine
 
 #: longest text kept per moment, in words (the rest is cut with "..."): the gist of a turn,
 #: short enough that the moments stay a fraction of the notes and fit the notes' prompts
@@ -74,7 +71,7 @@ def score(text: str) -> int:
     return len(content_words(text))
 
 
-def fold(previous: Sequence[Moment], turns: Iterable[Turn], keep: int) -> list[Moment]:
+def fold(previous: Sequence[Moment], turns: Iterable[TranscriptLine], keep: int) -> list[Moment]:
     """The best ``keep`` of ``previous`` and ``turns``, in stream order."""
     candidates = list(previous)
     for turn in turns:
@@ -86,7 +83,7 @@ def fold(previous: Sequence[Moment], turns: Iterable[Turn], keep: int) -> list[M
     return sorted(best, key=lambda m: entry_id_key(m.entry_id))
 
 
-def _spoken(turn: Turn) -> str:
+def _spoken(turn: TranscriptLine) -> str:
     """The turn's words without the ``Speaker:`` prefix the model read."""
     return split_speaker(turn.line.strip(), [turn.speaker] if turn.speaker else [])[1]
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import redis
 
 from sinkstream.contracts.keys import StreamKeys
-from workers.memory.chunks import Turn, extend_chunks
-from workers.memory.embedder import Embedder
+from state_store.replies import as_text
+from workers.memory.chunks import extend_chunks
 from workers.memory.highlights import Moment
+from workers.memory.lines import TranscriptLine
 from workers.memory.records import (
     CHUNK_PREFIX,
     FIRST_FIELD,
@@ -26,13 +28,17 @@ from workers.memory.records import (
     NEXT_FIELD,
     OPEN_FIELD,
     SUMMARY_FIELD,
+    VECTOR_PREFIX,
     Chunk,
+    ChunkVector,
     MemoryHead,
     MemoryRecordError,
     MemoryWrite,
     SummaryMemory,
     chunk_field,
     encode_moments,
+    field_seq,
+    vector_field,
 )
 
 log = logging.getLogger(__name__)
@@ -40,7 +46,18 @@ log = logging.getLogger(__name__)
 
 def read_head(client: redis.Redis, stream_id: str) -> MemoryHead:
     """The summary memory, open chunk and counters (one HMGET; the chunks stay in Redis)."""
-    values: Any = client.hmget(StreamKeys.of(stream_id).memory, list(HEAD_FIELDS))
+    pipe = client.pipeline(transaction=False)
+    request_head(pipe, stream_id)
+    return parse_head(stream_id, pipe.execute()[0])
+
+
+def request_head(pipe: redis.client.Pipeline, stream_id: str) -> None:
+    """Queue the head's HMGET on ``pipe`` (to share a round trip with the batch's XRANGE)."""
+    pipe.hmget(StreamKeys.of(stream_id).memory, list(HEAD_FIELDS))
+
+
+def parse_head(stream_id: str, values: Any) -> MemoryHead:
+    """The head from its HMGET reply."""
     try:
         return MemoryHead.from_fields(list(values))
     except (MemoryRecordError, ValueError, KeyError, TypeError) as exc:
@@ -50,35 +67,45 @@ def read_head(client: redis.Redis, stream_id: str) -> MemoryHead:
 
 
 def read_chunks(client: redis.Redis, stream_id: str) -> list[Chunk]:
-    """Every stored closed chunk, oldest first (unreadable records are skipped).
+    """Every stored closed chunk with its embedding when it has one yet, oldest first
+    (unreadable records are skipped).
 
     One HGETALL: the hash is bounded by ``memory_max_chunks`` (~1.6 MB at the defaults), and
     the least-privilege worker user (``deploy/redis/acl.conf``) has HGETALL, not HSCAN.
     """
     chunks: list[Chunk] = []
+    vectors: dict[int, ChunkVector] = {}
     fields: Any = client.hgetall(StreamKeys.of(stream_id).memory)
-    prefix = CHUNK_PREFIX.encode()
-    for name, value in fields.items():
-        if not (name.startswith(prefix) if isinstance(name, bytes)
-                else name.startswith(CHUNK_PREFIX)):
-            continue
+    for raw_name, value in fields.items():
+        name = as_text(raw_name, "replace")
         try:
-            chunks.append(Chunk.decode(value))
+            if name.startswith(CHUNK_PREFIX):
+                chunks.append(Chunk.decode(value))
+            elif name.startswith(VECTOR_PREFIX):
+                vectors[field_seq(name)] = ChunkVector.decode(value)
         except (MemoryRecordError, ValueError, KeyError, TypeError) as exc:
             log.warning("stream %s: skipping memory record %r (%s)", stream_id, name, exc)
+    chunks = [_with_vector(c, vectors.get(c.seq)) for c in chunks]
     chunks.sort(key=lambda c: c.seq)
     return chunks
 
 
+def _with_vector(chunk: Chunk, vector: ChunkVector | None) -> Chunk:
+    if vector is None or chunk.embedding:
+        return chunk  # none yet, or a chunk written with its embedding (before 0.2)
+    return replace(chunk, embedding=vector.embedding, embed_model=vector.model)
+
+
 def plan_write(
-    head: MemoryHead, turns: Sequence[Turn], *, chunk_tokens: int | None, max_chunks: int,
-    embedder: Embedder | None, summary: SummaryMemory | None,
-    moments: Sequence[Moment] | None = None,
+    head: MemoryHead, turns: Sequence[TranscriptLine], *, chunk_tokens: int | None,
+    max_chunks: int, summary: SummaryMemory | None, moments: Sequence[Moment] | None = None,
 ) -> MemoryWrite:
     """The memory fields one batch sets and deletes.
 
     ``chunk_tokens`` None keeps no chunks (retrieval off); ``summary`` replaces the summary
-    memory when the batch produced one. Beyond ``max_chunks`` the oldest chunks are deleted.
+    memory when the batch produced one. Beyond ``max_chunks`` the oldest chunks are deleted,
+    with their embeddings. Closed chunks are written without an embedding; ``closed`` lists
+    them for the vectorizer.
     """
     write = MemoryWrite()
     if summary is not None:
@@ -93,14 +120,13 @@ def plan_write(
             write.delete.append(OPEN_FIELD)
         else:
             write.set[OPEN_FIELD] = still_open.encode()
-    vectors = embedder.embed_bytes([c.text for c in closed]) if embedder and closed \
-        else [b""] * len(closed)
     seq = head.next_seq
-    for chunk, vector in zip(closed, vectors, strict=True):
+    for chunk in closed:
         write.set[chunk_field(seq)] = Chunk(
             chunk.first_id, chunk.last_id, chunk.text, chunk.start, chunk.end, chunk.speakers,
-            chunk.ts, seq=seq, embedding=vector, embed_model=embedder.name if embedder else "",
+            chunk.ts, seq=seq,
         ).encode()
+        write.closed.append(seq)
         seq += 1
     if closed:
         write.set[NEXT_FIELD] = seq
@@ -108,7 +134,9 @@ def plan_write(
     while seq - first > max_chunks:
         name = chunk_field(first)
         if write.set.pop(name, None) is None:
-            write.delete.append(name)
+            write.delete += [name, vector_field(first)]
+        elif first in write.closed:
+            write.closed.remove(first)
         first += 1
     if first != head.first_seq:
         write.set[FIRST_FIELD] = first

@@ -6,6 +6,8 @@ Hash fields (all in ``StreamKeys.memory``):
 - ``open``: the chunk still being filled (``OpenChunk``);
 - ``next``: sequence number the next closed chunk gets; ``first``: oldest kept;
 - ``chunk:<seq>``: a closed chunk (``Chunk``), zero-padded so fields sort by age;
+- ``vec:<seq>``: that chunk's embedding (``ChunkVector``), written after the commit that
+  closed the chunk, off the feed path (``workers/memory/vectors.py``);
 - ``moments``: the key moments so far (``workers.memory.highlights``).
 
 Everything is derived from the committed entries and the previous memory only, so a batch
@@ -27,6 +29,7 @@ OPEN_FIELD = "open"
 NEXT_FIELD = "next"
 FIRST_FIELD = "first"
 CHUNK_PREFIX = "chunk:"
+VECTOR_PREFIX = "vec:"
 MOMENTS_FIELD = "moments"
 #: fields read at the start of every batch (never the chunks themselves)
 HEAD_FIELDS = (SUMMARY_FIELD, OPEN_FIELD, NEXT_FIELD, FIRST_FIELD, MOMENTS_FIELD)
@@ -40,6 +43,15 @@ class MemoryRecordError(ValueError):
 
 def chunk_field(seq: int) -> str:
     return f"{CHUNK_PREFIX}{seq:012d}"
+
+
+def vector_field(seq: int) -> str:
+    return f"{VECTOR_PREFIX}{seq:012d}"
+
+
+def field_seq(name: str) -> int:
+    """The sequence number in a ``chunk:<seq>`` or ``vec:<seq>`` field name."""
+    return int(name.rpartition(":")[2])
 
 
 @dataclass(frozen=True)
@@ -121,6 +133,22 @@ class Chunk(OpenChunk):
                    embed_model=str(raw.get("emb_model") or ""))
 
 
+@dataclass(frozen=True)
+class ChunkVector:
+    """A closed chunk's embedding: float16 little-endian, L2-normalised, and its model."""
+
+    model: str
+    embedding: bytes
+
+    def encode(self) -> bytes:
+        return _pack({"model": self.model, "emb": self.embedding})
+
+    @classmethod
+    def decode(cls, data: bytes) -> ChunkVector:
+        raw = _unpack(data)
+        return cls(str(raw["model"]), bytes(raw["emb"]))
+
+
 @dataclass
 class MemoryHead:
     """The small fields of the memory hash a batch needs (read once per batch)."""
@@ -164,6 +192,8 @@ class MemoryWrite:
 
     set: dict[str, bytes | str | int] = field(default_factory=dict)
     delete: list[str] = field(default_factory=list)
+    #: sequence numbers of the chunks this write closes (to embed once it is committed)
+    closed: list[int] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.set or self.delete)

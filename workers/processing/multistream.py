@@ -5,7 +5,7 @@ Opt-in (``batch_streams`` > 1). A task for stream X takes X's lease as usual, th
 taken without waiting; a stream leased elsewhere, parked as failed or with nothing to read is
 skipped), until their batches add up to ``batch_tokens``. The batches go through the engine's
 ``feed_batch`` in one forward; then every stream runs the same steps as a solo batch
-(``StreamProcessor._finish``: summaries, memory, the commit fenced by *its own* lease). So:
+(``StreamProcessor.finish``: summaries, memory, the commit fenced by *its own* lease). So:
 
 * per-stream order: each stream is read after its committed entry id and fed in order, under
   its own lease, one batch at a time;
@@ -32,19 +32,19 @@ someone's companion re-queues itself shortly instead of waiting for the flag to 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from monitoring import metrics
 from sinkstream.contracts.keys import RUNNABLE
 from sinkstream.ids import InvalidStreamId, validate_stream_id
-from state_store.lease import Lease, LeaseKeeper, LeaseLostError
+from state_store.lease import LeaseLostError
+from state_store.replies import as_text
 from workers.engines.base import EngineState
-from workers.processor import Outcome, StreamProcessor, _Batch, _Loaded
+from workers.processing.outcome import Outcome
+from workers.processing.processor import Claim, Prepared, StreamProcessor
 
 log = logging.getLogger(__name__)
 
@@ -64,23 +64,26 @@ def companion_holder(lease_value: str | None) -> bool:
 
 @dataclass
 class _Held:
-    """A stream this task holds: its lease, the keeper renewing it, and the batch in hand."""
+    """A stream this task holds: its claim, what it applied so far, the batch in hand."""
 
-    stream_id: str
-    lease: Lease
-    keeper: LeaseKeeper
+    claim: Claim
     outcome: Outcome | None = None  # batches applied so far in this task
-    loaded: _Loaded | None = None
-    batch: _Batch | None = None
-    load_s: float = 0.0
+    prepared: Prepared | None = None
+
+    @property
+    def stream_id(self) -> str:
+        return self.claim.stream_id
 
     def add(self, later: Outcome) -> None:
         self.outcome = later if self.outcome is None else self.outcome.then(later)
 
     @property
     def continues(self) -> bool:
-        o = self.outcome
-        return o is not None and o.status == "applied" and o.more
+        return self.outcome is not None and self.outcome.continues
+
+    @property
+    def tokens(self) -> int:
+        return len(self.prepared.batch.tokens) if self.prepared is not None else 0
 
 
 class MultiStreamProcessor:
@@ -102,51 +105,35 @@ class MultiStreamProcessor:
         input left and ``time_slice_s`` has not run out; a stream leaves the round as soon as
         it is caught up (its lease is released at once).
         """
-        first = self.p._acquire(stream_id)
+        first = self.p.claim(stream_id)
         if isinstance(first, Outcome):
             return [first]
-        held: list[_Held] = []
+        held = [_Held(first)]
         finished: list[Outcome] = []
-        with contextlib.ExitStack() as stack:
-            stack.callback(self._release_all, held)
-            held.append(self._hold(stack, stream_id, first))
-            try:
-                self._begin(held[0])
-            except LeaseLostError as exc:
-                held[0].add(Outcome(stream_id, "lost", reason=str(exc)))
-            budget = self.max_tokens - (len(held[0].batch.tokens) if held[0].batch else 0)
-            if held[0].batch is not None and self.max_streams > 1:
-                self._claim_companions(stack, held, budget)
+        try:
+            self._prepare(held[0])
+            if held[0].prepared is not None and self.max_streams > 1:
+                self._claim_companions(held, self.max_tokens - held[0].tokens)
             order = [h.stream_id for h in held]  # outcomes come back in claim order
             deadline = time.monotonic() + time_slice_s
             while True:
-                self._round([h for h in held if h.batch is not None])
+                self._round([h for h in held if h.prepared is not None])
                 for h in [h for h in held if not h.continues]:
                     finished.append(self._leave(h, held))
                 if not held or time.monotonic() >= deadline:
                     break
                 for h in held:
-                    try:
-                        self._begin(h)
-                    except LeaseLostError as exc:
-                        h.add(Outcome(h.stream_id, "lost", reason=str(exc)))
+                    self._prepare(h)
             for h in list(held):
                 finished.append(self._leave(h, held))
+        finally:
+            for h in held:  # on the way out of an error: every lease still held
+                self.p.release(h.claim)
         claimed = {sid: i for i, sid in enumerate(order)}
-        outcomes = sorted(finished, key=lambda o: claimed.get(o.stream_id, len(claimed)))
-        for o in outcomes:
-            if o.status == "applied":
-                metrics.note_active_stream(o.stream_id)
-        return outcomes
+        return sorted(finished, key=lambda o: claimed.get(o.stream_id, len(claimed)))
 
     # ----- claiming ----------------------------------------------------------------------------
-    def _hold(self, stack: contextlib.ExitStack, stream_id: str, lease: Lease) -> _Held:
-        keeper = stack.enter_context(LeaseKeeper(self.p.leases, lease))
-        return _Held(stream_id, lease, keeper)
-
-    def _claim_companions(
-        self, stack: contextlib.ExitStack, held: list[_Held], budget: int
-    ) -> None:
+    def _claim_companions(self, held: list[_Held], budget: int) -> None:
         """Claim runnable streams, oldest first, until ``max_streams`` are held or their
         batches would pass the token budget. Never waits for a lease."""
         wanted = self.max_streams - len(held)
@@ -155,7 +142,7 @@ class MultiStreamProcessor:
         for member in members:
             if len(held) >= self.max_streams or budget <= 0:
                 return
-            sid = member.decode(errors="replace") if isinstance(member, bytes) else str(member)
+            sid = as_text(member, "replace")
             try:
                 validate_stream_id(sid)
             except InvalidStreamId:
@@ -163,41 +150,41 @@ class MultiStreamProcessor:
             if sid in taken:
                 continue
             taken.add(sid)
-            lease = self.p._acquire(sid, self.companion_id)
-            if isinstance(lease, Outcome):
-                if lease.status == "failed":  # parked: not runnable until someone resets it
+            claim = self.p.claim(sid, self.companion_id)
+            if isinstance(claim, Outcome):
+                if claim.status == "failed":  # parked: not runnable until someone resets it
                     self._forget(sid)
                 continue  # busy elsewhere: its holder carries on
-            h = self._hold(stack, sid, lease)
+            h = _Held(claim)
             held.append(h)
-            try:
-                self._begin(h, count=False)
-            except LeaseLostError:
-                h.batch = None
-            if h.batch is None or (len(h.batch.tokens) > budget and len(held) > 1):
+            self._prepare(h, count=False)
+            if h.prepared is None or (h.tokens > budget and len(held) > 1):
                 self._drop(h, held)  # nothing to feed, or too big for this forward
                 continue
-            budget -= len(h.batch.tokens)
+            budget -= h.tokens
 
-    def _begin(self, h: _Held, count: bool = True) -> None:
-        """Load ``h``'s state and read its next batch (``h.batch`` None when there is none).
+    def _prepare(self, h: _Held, count: bool = True) -> None:
+        """Load ``h``'s state and read its next batch (``h.prepared`` None when there is none).
         ``count``: whether an idle/failed outcome is counted (not for companion probes)."""
-        h.keeper.check()
-        began = self.p._begin(h.stream_id)
-        if isinstance(began, Outcome):
-            h.loaded, h.batch = None, None
-            if count or began.status != "idle":
-                metrics.BATCHES.labels(outcome=began.status).inc()
-            h.add(began)
+        h.prepared = None
+        try:
+            prepared = self.p.prepare(h.claim)
+        except LeaseLostError as exc:
+            h.add(Outcome(h.stream_id, "lost", reason=str(exc)))
             return
-        h.loaded, h.batch, h.load_s = began
+        if isinstance(prepared, Outcome):
+            if count or prepared.status != "idle":
+                self.p.observer.batch_done(h.stream_id, prepared.status)
+            h.add(prepared)
+            return
+        h.prepared = prepared
 
     def _drop(self, h: _Held, held: list[_Held]) -> None:
         """Give back a companion claimed for nothing (no input, or over the budget)."""
         held.remove(h)
-        h.keeper.stop()
-        self.p._release(h.lease)
-        if h.batch is None and h.outcome is not None and h.outcome.status in ("idle", "failed"):
+        self.p.release(h.claim)
+        if h.prepared is None and h.outcome is not None \
+                and h.outcome.status in ("idle", "failed"):
             self._forget(h.stream_id)
 
     # ----- one batched round -------------------------------------------------------------------
@@ -205,56 +192,51 @@ class MultiStreamProcessor:
         """One forward for every stream in ``ready``, then each stream's own fenced commit."""
         if not ready:
             return
-        rows = [h for h in ready if h.batch is not None and h.batch.tokens]
+        rows = [h for h in ready if h.tokens]
         started = time.perf_counter()
-        fed = self._feed([h.loaded.state for h in rows if h.loaded is not None],
-                         [h.batch.tokens for h in rows if h.batch is not None])
+        fed = self._feed(rows)
         feed_s = time.perf_counter() - started
         if rows:
-            metrics.FEED_SECONDS.labels(**self.p._labels).observe(feed_s)
             log.debug("batched forward: %d streams, %d tokens, %.3fs", len(rows),
-                      sum(len(h.batch.tokens) for h in rows if h.batch is not None), feed_s)
+                      sum(h.tokens for h in rows), feed_s)
         new_states = {id(h): s for h, s in zip(rows, fed, strict=True)}
         for h in ready:
-            assert h.loaded is not None and h.batch is not None
-            new_state = new_states.get(id(h), h.loaded.state)
+            assert h.prepared is not None
+            new_state = new_states.get(id(h), h.prepared.loaded.state)
             try:
-                outcome = self.p._finish(h.stream_id, h.lease, h.keeper, h.loaded, h.batch,
-                                         new_state, h.load_s, feed_s / max(1, len(rows)))
+                outcome = self.p.finish(h.claim, h.prepared, new_state,
+                                        feed_s / max(1, len(rows)))
             except LeaseLostError as exc:  # this stream only: the others still commit
                 outcome = Outcome(h.stream_id, "lost", reason=str(exc))
-            metrics.BATCHES.labels(outcome=outcome.status).inc()
+            self.p.observer.batch_done(h.stream_id, outcome.status)
             h.add(outcome)
-            h.loaded, h.batch = None, None
+            h.prepared = None
 
-    def _feed(
-        self, states: list[EngineState], tokens: list[list[int]]
-    ) -> list[EngineState]:
-        if not states:
+    def _feed(self, rows: Sequence[_Held]) -> list[EngineState]:
+        prepared = [h.prepared for h in rows if h.prepared is not None]
+        if not prepared:
             return []
-        if len(states) == 1:  # one stream: the solo path, bit-identical replays
-            return [self.p.engine.feed(states[0], tokens[0])]
-        return list(self.p.engine.feed_batch(states, tokens))
+        if len(prepared) == 1:  # one stream: the solo path, bit-identical replays
+            return [self.p.feed(prepared[0])[0]]
+        started = time.perf_counter()
+        fed = list(self.p.engine.feed_batch([p.loaded.state for p in prepared],
+                                            [p.batch.tokens for p in prepared]))
+        self.p.observer.fed(sum(len(p.batch.tokens) for p in prepared),
+                            time.perf_counter() - started)
+        return fed
 
     # ----- leaving -----------------------------------------------------------------------------
     def _leave(self, h: _Held, held: list[_Held]) -> Outcome:
         """Release ``h``'s lease and note where the stream stands in ``RUNNABLE``."""
         held.remove(h)
-        h.keeper.stop()
-        self.p._release(h.lease)
         outcome = h.outcome or Outcome(h.stream_id, "idle")
-        if outcome.status == "applied" and outcome.more:
+        outcome.reschedule = self.p.release(h.claim, "continue" if outcome.continues
+                                            else "done")
+        if outcome.continues:
             self._requeue(h.stream_id)
         elif outcome.status in ("applied", "idle", "failed"):
             self._forget(h.stream_id)
         return outcome
-
-    def _release_all(self, held: list[_Held]) -> None:
-        """On the way out (also when an error propagates): every lease still held."""
-        for h in list(held):
-            held.remove(h)
-            h.keeper.stop()
-            self.p._release(h.lease)
 
     def _requeue(self, stream_id: str) -> None:
         """To the back of ``RUNNABLE``: the next claims take streams that waited longer."""

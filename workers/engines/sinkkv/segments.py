@@ -25,7 +25,7 @@ returns plain bytes (:class:`EncodedSegments`) and :func:`decode` takes them. Th
 them onto the store (``state_store.store``): the header is stored where a whole state goes,
 each segment under its own key in the stream's hash tag, new ones staged before and evicted
 ones deleted in the same fenced commit. Header and segments are each a codec envelope (own
-digest, engine, fingerprint, params). ``workers/processor.py`` calls :func:`encode` and
+digest, engine, fingerprint, params). ``workers/processing/states.py`` calls :func:`encode` and
 :func:`decode`; ``benchmarks/state_io.py`` measures the I/O through the real commit path.
 """
 

@@ -1,0 +1,75 @@
+"""Worker metrics recorded around the steps of a batch, not inside them.
+
+The batch code (``workers/processing``) reports what each step did to one observer
+(``workers.processing.observer.BatchObserver``); this is the Prometheus one. Keeping the
+metric calls here leaves the batch code a readable list of steps, and lets a test or a
+benchmark plug in its own observer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from monitoring import metrics
+
+
+class BatchMetrics:
+    """Records a worker's batches in the ``sinkstream_*`` series (``monitoring.metrics``)."""
+
+    def __init__(self, engine: str, model: str, device: str = "cpu", dtype: str = "") -> None:
+        self.labels = {"engine": engine, "model": model}
+        metrics.init_worker(engine, model, device=device, dtype=dtype)
+
+    def batch_done(self, stream_id: str, status: str) -> None:
+        metrics.BATCHES.labels(outcome=status).inc()
+        if status == "applied":
+            metrics.note_active_stream(stream_id)
+
+    def lease_taken_over(self) -> None:
+        metrics.LEASES_TAKEN_OVER.inc()
+
+    def state_loaded(self, hit: bool, nbytes: int = 0, seconds: float = 0.0) -> None:
+        """A state came from the hot cache (``hit``) or was downloaded and decoded."""
+        if hit:
+            metrics.HOT_CACHE_HITS.inc()
+            return
+        metrics.HOT_CACHE_MISSES.inc()
+        metrics.STATE_LOAD_BYTES.observe(nbytes)
+        metrics.STATE_LOAD_SECONDS.observe(seconds)
+
+    def fed(self, tokens: int, seconds: float) -> None:
+        if tokens:
+            metrics.FEED_SECONDS.labels(**self.labels).observe(seconds)
+
+    def generated(self, kind: str, tokens: int, seconds: float) -> None:
+        labels = {**self.labels, "kind": kind}
+        metrics.SUMMARY_SECONDS.labels(**labels).observe(seconds)
+        metrics.SUMMARY_TOKENS.labels(**labels).inc(tokens)
+
+    def committed(self, tokens: int, entries: int, dead_letter_reasons: Sequence[str],
+                  written: int, state_size: int | None, seconds: float) -> None:
+        """A batch's commit: what it applied and dead-lettered, the state bytes it wrote
+        (``state_size`` None: the state was kept as it was)."""
+        metrics.TOKENS_FED.labels(**self.labels).inc(tokens)
+        metrics.ENTRIES_APPLIED.labels(**self.labels).inc(entries)
+        for reason in dead_letter_reasons:
+            metrics.DEAD_LETTERS.labels(reason=metrics.reason_label(reason)).inc()
+        if state_size is not None:
+            metrics.STATE_SAVE_BYTES.observe(written)
+            metrics.STATE_SIZE.labels(**self.labels).set(state_size)
+        metrics.STATE_SAVE_SECONDS.observe(seconds)
+
+    def commit_refused(self, reason: str) -> None:
+        metrics.STALE_COMMITS.labels(reason=reason).inc()
+
+    def stream_failed(self, reason: str) -> None:
+        metrics.STREAM_FAILURES.labels(reason=metrics.reason_label(reason)).inc()
+
+    def vectors_written(self, count: int, seconds: float, pending: int) -> None:
+        metrics.MEMORY_VECTORS.inc(count)
+        metrics.MEMORY_VECTOR_SECONDS.observe(seconds)
+        metrics.MEMORY_VECTORS_PENDING.set(pending)
+
+    def cache_changed(self, nbytes: int, limit: int) -> None:
+        metrics.HOT_CACHE_BYTES.set(nbytes)
+        metrics.HOT_CACHE_LIMIT.set(limit)

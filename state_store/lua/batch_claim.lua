@@ -1,0 +1,46 @@
+-- batch_claim: claim a stream for a batch, in one round trip (state_store/claims.py).
+--
+-- Refreshes the stream's scheduled flag (a task is running for it), refuses a parked stream,
+-- takes the lease with a new fencing token, and reads the state head the batch starts from
+-- and commits against: what took five round trips (flag PEXPIRE, failure HMGET, lease script,
+-- head HMGET, pending ZRANGE).
+--
+-- Lease value: "<worker_id>|<fencing token>". The fence counter key is never expired: tokens
+-- stay strictly increasing per stream for as long as the stream's data exists.
+--
+-- KEYS[1]  lease (string, with a TTL)
+-- KEYS[2]  fence counter
+-- KEYS[3]  meta hash
+-- KEYS[4]  state hash
+-- KEYS[5]  pending sorted set (staged chunk and segment sets)
+-- KEYS[6]  scheduled flag
+-- ARGV[1]  worker id (the lease holder)
+-- ARGV[2]  lease TTL in ms
+-- ARGV[3]  scheduled-flag TTL in ms: refresh it ('0': leave the flag alone, e.g. a stream
+--          claimed as a companion of another stream's task)
+--
+-- Reply:
+--   {'ok', token, previous holder or '', version, segments, generation, last_entry_id,
+--    {pending members}}: claimed. A previous holder recorded in meta.lease_holder means its
+--    lease expired without a release: a takeover (counted in meta.leases_taken_over).
+--   {'busy', current lease value}: another worker holds the stream.
+--   {'failed', reason}: the stream is parked; with a flag TTL the flag is cleared, since no
+--    task will run for it until someone clears the failure.
+local own = ARGV[3] ~= '0'
+local meta = redis.call('HMGET', KEYS[3], 'status', 'failure_reason')
+if meta[1] == 'failed' then
+  if own then redis.call('DEL', KEYS[6]) end
+  return {'failed', meta[2] or ''}
+end
+if own then redis.call('PEXPIRE', KEYS[6], ARGV[3]) end
+local held = redis.call('GET', KEYS[1])
+if held then return {'busy', held} end
+local token = redis.call('INCR', KEYS[2])
+local value = ARGV[1] .. '|' .. string.format('%d', token)
+redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
+local previous = redis.call('HGET', KEYS[3], 'lease_holder') or ''
+redis.call('HSET', KEYS[3], 'lease_holder', value)
+if previous ~= '' then redis.call('HINCRBY', KEYS[3], 'leases_taken_over', 1) end
+local head = redis.call('HMGET', KEYS[4], 'version', 'segments', 'generation', 'last_entry_id')
+return {'ok', token, previous, head[1] or '', head[2] or '', head[3] or '', head[4] or '',
+        redis.call('ZRANGE', KEYS[5], 0, -1)}
