@@ -27,7 +27,9 @@ For each engine (one row each):
    ``extra`` to show the spread.
 
 Rows report tokens/s both ways and ``ratio = pipeline / bare``, with two steadier companions:
-``feed share`` = the worker's own ``engine.feed`` seconds / pipeline wall seconds, both from the
+``redis rt/b`` = the worker's round trips to the data Redis
+(``sinkstream_redis_round_trips_total``: every command or pipeline sent, its dispatcher's and
+vectorizer's included) per applied batch; ``feed share`` = the worker's own ``engine.feed`` seconds / pipeline wall seconds, both from the
 same window (what ``ratio`` would be if the worker fed exactly as fast as the bare engine), and
 ``cpu ratio`` = bare CPU seconds / (worker + redis-server) CPU seconds (extra work, not
 waiting). From the worker's /metrics (deltas over the timed rounds): feed, state load (Redis
@@ -489,6 +491,9 @@ def _measure(case: Case, root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         hits = _delta(after, before, "sinkstream_hot_cache_hits_total")
         misses = _delta(after, before, "sinkstream_hot_cache_misses_total")
         per = max(applied, 1.0)
+        # every round trip the worker made to the data Redis over the timed rounds (batches,
+        # plus its dispatcher's passes, lease renewals and the vectorizer), per applied batch
+        round_trips = _delta(after, before, "sinkstream_redis_round_trips_total")
         bare_tps = total_tokens / feed_s
         pipe_tps = committed / pipeline_s
         row = {
@@ -504,6 +509,7 @@ def _measure(case: Case, root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             "load ms/b": 1000 * load_sum / per,  # Redis loads only; a hot hit is one HGET
             "save ms/b": 1000 * save_sum / max(save_n, 1.0),
             "other ms/b": 1000 * (pipeline_s - w_feed - load_sum - save_sum) / per,
+            "redis rt/b": round_trips / per,
             # the first batch of a new stream is a miss with nothing to load: leave those out
             "hot hit (warm)": hits / (hits + misses - case.streams)
             if hits + misses > case.streams else float("nan"),
@@ -566,6 +572,8 @@ def run(quick: bool) -> BenchResult:
         "ratio_engine": head["engine"],
         "feed_share": head["feed share"],
         "target_ratio": 0.9,
+        "redis_round_trips_per_batch": head["redis rt/b"],
+        "target_redis_round_trips_per_batch": 5,
         "threads": _threads(),
     }
     for row in rows[1:]:

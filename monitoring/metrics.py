@@ -22,12 +22,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from importlib import metadata
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from sinkstream.contracts.outcomes import BATCH_STATUSES, STALE_REASONS
 from sinkstream.contracts.outputs import SummaryKind
+from state_store.connection import ROUND_TRIPS
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +165,19 @@ class _ActiveStreams:
             del self._seen[sid]
 
 
+class _RoundTripCollector(Collector):
+    """``sinkstream_redis_round_trips_total``: commands and pipelines this process sent to the
+    data Redis (``state_store.connection.ROUND_TRIPS``)."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "sinkstream_redis_round_trips",
+            "Round trips to the data Redis (a pipeline is one) made by this process")
+        family.add_metric([], float(ROUND_TRIPS.count))
+        yield family
+
+
+REGISTRY.register(_RoundTripCollector())
 _active = _ActiveStreams(ACTIVE_WINDOW_S)
 WORKER_STREAMS_ACTIVE.set_function(lambda: float(_active.count()))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -77,8 +78,48 @@ def redis_from_settings(
     if target.kind == "cluster":
         return cast(redis.Redis, _cluster_client(target, kwargs, retries))
     if target.kind == "sentinel":
-        return _sentinel_client(settings, target, kwargs)
-    return redis.Redis.from_url(settings.redis_url, **kwargs)
+        return _counted(_sentinel_client(settings, target, kwargs))
+    return _counted(redis.Redis.from_url(settings.redis_url, **kwargs))
+
+
+class _RoundTrips:
+    """Round trips this process made through clients from :func:`redis_from_settings`:
+    every packed command sent (a pipeline is one, whatever it holds; a health-check PING is
+    one). Read by the worker's ``sinkstream_redis_round_trips_total``."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def add(self) -> None:
+        with self._lock:
+            self._count += 1
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+
+ROUND_TRIPS = _RoundTrips()
+_counting_classes: dict[type, type] = {}
+
+
+def _counted(client: redis.Redis) -> redis.Redis:
+    """``client`` with its connections counting round trips (``ROUND_TRIPS``). A Redis
+    Cluster client is left uncounted: each node has a pool of its own."""
+    pool = client.connection_pool
+    base = pool.connection_class
+    counting = _counting_classes.get(base)
+    if counting is None:
+        def send_packed_command(self: Any, command: Any, check_health: bool = True) -> None:
+            ROUND_TRIPS.add()
+            base.send_packed_command(self, command, check_health)
+
+        counting = type(f"Counting{base.__name__}", (base,),
+                        {"send_packed_command": send_packed_command})
+        _counting_classes[base] = counting
+    pool.connection_class = counting
+    return client
 
 
 def is_cluster(client: Any) -> bool:

@@ -214,25 +214,35 @@ def test_prompt_text_changes_nothing_but_the_summary_text(site: Site) -> None:
 
 def test_generated_text_only_ever_becomes_output_data() -> None:
     """Static half of the prompt-injection argument: model output (``engine.generate``) is
-    decoded and put into an output entry's ``text``; no other code path reads it."""
-    calls = []
+    decoded in one place (``Summarizer.generate``) and only ever becomes the text of an output
+    entry; no other code path reads it."""
+    engine_calls, text_calls = [], []
     for path in (ROOT / "workers").rglob("*.py"):
+        if "engines" in path.parts:
+            continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
-                    and node.func.attr == "generate" and "engines" not in path.parts:
-                calls.append(path.name)
-    assert calls == ["processor.py"]
-    source = (ROOT / "workers" / "processor.py").read_text()
+                    and node.func.attr == "generate":
+                owner = ast.unparse(node.func.value)
+                (engine_calls if owner == "self.engine" else text_calls).append(
+                    (path.name, owner))
+    assert engine_calls == [("summarizer.py", "self.engine")]
+    # the decoded text's readers: the summarizer's own sections/summaries, and answers
+    assert sorted(text_calls) == [("answers.py", "self.summarizer"),
+                                  ("summarizer.py", "self"), ("summarizer.py", "self")]
+    source = (ROOT / "workers" / "processing" / "summarizer.py").read_text()
     tree = ast.parse(source)
+    (generate,) = [n for n in ast.walk(tree)
+                   if isinstance(n, ast.FunctionDef) and n.name == "generate"]
+    uses = [n for n in ast.walk(generate) if isinstance(n, ast.Name) and n.id == "ids"]
+    contexts = {ast.get_source_segment(source, p) for p in _parents(generate, uses)}
+    # ids = generate(...); len(ids) for a metric; tokenizer.decode(ids) becomes the text
+    assert contexts <= {"len(ids)", "self.engine.tokenizer.decode(ids)"}, contexts
     (summarize,) = [n for n in ast.walk(tree)
                     if isinstance(n, ast.FunctionDef) and n.name == "summarize"]
-    uses = [n for n in ast.walk(summarize) if isinstance(n, ast.Name) and n.id == "ids"]
-    contexts = {ast.get_source_segment(source, p) for p in _parents(summarize, uses)}
-    # ids = generate(...); len(ids) for a metric; tokenizer.decode(ids) into make_output
-    assert contexts <= {"len(ids)", "self.engine.tokenizer.decode(ids)"}, contexts
     (ret,) = [n for n in ast.walk(summarize) if isinstance(n, ast.Return)]
     assert isinstance(ret.value, ast.Call) and ast.unparse(ret.value.func) == "make_output"
-    for other in ("tasks.py", "scheduling.py", "runtime.py", "app.py"):
+    for other in ("tasks.py", "runtime.py", "app.py"):
         assert "generate(" not in (ROOT / "workers" / other).read_text()
 
 
