@@ -12,7 +12,7 @@ the work itself, whatever other jobs do to wall time):
 ``tok_s`` = N * 64 / the fastest of the interleaved repetitions (medians in the JSON);
 ``speedup`` = batched tok/s / sequential tok/s.
 Engines: ``tiny-llama`` through sink-KV (S=4, R=1020) and ``tiny-rwkv`` (RWKV-7, 2x128)
-through the RWKV engine (batched via :mod:`workers.engines.rwkv_batched`). Headline keys:
+through the RWKV engine (batched via :mod:`workers.engines.rwkv.batched`). Headline keys:
 ``speedup_16_sinkkv``, ``speedup_16_rwkv`` and ``speedup_16`` (the smaller of the two).
 
 Worker level (rows with ``level = worker``): M streams of QMSum turns published to a private

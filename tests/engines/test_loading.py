@@ -19,6 +19,7 @@ from workers.engines.loading import (
     ModelSpec,
     ModelSpecError,
     ensure_gguf_cache,
+    gguf_cache,
     load_hf_model,
     parse_spec,
 )
@@ -247,7 +248,7 @@ def test_gguf_is_converted_once_then_reused(
     def boom(*args: object) -> None:
         raise AssertionError("converted a second time")
 
-    monkeypatch.setattr(loading, "_convert_gguf", boom)
+    monkeypatch.setattr(gguf_cache, "_convert_gguf", boom)
     started = time.perf_counter()
     second = ensure_gguf_cache(tiny_gguf, cache)
     assert not second.converted and second.directory == first.directory
@@ -284,17 +285,17 @@ def test_crash_mid_conversion_leaves_no_cache(
     tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cache = tmp_path / "cache"
-    real = loading._convert_gguf
+    real = gguf_cache._convert_gguf
 
     def crash(gguf_path: Path, out_dir: Path) -> None:
         real(gguf_path, out_dir)  # files written into the temporary directory...
         raise KeyboardInterrupt  # ...and the process dies before the rename
 
-    monkeypatch.setattr(loading, "_convert_gguf", crash)
+    monkeypatch.setattr(gguf_cache, "_convert_gguf", crash)
     with pytest.raises(KeyboardInterrupt):
         ensure_gguf_cache(tiny_gguf, cache)
     assert [p for p in cache.iterdir() if p.is_dir()] == []
-    monkeypatch.setattr(loading, "_convert_gguf", real)
+    monkeypatch.setattr(gguf_cache, "_convert_gguf", real)
     assert ensure_gguf_cache(tiny_gguf, cache).converted
 
 
@@ -418,7 +419,7 @@ def test_gguf_spec_loads_a_sinkkv_engine(tmp_path: Path, tiny_gguf: Path) -> Non
 
 
 def test_rwkv_spec_loads_the_rwkv_engine(tmp_path: Path) -> None:
-    from workers.engines.rwkv_tiny import write_tiny_rwkv
+    from workers.engines.rwkv import write_tiny_rwkv
 
     path = write_tiny_rwkv(tmp_path / "ck" / "my-rwkv.pth", seed=4)
     engine = loading.load_engine(_settings(tmp_path, model=f"rwkv:{path}"))

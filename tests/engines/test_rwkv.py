@@ -20,8 +20,7 @@ import torch
 
 from state_store.tensors import RawTensor, StateSnapshot
 from workers.engines.base import Sampling, StateMismatchError
-from workers.engines.rwkv_engine import RWKVConfigError, RWKVEngine, RWKVState
-from workers.engines.rwkv_tiny import write_tiny_rwkv
+from workers.engines.rwkv import RWKVConfigError, RWKVEngine, RWKVState, write_tiny_rwkv
 from workers.engines.tensor_bytes import from_raw, to_raw
 
 REPO = Path(__file__).resolve().parents[2]
@@ -327,7 +326,7 @@ def test_summary_prompt_uses_the_world_chat_format(engine: RWKVEngine) -> None:
 
 
 def test_world_tokenizer_roundtrip() -> None:
-    from workers.engines.rwkv_engine import world_tokenizer
+    from workers.engines.rwkv import world_tokenizer
 
     tok = world_tokenizer()
     text = "\n\nUser: résumé the 会议?\n\nAssistant:"

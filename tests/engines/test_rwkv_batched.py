@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from workers.engines.rwkv_batched import batched_forward, supported
-from workers.engines.rwkv_engine import RWKVEngine, RWKVState
+from workers.engines.rwkv import RWKVEngine, RWKVState
+from workers.engines.rwkv.batched import batched_forward, supported
 
 CHUNK = 16
 ATOL = 1e-5

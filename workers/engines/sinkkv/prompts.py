@@ -6,7 +6,7 @@ assistant's (``summary_prompt``), so the transcript is never stray context outsi
 conversation. A model without a chat template gets a plain "Instruction: ... Answer:" tail.
 
 (The RWKV engine does not share this: RWKV world models have no template and learned their
-own ``User:``/``Assistant:`` turns, see ``workers/engines/rwkv_engine.py``.)
+own ``User:``/``Assistant:`` turns, see ``workers/engines/rwkv/prompts.py``.)
 """
 
 from __future__ import annotations
