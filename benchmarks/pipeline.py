@@ -27,16 +27,16 @@ For each engine (one row each):
    ``extra`` to show the spread.
 
 Rows report tokens/s both ways and ``ratio = pipeline / bare``, with two steadier companions:
-``redis rt/b`` = the worker's round trips to the data Redis
-(``sinkstream_redis_round_trips_total``: every command or pipeline sent, its dispatcher's and
-vectorizer's included) per applied batch; ``feed share`` = the worker's own ``engine.feed`` seconds / pipeline wall seconds, both from the
+``feed share`` = the worker's own ``engine.feed`` seconds / pipeline wall seconds, both from the
 same window (what ``ratio`` would be if the worker fed exactly as fast as the bare engine), and
 ``cpu ratio`` = bare CPU seconds / (worker + redis-server) CPU seconds (extra work, not
 waiting). From the worker's /metrics (deltas over the timed rounds): feed, state load (Redis
-loads only; a hot-cache hit costs one HGET) and state save milliseconds per batch, and the
-hot-cache hit rate leaving out each new stream's first batch (a miss with nothing to load; the
-raw rate is in ``extra``). ``other ms/b`` is the rest of the pipeline's wall time per batch:
-Celery re-enqueue, ack and fetch, lease, XRANGE and tokenization, failure/version checks.
+loads only) and state save milliseconds per batch, and the hot-cache hit rate leaving out each
+new stream's first batch (a miss with nothing to load; the raw rate is in ``extra``).
+``other ms/b`` is the rest of the pipeline's wall time per batch: Celery re-enqueue, ack and
+fetch, claim, XRANGE and tokenization. ``redis rt/b`` is the worker's round trips to the data
+Redis (``sinkstream_redis_round_trips_total``: every command or pipeline sent, its
+dispatcher's passes and its vectorizer's included) per applied batch.
 
 Engines: ``tiny-llama-mid`` is the mid-size tiny Llama of ``benchmarks.common`` (4 layers,
 hidden 256, 2 KV heads of 32) saved as a local Hugging Face directory with an exact byte-level
