@@ -11,6 +11,7 @@ The entry contract itself (``InputEntry``, ``parse_entry``) is ``sinkstream.cont
 :func:`read_entries` reads a stream's input back, parsed.
 """
 
+from producer.encoding import split_utf8
 from producer.formats import FORMATS, InputFormatError, Turn, read_file
 from producer.publisher import (
     Producer,
@@ -19,7 +20,6 @@ from producer.publisher import (
     end_stream,
     publish,
     publish_many,
-    split_utf8,
 )
 from producer.reader import read_entries
 from sinkstream.contracts.entries import InputEntry, ParsedEntry, Rejected, parse_entry

@@ -21,8 +21,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from producer.encoding import split_utf8
 from producer.formats import Turn, read_file
-from producer.publisher import Producer, StreamFullError, split_utf8
+from producer.publisher import Producer, StreamFullError
 from producer.reader import read_entries
 from producer.replay import follow, replay, timed_groups
 from sinkstream.cli import app as cli
