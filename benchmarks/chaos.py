@@ -1,5 +1,5 @@
 """Chaos: kill -9 and Redis restart/outage trials, a burst of new streams, and a fuzzing pass;
-every trial is checked against an uninterrupted run (``tests/chaos/common.py::verify``).
+every trial is checked against an uninterrupted run (``tests/integration/chaos/common.py::verify``).
 
 ``--quick`` (the CI-sized run): 8 random kills with 3 workers, 2 Redis restarts, a 2,000-stream
 burst watched for 15 s, 200k atheris inputs. Without ``--quick`` it is the soak: 40 kills
@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.run import BenchResult
-from tests.chaos.common import chaos_seed
-from tests.chaos.scenarios import Report, random_kills, redis_outages, stream_burst
+from tests.integration.chaos.common import chaos_seed
+from tests.integration.chaos.scenarios import Report, random_kills, redis_outages, stream_burst
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,7 @@ def _atheris(runs: int, seconds: int) -> dict[str, Any]:
         return {**row, "trials": 0, "note": "atheris not installed"}
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "tests.chaos.fuzz_atheris", f"-runs={runs}",
+        [sys.executable, "-m", "tests.integration.chaos.fuzz_atheris", f"-runs={runs}",
          f"-max_total_time={seconds}", "-print_final_stats=1"],
         cwd=ROOT, capture_output=True, text=True, timeout=seconds + 120,
     )

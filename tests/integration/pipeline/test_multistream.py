@@ -1,0 +1,265 @@
+"""Cross-stream batching (``batch_streams`` > 1): several streams per forward, each committed
+exactly once under its own lease, equal to feeding each stream alone within 1e-5.
+
+In-process tests drive ``MultiStreamProcessor`` against a real redis-server; the end-to-end
+tests run real worker subprocesses (``tests/integration/pipeline/harness.py``), incl. kill -9
+mid-batch.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import torch
+
+from producer.formats import read_file
+from producer.publisher import Producer
+from sinkstream import faults
+from sinkstream.cli.localredis import RedisServer
+from sinkstream.contracts.keys import RUNNABLE, StreamKeys
+from sinkstream.settings import Settings
+from state_store.lease import LeaseManager
+from state_store.store import StateStore
+from tests.integration.pipeline.harness import (
+    WorkerPool,
+    caught_up,
+    committed_id,
+    last_input_id,
+    settings_from_env,
+    valid_entries,
+    wait_until,
+    worker_env,
+)
+from workers.engines.base import Engine, EngineState
+from workers.engines.loading import load_engine
+from workers.engines.sinkkv.segments import whole_snapshot
+from workers.engines.tensor_bytes import from_raw
+from workers.processing.batches import entry_tokens
+from workers.processing.multistream import COMPANION_SUFFIX, MultiStreamProcessor, companion_holder
+from workers.processing.processor import StreamProcessor
+
+TOL = 1e-5
+#: stream -> (first turn, number of turns) of the QMSum meeting: uneven lengths and offsets
+STREAMS = {"s0": (0, 9), "s1": (20, 7), "s2": (40, 13), "s3": (70, 4), "s4": (90, 10)}
+#: characters kept of each turn (the tiny models read bytes: short turns keep tests fast)
+TURN_CHARS = 90
+#: batching on; no summaries and no retrieval memory (this file tests the feeding)
+BATCHING = {"SINKSTREAM_BATCH_STREAMS": "4", "SINKSTREAM_BATCH_TOKENS": "100000",
+            "SINKSTREAM_SUMMARY_MEMORY": "false", "SINKSTREAM_RETRIEVAL": "off"}
+
+
+def _env(redis_url: str, tmp: Path, model: str, **extra: str) -> dict[str, str]:
+    return worker_env(redis_url, tmp, model=model, **{**BATCHING, **extra})
+
+
+def _publish(client: redis.Redis, qmsum_dir: Path, settings: Settings) -> None:
+    turns = [(t.text[:TURN_CHARS], t.speaker, t.ts)
+             for t in read_file(sorted(qmsum_dir.glob("*.json"))[0], "qmsum")]
+    producer = Producer(client, settings=settings)
+    for stream, (start, count) in STREAMS.items():
+        producer.publish_many(stream, turns[start : start + count])
+
+
+def _solo(engine: Engine[Any], client: redis.Redis, stream: str) -> EngineState:
+    """The stream fed alone in this process, one ``feed`` per entry (the replay reference)."""
+    state = engine.new_state()
+    for i, entry in enumerate(valid_entries(client, stream)):
+        state = engine.feed(state, entry_tokens(engine, [entry], at_stream_start=i == 0))
+    return state
+
+
+def _committed(engine: Engine[Any], client: redis.Redis, stream: str) -> EngineState:
+    stored = StateStore(client).load(stream)
+    assert stored is not None, f"nothing committed for {stream}"
+    return engine.import_state(whole_snapshot(stored.data, stored.segments))  # either layout
+
+
+def _logits(engine: Engine[Any], state: EngineState) -> torch.Tensor:
+    held = getattr(state, "logits", None)  # RWKV keeps them; sink-KV keeps the last hidden
+    return held if held is not None else engine._logits(state.last_hidden)  # type: ignore
+
+
+def _assert_close_to_solo(engine: Engine[Any], client: redis.Redis, stream: str) -> None:
+    """Same entries applied exactly once (token count, pending tail, last id), and the same
+    memory and next-token logits within TOL."""
+    got, ref = _committed(engine, client, stream), _solo(engine, client, stream)
+    assert (got.tokens_seen, got.pending) == (ref.tokens_seen, ref.pending), stream
+    torch.testing.assert_close(_logits(engine, got), _logits(engine, ref), rtol=TOL, atol=TOL)
+    a, b = engine.export_state(got).tensors, engine.export_state(ref).tensors
+    assert set(a) == set(b)
+    for name in a:
+        tx, ty = from_raw(a[name]), from_raw(b[name])
+        assert (tx.dtype, tx.shape) == (ty.dtype, ty.shape), name
+        if tx.is_floating_point():
+            torch.testing.assert_close(tx, ty, rtol=TOL, atol=TOL, msg=f"{stream} {name}")
+        else:
+            assert torch.equal(tx, ty), f"{stream} {name}"
+
+
+@pytest.fixture(params=["tiny-llama", "tiny-rwkv"])
+def setup(
+    request: pytest.FixtureRequest, redis_server: RedisServer, tmp_path: Path, qmsum_dir: Path
+) -> tuple[StreamProcessor, MultiStreamProcessor, redis.Redis]:
+    settings = settings_from_env(_env(redis_server.url, tmp_path, request.param))
+    client = redis_server.client()
+    processor = StreamProcessor(load_engine(settings), client, settings, "w1@test")
+    _publish(client, qmsum_dir, settings)
+    return processor, MultiStreamProcessor(processor, 4, 100_000), client
+
+
+def _drain(multi: MultiStreamProcessor, client: redis.Redis) -> list[int]:
+    """Run tasks until every stream is caught up; returns the streams per task."""
+    sizes: list[int] = []
+    for _ in range(200):
+        pending = [s for s in STREAMS if not caught_up(client, s)]
+        if not pending:
+            return sizes
+        outcomes = multi.process(pending[0])
+        assert outcomes[0].stream_id == pending[0]
+        assert all(o.status in ("applied", "idle") for o in outcomes), outcomes
+        sizes.append(len(outcomes))
+    raise AssertionError("streams did not catch up")
+
+
+def test_batched_streams_equal_solo_feeding_and_apply_each_entry_once(
+    setup: tuple[StreamProcessor, MultiStreamProcessor, redis.Redis],
+) -> None:
+    processor, multi, client = setup
+    sizes = _drain(multi, client)
+    assert max(sizes) == 4  # four streams shared forwards
+    for stream in STREAMS:
+        _assert_close_to_solo(processor.engine, client, stream)
+        assert committed_id(client, stream) == last_input_id(client, stream)
+    # caught-up streams left the runnable set; every lease was given back
+    assert client.zcard(RUNNABLE) == 0
+    assert all(LeaseManager(client).holder(s) is None for s in STREAMS)
+
+
+def test_oldest_runnable_streams_are_claimed_first(
+    setup: tuple[StreamProcessor, MultiStreamProcessor, redis.Redis],
+) -> None:
+    processor, multi, client = setup
+    client.zadd(RUNNABLE, {s: 1000 + i for i, s in enumerate(["s4", "s3", "s2", "s1", "s0"])})
+    outcomes = multi.process("s0", 0.0)
+    assert [o.stream_id for o in outcomes] == ["s0", "s4", "s3", "s2"]  # s1 is the newest
+    # streams with input left go to the back of the queue: the next claim starts with s1
+    assert client.zrange(RUNNABLE, 0, 0) == [b"s1"]
+
+
+def test_busy_streams_are_skipped_and_a_stale_fence_drops_only_that_commit(
+    setup: tuple[StreamProcessor, MultiStreamProcessor, redis.Redis],
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    processor, multi, client = setup
+    leases = LeaseManager(client)
+    other = leases.acquire("s1", "other@test", 30)  # s1 is busy elsewhere: skipped
+    assert other is not None
+    client.zadd(RUNNABLE, {"s0": 1, "s1": 2, "s2": 3, "s3": 4, "s4": 5})
+    versions = {s: StateStore(client).version(s) for s in STREAMS}
+
+    # Pause at the second commit of the round (s2's, the first companion) and, meanwhile,
+    # let another worker take s2 over (its lease expires, a new fencing token is issued).
+    marker = tmp_path / "paused"
+    monkeypatch.setattr(faults, "_hits", {})
+    monkeypatch.setenv("SINKSTREAM_FAULT_POINT", "before_commit")
+    monkeypatch.setenv("SINKSTREAM_FAULT_AFTER", "2")
+    monkeypatch.setenv("SINKSTREAM_FAULT_MARKER", str(marker))
+    monkeypatch.setenv("SINKSTREAM_FAULT_SLEEP", "1.5")
+    result: list[Any] = []
+    worker = threading.Thread(target=lambda: result.append(multi.process("s0", 0.0)))
+    worker.start()
+    wait_until(marker.exists, 60, "the round to reach s2's commit")
+    holder = leases.holder("s2")
+    assert holder is not None and companion_holder(holder) and COMPANION_SUFFIX in holder
+    client.delete(StreamKeys.of("s2").lease)  # as if it had expired
+    thief = leases.acquire("s2", "thief@test", 30)
+    assert thief is not None
+    worker.join(60)
+    monkeypatch.delenv("SINKSTREAM_FAULT_POINT")
+
+    by_stream = {o.stream_id: o for o in result[0]}
+    assert set(by_stream) == {"s0", "s2", "s3", "s4"}  # s1 was busy
+    assert by_stream["s2"].status in ("stale", "lost")
+    for s in ("s0", "s3", "s4"):
+        assert by_stream[s].status == "applied"
+        assert StateStore(client).version(s) == versions[s] + 1
+    assert StateStore(client).version("s2") == versions["s2"]  # nothing from the stale commit
+    assert StateStore(client).version("s1") == versions["s1"]
+
+    # once the others let go, every stream resumes from its own commit, exactly
+    leases.release(other)
+    leases.release(thief)
+    _drain(multi, client)
+    for stream in STREAMS:
+        _assert_close_to_solo(processor.engine, client, stream)
+
+
+def test_one_stream_per_forward_is_the_bit_identical_solo_path(
+    setup: tuple[StreamProcessor, MultiStreamProcessor, redis.Redis],
+) -> None:
+    processor, _, client = setup
+    solo = MultiStreamProcessor(processor, 1, 100_000)
+    for stream in STREAMS:
+        while not caught_up(client, stream):
+            assert [o.stream_id for o in solo.process(stream, 0.0)] == [stream]
+    for stream in STREAMS:
+        got = processor.engine.export_state(_committed(processor.engine, client, stream))
+        ref = processor.engine.export_state(_solo(processor.engine, client, stream))
+        assert {k: t.data for k, t in got.tensors.items()} == \
+            {k: t.data for k, t in ref.tensors.items()}
+
+
+# ----- real worker processes -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-rwkv"])
+def test_workers_with_batching_commit_every_stream_close_to_solo(
+    redis_server: RedisServer, tmp_path: Path, qmsum_dir: Path, model: str
+) -> None:
+    env = _env(redis_server.url, tmp_path, model)
+    pool = WorkerPool(env, tmp_path)
+    client = redis_server.client()
+    settings = settings_from_env(env)
+    try:
+        _publish(client, qmsum_dir, settings)
+        pool.start("a")
+        pool.start("b")
+        wait_until(lambda: all(caught_up(client, s) for s in STREAMS), 240,
+                   "the workers to apply every stream", pool.logs)
+    finally:
+        pool.close()
+    engine = load_engine(settings)
+    for stream in STREAMS:
+        _assert_close_to_solo(engine, client, stream)
+
+
+def test_worker_killed_mid_batched_round_resumes_each_stream_from_its_own_commit(
+    redis_server: RedisServer, tmp_path: Path, qmsum_dir: Path
+) -> None:
+    env = _env(redis_server.url, tmp_path, "tiny-llama")
+    pool = WorkerPool(env, tmp_path)
+    client = redis_server.client()
+    settings = settings_from_env(env)
+    marker = tmp_path / "fault"
+    try:
+        _publish(client, qmsum_dir, settings)
+        # the 6th commit: the first round (4 streams) committed, the second one half-way
+        doomed = pool.start("doomed", SINKSTREAM_FAULT_POINT="before_commit",
+                            SINKSTREAM_FAULT_AFTER="6", SINKSTREAM_FAULT_MARKER=str(marker))
+        wait_until(marker.exists, 120, "the worker to reach its 6th commit", pool.logs)
+        versions = {s: StateStore(client).version(s) for s in STREAMS}
+        doomed.kill()
+        assert sum(versions.values()) == 5  # five batches committed, the sixth in flight
+        assert sum(1 for v in versions.values() if v) >= 2  # spread over several streams
+        pool.start("survivor")
+        wait_until(lambda: all(caught_up(client, s) for s in STREAMS), 240,
+                   "the survivor to finish every stream", pool.logs)
+    finally:
+        pool.close()
+    engine = load_engine(settings)
+    for stream in STREAMS:
+        _assert_close_to_solo(engine, client, stream)
