@@ -176,7 +176,8 @@ def pyplot() -> Any | None:
 
 def scrape_metrics(port: int) -> dict[str, float]:
     """A worker's /metrics as {sample name: value summed over labels}; histogram buckets are
-    left out and batches are kept apart by outcome (``sinkstream_batches_total:applied``)."""
+    left out; batches are kept apart by outcome (``sinkstream_batches_total:applied``) and round
+    trips by source (``sinkstream_redis_round_trips_total:tasks``)."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -191,5 +192,7 @@ def scrape_metrics(port: int) -> dict[str, float]:
             key = sample.name
             if key == "sinkstream_batches_total":
                 key = f"{key}:{sample.labels.get('outcome', '')}"
+            elif key == "sinkstream_redis_round_trips_total":
+                key = f"{key}:{sample.labels.get('source', '')}"
             out[key] = out.get(key, 0.0) + float(sample.value)
     return out

@@ -172,8 +172,10 @@ class _RoundTripCollector(Collector):
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily(
             "sinkstream_redis_round_trips",
-            "Round trips to the data Redis (a pipeline is one) made by this process")
-        family.add_metric([], float(ROUND_TRIPS.count))
+            "Round trips to the data Redis (a pipeline is one) made by this process: by its "
+            "tasks, its dispatcher, lease renewals and its vectorizer", labels=["source"])
+        for source, count in ROUND_TRIPS.by_source().items():
+            family.add_metric([source], float(count))
         yield family
 
 

@@ -82,22 +82,38 @@ def redis_from_settings(
     return _counted(redis.Redis.from_url(settings.redis_url, **kwargs))
 
 
+#: who makes a round trip, by the name of its thread: the worker's tasks run in the main
+#: thread (solo pool); the others are the worker's background threads
+ROUND_TRIP_SOURCES = ("tasks", "dispatcher", "lease", "vectorizer", "other")
+_THREAD_SOURCES = (("MainThread", "tasks"), ("sinkstream-dispatcher", "dispatcher"),
+                   ("lease-keeper", "lease"), ("sinkstream-vectorizer", "vectorizer"))
+
+
 class _RoundTrips:
     """Round trips this process made through clients from :func:`redis_from_settings`:
     every packed command sent (a pipeline is one, whatever it holds; a health-check PING is
-    one). Read by the worker's ``sinkstream_redis_round_trips_total``."""
+    one), by source (``ROUND_TRIP_SOURCES``). Read by the worker's
+    ``sinkstream_redis_round_trips_total``."""
 
     def __init__(self) -> None:
-        self._count = 0
+        self._counts = dict.fromkeys(ROUND_TRIP_SOURCES, 0)
         self._lock = threading.Lock()
 
     def add(self) -> None:
+        name = threading.current_thread().name
+        source = next((s for prefix, s in _THREAD_SOURCES if name.startswith(prefix)),
+                      "other")
         with self._lock:
-            self._count += 1
+            self._counts[source] += 1
 
     @property
     def count(self) -> int:
-        return self._count
+        """Every round trip so far."""
+        return sum(self._counts.values())
+
+    def by_source(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
 
 
 ROUND_TRIPS = _RoundTrips()

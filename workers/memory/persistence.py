@@ -29,6 +29,7 @@ from workers.memory.records import (
     OPEN_FIELD,
     SUMMARY_FIELD,
     VECTOR_PREFIX,
+    WINDOW_FIELD,
     Chunk,
     ChunkVector,
     MemoryHead,
@@ -37,6 +38,7 @@ from workers.memory.records import (
     SummaryMemory,
     chunk_field,
     encode_moments,
+    encode_window,
     field_seq,
     vector_field,
 )
@@ -99,13 +101,17 @@ def _with_vector(chunk: Chunk, vector: ChunkVector | None) -> Chunk:
 def plan_write(
     head: MemoryHead, turns: Sequence[TranscriptLine], *, chunk_tokens: int | None,
     max_chunks: int, summary: SummaryMemory | None, moments: Sequence[Moment] | None = None,
+    horizon: int | None = None,
 ) -> MemoryWrite:
     """The memory fields one batch sets and deletes.
 
     ``chunk_tokens`` None keeps no chunks (retrieval off); ``summary`` replaces the summary
     memory when the batch produced one. Beyond ``max_chunks`` the oldest chunks are deleted,
-    with their embeddings. Closed chunks are written without an embedding; ``closed`` lists
-    them for the vectorizer.
+    with their embeddings. Closed chunks are written without an embedding and kept in the
+    ``window`` list until they leave the model's window (``end <= horizon``, the stream's
+    tokens after the batch minus the window; ``horizon`` None: no window, at once); then
+    ``evicted`` lists them for the vectorizer: only text that left the window can be
+    retrieved, so only it is embedded.
     """
     write = MemoryWrite()
     if summary is not None:
@@ -121,12 +127,13 @@ def plan_write(
         else:
             write.set[OPEN_FIELD] = still_open.encode()
     seq = head.next_seq
+    in_window = list(head.in_window)
     for chunk in closed:
         write.set[chunk_field(seq)] = Chunk(
             chunk.first_id, chunk.last_id, chunk.text, chunk.start, chunk.end, chunk.speakers,
             chunk.ts, seq=seq,
         ).encode()
-        write.closed.append(seq)
+        in_window.append((seq, chunk.end))
         seq += 1
     if closed:
         write.set[NEXT_FIELD] = seq
@@ -135,9 +142,15 @@ def plan_write(
         name = chunk_field(first)
         if write.set.pop(name, None) is None:
             write.delete += [name, vector_field(first)]
-        elif first in write.closed:
-            write.closed.remove(first)
         first += 1
     if first != head.first_seq:
         write.set[FIRST_FIELD] = first
+    write.evicted = [s for s, end in in_window if s >= first and (horizon is None or
+                                                                   end <= horizon)]
+    still = [(s, end) for s, end in in_window if s >= first and s not in write.evicted]
+    if still != head.in_window:
+        if still:
+            write.set[WINDOW_FIELD] = encode_window(still)
+        else:
+            write.delete.append(WINDOW_FIELD)
     return write

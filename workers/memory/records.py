@@ -8,7 +8,9 @@ Hash fields (all in ``StreamKeys.memory``):
 - ``chunk:<seq>``: a closed chunk (``Chunk``), zero-padded so fields sort by age;
 - ``vec:<seq>``: that chunk's embedding (``ChunkVector``), written after the commit that
   closed the chunk, off the feed path (``workers/memory/vectors.py``);
-- ``moments``: the key moments so far (``workers.memory.highlights``).
+- ``moments``: the key moments so far (``workers.memory.highlights``);
+- ``window``: the closed chunks still inside the model's window, ``[[seq, end], ...]``: they
+  cannot be retrieved yet (the window holds them), so they are embedded when they leave it.
 
 Everything is derived from the committed entries and the previous memory only, so a batch
 replayed after a crash rewrites exactly the same fields.
@@ -31,8 +33,9 @@ FIRST_FIELD = "first"
 CHUNK_PREFIX = "chunk:"
 VECTOR_PREFIX = "vec:"
 MOMENTS_FIELD = "moments"
+WINDOW_FIELD = "window"
 #: fields read at the start of every batch (never the chunks themselves)
-HEAD_FIELDS = (SUMMARY_FIELD, OPEN_FIELD, NEXT_FIELD, FIRST_FIELD, MOMENTS_FIELD)
+HEAD_FIELDS = (SUMMARY_FIELD, OPEN_FIELD, NEXT_FIELD, FIRST_FIELD, MOMENTS_FIELD, WINDOW_FIELD)
 #: bumped if the record layout changes; records of another version are ignored, not misread
 RECORD_VERSION = 1
 
@@ -158,17 +161,20 @@ class MemoryHead:
     next_seq: int = 0
     first_seq: int = 0
     moments: list[Moment] = field(default_factory=list)
+    #: closed chunks still in the model's window: (seq, end token position), oldest first
+    in_window: list[tuple[int, int]] = field(default_factory=list)
 
     @classmethod
     def from_fields(cls, values: list[bytes | None]) -> MemoryHead:
         """From ``HMGET memory *HEAD_FIELDS`` (missing fields are None)."""
-        summary, open_, next_, first, moments = values
+        summary, open_, next_, first, moments, window = values
         return cls(
             SummaryMemory.decode(summary) if summary else None,
             OpenChunk.decode(open_) if open_ else None,
             int(next_) if next_ else 0,
             int(first) if first else 0,
             decode_moments(moments) if moments else [],
+            decode_window(window) if window else [],
         )
 
 
@@ -186,14 +192,26 @@ def decode_moments(data: bytes) -> list[Moment]:
         raise MemoryRecordError(f"unreadable key moment: {exc}") from None
 
 
+def encode_window(chunks: Sequence[tuple[int, int]]) -> bytes:
+    return _pack({"window": [[seq, end] for seq, end in chunks]})
+
+
+def decode_window(data: bytes) -> list[tuple[int, int]]:
+    raw = _unpack(data).get("window")
+    if not isinstance(raw, list):
+        raise MemoryRecordError("memory record without a window")
+    return [(int(seq), int(end)) for seq, end in raw]
+
+
 @dataclass
 class MemoryWrite:
     """What one batch changes in the memory hash: fields to set, then to delete."""
 
     set: dict[str, bytes | str | int] = field(default_factory=dict)
     delete: list[str] = field(default_factory=list)
-    #: sequence numbers of the chunks this write closes (to embed once it is committed)
-    closed: list[int] = field(default_factory=list)
+    #: chunks that left the model's window with this write (to embed once it is committed:
+    #: from now on a question can retrieve them)
+    evicted: list[int] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.set or self.delete)

@@ -2,9 +2,11 @@
 and the retrieval chunks, planned here and committed with the batch (exactly once).
 
 Chunks are committed without their embedding: computing it took ~200 ms of a batch on CPU, on
-the feed path of every stream. The chunks a commit closes are handed to the worker's
-``Vectorizer`` afterwards, which embeds them in batches off that path; a question asked
-before that has happened embeds what it still lacks itself (``workers/processing/answers.py``).
+the feed path of every stream (~75 ms of CPU per 192-token chunk for MiniLM here). Only a chunk
+that has left the model's window can be retrieved, so only then is it embedded: the chunks a
+commit moves out of the window are handed to the worker's ``Vectorizer``, which embeds them off
+the feed path; a question asked before that has happened embeds what it still lacks itself
+(``workers/processing/answers.py``).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class MemoryWriter:
 
     def plan(self, head: MemoryHead | None, lines: Sequence[TranscriptLine],
              summaries: Sequence[OutputEntry], moments: Sequence[Moment] | None,
-             ) -> MemoryWrite | None:
+             after: EngineState) -> MemoryWrite | None:
         """What this batch changes in the stream's memory (None: the stream keeps none)."""
         if head is None:
             return None
@@ -67,8 +69,10 @@ class MemoryWriter:
             last = summaries[-1]
             summary = SummaryMemory(last.text, last.covers, last.tokens_seen)
         retrieval = self.settings.retrieval != "off"
+        window = self.engine.window_tokens()
         return plan_write(
             head, lines if retrieval else [],
             chunk_tokens=self.settings.memory_chunk_tokens if retrieval else None,
             max_chunks=self.settings.memory_max_chunks, summary=summary, moments=moments,
+            horizon=None if window is None else after.tokens_seen - window,
         )

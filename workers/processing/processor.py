@@ -280,7 +280,7 @@ class StreamProcessor:
         moments = self.memory.moments(prepared.memory, lines)
         summaries = self.summarizer.for_batch(loaded.state, new_state, batch.last_id, batch.eos,
                                               prepared.memory, moments)
-        memory = self.memory.plan(prepared.memory, lines, summaries, moments)
+        memory = self.memory.plan(prepared.memory, lines, summaries, moments, new_state)
         claim.keeper.check()
         # deliberately after the last lease check: a paused worker that resumes here must be
         # stopped by the commit's fencing check, not by luck
@@ -296,8 +296,8 @@ class StreamProcessor:
             return Outcome(stream_id, "stale", reason=str(exc))
         save_s = time.perf_counter() - started
         claim.committed = batch.last_id
-        if memory is not None and memory.closed:
-            self._vectorize(stream_id, memory.closed)
+        if memory is not None and memory.evicted:
+            self._vectorize(stream_id, memory.evicted)
         return Outcome(
             stream_id, "applied", entries=len(batch.entries) + len(batch.rejected),
             tokens=len(batch.tokens), dead_letters=len(batch.rejected), more=batch.more,

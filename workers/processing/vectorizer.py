@@ -14,6 +14,7 @@ correctness: a worker that dies with chunks queued loses only time, never a chun
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -134,6 +135,7 @@ class Vectorizer:
                 pending[:0] = [s for s in seqs if s not in pending]
 
     def _run(self) -> None:
+        _lower_priority()
         while (taken := self._take()) is not None:
             try:
                 self._embed(taken)
@@ -169,3 +171,16 @@ class Vectorizer:
         written = vectors.store(self.client, by_stream)
         if self.on_written is not None:
             self.on_written(written, time.perf_counter() - started, self.pending())
+
+
+#: niceness of the vectorizer thread: the feed of the worker's task wins a contended core
+_NICENESS = 10
+
+
+def _lower_priority() -> None:
+    """Make this thread yield to the model's feed when both want a core (Linux: a thread's
+    priority is set through its own id; elsewhere, or without permission, nothing changes)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _NICENESS)
+    except (AttributeError, OSError) as exc:
+        log.debug("vectorizer: priority unchanged (%s)", exc)

@@ -66,7 +66,7 @@ def test_moments_keep_the_speaker_apart_and_cut_long_turns() -> None:
 def test_moments_round_trip_through_their_record() -> None:
     moments = fold([], _turns(30), keep=5)
     assert decode_moments(encode_moments(moments)) == moments
-    head = MemoryHead.from_fields([None, None, None, None, encode_moments(moments)])
+    head = MemoryHead.from_fields([None, None, None, None, encode_moments(moments), None])
     assert head.moments == moments
 
 

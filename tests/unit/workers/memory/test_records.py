@@ -103,7 +103,7 @@ def test_plan_write_of_one_batch_larger_than_the_bound() -> None:
                            summary=SummaryMemory("s", "100-8", 97))
     assert sorted(k for k in write.set if k.startswith("chunk:")) == [
         chunk_field(6), chunk_field(7), chunk_field(8)]
-    assert write.closed == [6, 7, 8]  # what the vectorizer embeds after the commit
+    assert write.evicted == [6, 7, 8]  # no window: embedded right after the commit
     assert write.delete == []  # never stored, so never deleted
     assert write.set[FIRST_FIELD] == 6 and write.set[NEXT_FIELD] == 9
     assert SummaryMemory.decode(write.set[SUMMARY_FIELD]).covers == "100-8"
@@ -113,3 +113,25 @@ def test_retrieval_off_keeps_only_the_summary() -> None:
     write = plan_write(MemoryHead(), _turns(9), chunk_tokens=None, max_chunks=3,
                            summary=SummaryMemory("s", "100-8", 97))
     assert list(write.set) == [SUMMARY_FIELD] and write.delete == []
+
+
+def test_chunks_are_embedded_when_they_leave_the_window_not_before() -> None:
+    """Only text that left the model's window can be retrieved, so a closed chunk waits in the
+    head's ``window`` list until the stream has moved a window past its end; the batch that
+    moves it out lists it in ``evicted`` (for the vectorizer), exactly once."""
+    fields: dict = {}
+    head = MemoryHead()
+    turns = _turns(40)  # 10 tokens each, from position 7
+    evicted: list[int] = []
+    for start in range(0, 40, 4):
+        batch = turns[start:start + 4]
+        horizon = batch[-1].end - 100  # a window of 100 tokens
+        write = plan_write(head, batch, chunk_tokens=25, max_chunks=100, summary=None,
+                           horizon=horizon)
+        head = _apply(head, write.set, write.delete, fields)
+        evicted += write.evicted
+        assert all(end > horizon for _, end in head.in_window)  # still inside
+        assert all(Chunk.decode(fields[chunk_field(s)]).end <= horizon for s in write.evicted)
+    assert evicted == sorted(set(evicted))  # each once, in order
+    closed = list(range(head.first_seq, head.next_seq))
+    assert evicted + [s for s, _ in head.in_window] == closed
