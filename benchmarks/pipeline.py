@@ -32,7 +32,7 @@ same window (what ``ratio`` would be if the worker fed exactly as fast as the ba
 ``cpu ratio`` = bare CPU seconds / (worker + redis-server) CPU seconds (extra work, not
 waiting). From the worker's /metrics (deltas over the timed rounds): feed, state load (Redis
 loads only) and state save milliseconds per batch, and the hot-cache hit rate leaving out each
-new stream's first batch (a miss with nothing to load; the raw rate is in ``extra``).
+new stream's first batch (it has nothing to load: neither a hit nor a miss).
 ``other ms/b`` is the rest of the pipeline's wall time per batch: Celery re-enqueue, ack and
 fetch, claim, XRANGE and tokenization. ``redis rt/b`` is the round trips the worker's tasks made
 to the data Redis per applied batch (``sinkstream_redis_round_trips_total{source="tasks"}``:
@@ -513,9 +513,8 @@ def _measure(case: Case, root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             "save ms/b": 1000 * save_sum / max(save_n, 1.0),
             "other ms/b": 1000 * (pipeline_s - w_feed - load_sum - save_sum) / per,
             "redis rt/b": task_trips / per,
-            # the first batch of a new stream is a miss with nothing to load: leave those out
-            "hot hit (warm)": hits / (hits + misses - case.streams)
-            if hits + misses > case.streams else float("nan"),
+            # a new stream's first batch has nothing to load: it counts as neither
+            "hot hit (warm)": hits / (hits + misses) if hits + misses else float("nan"),
         }
         detail = {
             "model": spec if not callable(case.spec) else "mid_tiny_llama (local HF dir)",
