@@ -9,6 +9,7 @@ benchmark plug in its own observer.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from monitoring import metrics
 
@@ -69,6 +70,13 @@ class BatchMetrics:
         metrics.MEMORY_VECTORS.inc(count)
         metrics.MEMORY_VECTOR_SECONDS.observe(seconds)
         metrics.MEMORY_VECTORS_PENDING.set(pending)
+
+    def guarded(self, verdicts: Sequence[Any]) -> None:
+        """The guard's verdicts on generated sentences (``workers.notes.guard.Verdict``): one
+        count per sentence, under its first unsupported kind of fact."""
+        for verdict in verdicts:
+            reason = verdict.reasons[0] if verdict.reasons else "none"
+            metrics.GUARD_SENTENCES.labels(action=verdict.action, reason=reason).inc()
 
     def cache_changed(self, nbytes: int, limit: int) -> None:
         metrics.HOT_CACHE_BYTES.set(nbytes)

@@ -79,6 +79,11 @@ MEMORY_VECTOR_SECONDS = Histogram("sinkstream_memory_vector_seconds",
                                   buckets=LATENCY_BUCKETS)
 MEMORY_VECTORS_PENDING = Gauge("sinkstream_memory_vectors_pending",
                                "Committed chunks this worker has yet to embed")
+GUARD_SENTENCES = Counter(
+    "sinkstream_guard_sentences_total",
+    "Generated sentences the faithfulness guard checked: kept, repaired (a misspelt name) or "
+    "dropped, by the kind of fact that was not in the text they rest on (none when kept)",
+    ["action", "reason"])
 LEASES_TAKEN_OVER = Counter("sinkstream_leases_taken_over_total",
                             "Streams taken over from a worker whose lease expired")
 STALE_COMMITS = Counter("sinkstream_stale_commits_refused_total",
@@ -209,7 +214,16 @@ def init_worker(engine: str, model: str, device: str = "cpu", dtype: str = "") -
                  "version": _version()})
 
 
+#: what the guard does to a sentence, and the kinds of fact it checks
+GUARD_ACTIONS = ("kept", "repaired", "dropped")
+GUARD_REASONS = ("name", "number", "date", "time")
+
+
 def _init_fixed_labels() -> None:
+    GUARD_SENTENCES.labels(action="kept", reason="none")
+    for action in GUARD_ACTIONS[1:]:
+        for guard_reason in GUARD_REASONS:
+            GUARD_SENTENCES.labels(action=action, reason=guard_reason)
     for outcome in BATCH_STATUSES:
         BATCHES.labels(outcome=outcome)
     for stale in STALE_REASONS:

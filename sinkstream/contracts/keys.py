@@ -120,6 +120,13 @@ class StreamKeys:
         return f"{self.tag}:memory"
 
     @property
+    def vocab(self) -> str:
+        """Hash: the words and facts (names, numbers, dates) the stream has said, one field
+        each; what the faithfulness guard checks generated text against. Written only inside
+        commits."""
+        return f"{self.tag}:vocab"
+
+    @property
     def scheduled(self) -> str:
         """String set NX while a task for this stream is queued or running."""
         return f"{self.tag}:scheduled"

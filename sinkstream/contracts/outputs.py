@@ -1,8 +1,9 @@
 """The output-entry contract: what a summary or an answer looks like on ``sinkstream:{id}:out``.
 
 One entry per summary or answer (README, "Wire format"): its ``kind``, ``text``, the last input
-entry it ``covers``, ``tokens_seen``, the ``model``, a ``ts``, the on-demand ``request`` id and,
-for answers, the ``sources`` it rests on (JSON). Workers write these; the CLI, the gateway and
+entry it ``covers``, ``tokens_seen``, the ``model``, a ``ts``, the on-demand ``request`` id,
+for answers the ``sources`` it rests on (JSON), and for notes the ``items`` they list (JSON:
+decisions, action items and open questions, each with the entries it cites). Workers write these; the CLI, the gateway and
 any Redis client read them.
 """
 
@@ -82,6 +83,9 @@ class OutputEntry:
     ts: float
     request: str = ""
     sources: tuple[Source, ...] = ()
+    #: notes: ``{"kind", "text", "entries", "speakers", "ts", "owner"?, "due"?,
+    #: "verbatim"?}`` per item (``workers/notes/items.py``)
+    items: tuple[dict[str, Any], ...] = ()
 
     def fields(self) -> dict[str, str]:
         out = {
@@ -96,6 +100,8 @@ class OutputEntry:
             out["request"] = self.request
         if self.sources:
             out["sources"] = json.dumps([src.to_dict() for src in self.sources])
+        if self.items:
+            out["items"] = json.dumps(list(self.items))
         return out
 
     @classmethod
@@ -109,6 +115,7 @@ class OutputEntry:
             ts=float(fields.get("ts", "0")),
             request=fields.get("request", ""),
             sources=parse_sources(fields.get("sources", "")),
+            items=parse_items(fields.get("items", "")),
         )
 
 
@@ -122,9 +129,20 @@ def parse_sources(text: str) -> tuple[Source, ...]:
         return ()
 
 
+def parse_items(text: str) -> tuple[dict[str, Any], ...]:
+    """The ``items`` field of an output entry (empty or unreadable: none)."""
+    if not text:
+        return ()
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        return ()
+    return tuple(i for i in raw if isinstance(i, dict)) if isinstance(raw, list) else ()
+
+
 def make_output(
     kind: SummaryKind, text: str, covers: str, tokens_seen: int, model: str, request: str = "",
-    sources: Sequence[Source] = (),
+    sources: Sequence[Source] = (), items: Sequence[dict[str, Any]] = (),
 ) -> OutputEntry:
     return OutputEntry(kind, text.strip(), covers, tokens_seen, model, time.time(), request,
-                       tuple(sources))
+                       tuple(sources), tuple(items))

@@ -19,6 +19,8 @@ from workers.memory import retrieve, vectors
 from workers.memory.embedder import Embedder, get_embedder
 from workers.memory.persistence import read_chunks, read_head
 from workers.memory.records import Chunk
+from workers.notes.guard import Support, check
+from workers.processing.notes_writer import NotesWriter
 from workers.processing.prompts import (
     answer_with_context_instruction,
     context_block,
@@ -27,17 +29,23 @@ from workers.processing.prompts import (
 from workers.processing.states import StateRepository
 from workers.processing.summarizer import Summarizer
 
+#: an answer whose every sentence stated something the stream never said
+NO_SUPPORTED_ANSWER = ("(the model's answer stated names, numbers or dates the transcript does "
+                       "not contain, so it was left out)")
+
 
 class Answerer:
     """Answers and on-demand summaries from one worker's committed states."""
 
     def __init__(self, engine: Engine[Any], client: redis.Redis, settings: Settings,
-                 states: StateRepository, summarizer: Summarizer) -> None:
+                 states: StateRepository, summarizer: Summarizer, notes: NotesWriter) -> None:
         self.engine = engine
         self.client = client
         self.settings = settings
         self.states = states
         self.summarizer = summarizer
+        self.notes = notes
+        self.observer = summarizer.observer
 
     @property
     def embedder(self) -> Embedder | None:
@@ -72,6 +80,10 @@ class Answerer:
             hits = sorted(hits, key=lambda h: -h.score)[:-1]  # drop the least relevant
         text = short_answer(self.summarizer.generate(state, prompt, max_new,
                                                      SummaryKind.ANSWER))
+        support = self.notes.support(stream_id, (), ())
+        if lines:
+            support = support | Support.of(lines)
+        text = self._guarded(text, support)
         quoted = retrieve.quote(question, hits, pervasive=pervasive)
         sources = [Source((h.chunk.first_id, h.chunk.last_id), h.chunk.speakers, h.chunk.ts,
                           h.score, quoted[1] if quoted is not None and quoted[0] is h else "")
@@ -80,11 +92,17 @@ class Answerer:
                            state.tokens_seen, self.engine.model_name, request, sources)
 
     def summary_now(self, stream_id: str, request: str = "") -> OutputEntry:
-        """An on-demand summary of the committed state, folding in the summary memory."""
+        """The notes so far, from the committed state and memory (nothing is written)."""
         loaded = self.states.committed(stream_id)
-        return self.summarizer.summarize(loaded.state, SummaryKind.ON_DEMAND,
-                                         loaded.last_entry_id or "0-0", request=request,
-                                         notes=self._notes(stream_id))
+        return self.notes.on_demand(stream_id, loaded.state, loaded.last_entry_id or "0-0",
+                                    request)
+
+    def _guarded(self, text: str, support: Support) -> str:
+        """The answer with every sentence the stream does not support left out; when none is
+        left, a plain statement of that (the quoted line under ``sources`` still stands)."""
+        checked = check(text, support)
+        self.observer.guarded(checked.verdicts)
+        return checked.text or NO_SUPPORTED_ANSWER
 
     def _notes(self, stream_id: str) -> str | None:
         if not self.settings.summary_memory:

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sinkstream.contracts.outputs import OutputEntry
 from sinkstream.settings import Settings
 from workers.engines.base import Engine, EngineState
 from workers.memory import highlights
@@ -59,15 +58,15 @@ class MemoryWriter:
         return highlights.fold(head.moments, lines, self.settings.key_moments)
 
     def plan(self, head: MemoryHead | None, lines: Sequence[TranscriptLine],
-             summaries: Sequence[OutputEntry], moments: Sequence[Moment] | None,
+             prose: str | None, covers: str, moments: Sequence[Moment] | None,
              after: EngineState) -> MemoryWrite | None:
-        """What this batch changes in the stream's memory (None: the stream keeps none)."""
+        """What this batch changes in the stream's memory (None: the stream keeps none).
+        ``prose``: the summary this batch wrote (guarded), which the next one folds in."""
         if head is None:
             return None
         summary = None
-        if self.settings.summary_memory and summaries and summaries[-1].text:
-            last = summaries[-1]
-            summary = SummaryMemory(last.text, last.covers, last.tokens_seen)
+        if self.settings.summary_memory and prose:
+            summary = SummaryMemory(prose, covers, after.tokens_seen)
         retrieval = self.settings.retrieval != "off"
         window = self.engine.window_tokens()
         return plan_write(

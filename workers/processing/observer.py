@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from workers.notes.guard import Verdict
+
 
 class BatchObserver(Protocol):
     def batch_done(self, stream_id: str, status: str) -> None: ...
@@ -29,6 +31,8 @@ class BatchObserver(Protocol):
     def stream_failed(self, reason: str) -> None: ...
 
     def vectors_written(self, count: int, seconds: float, pending: int) -> None: ...
+
+    def guarded(self, verdicts: Sequence[Verdict]) -> None: ...
 
     def cache_changed(self, nbytes: int, limit: int) -> None: ...
 
@@ -62,6 +66,9 @@ class NullObserver:
         pass
 
     def vectors_written(self, count: int, seconds: float, pending: int) -> None:
+        pass
+
+    def guarded(self, verdicts: Sequence[Verdict]) -> None:
         pass
 
     def cache_changed(self, nbytes: int, limit: int) -> None:

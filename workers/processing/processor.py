@@ -26,7 +26,7 @@ from typing import Any
 import redis
 
 from sinkstream.contracts.keys import StreamKeys
-from sinkstream.contracts.outputs import OutputEntry, SummaryKind
+from sinkstream.contracts.outputs import OutputEntry
 from sinkstream.faults import checkpoint
 from sinkstream.settings import Settings
 from state_store.claims import Claims, Refused, Then
@@ -37,6 +37,7 @@ from state_store.reads import parse_head as parse_state_head
 from state_store.reads import request_head as request_state_head
 from state_store.store import (
     CommitRequest,
+    FieldValue,
     HashUpdate,
     StaleCommitError,
     StateHead,
@@ -48,11 +49,15 @@ from workers.memory.embedder import Embedder
 from workers.memory.persistence import parse_head as parse_memory_head
 from workers.memory.persistence import request_head as request_memory_head
 from workers.memory.records import MemoryHead, MemoryWrite
+from workers.notes import head as notes_head
+from workers.notes.head import NotesHead
+from workers.notes.vocab import fields_of
 from workers.processing.answers import Answerer
 from workers.processing.batches import Batch, BatchReader
 from workers.processing.dead_letters import dead_letter
 from workers.processing.hot_cache import HotStateCache
 from workers.processing.memory_writer import MemoryWriter
+from workers.processing.notes_writer import NotesWriter
 from workers.processing.observer import BatchObserver
 from workers.processing.outcome import Outcome
 from workers.processing.states import Loaded, StateRepository
@@ -63,6 +68,27 @@ log = logging.getLogger(__name__)
 
 #: output streams are capped (approximately) at this many entries
 OUTPUT_MAXLEN = 10_000
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What a batch changes beside the state: its stream's memory hash (memory records and
+    notes) and its vocab, committed with it."""
+
+    memory: MemoryWrite | None
+    notes: dict[str, bytes | int]
+    vocab: dict[str, int]
+
+    def updates(self, keys: StreamKeys) -> list[HashUpdate]:
+        memory_set: dict[str, FieldValue] = {**(self.memory.set if self.memory else {}),
+                                             **self.notes}
+        memory_delete = list(self.memory.delete) if self.memory else []
+        out = []
+        if memory_set or memory_delete:
+            out.append(HashUpdate(keys.memory, memory_set, memory_delete))
+        if self.vocab:
+            out.append(HashUpdate(keys.vocab, dict(self.vocab)))
+        return out
 
 
 @dataclass
@@ -88,6 +114,7 @@ class Prepared:
     loaded: Loaded
     batch: Batch
     memory: MemoryHead | None
+    notes: NotesHead
     load_s: float
 
 
@@ -122,7 +149,9 @@ class StreamProcessor:
         self.reader = BatchReader(engine, settings)
         self.summarizer = Summarizer(engine, settings, observer)
         self.memory = MemoryWriter(engine, settings)
-        self.answers = Answerer(engine, client, settings, self.states, self.summarizer)
+        self.notes = NotesWriter(engine, client, settings, self.summarizer, observer)
+        self.answers = Answerer(engine, client, settings, self.states, self.summarizer,
+                                self.notes)
         self._vectorizer: Vectorizer | None = None
         #: leases whose release failed (Redis went away): released on the next try, so the
         #: stream does not wait for the lease to expire when Redis comes back
@@ -231,13 +260,15 @@ class StreamProcessor:
         if head is None:
             request_state_head(pipe, stream_id)
         self.reader.request(pipe, stream_id, after)
+        notes_head.request(pipe, stream_id)
         if self.memory.enabled:
             request_memory_head(pipe, stream_id)
         replies = pipe.execute(raise_on_error=False)
         if head is None:
             head = parse_state_head(stream_id, *_raised(replies[:2]))
             replies = replies[2:]
-        entries, memory_head = replies[0], replies[1] if self.memory.enabled else None
+        entries, notes_raw = replies[0], replies[1]
+        memory_head = replies[2] if self.memory.enabled else None
         if isinstance(entries, redis.ResponseError) and "WRONGTYPE" in str(entries):
             # anyone can write the input key: a non-stream there parks this stream only
             return self._fail(stream_id, f"stream {stream_id!r}: input key is not a stream "
@@ -257,7 +288,8 @@ class StreamProcessor:
         if batch is None:
             return Outcome(stream_id, "idle", version=loaded.version, cache_hit=loaded.cache_hit)
         memory = parse_memory_head(stream_id, memory_head) if self.memory.enabled else None
-        return Prepared(head, loaded, batch, memory, load_s)
+        return Prepared(head, loaded, batch, memory, notes_head.parse(stream_id, notes_raw),
+                        load_s)
 
     def feed(self, prepared: Prepared) -> tuple[EngineState, float]:
         """The state after the batch, and the seconds the model took."""
@@ -271,16 +303,18 @@ class StreamProcessor:
 
     def finish(self, claim: Claim, prepared: Prepared, new_state: EngineState,
                feed_s: float) -> Outcome:
-        """Summaries, memory and the fenced commit of one fed batch, under ``claim``."""
+        """Notes, summaries, memory and the fenced commit of one fed batch, under ``claim``."""
         checkpoint("after_feed")
         claim.keeper.check()
         stream_id, loaded, batch = claim.stream_id, prepared.loaded, prepared.batch
-        lines = self.memory.lines(loaded.state, new_state, batch) \
-            if prepared.memory is not None else []
+        lines = self.memory.lines(loaded.state, new_state, batch)
         moments = self.memory.moments(prepared.memory, lines)
-        summaries = self.summarizer.for_batch(loaded.state, new_state, batch.last_id, batch.eos,
-                                              prepared.memory, moments)
-        memory = self.memory.plan(prepared.memory, lines, summaries, moments, new_state)
+        notes = self.notes.update(prepared.notes, lines)
+        published = self.notes.publish(stream_id, loaded.state, new_state, batch.last_id,
+                                       batch.eos, lines, prepared.memory, moments, notes)
+        memory = self.memory.plan(prepared.memory, lines, published.prose, batch.last_id,
+                                  moments, new_state)
+        changes = Changes(memory, published.notes.fields(prepared.notes), fields_of(lines))
         claim.keeper.check()
         # deliberately after the last lease check: a paused worker that resumes here must be
         # stopped by the commit's fencing check, not by luck
@@ -288,7 +322,8 @@ class StreamProcessor:
 
         started = time.perf_counter()
         try:
-            version, written = self._commit(claim, prepared, new_state, summaries, memory)
+            version, written = self._commit(claim, prepared, new_state, published.entries,
+                                            changes)
         except StaleCommitError as exc:
             self.states.forget(stream_id)
             self.observer.commit_refused(exc.reason or "stale")
@@ -301,12 +336,12 @@ class StreamProcessor:
         return Outcome(
             stream_id, "applied", entries=len(batch.entries) + len(batch.rejected),
             tokens=len(batch.tokens), dead_letters=len(batch.rejected), more=batch.more,
-            version=version, summaries=summaries, load_s=prepared.load_s, feed_s=feed_s,
-            save_s=save_s, cache_hit=loaded.cache_hit,
+            version=version, summaries=published.entries, load_s=prepared.load_s,
+            feed_s=feed_s, save_s=save_s, cache_hit=loaded.cache_hit,
         )
 
     def _commit(self, claim: Claim, prepared: Prepared, new_state: EngineState,
-                summaries: list[OutputEntry], memory: MemoryWrite | None) -> tuple[int, int]:
+                summaries: list[OutputEntry], changes: Changes) -> tuple[int, int]:
         """Commit the batch; (the new version, state bytes written)."""
         started = time.perf_counter()
         loaded, batch = prepared.loaded, prepared.batch
@@ -332,7 +367,7 @@ class StreamProcessor:
             summary=summaries[-1].fields() if summaries else None,
             trim_input=self.settings.trim_applied_input,
             output_maxlen=OUTPUT_MAXLEN,
-            hash_updates=[HashUpdate(keys.memory, memory.set, memory.delete)] if memory else (),
+            hash_updates=changes.updates(keys),
             head=prepared.head,
         ))
         self.states.remember(claim.stream_id, result.version, new_state, batch.last_id)
@@ -380,10 +415,6 @@ class StreamProcessor:
 
     def summary_now(self, stream_id: str, request: str = "") -> OutputEntry:
         return self.answers.summary_now(stream_id, request)
-
-    def summarize(self, state: EngineState, kind: SummaryKind, covers: str,
-                  **kwargs: Any) -> OutputEntry:
-        return self.summarizer.summarize(state, kind, covers, **kwargs)
 
     def committed_state(self, stream_id: str) -> tuple[EngineState, str | None]:
         """The latest committed state and the last entry in it (no lease: read only)."""

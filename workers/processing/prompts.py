@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from workers.engines.base import Sampling
 
@@ -34,6 +33,9 @@ def answer_instruction(question: str) -> str:
             f"sentences: {question}")
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
+
+
 # ----- whole-stream memory (issue #8) ---------------------------------------------------------
 #: how much of the previous summary a prompt carries (characters; a runaway summary from a
 #: small model must not crowd the window out of the next prompt)
@@ -56,81 +58,51 @@ def rolling_instruction(previous: str | None) -> str:
             "above, in four sentences. Mention who does what.")
 
 
-@dataclass(frozen=True)
-class Section:
-    """One section of the final meeting notes, generated with its own short prompt.
+#: the final notes' prose section: generated, then checked by the guard; the items' sections
+#: (decisions, action items, open questions) come from ``workers.notes``
+SUMMARY_TITLE = "Summary"
+SUMMARY_LEAD = "The meeting"
+SUMMARY_INSTRUCTION = "Summarize {meeting} in three sentences."
+#: sampling for phrasing an item from its own lines: free to copy their words (names, numbers
+#: and dates should come from the lines), a light penalty against loops
+PHRASE_SAMPLING = Sampling(repetition_penalty=1.1)
 
-    ``lead`` pre-fills the assistant's answer (``"-"`` for a list), which a 135M model
-    follows far better than a multi-part instruction. No trailing space: BPE vocabularies
-    attach the space to the next word, and a lead of ``"- "`` made SmolLM2 continue with word
-    pieces ("- rd person ...").
+
+def summary_instruction(previous: str | None, key_lines: Sequence[str] = (),
+                        items: Sequence[str] = ()) -> str:
+    """The final notes' summary instruction, after what the stream's memory holds of the whole
+    meeting: its decisions and action items (``items``, already checked against their lines)
+    and its key moments (the speakers' own words) when there are any, else the previous
+    rolling summary.
+
+    Key moments cover the whole stream and cannot drift; a small model's folded summary does
+    (on QMSum with SmolLM2-135M the key moments alone gave better notes than the folded
+    summary, and than both together: ``benchmarks/README.md``).
     """
-
-    title: str
-    instruction: str
-    lead: str = ""
-    bullets: bool = True
-
-
-#: the sections people expect from meeting notes, in the order they are printed;
-#: ``{meeting}`` is "the meeting above", or with summary memory "the whole meeting"
-SECTIONS = (
-    Section("Summary", "Summarize {meeting} in three sentences.", "The meeting",
-            bullets=False),
-    Section("Decisions", "List the decisions made in {meeting}, one per line.", "-"),
-    Section("Action items", "List the action items from {meeting}, one per line, each with "
-                            "the name of the person who owns it.", "-"),
-    Section("Open questions", "List the questions {meeting} left open, one per line.", "-"),
-)
-#: most items kept in a list section, and characters in the summary section
-MAX_SECTION_ITEMS = 6
-
-
-def section_instruction(
-    section: Section, previous: str | None, key_lines: Sequence[str] = ()
-) -> str:
-    """A final-notes section's instruction, after what the stream's memory holds of the
-    earlier meeting: its key moments (the speakers' own words, ``Speaker: text``) when there
-    are any, else the previous summary.
-
-    The key moments cover the whole stream and cannot drift; a small model's folded summary
-    does, and a prompt carrying both is long enough to derail it: on QMSum with SmolLM2-135M
-    the key moments alone gave the best notes of the three (``benchmarks/README.md``).
-    """
+    parts = []
+    if items:
+        parts.append("Notes of the whole meeting:\n" + _notes("\n".join(items)))
     if key_lines:
-        head = "Key moments of the whole meeting:\n" + _notes("\n".join(key_lines))
-    elif previous:
-        head = f"Earlier in the meeting: {_notes(previous)}"
-    else:
-        return section.instruction.format(meeting="the meeting above")
-    return head + "\n\n" + section.instruction.format(
+        parts.append("Key moments of the whole meeting:\n" + _notes("\n".join(key_lines)))
+    elif previous and not items:
+        parts.append(f"Earlier in the meeting: {_notes(previous)}")
+    if not parts:
+        return SUMMARY_INSTRUCTION.format(meeting="the meeting above")
+    return "\n\n".join(parts) + "\n\n" + SUMMARY_INSTRUCTION.format(
         meeting="the whole meeting, the earlier part and the conversation above")
 
 
-def tidy_section(section: Section, generated: str) -> str:
-    """The generated section body, cut to what belongs to it: small models go on to the next
-    section or loop, so a list keeps its first distinct ``- `` items and prose its first
-    paragraph."""
-    text = (section.lead + generated).strip()
-    if not section.bullets:
-        return first_paragraph(text)
-    items: list[str] = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
-            if items:
-                break
-            continue
-        if not line.startswith(("-", "*", "•")) and not line[:1].isdigit():
-            if items:
-                break
-            continue
-        item = line.lstrip("-*•0123456789.) ").strip()
-        if item and item.lower() not in {i.lower() for i in items}:
-            items.append(item)
-        if len(items) >= MAX_SECTION_ITEMS:
-            break
-    return "\n".join(f"- {i}" for i in items) if items else "- none noted"
+def whole_sentences(text: str, limit: int | None = None) -> str:
+    """Prose cut to its first paragraph and to whole sentences (a generation stopped by its
+    token budget mid-sentence loses that sentence; a sentence that announces a list, ending
+    with ":", goes too: the list never came), at most ``limit`` sentences."""
+    paragraph = first_paragraph(text)
+    sentences = [s for s in _SENTENCE_END.split(paragraph) if s.strip()]
+    while sentences and not re.search(r"[.!?][\"')\]]*$", sentences[-1].strip()):
+        sentences.pop()
+    if limit is not None:
+        sentences = sentences[:limit]
+    return " ".join(s.strip() for s in sentences).strip()
 
 
 def first_paragraph(text: str) -> str:
@@ -141,7 +113,6 @@ def first_paragraph(text: str) -> str:
 
 #: an answer keeps at most this many sentences of what the model wrote
 ANSWER_SENTENCES = 2
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
 
 
 def short_answer(text: str) -> str:
@@ -151,11 +122,6 @@ def short_answer(text: str) -> str:
     quoted line)."""
     sentences = _SENTENCE_END.split(first_paragraph(text))
     return " ".join(sentences[:ANSWER_SENTENCES]).strip()
-
-
-def format_notes(sections: Sequence[tuple[Section, str]]) -> str:
-    """Meeting notes as markdown: one ``## Title`` per section."""
-    return "\n\n".join(f"## {s.title}\n{body}" for s, body in sections)
 
 
 def context_block(lines: Sequence[str]) -> str:

@@ -1,9 +1,10 @@
-"""Summaries from a stream's state: rolling ones as the stream goes, final notes at its end,
-and on-demand ones; the one place that runs the model for text.
+"""Prose from a stream's state: the one place that runs the model for text.
 
-Summaries are generated from a *copy* of a stream's state (engines never mutate it): the
-state already holds the transcript (sinks + recent window, or the RWKV state), so a summary
-costs only its prompt and the new tokens, never a re-read of the transcript.
+Summaries are generated from a *copy* of a stream's state (engines never mutate it): the state
+already holds the transcript (sinks + recent window, or the RWKV state), so a summary costs
+only its prompt and the new tokens, never a re-read of the transcript. What the prose may
+state is checked by the guard before it is published (``workers/processing/notes_writer.py``,
+``workers/processing/answers.py``); this module only writes it.
 """
 
 from __future__ import annotations
@@ -12,46 +13,38 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sinkstream.contracts.outputs import OutputEntry, SummaryKind, make_output
+from sinkstream.contracts.outputs import SummaryKind
 from sinkstream.settings import Settings
-from workers.engines.base import Engine, EngineState
-from workers.memory.highlights import Moment
+from workers.engines.base import Engine, EngineState, Sampling
 from workers.memory.records import MemoryHead
 from workers.processing.observer import BatchObserver
 from workers.processing.prompts import (
     ANSWER_SAMPLING,
-    SECTIONS,
+    SUMMARY_LEAD,
     SUMMARY_SAMPLING,
-    Section,
-    format_notes,
     rolling_instruction,
     rolling_summary_due,
-    section_instruction,
-    tidy_section,
+    summary_instruction,
+    whole_sentences,
 )
+
+#: sentences a rolling update's "so far" keeps, and the final notes' summary
+ROLLING_SENTENCES = 2
+SUMMARY_SENTENCES = 3
 
 
 class Summarizer:
-    """Writes the summaries of one worker's streams with its engine."""
+    """Writes the prose of one worker's streams with its engine."""
 
     def __init__(self, engine: Engine[Any], settings: Settings, observer: BatchObserver) -> None:
         self.engine = engine
         self.settings = settings
         self.observer = observer
 
-    def for_batch(self, before: EngineState, after: EngineState, last_id: str, eos: bool,
-                  head: MemoryHead | None, moments: Sequence[Moment] | None,
-                  ) -> list[OutputEntry]:
-        """What a batch publishes: the final notes at the end of the stream, a rolling
-        summary when the batch crossed a multiple of the rolling cadence, else nothing."""
-        notes = self.notes(head)
-        if eos:
-            return [self.summarize(after, SummaryKind.FINAL, last_id, notes=notes,
-                                   moments=moments or ())]
-        if rolling_summary_due(before.tokens_seen, after.tokens_seen,
-                               self.settings.rolling_every_tokens):
-            return [self.summarize(after, SummaryKind.ROLLING, last_id, notes=notes)]
-        return []
+    def rolling_due(self, before: EngineState, after: EngineState) -> bool:
+        """This batch crossed a multiple of the rolling cadence."""
+        return rolling_summary_due(before.tokens_seen, after.tokens_seen,
+                                   self.settings.rolling_every_tokens)
 
     def notes(self, head: MemoryHead | None) -> str | None:
         """The previous summary to fold in, when summary memory is on and there is one."""
@@ -59,44 +52,33 @@ class Summarizer:
             return None
         return head.summary.text or None
 
-    def summarize(
-        self, state: EngineState, kind: SummaryKind, covers: str, instruction: str | None = None,
-        request: str = "", notes: str | None = None, moments: Sequence[Moment] = (),
-    ) -> OutputEntry:
-        """A summary of ``state``; ``notes``, the previous summary (summary memory), folded in.
+    def rolling_prose(self, state: EngineState, previous: str | None,
+                      kind: SummaryKind = SummaryKind.ROLLING) -> str:
+        """What the conversation has been about so far, in a couple of sentences."""
+        return self.prose(state, rolling_instruction(previous), "", kind, ROLLING_SENTENCES)
 
-        A final summary is meeting notes in sections, each generated with its own short
-        prompt (``SECTIONS``), then the stream's key ``moments`` verbatim (extractive, so
-        they cannot drift).
-        """
-        if instruction is None and kind is SummaryKind.FINAL:
-            key_lines = [m.spoken() for m in moments]
-            text = format_notes([(section, self._section(state, section, notes, key_lines))
-                                 for section in SECTIONS])
-            if moments:
-                text += "\n\n## Key moments\n" + "\n".join(m.line() for m in moments)
-        else:
-            text = self.generate(
-                state, self.engine.summary_prompt(instruction or rolling_instruction(notes)),
-                self.settings.summary_max_new_tokens, kind)
-        return make_output(kind, text, covers, state.tokens_seen, self.engine.model_name,
-                           request)
+    def summary_prose(self, state: EngineState, previous: str | None,
+                      key_lines: Sequence[str] = (), items: Sequence[str] = ()) -> str:
+        """The final notes' summary: three sentences about the whole meeting."""
+        return self.prose(state, summary_instruction(previous, key_lines, items), SUMMARY_LEAD,
+                          SummaryKind.FINAL, SUMMARY_SENTENCES)
 
-    def _section(self, state: EngineState, section: Section, notes: str | None,
-                 key_lines: Sequence[str] = ()) -> str:
-        lead = self.engine.tokenizer.encode(section.lead) if section.lead else []
-        prompt = self.engine.summary_prompt(section_instruction(section, notes, key_lines)) \
-            + lead
-        budget = self.settings.summary_max_new_tokens if not section.bullets \
-            else max(16, self.settings.summary_max_new_tokens // 2)
-        return tidy_section(section, self.generate(state, prompt, budget, SummaryKind.FINAL))
+    def prose(self, state: EngineState, instruction: str, lead: str, kind: SummaryKind,
+              sentences: int) -> str:
+        """Generated prose, cut to its first paragraph and to whole sentences (a list it
+        announces but never wrote goes too)."""
+        prompt = self.engine.summary_prompt(instruction)
+        if lead:
+            prompt += self.engine.tokenizer.encode(lead)
+        text = self.generate(state, prompt, self.settings.summary_max_new_tokens, kind)
+        return whole_sentences(lead + text, sentences)
 
     def generate(
         self, state: EngineState, prompt: list[int], max_new_tokens: int, kind: SummaryKind,
-        extra_capacity: int | None = None,
+        sampling: Sampling | None = None, extra_capacity: int | None = None,
     ) -> str:
-        """The one place that runs the model for text: model output only ever becomes the
-        ``text`` of an output entry (and, through summary memory, a later prompt's notes).
+        """Run the model: model output only ever becomes text that the guard checks before
+        it is published (and, through summary memory, a later prompt's notes).
 
         By default the prompt and the answer get room of their own beside the window
         (``extra_capacity``, up to the model's position limit), so a long prompt, such as
@@ -106,8 +88,9 @@ class Summarizer:
         if extra_capacity is None:
             extra_capacity = min(self.room(state, prompt, max_new_tokens),
                                  self.engine.max_extra_capacity())
+        if sampling is None:
+            sampling = ANSWER_SAMPLING if kind is SummaryKind.ANSWER else SUMMARY_SAMPLING
         started = time.perf_counter()
-        sampling = ANSWER_SAMPLING if kind is SummaryKind.ANSWER else SUMMARY_SAMPLING
         ids = self.engine.generate(state, prompt, max_new_tokens, sampling,
                                    extra_capacity=extra_capacity)
         self.observer.generated(kind.value, len(ids), time.perf_counter() - started)

@@ -11,7 +11,8 @@ from sinkstream.ids import MAX_STREAM_ID_LENGTH, InvalidStreamId, validate_strea
 
 def _all_keys(keys: StreamKeys) -> list[str]:
     return [keys.input, keys.output, keys.dead, keys.state, keys.state_chunk(3, 7), keys.lease,
-            keys.fence, keys.producers, keys.meta, keys.summary, keys.scheduled]
+            keys.fence, keys.producers, keys.meta, keys.summary, keys.scheduled, keys.memory,
+            keys.vocab, keys.state_pending, keys.state_segment(2, "ab")]
 
 
 def test_every_key_of_a_stream_carries_its_hash_tag_and_shares_a_slot() -> None:

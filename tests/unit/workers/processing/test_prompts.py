@@ -11,14 +11,12 @@ from sinkstream.settings import Settings, SettingsError, load_settings
 from workers.processing.prompts import (
     MAX_NOTES_CHARS,
     ROLLING_INSTRUCTION,
-    SECTIONS,
     answer_with_context_instruction,
     context_block,
-    format_notes,
     rolling_instruction,
-    section_instruction,
     short_answer,
-    tidy_section,
+    summary_instruction,
+    whole_sentences,
 )
 
 
@@ -35,31 +33,25 @@ def test_runaway_notes_are_cut_before_they_reach_a_prompt() -> None:
     assert len(prompt) < MAX_NOTES_CHARS + 300
 
 
-def test_every_section_prompt_carries_the_notes_when_there_are_some() -> None:
-    for section in SECTIONS:
-        alone = section_instruction(section, None)
-        assert "the meeting above" in alone and "{" not in alone
-        folded = section_instruction(section, "Olga decided X.")
-        assert folded.startswith("Earlier in the meeting: Olga decided X.")
-        assert "the whole meeting" in folded
-        # key moments, when the stream has them, stand in for the drifting summary
-        grounded = section_instruction(section, "Olga decided X.", ["Olga: ship it Friday"])
-        assert grounded.startswith("Key moments of the whole meeting:\nOlga: ship it Friday")
-        assert "Olga decided X." not in grounded and "the whole meeting" in grounded
-    assert [s.title for s in SECTIONS] == ["Summary", "Decisions", "Action items",
-                                           "Open questions"]
+def test_the_summary_prompt_carries_the_items_and_key_moments_of_the_whole_meeting() -> None:
+    alone = summary_instruction(None)
+    assert "the meeting above" in alone and "{" not in alone
+    folded = summary_instruction("Olga decided X.")
+    assert folded.startswith("Earlier in the meeting: Olga decided X.")
+    assert "the whole meeting" in folded
+    # key moments and the notes' items stand in for the drifting rolling summary
+    grounded = summary_instruction("Olga decided X.", ["Olga: ship it Friday"],
+                                   ["- We ship on Friday."])
+    assert grounded.startswith("Notes of the whole meeting:\n- We ship on Friday.")
+    assert "Key moments of the whole meeting:\nOlga: ship it Friday" in grounded
+    assert "Olga decided X." not in grounded and "the whole meeting" in grounded
 
 
-def test_tidy_section_keeps_distinct_items_and_stops_at_the_next_section() -> None:
-    decisions = SECTIONS[1]
-    raw = "Ship on the 14th\n- ship on the 14th\n- Keep the staged rollout\n\n## Action items\n- x"
-    assert tidy_section(decisions, raw) == "- Ship on the 14th\n- Keep the staged rollout"
-    assert tidy_section(decisions, "\n\n") == "- none noted"
-    summary = SECTIONS[0]
-    # the summary is pre-filled with "The meeting", which the model continues
-    assert tidy_section(summary, " was short.\n\nDecisions: none") == "The meeting was short."
-    notes = format_notes([(summary, "A."), (decisions, "- B")])
-    assert notes == "## Summary\nA.\n\n## Decisions\n- B"
+def test_prose_is_cut_to_whole_sentences_and_never_ends_on_an_announced_list() -> None:
+    assert whole_sentences("The meeting was short. It ended at") == "The meeting was short."
+    assert whole_sentences("The team met. Key points discussed included:") == "The team met."
+    assert whole_sentences("One. Two. Three. Four.", 3) == "One. Two. Three."
+    assert whole_sentences("A first paragraph.\n\nAnother one.") == "A first paragraph."
 
 
 def test_answer_prompt_carries_retrieved_lines_verbatim_after_the_notes() -> None:
