@@ -31,10 +31,14 @@ class BenchResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+#: modules of this folder that are not benchmarks (notes_labels checks hand-made labels)
+NOT_BENCHMARKS = {"__init__", "run", "common", "notes_labels"}
+
+
 def available() -> list[str]:
     here = Path(__file__).parent
     return sorted(
-        p.stem for p in here.glob("*.py") if p.stem not in {"__init__", "run", "common"}
+        p.stem for p in here.glob("*.py") if p.stem not in NOT_BENCHMARKS
         and not p.stem.startswith("_")
     )
 
