@@ -3,8 +3,8 @@
 One entry per summary or answer (README, "Wire format"): its ``kind``, ``text``, the last input
 entry it ``covers``, ``tokens_seen``, the ``model``, a ``ts``, the on-demand ``request`` id,
 for answers the ``sources`` it rests on (JSON), and for notes the ``items`` they list (JSON:
-decisions, action items and open questions, each with the entries it cites). Workers write these; the CLI, the gateway and
-any Redis client read them.
+decisions, action items and open questions, each with the entries it cites). Workers write
+these; the CLI, the gateway and any Redis client read them.
 """
 
 from __future__ import annotations
