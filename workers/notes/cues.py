@@ -53,12 +53,17 @@ _DECISION = re.compile(
     r"pick|do it)\b|we(?:'ll| will| are going to|'re going to| are gonna|'re gonna) "
     r"(?:go with|go for|ship|keep|use|stick with|move|target|launch|drop|choose|pick|make)\b|"
     r"\bthe plan(?: is)?[:,]|so the plan\b|then we (?:keep|ship|go|use|move|slip|target|make)\b|"
-    r"\bwe (?:still )?(?:target|ship|keep|go with)\b|is a (?:launch |release )?blocker\b)",
+    r"\bwe (?:still )?(?:target|ship|keep|go with)\b|is a (?:launch |release )?blocker\b|"
+    r"\bwe decide\b|\bwe(?:'re| are) going (?:with|for)\b|\bwe (?:don't|do not) need\b|"
+    r"\bwe(?:'ll| will)? (?:have to|need to) (?:use|have|make|keep|include|drop|stick)\b|"
+    r"\b(?:has|have) to work (?:on|with)\b|\bmust be used\b|\bwe(?:'ve| have) settled\b)",
     re.IGNORECASE)
 _COMMIT = re.compile(
-    r"\bI(?:'ll| will| am going to|'m going to| shall| can take| can do| can have| can send| "
-    r"can write| can look| can check| can review| can cover| can handle| can ask)\s+"
-    r"(?!be\b|have to\b|think\b|guess\b|say\b|just say\b|probably\b|need\b)",
+    r"\bI(?:'ll| will| am going to|'m going to| shall| can| could| have to| need to|'ve got to"
+    r"| got to)\s+(?:also\s+|just\s+)?"
+    r"(?!be\b|have\b|think\b|guess\b|say\b|probably\b|need\b|see\b|imagine\b|hear\b|"
+    r"live\b|understand\b|tell you\b|remember\b|believe\b|agree\b|admit\b|go\b|only\b|"
+    r"not\b|never\b|kind of\b|sort of\b|get back\b)[a-z]",
     re.IGNORECASE)
 _REQUEST = re.compile(
     r"^(?P<name>[A-Z][a-z]+),\s*(?:(?:can|could|would|will) you\b|please\b)|"
@@ -95,6 +100,10 @@ class Candidate:
     due: str | None = None
 
 
+#: transcripts that write contractions apart ("I 'll", "do n't", as ICSI's do)
+_SPLIT_CONTRACTION = re.compile(r"\s+('(?:ll|re|ve|s|d|m)|n't)\b", re.IGNORECASE)
+
+
 def find(lines: Sequence[TranscriptLine], people: Iterable[str]) -> list[Candidate]:
     """Every item the ``lines`` state, in order. ``people``: the stream's speakers and the
     names said in it (an owner must be one of them)."""
@@ -105,7 +114,7 @@ def find(lines: Sequence[TranscriptLine], people: Iterable[str]) -> list[Candida
     found: list[Candidate] = []
     for line in lines:
         speaker, said = split_speaker(line.line.strip(), [line.speaker] if line.speaker else [])
-        parts = clauses(clean(said))
+        parts = clauses(_SPLIT_CONTRACTION.sub(r"\1", clean(said)))
         for i, clause in enumerate(parts):
             candidate = _classify(clause, line, speaker or line.speaker, known)
             if candidate is None:
