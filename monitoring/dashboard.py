@@ -123,6 +123,26 @@ ROWS: list[tuple[str, list[Panel]]] = [
             Target('max(sinkstream_streams{status="failed"})', "streams failed now"),
         ], width=16),
     ]),
+    ("Notes and memory", [
+        Panel("Guard: generated sentences / s", [Target(
+            f"sum by (action, reason) (rate(sinkstream_guard_sentences_total{{{W}}}[{RI}]))",
+            "{{action}} {{reason}}")], unit="ops",
+            description="Sentences the faithfulness guard checked: kept, repaired (a misspelt "
+                        "name) or dropped (a name, number, date or time not in what the "
+                        "sentence rests on). A rising drop rate means the model invents."),
+        Panel("Chunk embeddings", [
+            Target(f"sum(rate(sinkstream_memory_vectors_total{{{W}}}[{RI}]))", "embedded / s"),
+            Target(f"sum(sinkstream_memory_vectors_pending{{{W}}})", "waiting"),
+        ], description="Retrieval chunks embedded off the feed path, once they leave the "
+                       "window, and the vectorizers' backlog."),
+        Panel("Redis round trips per batch", [Target(
+            f"sum by (source) (rate(sinkstream_redis_round_trips_total{{{W}}}[{RI}])) / "
+            f"scalar(clamp_min(sum(rate(sinkstream_batches_total{{{W}}}[{RI}])), 1e-9))",
+            "{{source}}")],
+            description="Commands and pipelines sent to the data Redis per batch, by who sent "
+                        "them: the tasks (4 for a batch on a hot state), the dispatcher, lease "
+                        "renewals, the vectorizer."),
+    ]),
     ("State and memory", [
         Panel("State size", [
             Target(f"max by (model) (sinkstream_state_size_bytes{{{WM}}})",
