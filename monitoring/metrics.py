@@ -82,7 +82,8 @@ MEMORY_VECTORS_PENDING = Gauge("sinkstream_memory_vectors_pending",
 GUARD_SENTENCES = Counter(
     "sinkstream_guard_sentences_total",
     "Generated sentences the faithfulness guard checked: kept, repaired (a misspelt name) or "
-    "dropped, by the kind of fact that was not in the text they rest on (none when kept)",
+    "dropped, by the kind of fact that was not in the text they rest on, or garbled (not "
+    "language); none when kept",
     ["action", "reason"])
 LEASES_TAKEN_OVER = Counter("sinkstream_leases_taken_over_total",
                             "Streams taken over from a worker whose lease expired")
@@ -216,7 +217,7 @@ def init_worker(engine: str, model: str, device: str = "cpu", dtype: str = "") -
 
 #: what the guard does to a sentence, and the kinds of fact it checks
 GUARD_ACTIONS = ("kept", "repaired", "dropped")
-GUARD_REASONS = ("name", "number", "date", "time")
+GUARD_REASONS = ("name", "number", "date", "time", "garbled")
 
 
 def _init_fixed_labels() -> None:

@@ -22,6 +22,8 @@ from typing import Literal
 from text_to_num import alpha2digit
 
 Kind = Literal["name", "number", "date", "time"]
+#: why the guard drops a sentence: a kind of fact it does not support, or not language
+Reason = Literal["name", "number", "date", "time", "garbled"]
 
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august",

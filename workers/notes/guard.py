@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from workers.notes.facts import Fact, Kind, facts, words
+from workers.notes.facts import Fact, Kind, Reason, facts, words
 
 #: how close an unsupported name must be to a supported one to be repaired to it
 _REPAIR_CUTOFF = 0.7
@@ -74,7 +74,7 @@ class Verdict:
 
     sentence: str
     action: str
-    reasons: tuple[Kind, ...] = ()
+    reasons: tuple[Reason, ...] = ()
     text: str = ""  # the sentence as published ("" when dropped)
 
 
@@ -95,7 +95,11 @@ class Checked:
 
 
 def check_sentence(sentence: str, support: Support) -> Verdict:
-    """One sentence against ``support``."""
+    """One sentence against ``support``. A sentence that is not language (bytes a broken
+    or tiny model emitted, words glued to symbols) is dropped as ``garbled``: it states
+    nothing checkable, and states it badly."""
+    if garbled(sentence):
+        return Verdict(sentence, "dropped", ("garbled",))
     unsupported = [f for f in facts(sentence) if not support.supports(f)]
     if not unsupported:
         return Verdict(sentence, "kept", text=sentence)
@@ -127,6 +131,32 @@ def check(text: str, support: Support) -> Checked:
         if kept or not body.strip():
             lines.append(prefix + " ".join(kept))
     return Checked("\n".join(lines).strip(), tuple(verdicts))
+
+
+def garbled(sentence: str) -> bool:
+    """Not language: replacement or control characters, or fewer than half of its tokens
+    words."""
+    if any(c == "\ufffd" or (ord(c) < 32 and c not in "\t\n") for c in sentence):
+        return True
+    tokens = sentence.split()
+    plain = [t for t in tokens if re.fullmatch(r"[\"'(\[]*[\w'’%$€£-]+[\"')\],.;:!?]*", t)]
+    return not tokens or len(plain) < len(tokens) / 2
+
+
+def grounded_share(sentence: str, sources: Iterable[str]) -> float:
+    """The share of ``sentence``'s content words that its ``sources`` use too (stems): a
+    rephrasing of some lines uses their words; a sentence made up beside them does not."""
+    from workers.memory.highlights import content_words
+
+    mine = {_stem(w) for w in content_words(sentence)}
+    if not mine:
+        return 1.0
+    theirs = {_stem(w) for text in sources for w in content_words(text)}
+    return len(mine & theirs) / len(mine)
+
+
+def _stem(word: str) -> str:
+    return word[:5]
 
 
 def _split_marker(line: str) -> tuple[str, str]:

@@ -20,7 +20,9 @@ NONE_NOTED = "- none noted"
 
 def bullet(item: NoteItem) -> str:
     """One item as a markdown bullet with its owner, due date and citations."""
-    text = item.text.strip().rstrip(".") + "."
+    text = item.text.strip()
+    if not text.endswith((".", "?", "!")):
+        text += "."
     if item.kind == "action" and item.owner and not text.lower().startswith(item.owner.lower()):
         text = f"**{item.owner}**: {text}"
     if item.kind == "action" and item.due and not any(d.lower() in text.lower()

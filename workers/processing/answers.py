@@ -30,8 +30,8 @@ from workers.processing.states import StateRepository
 from workers.processing.summarizer import Summarizer
 
 #: an answer whose every sentence stated something the stream never said
-NO_SUPPORTED_ANSWER = ("(the model's answer stated names, numbers or dates the transcript does "
-                       "not contain, so it was left out)")
+NO_SUPPORTED_ANSWER = ("(no answer: the faithfulness guard dropped what the model wrote, for "
+                       "stating what the transcript does not say)")
 
 
 class Answerer:

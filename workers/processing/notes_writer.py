@@ -43,10 +43,12 @@ PHRASE_INSTRUCTIONS = {
 }
 #: new tokens a phrasing may take
 PHRASE_TOKENS = 48
+#: share of a phrasing's content words that must come from its lines (a rephrasing)
+PHRASE_GROUNDING = 0.6
 #: what a summary says when the guard dropped every sentence of the model's
-NO_SUPPORTED_SUMMARY = ("(the model's summary stated names, numbers or dates the transcript "
-                        "does not contain, so it was left out; the items below are what the "
-                        "meeting said)")
+NO_SUPPORTED_SUMMARY = ("(no summary: the faithfulness guard dropped every sentence the model "
+                        "wrote, for stating what the transcript does not say; the items below "
+                        "are what the meeting said)")
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,7 @@ class NotesWriter:
         return NotesHead(items, head.people, head.cursor)
 
     def _phrased(self, item: NoteItem, people: Sequence[str]) -> NoteItem:
-        said = _sentence(item.said)
+        said = item.said.strip()
         if not self.settings.notes_phrasing:
             return replace(item, text=said, phrased=False, stale=False)
         lead = f"{item.owner} will" if item.kind == "action" and item.owner else ""
@@ -179,7 +181,8 @@ class NotesWriter:
             sampling=PHRASE_SAMPLING).strip())
         checked = guard.check(text, guard.Support.of(item.lines, people))
         self.observer.guarded(checked.verdicts)
-        if not checked.text or checked.dropped or len(checked.text) < 8:
+        if not checked.text or checked.dropped or len(checked.text) < 8 \
+                or guard.grounded_share(checked.text, item.lines) < PHRASE_GROUNDING:
             return replace(item, text=said, phrased=False, stale=False)
         return replace(item, text=checked.text, phrased=True, stale=False)
 
