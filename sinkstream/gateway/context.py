@@ -57,7 +57,7 @@ class Gateway:
             if self._celery is None:
                 from workers.app import create_app
 
-                self._celery = create_app(self.settings)
+                self._celery = create_app(self.settings, register_tasks=False)
             return self._celery
 
     def close(self) -> None:

@@ -28,7 +28,7 @@ from sinkstream.contracts.outputs import parse_sources
 from sinkstream.ids import entry_id_ms
 from state_store.replies import as_text
 
-_ENTRY_ID = re.compile(r"(?<![\w.-])(\d{10,17}-\d{1,9})(?![\w.-])")
+_ENTRY_ID = re.compile(r"(?<![\w-])(\d{10,17}-\d{1,9})(?![\w-]|\.\d)")
 #: a bracketed group made only of entry ids and list punctuation: "(1700-0)", "[a, b]",
 #: "(entries 1700-0..1700-4)", "(1700-0 – 1700-2)"
 _CITATION_GROUP = re.compile(
