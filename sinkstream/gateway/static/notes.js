@@ -33,7 +33,11 @@ async function api(path, options) {
   const response = await fetch(path, Object.assign({ credentials: "same-origin" }, options));
   if (response.status === 401) { showSignin(""); throw new Error("unauthorized"); }
   const body = response.status === 204 ? {} : await response.json().catch(() => ({}));
-  if (!response.ok) throw new Error(body.detail || response.statusText);
+  if (!response.ok) {
+    const error = new Error(body.detail || response.statusText);
+    error.status = response.status;
+    throw error;
+  }
   return body;
 }
 
@@ -161,7 +165,9 @@ async function refreshStatus() {
       wallTime(s.last_summary_ts)));
     if (s.dead_letters) box.appendChild(el("span", "pill failed", s.dead_letters + " dead letters"));
     if (s.failure) box.appendChild(el("span", "pill failed", s.failure));
-  } catch (e) { /* shown by the next successful refresh */ }
+  } catch (e) {
+    if (e.status === 404) $("status").replaceChildren(el("span", "pill", "not started yet"));
+  }
 }
 
 function follow() {
@@ -216,7 +222,14 @@ async function signin(token) {
 }
 
 async function start() {
-  const notes = await api(base + "/notes?limit=20");
+  let notes;
+  try {
+    notes = await api(base + "/notes?limit=20");
+  } catch (e) {
+    if (e.status !== 404) throw e;
+    // not started yet: follow it from its first output
+    notes = { rolling: [], on_demand: [], answers: [], final: null, last_event_id: "0-0" };
+  }
   $("signin").hidden = true;
   $("main").hidden = false;
   const views = [...notes.rolling, ...notes.on_demand].sort((a, b) => a.ts - b.ts);
