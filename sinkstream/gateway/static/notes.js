@@ -132,7 +132,10 @@ function showAnswer(view) {
   }
   state.pending.delete(view.request);
   li.querySelector(".pending")?.remove();
-  li.appendChild(el("div", "", view.text || "(no answer)"));
+  const answer = el("div", "a");
+  answer.appendChild(el("span", "label", "Answer "));
+  answer.appendChild(document.createTextNode(view.text || "(no answer)"));
+  li.appendChild(answer);
   for (const src of view.sources || []) {
     if (!src.quote) continue;
     const q = el("blockquote");
@@ -146,7 +149,7 @@ function showAnswer(view) {
 function onOutput(view, fresh) {
   if (view.kind === "answer") showAnswer(view);
   else {
-    addRolling(view, fresh);
+    if (view.kind !== "final") addRolling(view, fresh);
     showNotes(view);
   }
 }
