@@ -32,7 +32,7 @@ def stream_known(client: redis.Redis, stream_id: str) -> bool:
 def stream_status(client: redis.Redis, stream_id: str) -> dict[str, Any]:
     """Status, committed offset, lag, tokens, state bytes, dead letters, last summary."""
     keys = StreamKeys.of(stream_id)
-    lag = LagReader(client).read_batch([stream_id])[0]
+    lag = LagReader(client, read_only=True).read_batch([stream_id])[0]
     info = StateStore(client).info(stream_id)
     meta = text_fields(client.hgetall(keys.meta), "replace")
     last_summary = meta.get("last_summary_ts")
