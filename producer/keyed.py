@@ -12,11 +12,16 @@ duplicates, and a half-applied first attempt is completed, not repeated.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import redis
 
-from producer.publisher import Producer, attempts_for
+from producer.encoding import EncodedEntry
+from producer.publisher import Producer, PublishResult, attempts_for
+from sinkstream.contracts.keys import StreamKeys
 from sinkstream.settings import Settings
+
+_BATCH_BYTES = 1 << 20
 
 #: prefix of every keyed producer id in ``sinkstream:{<id>}:producers``
 KEYED_PREFIX = "key-"
@@ -52,3 +57,25 @@ class KeyedProducer(Producer):
     def _first_seq(self, stream_id: str) -> int:
         """Always 1: a retry must number its entries exactly as the first attempt did."""
         return 1
+
+    def publish_encoded(self, stream: str, entries: Sequence[EncodedEntry], *,
+                        eos: bool = False) -> PublishResult:
+        """Append entries already validated and encoded (``producer.encoding.encode_turn``),
+        then the end marker if ``eos``: for a caller that validates a whole request before
+        writing any of it, so each entry is encoded once. Sent ``batch_entries`` (or about
+        1 MiB) per script call, like :meth:`publish_many`."""
+        keys = StreamKeys.of(stream)
+        result = PublishResult()
+        with self._lock:
+            numbered = self._number(keys.stream_id, list(entries))
+            if eos:
+                numbered.extend(self._number(keys.stream_id, [(b"", b"", "")], eos="1"))
+            start = size = 0
+            for end, entry in enumerate(numbered, start=1):
+                size += len(entry[1][1])
+                if end - start >= self.batch_entries or size >= _BATCH_BYTES:
+                    self._send(keys, numbered[start:end], result)
+                    start, size = end, 0
+            if start < len(numbered) or not numbered:
+                self._send(keys, numbered[start:], result)
+        return result

@@ -133,11 +133,12 @@ class _Reader:
             try:
                 self._read_once(positions)
                 self.last_ok = time.monotonic()
-            except redis.RedisError as exc:
+            except Exception as exc:  # noqa: BLE001 - the reader must outlive any one read
                 now = time.monotonic()
                 if now - warned > _WARN_EVERY_S:
                     warned = now
-                    log.warning("SSE reader: Redis error (%s); retrying", exc)
+                    log.warning("SSE reader: %s: %s; retrying", type(exc).__name__, exc,
+                                exc_info=not isinstance(exc, redis.RedisError))
                 self.stop.wait(0.5)
 
     def _read_once(self, positions: dict[str, str]) -> None:
@@ -149,10 +150,11 @@ class _Reader:
                    for eid, f in entries]
             if not raw:
                 continue
+            events = self.hub.build(stream_id, raw)  # may fail: then read again, from here
             with self.lock:
                 if stream_id in self.positions:
                     self.positions[stream_id] = raw[-1][0]
-            self.hub.post(stream_id, self.hub.build(stream_id, raw))
+            self.hub.post(stream_id, events)
 
 
 class Hub:
