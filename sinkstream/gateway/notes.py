@@ -130,30 +130,33 @@ def _quotes_from_sections(sections: Iterable[Section]) -> dict[str, tuple[str | 
 
 def resolve_citations(client: redis.Redis | None, stream_id: str,
                       sections: list[Section]) -> dict[str, Citation]:
-    """Every cited id with its time; its quote from the key moments or, while the input
-    entry is still in Redis (``trim_applied_input = false``, or not applied yet), from the
-    entry itself (one pipelined round trip, at most ``MAX_CITATIONS_RESOLVED`` ids)."""
+    """Every cited id with its time; its line (speaker, text, media ``ts``) from the input
+    entry while it is still in Redis (``trim_applied_input = false``, or not applied yet:
+    one pipelined round trip, at most ``MAX_CITATIONS_RESOLVED`` ids), else its quote from
+    the key moments of the same notes (verbatim lines with their entry ids)."""
     ids = list(dict.fromkeys(c for s in sections for i in s.items for c in i.citations))
-    known = _quotes_from_sections(sections)
     out = {cid: Citation(cid, entry_id_ms(cid) / 1000.0) for cid in ids}
-    for cid, (speaker, text) in known.items():
-        if cid in out:
+    if client is not None and ids:
+        _from_input(client, stream_id, out, ids[:MAX_CITATIONS_RESOLVED])
+    for cid, (speaker, text) in _quotes_from_sections(sections).items():
+        if cid in out and out[cid].quote is None:
             out[cid].quote, out[cid].speaker = text, speaker
-    missing = [cid for cid in ids if out[cid].quote is None][:MAX_CITATIONS_RESOLVED]
-    if client is None or not missing:
-        return out
+    return out
+
+
+def _from_input(client: redis.Redis, stream_id: str, out: dict[str, Citation],
+                ids: list[str]) -> None:
     key = StreamKeys.of(stream_id).input
     pipe = client.pipeline(transaction=False)
-    for cid in missing:
+    for cid in ids:
         pipe.xrange(key, cid, cid, count=1)
-    for cid, reply in zip(missing, pipe.execute(raise_on_error=False), strict=True):
+    for cid, reply in zip(ids, pipe.execute(raise_on_error=False), strict=True):
         if isinstance(reply, Exception) or not reply:
             continue
         parsed = parse_entry(reply[0][0], reply[0][1])
         if isinstance(parsed, InputEntry) and parsed.text:
             out[cid].quote, out[cid].speaker, out[cid].ts = parsed.text, parsed.speaker, \
                 parsed.ts
-    return out
 
 
 def output_view(client: redis.Redis | None, stream_id: str, entry_id: str,

@@ -162,3 +162,66 @@ def test_notes_appear_in_the_page_as_captions_are_posted(
     shot = Path(os.environ.get("SINKSTREAM_GATEWAY_SCREENSHOT", tmp_path / "gateway-notes.png"))
     shot.parent.mkdir(parents=True, exist_ok=True)
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+
+
+GROUNDED = """## Summary
+The team agreed the camera permission crash blocks the launch.
+
+## Decisions
+- The camera permission fix is a launch blocker ({blocker})
+
+## Action items
+- Tomas merges the fix by two o'clock [{merge}]
+
+## Open questions
+- none noted
+
+## Key moments
+- Maya: A crash on first launch is a blocker. ({blocker})
+"""
+
+
+def test_grounded_notes_show_their_quotes_and_times(browser: Any, tmp_path: Path) -> None:
+    """Notes whose bullets cite entries (as grounded notes do) show each citation's time
+    and the quoted line: from the key moments, or from the input entry itself."""
+    from selenium.webdriver.common.by import By
+
+    from sinkstream.contracts.keys import StreamKeys
+    from sinkstream.contracts.outputs import SummaryKind, make_output
+
+    server = RedisServer(tmp_path / "redis").start()
+    tokens = Tokens.create(tmp_path / "tokens.json")
+    gateway = GatewayProcess(gateway_env(server.url, tokens.path), tmp_path / "gateway.log")
+    try:
+        gateway.start()
+        data = server.client(decode_responses=True)
+        keys = StreamKeys.of("acme-grounded")
+        blocker = data.xadd(keys.input, {"text": "A crash on first launch is a blocker.",
+                                         "speaker": "Maya", "ts": "35.5"})
+        merge = data.xadd(keys.input, {"text": "I will merge it by two o'clock.",
+                                       "speaker": "Tomas", "ts": "40.5"})
+        notes = GROUNDED.format(blocker=blocker, merge=merge)
+        data.xadd(keys.output, make_output(SummaryKind.FINAL, notes, str(merge), 99,
+                                           "m").fields())  # type: ignore[arg-type]
+        browser.get(f"{gateway.url}/streams/acme-grounded#token={tokens.acme_read}")
+
+        def text(element_id: str) -> str:
+            return str(browser.find_element(By.ID, element_id).text)
+
+        _wait("the notes", lambda: text("notes-title") == "Meeting notes", 30,
+              lambda: browser.find_element(By.TAG_NAME, "body").text)
+        notes_text = text("notes")
+        assert "The camera permission fix is a launch blocker" in notes_text
+        assert blocker not in notes_text, "citations are chips, not raw ids"
+        assert "“I will merge it by two o'clock.”" in notes_text  # from the input entry
+        assert "0:40" in notes_text and "0:35" in notes_text  # media times of the cited lines
+        chips = browser.find_elements(By.CSS_SELECTOR, "#notes .cite")
+        assert len(chips) == 2 and blocker in chips[0].get_attribute("title")
+        assert "Maya" in text("moments")
+        browser.find_element(By.ID, "question").send_keys("who?")
+        browser.find_element(By.CSS_SELECTOR, "#ask-form button").click()
+        _wait("the refusal", lambda: "lacks the 'ask' scope" in text("ask-error"), 15,
+              lambda: browser.find_element(By.TAG_NAME, "body").text)
+    finally:
+        gateway.stop()
+        server.stop(hard=True)
