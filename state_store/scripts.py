@@ -45,7 +45,8 @@ MEMORY_VECTORS = _load("memory_vectors")
 
 
 def run_script_each(
-    client: redis.Redis, script: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
+    client: redis.Redis, script: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]],
+    command: str = "EVALSHA",
 ) -> list[Any]:
     """Run ``script`` once per ``(keys, args)`` in ``calls``, pipelined in one round trip
     (per node on a cluster); the replies in order, a failed call's error as its reply.
@@ -53,13 +54,15 @@ def run_script_each(
     Raw EVALSHA, because redis-py's cluster pipeline refuses Script objects and ``.evalsha()``
     but routes a raw EVALSHA by its first key. A server that lacks the script (first use, a
     restart, a promoted replica) answers NOSCRIPT, which means nothing ran: the script is loaded
-    (on every primary of a cluster) and the pipeline sent once more."""
+    (on every primary of a cluster) and the pipeline sent once more. ``command="EVALSHA_RO"``
+    runs a read-only script as one (Redis >= 7), so a user with read-only access to its keys
+    (``%R~`` in an ACL) may run it."""
     sha = hashlib.sha1(script.encode()).hexdigest()
     replies: list[Any] = []
     for attempt in range(2):
         pipe = client.pipeline(transaction=False)
         for keys, args in calls:
-            pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+            pipe.execute_command(command, sha, len(keys), *keys, *args)
         replies = pipe.execute(raise_on_error=False)
         if attempt == 0 and any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
             client.script_load(script)

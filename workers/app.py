@@ -30,7 +30,6 @@ from typing import Any
 from celery import Celery
 
 from sinkstream.settings import Settings, load_settings
-from workers import tasks
 
 #: Seconds the Redis broker waits before redelivering an unacknowledged task.
 VISIBILITY_TIMEOUT_S = 4 * 3600
@@ -76,8 +75,12 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
-def create_app(settings: Settings) -> Celery:
-    """A Celery app for ``settings``, with sinkstream's tasks registered on it."""
+def create_app(settings: Settings, *, register_tasks: bool = True) -> Celery:
+    """A Celery app for ``settings``, with sinkstream's tasks registered on it.
+
+    ``register_tasks=False`` builds the same app for a process that only *sends* tasks by
+    name (the HTTP gateway): the tasks, and torch with them, are never imported there.
+    """
     broker = settings.effective_broker_url
     app = Celery("sinkstream", broker=broker)
     app.conf.update(
@@ -105,7 +108,10 @@ def create_app(settings: Settings) -> Celery:
     ssl_options = _ssl_options(settings, broker)
     if ssl_options:
         app.conf.broker_use_ssl = ssl_options
-    tasks.register(app, settings.broker_queue)
+    if register_tasks:
+        from workers import tasks
+
+        tasks.register(app, settings.broker_queue)
     return app
 
 

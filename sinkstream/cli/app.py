@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from sinkstream.cli import demo, models, publishing, reading, services
+from sinkstream.cli import demo, gateway, models, publishing, reading, services
 from sinkstream.cli.common import state
 
 app = typer.Typer(
@@ -56,6 +56,9 @@ app.command("worker")(services.worker_cmd)
 app.command("exporter")(services.exporter_cmd)
 app.command("demo")(demo.demo_cmd)
 app.add_typer(models.model_app, name="model")
+# the HTTP gateway
+app.command("serve")(gateway.serve_cmd)
+app.add_typer(gateway.token_app, name="token")
 
 
 def main() -> None:

@@ -183,6 +183,8 @@ class SecureRedis(RedisServer):
         assert "user default off" in rules
         rules = rules.replace(">CHANGE-ME-worker", f">{WORKER_PW}")
         rules = rules.replace(">CHANGE-ME-producer", f">{PRODUCER_PW}")
+        # the gateway's user runs under these rules in tests/integration/gateway/test_acl.py
+        rules = rules.replace(">CHANGE-ME-gateway", ">gateway-test-password")
         rules = rules.replace("user default off", "user default on nopass ~* &* +@all")
         assert not [ln for ln in rules.splitlines() if ln.startswith("user") and "CHANGE-ME" in ln]
         self.conf = workdir / "redis.conf"
@@ -296,7 +298,7 @@ def _assert_tls_is_required(port: int, ca: Path) -> None:
 def test_acl_file_documents_every_user() -> None:
     users = [line.split()[1] for line in ACL_FILE.read_text().splitlines()
              if line.startswith("user ")]
-    assert users == ["default", "sinkstream-worker", "sinkstream-producer"]
+    assert users == ["default", "sinkstream-worker", "sinkstream-producer", "sinkstream-gateway"]
     text = (ROOT / "docs" / "reliability.md").read_text()
     for user in users[1:]:
         assert user in text

@@ -338,10 +338,13 @@ def test_prometheus_operator_resources_validate_against_our_schema() -> None:
     rule = next(d for _, d in _manifests() if d["kind"] == "PrometheusRule")
     assert rule["spec"]["groups"] == _rule_groups(), \
         "deploy/k8s/prometheusrule.yaml differs from deploy/prometheus/rules"
-    jobs = {d["kind"]: d["spec"].get("podMetricsEndpoints", d["spec"].get("endpoints"))[0]
+    jobs = {d["metadata"]["name"]: d["spec"].get("podMetricsEndpoints",
+                                                 d["spec"].get("endpoints"))[0]
             ["relabelings"][0]["replacement"] for _, d in _manifests()
             if d["kind"] in ("PodMonitor", "ServiceMonitor")}
-    assert jobs == {"PodMonitor": "sinkstream-workers", "ServiceMonitor": "sinkstream-exporter"}
+    assert jobs == {"sinkstream-workers": "sinkstream-workers",
+                    "sinkstream-exporter": "sinkstream-exporter",
+                    "sinkstream-gateway": "sinkstream-gateway"}
 
 
 def _by_name(kind: str, name: str) -> dict[str, Any]:
@@ -374,6 +377,45 @@ def test_kubernetes_worker_semantics() -> None:
     service = _by_name("Service", "sinkstream-exporter")
     assert service["spec"]["selector"].items() <= \
         exporter_pod["template"]["metadata"]["labels"].items()
+
+
+def test_kubernetes_gateway_semantics() -> None:
+    """Probes on /healthz and /readyz, the tokens file from a Secret (hashes only) readable
+    by the container's group, the Service and ServiceMonitor selecting its pods."""
+    gateway = _by_name("Deployment", "sinkstream-gateway")
+    pod = gateway["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"][0] == "serve"
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    env = {e["name"]: e for e in container["env"]}
+    tokens_file = env["SINKSTREAM_GATEWAY_TOKENS_FILE"]["value"]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "tokens")
+    assert tokens_file.startswith(mount["mountPath"]) and mount["readOnly"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "tokens")
+    assert volume["secret"]["secretName"] == "sinkstream-gateway-tokens"
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    labels = gateway["spec"]["template"]["metadata"]["labels"]
+    service = _by_name("Service", "sinkstream-gateway")
+    assert service["spec"]["selector"].items() <= labels.items()
+    monitor = _by_name("ServiceMonitor", "sinkstream-gateway")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
+
+
+def test_compose_gateway() -> None:
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    gateway = compose["services"]["gateway"]
+    assert gateway["command"][0] == "serve"
+    assert all(p.startswith("127.0.0.1:") for p in gateway["ports"]), "loopback on the host"
+    assert gateway["environment"]["SINKSTREAM_GATEWAY_TOKENS_FILE"] == \
+        "/run/secrets/gateway-tokens"
+    tokens = DEPLOY / compose["secrets"]["gateway-tokens"]["file"]
+    assert json.loads(tokens.read_text())["tokens"] == [], "ship no token, not even a hash"
+    assert "/readyz" in " ".join(gateway["healthcheck"]["test"])
+    prometheus = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
+    targets = {j["job_name"]: j for j in prometheus["scrape_configs"]}
+    assert targets["sinkstream-gateway"]["static_configs"][0]["targets"] == ["gateway:8080"]
 
 
 def test_kustomization_lists_every_manifest() -> None:
