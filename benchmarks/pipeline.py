@@ -361,6 +361,7 @@ def _measure(case: Case, root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     from producer.publisher import Producer
     from sinkstream.cli.localredis import RedisServer, free_port
     from sinkstream.contracts.keys import StreamKeys
+    from sinkstream.contracts.tasks import PROCESS_STREAM
     from workers.app import create_app
     from workers.engines.loading import load_engine
     from workers.scheduling.scheduler import Scheduler
@@ -420,7 +421,7 @@ def _measure(case: Case, root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
                 state = engine.feed(state, batch)
         celery_app = create_app(settings)
         scheduler.enqueue = lambda sid: celery_app.send_task(
-            "sinkstream.process_stream", args=[sid], queue=settings.broker_queue)
+            PROCESS_STREAM, args=[sid], queue=settings.broker_queue)
 
         def pipeline(group: list[_Stream]) -> tuple[float, float, int, bool]:
             """Lift the group's gates, schedule like the dispatcher, wait for the commits.

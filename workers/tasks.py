@@ -18,6 +18,7 @@ from kombu.exceptions import ChannelError
 from monitoring import metrics
 from monitoring.metrics import start_metrics_server
 from sinkstream.contracts.keys import StreamKeys
+from sinkstream.contracts.tasks import PROCESS_STREAM, SUMMARIZE
 from state_store.connection import TRANSIENT_ERRORS
 from workers.processing.multistream import companion_holder
 from workers.processing.outcome import Outcome
@@ -26,9 +27,6 @@ from workers.scheduling.dispatcher import Dispatcher
 
 log = logging.getLogger(__name__)
 
-#: the task names, as producers of tasks send them (``app.send_task``)
-PROCESS_STREAM = "sinkstream.process_stream"
-SUMMARIZE = "sinkstream.summarize"
 #: At most one WARNING per this many seconds about Redis being down (the rest at DEBUG).
 _REDIS_DOWN_LOG_INTERVAL_S = 30.0
 #: a task whose stream is held as a companion comes back after this long

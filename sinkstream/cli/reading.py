@@ -97,13 +97,13 @@ def _request(stream: str, question: str, timeout: float) -> dict[str, str]:
     if not client.exists(keys.state):
         raise fail(f"stream {stream!r} has no committed state yet: publish to it and start a "
                    "worker (sinkstream worker), or check `sinkstream streams`")
+    from sinkstream.contracts.tasks import SUMMARIZE
     from workers.app import create_app
-    from workers.tasks import SUMMARIZE
 
     request = secrets.token_hex(8)
     sent_at = f"{int(time.time() * 1000) - 1}-0"  # an answer can land before the first read
-    create_app(cfg).send_task(SUMMARIZE, args=[stream, request, question],
-                              queue=cfg.broker_queue)
+    create_app(cfg, register_tasks=False).send_task(
+        SUMMARIZE, args=[stream, request, question], queue=cfg.broker_queue)
     stop = threading.Event()
     timer = threading.Timer(timeout, stop.set)
     timer.start()

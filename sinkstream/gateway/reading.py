@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from sinkstream.contracts.keys import StreamKeys
+from sinkstream.contracts.tasks import SUMMARIZE
 from sinkstream.gateway.access import COOKIE, Access, gateway, principal, require, require_scope
 from sinkstream.gateway.auth import Principal
 from sinkstream.gateway.context import Gateway
@@ -28,7 +29,6 @@ from sinkstream.gateway.notes import latest_outputs, output_view
 from sinkstream.gateway.status import stream_known, stream_status, tenant_streams
 
 router = APIRouter(tags=["reading"])
-SUMMARIZE = "sinkstream.summarize"  # workers.tasks.SUMMARIZE, sent by name
 
 
 class AskIn(BaseModel):
