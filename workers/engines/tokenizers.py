@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Any
 
 
@@ -20,6 +21,10 @@ class ByteTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    @property
+    def line_break_ids(self) -> tuple[int, ...]:
+        return (10,)
 
 
 class HFTokenizer:
@@ -49,6 +54,14 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=False))
+
+    @cached_property
+    def line_break_ids(self) -> tuple[int, ...]:
+        """Every token that holds a line break ("Ċ" in byte-level BPE, "<0x0A>" in
+        sentencepiece vocabularies): a generation that must stay on one line stops at them."""
+        vocab: dict[str, int] = self.hf.get_vocab()
+        return tuple(sorted(i for t, i in vocab.items()
+                            if "Ċ" in t or "\n" in t or t == "<0x0A>"))
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.hf.decode([int(i) for i in ids], skip_special_tokens=True))

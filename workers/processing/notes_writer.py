@@ -42,7 +42,7 @@ PHRASE_INSTRUCTIONS = {
     "question": "Write the question these lines leave open as one short sentence.",
 }
 #: new tokens a phrasing may take
-PHRASE_TOKENS = 48
+PHRASE_TOKENS = 40
 #: share of a phrasing's content words that must come from its lines (a rephrasing)
 PHRASE_GROUNDING = 0.6
 #: what a summary says when the guard dropped every sentence of the model's
@@ -178,7 +178,7 @@ class NotesWriter:
                   + (self.engine.tokenizer.encode(lead) if lead else []))
         text = _sentence(lead + " " + self.summarizer.generate(
             self.engine.new_state(), prompt, PHRASE_TOKENS, SummaryKind.ROLLING,
-            sampling=PHRASE_SAMPLING).strip())
+            sampling=self.summarizer.one_line(PHRASE_SAMPLING)).strip())
         checked = guard.check(text, guard.Support.of(item.lines, people))
         self.observer.guarded(checked.verdicts)
         if not checked.text or checked.dropped or len(checked.text) < 8 \

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from sinkstream.contracts.outputs import SummaryKind
@@ -31,6 +32,9 @@ from workers.processing.prompts import (
 #: sentences a rolling update's "so far" keeps, and the final notes' summary
 ROLLING_SENTENCES = 2
 SUMMARY_SENTENCES = 3
+#: new tokens a rolling update's two sentences may take (generation dominates an update's
+#: cost on a CPU: ~3 tokens/s for a 1.5B model)
+ROLLING_TOKENS = 64
 
 
 class Summarizer:
@@ -55,7 +59,8 @@ class Summarizer:
     def rolling_prose(self, state: EngineState, previous: str | None,
                       kind: SummaryKind = SummaryKind.ROLLING) -> str:
         """What the conversation has been about so far, in a couple of sentences."""
-        return self.prose(state, rolling_instruction(previous), "", kind, ROLLING_SENTENCES)
+        return self.prose(state, rolling_instruction(previous), "", kind, ROLLING_SENTENCES,
+                          min(ROLLING_TOKENS, self.settings.summary_max_new_tokens))
 
     def summary_prose(self, state: EngineState, previous: str | None,
                       key_lines: Sequence[str] = (), items: Sequence[str] = ()) -> str:
@@ -64,14 +69,20 @@ class Summarizer:
                           SummaryKind.FINAL, SUMMARY_SENTENCES)
 
     def prose(self, state: EngineState, instruction: str, lead: str, kind: SummaryKind,
-              sentences: int) -> str:
-        """Generated prose, cut to its first paragraph and to whole sentences (a list it
-        announces but never wrote goes too)."""
+              sentences: int, max_new_tokens: int | None = None) -> str:
+        """Generated prose, one paragraph (the generation stops at a line break), cut to whole
+        sentences (a list it announces but never wrote goes too)."""
         prompt = self.engine.summary_prompt(instruction)
         if lead:
             prompt += self.engine.tokenizer.encode(lead)
-        text = self.generate(state, prompt, self.settings.summary_max_new_tokens, kind)
+        text = self.generate(state, prompt, max_new_tokens or self.settings.summary_max_new_tokens,
+                             kind, sampling=self.one_line(SUMMARY_SAMPLING))
         return whole_sentences(lead + text, sentences)
+
+    def one_line(self, sampling: Sampling) -> Sampling:
+        """``sampling`` stopping at the first line break of the generated text."""
+        breaks = tuple(getattr(self.engine.tokenizer, "line_break_ids", ()))
+        return replace(sampling, stop_token_ids=(*sampling.stop_token_ids, *breaks))
 
     def generate(
         self, state: EngineState, prompt: list[int], max_new_tokens: int, kind: SummaryKind,
