@@ -23,7 +23,8 @@ drains it, and the rolling updates and final notes are read back from the output
   last batch), tokens/s of generation, peak RSS of the process.
 
 ``python -m benchmarks.run notes [--quick] --json PATH``; ``SINKSTREAM_BENCH_PRESETS`` names the
-presets (comma-separated; default: the default model, plus every other preset prepared here).
+presets (comma-separated; default: the model setting), ``SINKSTREAM_BENCH_MEETINGS`` the
+meetings (default: all labelled ones, ``--quick`` two).
 """
 
 from __future__ import annotations
@@ -273,7 +274,9 @@ def presets() -> list[str]:
 
 def run(quick: bool) -> BenchResult:
     data = default_data_dir()
-    meetings = list(QUICK_MEETINGS) if quick else label_names()
+    named = os.environ.get("SINKSTREAM_BENCH_MEETINGS")
+    meetings = [m.strip() for m in named.split(",")] if named \
+        else list(QUICK_MEETINGS) if quick else label_names()
     workdir = Path(tempfile.mkdtemp(prefix="sinkstream-notesbench-"))
     rows: list[dict[str, Any]] = []
     details: dict[str, Any] = {}

@@ -411,10 +411,11 @@ def _answer(processor: Any, sid: str, question: str, features: Features) -> tupl
     from sinkstream.contracts.outputs import SummaryKind
     from workers.processing.prompts import answer_instruction
 
-    state, covers = processor.committed_state(sid)
-    entry = processor.summarize(state, SummaryKind.ANSWER, covers or "",
-                                answer_instruction(question))
-    return entry.text, 0
+    state, _ = processor.committed_state(sid)
+    text = processor.summarizer.generate(
+        state, processor.engine.summary_prompt(answer_instruction(question)),
+        processor.settings.summary_max_new_tokens, SummaryKind.ANSWER)
+    return text, 0
 
 
 def retrieval_recall(processor: Any, sid: str, question: str,
@@ -572,14 +573,12 @@ def _one_meeting(h: Harness, scorer: Scorer, meeting: Meeting, processors: dict[
 
 
 def _final_from(processor: Any, sid: str) -> _Pass:
-    """The final summary a worker with ``processor``'s settings writes at the end-of-stream
+    """The final notes a worker with ``processor``'s settings writes at the end-of-stream
     entry, generated from ``sid``'s committed final state (same engine, same tokens)."""
-    from sinkstream.contracts.outputs import SummaryKind
-
     started = time.perf_counter()
-    state, covers = processor.committed_state(sid)
-    entry = processor.summarize(state, SummaryKind.FINAL, covers or "0-0")
-    return _Pass(final=entry.text, rolling=0, tokens=state.tokens_seen,
+    state, _ = processor.committed_state(sid)
+    text = processor.final_now(sid).text
+    return _Pass(final=text, rolling=0, tokens=state.tokens_seen,
                  wall_s=time.perf_counter() - started, stream=sid)
 
 

@@ -226,8 +226,9 @@ def test_prompt_text_changes_nothing_but_the_summary_text(site: Site) -> None:
 
 def test_generated_text_only_ever_becomes_output_data() -> None:
     """Static half of the prompt-injection argument: model output (``engine.generate``) is
-    decoded in one place (``Summarizer.generate``) and only ever becomes the text of an output
-    entry; no other code path reads it."""
+    decoded in one place (``Summarizer.generate``), and every reader of that text (notes,
+    phrasings, answers) passes it through the faithfulness guard before it becomes the text
+    of an output entry; no other code path reads it."""
     engine_calls, text_calls = [], []
     for path in (ROOT / "workers").rglob("*.py"):
         if "engines" in path.parts:
@@ -239,9 +240,10 @@ def test_generated_text_only_ever_becomes_output_data() -> None:
                 (engine_calls if owner == "self.engine" else text_calls).append(
                     (path.name, owner))
     assert engine_calls == [("summarizer.py", "self.engine")]
-    # the decoded text's readers: the summarizer's own sections/summaries, and answers
+    # the decoded text's readers: the summarizer's own prose, the notes' phrasings, answers
     assert sorted(text_calls) == [("answers.py", "self.summarizer"),
-                                  ("summarizer.py", "self"), ("summarizer.py", "self")]
+                                  ("notes_writer.py", "self.summarizer"),
+                                  ("summarizer.py", "self")]
     source = (ROOT / "workers" / "processing" / "summarizer.py").read_text()
     tree = ast.parse(source)
     (generate,) = [n for n in ast.walk(tree)
@@ -250,12 +252,40 @@ def test_generated_text_only_ever_becomes_output_data() -> None:
     contexts = {ast.get_source_segment(source, p) for p in _parents(generate, uses)}
     # ids = generate(...); len(ids) for a metric; tokenizer.decode(ids) becomes the text
     assert contexts <= {"len(ids)", "self.engine.tokenizer.decode(ids)"}, contexts
-    (summarize,) = [n for n in ast.walk(tree)
-                    if isinstance(n, ast.FunctionDef) and n.name == "summarize"]
-    (ret,) = [n for n in ast.walk(summarize) if isinstance(n, ast.Return)]
-    assert isinstance(ret.value, ast.Call) and ast.unparse(ret.value.func) == "make_output"
+    readers = 0
+    for name in ("notes_writer.py", "answers.py"):
+        tree = ast.parse((ROOT / "workers" / "processing" / name).read_text())
+        for function in [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]:
+            for call in _model_text_calls(function):
+                assert _guarded_in(function, call), (name, function.name, ast.unparse(call))
+                readers += 1
+    assert readers == 5  # rolling, final and on-demand prose; phrasings; answers
     for other in ("tasks.py", "runtime.py", "app.py"):
         assert "generate(" not in (ROOT / "workers" / other).read_text()
+
+
+_MODEL_TEXT = {"generate", "rolling_prose", "summary_prose"}
+_GUARDS = {"self._guarded", "guard.check"}
+
+
+def _model_text_calls(function: ast.FunctionDef) -> list[ast.Call]:
+    """Calls in ``function`` that return text the model wrote."""
+    return [n for n in ast.walk(function) if isinstance(n, ast.Call)
+            and isinstance(n.func, ast.Attribute) and n.func.attr in _MODEL_TEXT
+            and ast.unparse(n.func.value) == "self.summarizer"]
+
+
+def _guarded_in(function: ast.FunctionDef, call: ast.Call) -> bool:
+    """``call``'s text goes through a guard: the call sits inside a guard's arguments, or
+    the name it is assigned to is a guard's argument further on."""
+    guards = [n for n in ast.walk(function) if isinstance(n, ast.Call)
+              and ast.unparse(n.func) in _GUARDS]
+    if any(call in set(ast.walk(g)) for g in guards):
+        return True
+    targets = {t.id for n in ast.walk(function) if isinstance(n, ast.Assign)
+               and call in set(ast.walk(n.value)) for t in n.targets if isinstance(t, ast.Name)}
+    return any(isinstance(a, ast.Name) and a.id in targets
+               for g in guards for arg in g.args for a in ast.walk(arg))
 
 
 def test_pickle_celery_message_is_refused_unread(site: Site) -> None:

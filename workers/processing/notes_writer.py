@@ -79,7 +79,7 @@ class NotesWriter:
         """The final notes at the end of the stream, a rolling update when the batch crossed
         a multiple of the rolling cadence, else nothing."""
         if eos:
-            return self._final(stream_id, after, last_id, lines, memory, moments or (), notes)
+            return self.final(stream_id, after, last_id, lines, memory, moments or (), notes)
         if self.summarizer.rolling_due(before, after):
             return self._rolling(stream_id, after, last_id, lines, memory, notes)
         return Published([], notes)
@@ -103,11 +103,11 @@ class NotesWriter:
         cursor = (notes.items[-1].seq + 1) if notes.items else notes.cursor
         return Published([entry], NotesHead(notes.items, notes.people, cursor), prose or None)
 
-    def _final(self, stream_id: str, after: EngineState, last_id: str,
-               lines: Sequence[TranscriptLine], memory: MemoryHead | None,
-               moments: Sequence[Moment], notes: NotesHead) -> Published:
+    def final(self, stream_id: str, after: EngineState, last_id: str,
+              lines: Sequence[TranscriptLine], memory: MemoryHead | None,
+              moments: Sequence[Moment], notes: NotesHead) -> Published:
         """The meeting notes: a guarded summary, every item with its citations, the key
-        moments verbatim."""
+        moments verbatim. Nothing is written: the caller commits what it returns."""
         notes = self.phrase(notes)
         support = self.support(stream_id, notes.people, lines)
         prose = self._guarded(self.summarizer.summary_prose(
@@ -126,12 +126,8 @@ class NotesWriter:
     def on_demand(self, stream_id: str, state: EngineState, covers: str,
                   request: str = "") -> OutputEntry:
         """The notes so far, from the committed state and memory (nothing is written)."""
-        pipe = self.client.pipeline(transaction=False)
-        request_memory_head(pipe, stream_id)
-        head.request(pipe, stream_id)
-        memory_raw, notes_raw = pipe.execute()
-        memory = parse_memory_head(stream_id, memory_raw)
-        notes = self.phrase(head.parse(stream_id, notes_raw))
+        memory, notes = self.heads(stream_id)
+        notes = self.phrase(notes)
         support = self.support(stream_id, notes.people, ())
         prose = self._guarded(self.summarizer.rolling_prose(
             state, self.summarizer.notes(memory), SummaryKind.ON_DEMAND), support)
@@ -139,6 +135,14 @@ class NotesWriter:
         return make_output(SummaryKind.ON_DEMAND, text, covers, state.tokens_seen,
                            self.engine.model_name, request,
                            items=[i.to_dict() for i in notes.items])
+
+    def heads(self, stream_id: str) -> tuple[MemoryHead | None, NotesHead]:
+        """The stream's committed memory and notes heads, in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        request_memory_head(pipe, stream_id)
+        head.request(pipe, stream_id)
+        memory_raw, notes_raw = pipe.execute()
+        return parse_memory_head(stream_id, memory_raw), head.parse(stream_id, notes_raw)
 
     def support(self, stream_id: str, people: Sequence[str],
                 lines: Sequence[TranscriptLine]) -> guard.Support:

@@ -416,6 +416,16 @@ class StreamProcessor:
     def summary_now(self, stream_id: str, request: str = "") -> OutputEntry:
         return self.answers.summary_now(stream_id, request)
 
+    def final_now(self, stream_id: str) -> OutputEntry:
+        """The final notes the end-of-stream entry writes, from the committed state, memory
+        and notes (nothing is written; a finished stream's gives its own final again)."""
+        loaded = self.states.committed(stream_id)
+        memory, notes = self.notes.heads(stream_id)
+        memory = memory if self.memory.enabled else None
+        published = self.notes.final(stream_id, loaded.state, loaded.last_entry_id or "0-0", (),
+                                     memory, self.memory.moments(memory, ()) or (), notes)
+        return published.entries[0]
+
     def committed_state(self, stream_id: str) -> tuple[EngineState, str | None]:
         """The latest committed state and the last entry in it (no lease: read only)."""
         loaded = self.states.committed(stream_id)
