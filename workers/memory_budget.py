@@ -92,7 +92,10 @@ class RssBudget:
 
     def start(self) -> None:
         """Take the baseline: the worker's RSS now, less what the cache already holds (the
-        worker is ready: models loaded and warmed up, nothing in flight)."""
+        worker is ready: models loaded and warmed up, nothing in flight). The weights are
+        resident by then (``workers/engines/loading/resident.py``): were they still a lazily
+        paged file mapping, the first batches would page them in and the budget would count
+        the whole model as growth outside the cache (issue 18)."""
         self.baseline = self._read_current() - self.cache.nbytes
         self._peaks = self._reset_peak()
         log.info("memory budget: RSS baseline %.1f MiB, states may add %.1f MiB%s",

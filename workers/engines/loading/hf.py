@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from workers.engines.loading.offline import hub_offline
+from workers.engines.loading.resident import make_resident
 from workers.engines.loading.sources import prepare
 from workers.engines.loading.specs import ModelLoadError, ModelSpec, ModelSpecError, parse_spec
 
@@ -46,6 +47,7 @@ def load_hf_model(
                 f"{type(exc).__name__}: {exc}"
             ) from exc
     cast(Any, model).to(device)
+    make_resident(model)  # before any memory baseline: see resident.py
     model.eval()
     return model, tokenizer
 
@@ -74,6 +76,7 @@ def _load_hub(spec: ModelSpec, dtype: torch.dtype, device: str) -> tuple[PreTrai
                 f"SINKSTREAM_MODEL at that local directory instead."
             ) from exc
     cast(Any, model).to(device)
+    make_resident(model)  # before any memory baseline: see resident.py
     model.eval()
     return model, tokenizer
 
