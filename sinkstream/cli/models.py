@@ -15,7 +15,8 @@ model_app = typer.Typer(
 )
 
 _SPEC_HELP = (
-    "smollm2 | /path/to/hf-dir | /path/to/model.gguf | rwkv:/path/model.pth | "
+    "smollm2 | qwen2.5-1.5b (presets: sinkstream model list) | /path/to/hf-dir | "
+    "/path/to/model.gguf | rwkv:/path/model.pth | "
     "tiny-llama[:seed] | tiny-qwen2[:seed] | tiny-rwkv[:seed] | ORG/NAME (hub); "
     "default: the model setting"
 )
@@ -41,7 +42,8 @@ def model_prepare(
     cfg = settings()
     text = spec if spec is not None else cfg.model
     try:
-        prepared = prepare_model(text, cfg)
+        with _PrepareProgress() as progress:
+            prepared = prepare_model(text, cfg, progress.step)
     except EngineError as exc:
         raise _model_error(exc) from None
     where, took = prepared.directory, f"{prepared.seconds:.1f} s"
@@ -56,6 +58,87 @@ def model_prepare(
     console.print(f"{text}: {message}", soft_wrap=True)
     if prepared.action == "cached" and prepared.info.get("convert_seconds"):
         console.print(f"  (the conversion took {prepared.info['convert_seconds']:.1f} s)")
+    steps = [f"{key.removesuffix('_seconds')} {prepared.info[key]:.1f} s"
+             for key in ("download_seconds", "assemble_seconds", "convert_seconds")
+             if prepared.action == "converted" and key in prepared.info]
+    if steps:
+        console.print(f"  ({', '.join(steps)})")
+
+
+class _PrepareProgress:
+    """Rich progress bars for the steps of a preset's preparation (download, join, verify,
+    convert); a model with no such steps shows nothing."""
+
+    _LABELS = {"download": "downloading parts", "assemble": "joining parts",
+               "verify": "verifying sha256", "convert": "converting to safetensors"}
+
+    def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                  MofNCompleteColumn(), TimeElapsedColumn(),
+                                  console=err_console, transient=False)
+        self._tasks: dict[str, tuple[int, int]] = {}
+
+    def __enter__(self) -> _PrepareProgress:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._tasks:
+            self._progress.stop()
+
+    def step(self, name: str, done: int, total: int) -> None:
+        from rich.progress import TaskID
+
+        if not self._tasks:
+            self._progress.start()
+        if name not in self._tasks:
+            scale = 2**20 if total > 10_000 else 1  # bytes shown in MiB, parts as counts
+            self._tasks[name] = (self._progress.add_task(
+                self._LABELS.get(name, name) + (" (MiB)" if scale > 1 else ""),
+                total=total // scale), scale)
+        task, scale = self._tasks[name]
+        self._progress.update(TaskID(task), completed=done // scale)
+
+
+@model_app.command("list")
+def model_list(
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """The named model presets, whether each is ready here, and how to prepare it."""
+    import json
+
+    from sinkstream.settings import Settings
+    from workers.engines.loading import PRESETS, preset_ready
+
+    cfg = settings()
+    default = Settings.model_fields["model"].default
+    rows = [{"name": p.name, "model": p.display_name, "dtype": p.dtype,
+             "download_gb": round(p.download_bytes / 1e9, 2), "license": p.license,
+             "ready": preset_ready(p, cfg.model_cache_dir), "default": p.name == default,
+             "description": p.description} for p in PRESETS.values()]
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    from rich.table import Table
+
+    table = Table(title="model presets")
+    for column in ("name", "model", "dtype", "download", "ready"):
+        table.add_column(column, no_wrap=column == "name")
+    for row in rows:
+        download = f"{row['download_gb']} GB" if row["download_gb"] else "in the wheel"
+        name = f"{row['name']} (default)" if row["default"] else str(row["name"])
+        table.add_row(name, str(row["model"]), str(row["dtype"]), download,
+                      "yes" if row["ready"] else "no")
+    console.print(table)
+    console.print("prepare one: sinkstream model prepare NAME; use it: --model NAME or "
+                  "SINKSTREAM_MODEL=NAME (details: --json)", soft_wrap=True)
 
 
 @model_app.command("info")

@@ -133,8 +133,10 @@ class StreamProcessor:
         if observer is None:
             from monitoring.batch_metrics import BatchMetrics
 
+            # the dtype the engine computes in (a setting of "auto" names none)
+            dtype = getattr(engine, "compute_dtype", settings.dtype)
             observer = BatchMetrics(engine.kind, engine.model_name, settings.device,
-                                    settings.dtype)
+                                    str(dtype).removeprefix("torch."))
         self.engine = engine
         self.client = client
         self.settings = settings

@@ -8,28 +8,47 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workers.engines.base import Engine
+from workers.engines.loading.chunks import StepProgress
 from workers.engines.loading.hf import load_hf_model
 from workers.engines.loading.prepared import PreparedModel
-from workers.engines.loading.sources import prepare
-from workers.engines.loading.specs import ModelSpec, parse_spec
+from workers.engines.loading.presets import find_preset
+from workers.engines.loading.sources import prepare, prepare_preset
+from workers.engines.loading.specs import ModelSpec, ModelSpecError, parse_spec
 
 if TYPE_CHECKING:
     from sinkstream.settings import Settings
     from workers.engines.rwkv import RWKVEngine
 
-__all__ = ["load_engine", "prepare_model"]
+__all__ = ["load_engine", "model_dtype", "prepare_model"]
 
 
-def prepare_model(spec: ModelSpec | str, settings: Settings) -> PreparedModel:
+def model_dtype(spec: ModelSpec, settings: Settings) -> str:
+    """The dtype the model computes in: ``Settings.dtype``, or with ``auto`` the preset's
+    measured choice (docs/models.md), float32 for every other model."""
+    if settings.dtype != "auto":
+        return settings.dtype
+    preset = find_preset(spec.name) if spec.kind in ("preset", "smollm2") else None
+    return preset.dtype if preset is not None else "float32"
+
+
+def prepare_model(
+    spec: ModelSpec | str, settings: Settings, progress: StepProgress | None = None
+) -> PreparedModel:
     """What ``sinkstream model prepare`` does: make the model loadable fast, offline.
 
-    GGUF specs (``smollm2`` included) are converted into the cache; ``tiny-rwkv`` writes its
-    checkpoint into the cache; hub ids are fetched into the Hugging Face cache; local
+    GGUF specs (``smollm2`` included) are converted into the cache; a chunked preset is
+    downloaded, verified and converted (``progress`` hears its steps); ``tiny-rwkv`` writes
+    its checkpoint into the cache; hub ids are fetched into the Hugging Face cache; local
     directories and RWKV checkpoints are used in place (nothing to do).
     """
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     started = time.perf_counter()
     cache_root = Path(settings.model_cache_dir)
+    if spec.kind == "preset":
+        preset = find_preset(spec.name)
+        if preset is None:
+            raise ModelSpecError(f"unknown preset {spec.name!r}")
+        return prepare_preset(preset, cache_root, progress)
     if spec.kind in ("smollm2", "gguf", "hf-dir"):
         return prepare(spec, cache_root)
     if spec.kind == "tiny" and spec.name == "tiny-rwkv":
@@ -52,7 +71,7 @@ def _tiny_rwkv_engine(spec: ModelSpec, settings: Settings) -> RWKVEngine:
     return RWKVEngine.tiny(
         Path(settings.model_cache_dir) / "tiny-rwkv",
         seed=spec.seed,
-        strategy=rwkv_strategy(settings.device, settings.dtype),
+        strategy=rwkv_strategy(settings.device, model_dtype(spec, settings)),
         chunk_tokens=settings.chunk_tokens,
     )
 
@@ -74,7 +93,7 @@ def load_engine(settings: Settings, spec: ModelSpec | str | None = None) -> Engi
         assert spec.path is not None
         return RWKVEngine(
             spec.path,
-            strategy=rwkv_strategy(settings.device, settings.dtype),
+            strategy=rwkv_strategy(settings.device, model_dtype(spec, settings)),
             chunk_tokens=settings.chunk_tokens,
             model_name=spec.display_name,
         )
@@ -83,6 +102,7 @@ def load_engine(settings: Settings, spec: ModelSpec | str | None = None) -> Engi
 
     model: Any
     tokenizer: Any
+    dtype = model_dtype(spec, settings)
     if spec.kind == "tiny":
         from workers.engines.tiny import tiny_hf_model
         from workers.engines.tokenizers import ByteTokenizer
@@ -91,7 +111,7 @@ def load_engine(settings: Settings, spec: ModelSpec | str | None = None) -> Engi
         tokenizer = ByteTokenizer()
     else:
         model, tokenizer = load_hf_model(
-            spec, Path(settings.model_cache_dir), device=settings.device, dtype=settings.dtype
+            spec, Path(settings.model_cache_dir), device=settings.device, dtype=dtype
         )
     return SinkKVEngine(
         model,
@@ -100,7 +120,7 @@ def load_engine(settings: Settings, spec: ModelSpec | str | None = None) -> Engi
         sink_tokens=settings.sink_tokens,
         recent_tokens=settings.recent_tokens,
         chunk_tokens=settings.chunk_tokens,
-        compute_dtype=settings.dtype,
+        compute_dtype=dtype,
         storage_dtype=None if settings.state_dtype == "auto" else settings.state_dtype,
         device=settings.device,
     )

@@ -83,14 +83,18 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def ensure_gguf_cache(gguf_path: Path, cache_root: Path, name: str | None = None) -> PreparedModel:
+def ensure_gguf_cache(
+    gguf_path: Path, cache_root: Path, name: str | None = None, directory: Path | None = None
+) -> PreparedModel:
     """Convert ``gguf_path`` into a safetensors HF directory under ``cache_root`` once.
 
+    ``directory`` names the cache directory when the caller knows it in advance (a preset's,
+    named by the source's published sha256); by default it is named by the file's identity.
     Returns the cache directory; ``converted`` says whether this call did the conversion.
     """
     started = time.perf_counter()
     gguf_path = Path(gguf_path)
-    final = gguf_cache_dir(gguf_path, cache_root, name)
+    final = directory if directory is not None else gguf_cache_dir(gguf_path, cache_root, name)
     if is_cache_complete(final):
         return _prepared(final, False, started, gguf_path)
     with contextlib.ExitStack() as stack:

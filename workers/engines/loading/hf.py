@@ -24,7 +24,8 @@ def load_hf_model(
     device: str = "cpu",
     dtype: str = "float32",
 ) -> tuple[PreTrainedModel, Any]:
-    """Load an HF causal LM and its tokenizer for a smollm2 / directory / gguf / hub spec."""
+    """Load an HF causal LM and its tokenizer for a smollm2 / preset / directory / gguf / hub
+    spec."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -32,7 +33,7 @@ def load_hf_model(
     torch_dtype: torch.dtype = getattr(torch, dtype)
     if spec.kind == "hub":
         return _load_hub(spec, torch_dtype, device)
-    if spec.kind not in ("smollm2", "gguf", "hf-dir"):
+    if spec.kind not in ("smollm2", "preset", "gguf", "hf-dir"):
         raise ModelSpecError(f"model spec {spec.text!r} is not a Hugging Face model")
     directory = prepare(spec, cache_root).directory
     with hub_offline():

