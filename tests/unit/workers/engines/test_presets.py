@@ -143,6 +143,25 @@ def test_verification_refuses_a_file_that_is_no_gguf(tmp_path: Path) -> None:
         verify_gguf(junk, _expect(junk))
 
 
+def test_a_header_cut_short_is_refused(tmp_path: Path) -> None:
+    whole = write_tiny_gguf(tmp_path / "tiny.gguf")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole.read_bytes()[:40])  # inside general.architecture's key/value
+    with pytest.raises(GGUFVerifyError, match="ends inside its GGUF header"):
+        loading.read_gguf_facts(cut)
+
+
+def test_the_facts_come_from_the_head_of_the_file(tmp_path: Path) -> None:
+    """Only the header is read, up to the checked keys: the tokenizer and the tensors after
+    them (1 GB for the 1.5B preset) are never parsed."""
+    whole = write_tiny_gguf(tmp_path / "tiny.gguf").read_bytes()
+    head = tmp_path / "head.gguf"
+    head.write_bytes(whole[:4096])
+    facts = loading.read_gguf_facts(head)
+    assert (facts.name, facts.architecture, facts.layers, facts.kv_heads) == (
+        "tiny-gguf-llama", "llama", 2, 2)
+
+
 # ----- chunk packages ----------------------------------------------------------------------
 
 
