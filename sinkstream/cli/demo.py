@@ -37,6 +37,7 @@ def demo_cmd(
     from sinkstream.cli.localredis import RedisServer, free_port
 
     cfg = settings()
+    _check_model_prepared(model or cfg.model, cfg)
     source = file or SAMPLE
     try:
         turns = read_file(source, fmt)
@@ -75,6 +76,22 @@ def demo_cmd(
             except subprocess.TimeoutExpired:
                 worker.kill()
         server.stop()
+
+
+def _check_model_prepared(spec: str, cfg: Settings) -> None:
+    """Refuse at once a preset that is not prepared: the worker would fail to load it, and
+    the demo wait for a ready signal that never comes."""
+    from workers.engines.loading import ModelSpecError, find_preset, parse_spec, preset_ready
+
+    try:
+        parsed = parse_spec(spec)
+    except ModelSpecError as exc:
+        raise fail(str(exc)) from None
+    preset = find_preset(parsed.name) if parsed.kind == "preset" else None
+    if preset is not None and not preset_ready(preset, cfg.model_cache_dir):
+        raise fail(f"model {preset.name} is not prepared: run `sinkstream model prepare "
+                   f"{preset.name}` first (once; downloads "
+                   f"{preset.download_bytes / 1e9:.1f} GB)")
 
 
 def _wait_for_worker(port: int, worker: subprocess.Popen[bytes], log_path: Path) -> None:

@@ -305,3 +305,12 @@ def test_cli_prepares_a_preset_by_name(
     info = run("model", "info", "fake-preset", "--json")
     assert info.exit_code == 0, info.output
     assert json.loads(info.output)["model"] == "Fake-Preset"
+
+
+def test_the_demo_refuses_an_unprepared_preset_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = _cli(tmp_path, monkeypatch)
+    result = run("demo", "--model", "qwen2.5-1.5b")
+    assert result.exit_code == 1
+    assert "sinkstream model prepare" in result.output and "qwen2.5-1.5b" in result.output
