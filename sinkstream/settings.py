@@ -168,8 +168,9 @@ class Settings(BaseSettings):
     model_cache_dir: Path = Field(default_factory=default_cache_dir)
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="torch dtype the model computes in; 'auto' = the model preset's "
-        "measured choice (qwen2.5-1.5b: bfloat16), float32 for every other model")
+        "auto", description="torch dtype the model computes in; 'auto' = the preset's measured "
+        "choice (qwen2.5-1.5b: bfloat16 on GPUs and CPUs with AVX512-BF16/AMX, float32 on "
+        "other CPUs), float32 for every other model")
     torch_threads: int = Field(
         0, ge=0, le=1024, description="torch CPU threads per worker process (0 = torch's default, "
                                       "one per core); set 1 when several workers share the cores")

@@ -115,11 +115,12 @@ def model_list(
     import json
 
     from sinkstream.settings import Settings
-    from workers.engines.loading import PRESETS, preset_ready
+    from workers.engines.loading import PRESETS, model_dtype, parse_spec, preset_ready
 
     cfg = settings()
     default = Settings.model_fields["model"].default
-    rows = [{"name": p.name, "model": p.display_name, "dtype": p.dtype,
+    rows = [{"name": p.name, "model": p.display_name,
+             "dtype": model_dtype(parse_spec(p.name), cfg),
              "download_gb": round(p.download_bytes / 1e9, 2), "license": p.license,
              "ready": preset_ready(p, cfg.model_cache_dir), "default": p.name == default,
              "description": p.description} for p in PRESETS.values()]

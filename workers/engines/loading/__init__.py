@@ -17,14 +17,16 @@ One concept per module, each importing only the ones above it:
 * ``resident``: weights copied out of their file mapping at load (the memory budget's
   baseline then holds them);
 * ``hf``: loading a Hugging Face causal LM and its tokenizer, ``load_hf_model``;
-* ``build``: an engine from settings (``load_engine``, ``model_dtype``) and
-  ``prepare_model``, what ``sinkstream model prepare`` does;
+* ``dtypes``: the dtype ``auto`` means for a model on this hardware, ``model_dtype``;
+* ``build``: an engine from settings (``load_engine``) and ``prepare_model``, what
+  ``sinkstream model prepare`` does;
 * ``describe``: what ``sinkstream model info`` prints, ``describe_engine``.
 """
 
-from workers.engines.loading.build import load_engine, model_dtype, prepare_model
+from workers.engines.loading.build import load_engine, prepare_model
 from workers.engines.loading.chunks import StepProgress, assemble_parts, fetch_parts
 from workers.engines.loading.describe import describe_engine, full_state_nbytes
+from workers.engines.loading.dtypes import cpu_has_native_bf16, model_dtype
 from workers.engines.loading.gguf_cache import (
     CACHE_MARKER,
     ensure_gguf_cache,
@@ -92,6 +94,7 @@ __all__ = [
     "SpecKind",
     "StepProgress",
     "assemble_parts",
+    "cpu_has_native_bf16",
     "describe_engine",
     "ensure_gguf_cache",
     "fetch_parts",

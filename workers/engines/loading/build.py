@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from workers.engines.base import Engine
 from workers.engines.loading.chunks import StepProgress
+from workers.engines.loading.dtypes import model_dtype
 from workers.engines.loading.hf import load_hf_model
 from workers.engines.loading.prepared import PreparedModel
 from workers.engines.loading.presets import find_preset
@@ -19,16 +20,7 @@ if TYPE_CHECKING:
     from sinkstream.settings import Settings
     from workers.engines.rwkv import RWKVEngine
 
-__all__ = ["load_engine", "model_dtype", "prepare_model"]
-
-
-def model_dtype(spec: ModelSpec, settings: Settings) -> str:
-    """The dtype the model computes in: ``Settings.dtype``, or with ``auto`` the preset's
-    measured choice (docs/models.md), float32 for every other model."""
-    if settings.dtype != "auto":
-        return settings.dtype
-    preset = find_preset(spec.name) if spec.kind in ("preset", "smollm2") else None
-    return preset.dtype if preset is not None else "float32"
+__all__ = ["load_engine", "prepare_model"]
 
 
 def prepare_model(

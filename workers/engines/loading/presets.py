@@ -3,8 +3,9 @@
 Pure data, no I/O: what each preset is, where its files come from and what they must be. The
 files are fetched and checked by ``chunks`` and ``gguf_check``, converted by ``gguf_cache``,
 and a preset resolves to its converted directory in ``sources``. A preset also carries the
-dtype it runs in when ``Settings.dtype`` is ``auto``, chosen by measuring CPU decode speed and
-resident memory on the project's machines (docs/models.md).
+dtype it runs in when ``Settings.dtype`` is ``auto`` where bf16 is native (``dtypes``: float32
+on CPUs without bf16 instructions), chosen by measuring speed and resident memory on the
+project's machines (docs/models.md).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class ModelPreset:
 
     name: str
     display_name: str
+    #: its dtype where bf16 is native (GPUs, CPUs with AVX512-BF16 / AMX); see ``dtypes``
     dtype: PresetDtype
     license: str
     description: str

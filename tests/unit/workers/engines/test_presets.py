@@ -22,6 +22,7 @@ from workers.engines.loading import (
     ModelLoadError,
     ModelPreset,
     chunks,
+    dtypes,
     find_preset,
     model_dtype,
     parse_spec,
@@ -76,14 +77,33 @@ def test_the_qwen_preset_is_the_published_file() -> None:
     assert preset.source.member_name(7) == "data/part07.bin"
 
 
-def test_auto_dtype_is_the_presets_and_a_setting_wins(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("device", "native_bf16", "expected"),
+    [("cpu", True, "bfloat16"), ("cpu", False, "float32"), ("cuda", False, "bfloat16")],
+)
+def test_auto_dtype_is_the_presets_where_bf16_is_native(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: str, native_bf16: bool,
+    expected: str,
+) -> None:
+    """Measured: on a CPU without bf16 instructions bf16 prefill ran 3.5x slower."""
+    monkeypatch.setattr(dtypes, "cpu_has_native_bf16", lambda: native_bf16)
     qwen = parse_spec("qwen2.5-1.5b")
-    preset = find_preset("qwen2.5-1.5b")
-    assert preset is not None
-    assert model_dtype(qwen, _settings(tmp_path)) == preset.dtype
-    assert model_dtype(parse_spec("smollm2"), _settings(tmp_path)) == "float32"
-    assert model_dtype(parse_spec("tiny-llama"), _settings(tmp_path)) == "float32"
-    assert model_dtype(qwen, _settings(tmp_path, dtype="float32")) == "float32"
+    assert model_dtype(qwen, _settings(tmp_path, device=device)) == expected
+    for other in ("smollm2", "tiny-llama"):
+        assert model_dtype(parse_spec(other), _settings(tmp_path, device=device)) == "float32"
+    assert model_dtype(qwen, _settings(tmp_path, dtype="float16")) == "float16"  # a setting wins
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path: Path) -> None:
+    def cpu(flags: str) -> Path:
+        path = tmp_path / f"cpuinfo-{len(flags)}"
+        path.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 {flags}\n")
+        return path
+
+    assert dtypes.cpu_has_native_bf16(cpu("avx2 avx512f avx512_bf16"))
+    assert dtypes.cpu_has_native_bf16(cpu("avx2 amx_bf16 amx_tile"))
+    assert not dtypes.cpu_has_native_bf16(cpu("avx2 fma f16c"))
+    assert not dtypes.cpu_has_native_bf16(tmp_path / "no-such-file")
 
 
 def test_an_unprepared_preset_says_how_to_prepare_it(tmp_path: Path) -> None:
@@ -102,7 +122,9 @@ def test_a_prepared_preset_loads_from_its_cache_directory(tmp_path: Path) -> Non
     engine = loading.load_engine(_settings(tmp_path, model="qwen2.5-1.5b", sink_tokens=4,
                                            recent_tokens=28, chunk_tokens=8))
     assert engine.model_name == "Qwen2.5-Coder-1.5B-Instruct"
-    assert str(getattr(engine, "compute_dtype", "")) == f"torch.{preset.dtype}"
+    settings = _settings(tmp_path, model="qwen2.5-1.5b")
+    wanted = model_dtype(parse_spec("qwen2.5-1.5b"), settings)
+    assert str(getattr(engine, "compute_dtype", "")) == f"torch.{wanted}"
     assert loading.preset_ready(preset, cache)
 
 
