@@ -133,8 +133,10 @@ class StreamProcessor:
         if observer is None:
             from monitoring.batch_metrics import BatchMetrics
 
-            # the dtype the engine computes in (a setting of "auto" names none)
-            dtype = getattr(engine, "compute_dtype", settings.dtype)
+            # the dtype the engine computes in (a setting of "auto" names none): sink-KV
+            # engines call it compute_dtype, RWKV engines dtype
+            dtype = getattr(engine, "compute_dtype", None) or getattr(engine, "dtype", None) \
+                or settings.dtype
             observer = BatchMetrics(engine.kind, engine.model_name, settings.device,
                                     str(dtype).removeprefix("torch."))
         self.engine = engine
