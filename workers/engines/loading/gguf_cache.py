@@ -30,6 +30,7 @@ __all__ = [
     "CACHE_MARKER",
     "ensure_gguf_cache",
     "file_identity",
+    "file_lock",
     "gguf_cache_dir",
     "is_cache_complete",
 ]
@@ -67,7 +68,7 @@ def is_cache_complete(directory: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """An exclusive advisory lock (POSIX flock); a no-op where fcntl is missing."""
     try:
         import fcntl
@@ -100,7 +101,7 @@ def ensure_gguf_cache(
     with contextlib.ExitStack() as stack:
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(_file_lock(final.with_name(final.name + ".lock")))
+            stack.enter_context(file_lock(final.with_name(final.name + ".lock")))
         except OSError as exc:
             raise ModelLoadError(
                 f"cannot write the model cache {final.parent} ({exc.strerror or exc}): point "

