@@ -85,3 +85,24 @@ def test_the_ready_baseline_already_holds_the_weights(tmp_path: Path) -> None:
     budget.check()
     assert budget.growth < weight_bytes // 4, (budget.growth / MiB, weight_bytes / MiB)
     assert cache.limit_bytes > cache.budget_bytes * 3 // 4  # the hot cache keeps its room
+
+
+def test_the_model_fingerprint_hashes_the_weights_in_place() -> None:
+    """The fingerprint is taken at a worker's first state commit, after the ready baseline: a
+    copy of each parameter for hashing raised that batch's peak RSS by the largest one (the
+    1.5B preset's 890 MiB embeddings), which the budget counted as growth outside the cache."""
+    from workers.engines.sinkkv.support import model_fingerprint
+    from workers.engines.tiny import tiny_hf_model
+    from workers.memory_budget import peak_rss_since_reset, reset_peak_rss
+
+    model = tiny_hf_model("llama", seed=0, vocab_size=65536, hidden_size=256)
+    embedding = model.get_input_embeddings().weight
+    largest = embedding.numel() * embedding.element_size()  # 64 MiB
+    model_fingerprint(model)  # hashlib, numpy and friends warmed up
+    if not reset_peak_rss():
+        pytest.skip("/proc/self/clear_refs is not writable here")
+    before = peak_rss_since_reset()
+    model_fingerprint(model)
+    peak = peak_rss_since_reset()
+    assert before is not None and peak is not None
+    assert peak - before < largest // 4, ((peak - before) / MiB, largest / MiB)
