@@ -240,8 +240,15 @@ class Settings(BaseSettings):
         "input (then lower dispatch_interval_seconds)",
     )
     discover_interval_seconds: float = Field(
-        10.0, gt=0, description="scan for streams written by raw XADD, not yet registered"
+        10.0, gt=0, description="scan for streams written by raw XADD, not yet registered "
+        "(the fallback where keyspace_events cannot be used)"
     )
+    keyspace_events: Literal["auto", "listen", "off"] = Field(
+        "auto", description="find streams created by raw XADD at once, from Redis keyspace "
+        "notifications (notify-keyspace-events Kn, Redis >= 7): auto = add Kn to the "
+        "server's setting with CONFIG SET when connected as the default user (not on a "
+        "cluster), else only listen; listen = never CONFIG, the server is configured (ACL "
+        "deployments); off = the discovery scan alone")
     trim_applied_input: bool = Field(
         True, description="delete input entries once committed into the state"
     )
