@@ -367,6 +367,7 @@ class StreamProcessor:
             state_fields={"state_nbytes": self.engine.state_nbytes(new_state),
                           "tokens_seen": new_state.tokens_seen},
             meta_fields=meta,
+            meta_counts={"entries_applied": len(batch.entries)} if batch.entries else {},
             outputs=[s.fields() for s in summaries],
             dead_letters=[dead_letter(r) for r in batch.rejected],
             summary=summaries[-1].fields() if summaries else None,
