@@ -63,7 +63,8 @@ def run(quick: bool, options: argparse.Namespace | None = None) -> BenchResult:
     duplicated = sum(r.verdict.duplicated for r in reports)
     mismatched = sum(len(r.verdict.mismatched) for r in reports)
     return BenchResult(
-        title=f"chaos ({'quick' if quick else 'soak'}; seed {seed})",
+        title=f"chaos ({'quick' if quick else 'soak'}"
+              f"{', failover only' if only == 'failover' else ''}; seed {seed})",
         rows=rows,
         summary={"trials": sum(r.trials for r in reports), "lost": lost,
                  "duplicated": duplicated, "mismatched": mismatched,
