@@ -7,7 +7,10 @@ with ``notify-keyspace-events`` holding ``K`` (keyspace channels) and ``n`` (new
 Redis >= 7.0), creating ``sinkstream:{<id>}:in`` publishes ``new`` on
 ``__keyspace@<db>__:sinkstream:{<id>}:in``. The leading dispatcher PSUBSCRIBEs that one pattern:
 Redis matches it server-side, so the dispatcher hears of each new input stream once (not of
-every entry, and not of the state, lease or output keys), and no loop polls any stream.
+every entry, and not of the state, lease or output keys), and no loop polls any stream. The
+server's cost: with ``Kn`` it builds one keyspace channel name per *created* key (leases and
+flags are created per batch) and matches it against the pattern subscriptions; nothing is
+sent unless it matches.
 
 Invariants:
 
@@ -88,6 +91,7 @@ def enable(client: redis.Redis, mode: Mode) -> bool:
 
     Returns True when they are known to be on (already configured, or set now); False when
     they could not be checked or set (the caller keeps the SCAN as the only discovery)."""
+    global _told_unavailable
     if not may_configure(client, mode):
         return False
     try:
@@ -98,7 +102,6 @@ def enable(client: redis.Redis, mode: Mode) -> bool:
             client.config_set("notify-keyspace-events", current + missing)
         return True
     except redis.ResponseError as exc:  # CONFIG refused or renamed, or no 'n' (Redis < 7)
-        global _told_unavailable
         if _told_unavailable:
             return False
         _told_unavailable = True
