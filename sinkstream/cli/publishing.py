@@ -133,7 +133,9 @@ def _publish_run(
 def streams_cmd(
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="most recent N")] = 100,
 ) -> None:
-    """List known streams (most recently active first): input length, last entry, ended?"""
+    """List known streams (most recently active first): entries waiting in the input,
+    entries applied, the last entry's time, ended? (Applied input is trimmed by default: a
+    finished stream shows 0 waiting and its applied count.)"""
     import datetime as dt
 
     from rich.table import Table
@@ -159,12 +161,14 @@ def streams_cmd(
 
     table = Table(title=f"streams on {escape(_redacted(cfg.redis_url))}")
     table.add_column("stream", overflow="fold")
-    table.add_column("entries", justify="right")
+    table.add_column("waiting", justify="right")
+    table.add_column("applied", justify="right")
     table.add_column("last entry (UTC)")
     table.add_column("last activity", justify="right")
     table.add_column("ended", justify="center")
     for info in infos:
-        table.add_row(info.stream_id, f"{info.length:,}", stamp(info.last_entry_time),
+        table.add_row(info.stream_id, f"{info.length:,}", f"{info.applied:,}",
+                      stamp(info.last_entry_time),
                       f"{_ago(now - info.last_activity)} ago", "yes" if info.ended else "")
     console.print(table)
 

@@ -29,7 +29,7 @@ from sinkstream.contracts.keys import StreamKeys
 from sinkstream.contracts.outputs import OutputEntry
 from sinkstream.faults import checkpoint
 from sinkstream.settings import Settings
-from state_store.claims import Claims, Refused, Then
+from state_store.claims import Claims, Refused, Then, running_flag_ttl
 from state_store.codec import StateError
 from state_store.connection import TRANSIENT_ERRORS
 from state_store.lease import Lease, LeaseKeeper, LeaseLostError, LeaseManager
@@ -204,9 +204,9 @@ class StreamProcessor:
         flag is left to that stream's own task."""
         self._release_unreleased(stream_id)
         own = holder is None
-        got = self.claims.claim(
-            stream_id, holder or self.worker_id, self.settings.lease_seconds,
-            self.settings.schedule_ttl_seconds if own else None)
+        lease_s = self.settings.lease_seconds
+        got = self.claims.claim(stream_id, holder or self.worker_id, lease_s,
+                                running_flag_ttl(lease_s) if own else None)
         if isinstance(got, Refused):
             reason = got.detail if got.status == "failed" else ""
             return Outcome(stream_id, got.status, reason=reason)
@@ -221,13 +221,18 @@ class StreamProcessor:
     def release(self, claim: Claim, then: Then = "keep") -> bool:
         """Stop renewing, give the lease back and settle the scheduled flag of the task's own
         stream (``then``; a companion's is left alone); True when the stream must be enqueued
-        again now. If Redis is unreachable the lease is remembered and released on the next
-        try: a failed release never masks the error already propagating, it only delays the
-        stream until then."""
+        again now. ``keep`` on the task's own stream (an error cut the batch short) becomes
+        ``retry``: its flag, which followed the lease, gets the queued TTL back, so an error
+        is retried after ``schedule_ttl_seconds`` rather than right after the lease. If Redis
+        is unreachable the lease is remembered and released on the next try: a failed release
+        never masks the error already propagating, it only delays the stream until then."""
         claim.keeper.stop()
+        if not claim.own:
+            then = "keep"
+        elif then == "keep":
+            then = "retry"
         try:
-            return self.claims.release(claim.lease, then if claim.own else "keep",
-                                       self.settings.schedule_ttl_seconds)
+            return self.claims.release(claim.lease, then, self.settings.schedule_ttl_seconds)
         except TRANSIENT_ERRORS as exc:
             log.debug("stream %s: lease release failed (%s); retried later",
                       claim.stream_id, exc)
@@ -362,6 +367,7 @@ class StreamProcessor:
             state_fields={"state_nbytes": self.engine.state_nbytes(new_state),
                           "tokens_seen": new_state.tokens_seen},
             meta_fields=meta,
+            meta_counts={"entries_applied": len(batch.entries)} if batch.entries else {},
             outputs=[s.fields() for s in summaries],
             dead_letters=[dead_letter(r) for r in batch.rejected],
             summary=summaries[-1].fields() if summaries else None,
