@@ -67,9 +67,8 @@ def publish_cmd(
     """
     from producer.formats import FORMATS, InputFormatError, guess_format
     from producer.publisher import Producer, StreamFullError
-    from state_store.connection import describe_redis_error
-
     from sinkstream.contracts.kinds import LOG, parse_kind
+    from state_store.connection import describe_redis_error
 
     cfg = settings()
     keys = stream_keys(stream)
