@@ -14,6 +14,9 @@ per-system rules: logs of systems never seen here must group as well as these):
 * runs of padding dots (``instruction......0``) are cut to a space first, so the word before
   them stays a word.
 
+A message without a digit skips the masks that need one (most of them): same result, a few
+times faster on word-only lines.
+
 Masks are written ``<IP>``, ``<NUM>``...: equal masks count as equal tokens when Drain
 compares a line with a template, so two lines differing only in masked values match fully.
 """
@@ -42,6 +45,9 @@ MASKS: tuple[tuple[str, str], ...] = (
 MASK_PREFIX = "<"
 MASK_SUFFIX = ">"
 _PADDING = re.compile(r"\.{2,}")
+_DIGIT = re.compile(r"\d")
+#: masks that can match text without a digit
+_DIGITLESS = frozenset({"UUID", "MAC", "PATH"})
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,9 @@ class Masker:
     def __init__(self, masking: Masking) -> None:
         self._masker = LogMasker([MaskingInstruction(p, name) for p, name in masking.masks],
                                  MASK_PREFIX, MASK_SUFFIX)
+        self._wordy = LogMasker([MaskingInstruction(p, name) for p, name in masking.masks
+                                 if name in _DIGITLESS], MASK_PREFIX, MASK_SUFFIX)
 
     def mask(self, message: str) -> str:
-        return self._masker.mask(_PADDING.sub(" ", message))
+        text = _PADDING.sub(" ", message)
+        return (self._masker if _DIGIT.search(text) else self._wordy).mask(text)

@@ -68,8 +68,10 @@ class LogFolder:
     """Folds batches' log lines in, for one worker (stateless apart from its configuration)."""
 
     def __init__(self, engine: Engine[Any], mining: MiningConfig | None = None,
-                 bursts: BurstConfig | None = None) -> None:
+                 bursts: BurstConfig | None = None, feed: str = "templates") -> None:
         self.engine = engine
+        #: "templates": a new template is fed as one line; "none": log lines feed nothing
+        self.feed = feed
         self.mining = mining or MiningConfig()
         self.bursts = bursts or BurstConfig()
 
@@ -109,6 +111,7 @@ class LogFolder:
             assignments.append((entry.id, mined.template_id))
             if mined.change == "created":
                 created.append(mined.template_id)
+            if mined.change == "created" and self.feed == "templates":
                 fed = replace(entry, text=feed_line(record, mined.template), speaker=None)
                 ids = turn_tokens(self.engine, fed)
                 entries.append(fed)

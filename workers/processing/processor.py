@@ -159,7 +159,7 @@ class StreamProcessor:
         self.reader = BatchReader(engine, settings)
         self.summarizer = Summarizer(engine, settings, observer)
         self.memory = MemoryWriter(engine, settings)
-        self.logs = LogFolder(engine)
+        self.logs = LogFolder(engine, feed=settings.log_feed)
         self.notes = NotesWriter(engine, client, settings, self.summarizer, observer)
         self.answers = Answerer(engine, client, settings, self.states, self.summarizer,
                                 self.notes)
@@ -354,6 +354,9 @@ class StreamProcessor:
             return Outcome(stream_id, "stale", reason=str(exc))
         save_s = time.perf_counter() - started
         claim.committed = batch.last_id
+        if prepared.logs is not None:
+            self.observer.logs_committed(prepared.logs.levels, len(prepared.logs.new_templates),
+                                         len(prepared.logs.new_incidents))
         if memory is not None and memory.evicted:
             self._vectorize(stream_id, memory.evicted)
         return Outcome(
