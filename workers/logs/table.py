@@ -61,6 +61,8 @@ class TemplateStats:
     last_entry: str = ""
     example: str = ""
     buckets: dict[int, list[float]] = field(default_factory=dict)
+    #: the stream's line count when the template was created (0-based line number)
+    first_line: int = 0
 
     @property
     def level(self) -> str | None:
@@ -97,6 +99,8 @@ class Table:
     levels: dict[str, int] = field(default_factory=dict)
     first_bucket: int | None = None
     last_bucket: int | None = None
+    #: the line count the last published log notes covered ("new since the last update")
+    notes_cursor: int = 0
     #: (template id, bucket) touched since ``take_touched`` (not persisted)
     _touched: set[tuple[int, int]] = field(default_factory=set)
 
@@ -106,7 +110,8 @@ class Table:
         stats = self.templates.get(template_id)
         if stats is None:
             stats = self.templates[template_id] = TemplateStats(
-                template_id, template, example=message[:EXAMPLE_CHARS], first_entry=entry_id)
+                template_id, template, example=message[:EXAMPLE_CHARS], first_entry=entry_id,
+                first_line=self.lines)
         stats.template = template
         stats.count += 1
         self.lines += 1
@@ -200,12 +205,12 @@ class Table:
     def encode(self) -> bytes:
         templates = [[s.template_id, s.template, s.count, s.levels, s.first_ts, s.last_ts,
                       s.first_entry, s.last_entry, s.example,
-                      [[b, *cell] for b, cell in sorted(s.buckets.items())]]
+                      [[b, *cell] for b, cell in sorted(s.buckets.items())], s.first_line]
                      for s in self.templates.values()]
         incidents = [[i.template_id, i.start_bucket, i.end_bucket, i.count, i.first_ts,
                       i.last_ts, i.baseline] for i in self.incidents]
         return msgpack.packb({"v": FORMAT_VERSION, "t": templates, "i": incidents,
-                              "n": self.lines, "l": self.levels,
+                              "n": self.lines, "l": self.levels, "c": self.notes_cursor,
                               "b": [self.first_bucket, self.last_bucket]}, use_bin_type=True)
 
     @classmethod
@@ -221,6 +226,7 @@ class Table:
                                       str(row[6]), str(row[7]), str(row[8]))
                 stats.buckets = {int(c[0]): [float(c[1]), float(c[2]), float(c[3])]
                                  for c in row[9]}
+                stats.first_line = int(row[10])
                 for cell in stats.buckets.values():
                     cell[0] = int(cell[0])
                 table.templates[stats.template_id] = stats
@@ -228,6 +234,7 @@ class Table:
                                         float(i[4]), float(i[5]), float(i[6]))
                                for i in raw["i"]]
             table.lines, table.levels = int(raw["n"]), _counts(raw["l"])
+            table.notes_cursor = int(raw["c"])
             first, last = raw["b"]
             table.first_bucket = None if first is None else int(first)
             table.last_bucket = None if last is None else int(last)

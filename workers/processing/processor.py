@@ -60,8 +60,9 @@ from workers.processing.batches import Batch, BatchReader
 from workers.processing.dead_letters import dead_letter
 from workers.processing.hot_cache import HotStateCache
 from workers.processing.log_batches import LogFolder, LogUpdate
+from workers.processing.log_notes import LogNotesWriter
 from workers.processing.memory_writer import MemoryWriter
-from workers.processing.notes_writer import NotesWriter
+from workers.processing.notes_writer import NotesWriter, Published
 from workers.processing.observer import BatchObserver
 from workers.processing.outcome import Outcome
 from workers.processing.states import Loaded, StateRepository
@@ -160,6 +161,7 @@ class StreamProcessor:
         self.summarizer = Summarizer(engine, settings, observer)
         self.memory = MemoryWriter(engine, settings)
         self.logs = LogFolder(engine, feed=settings.log_feed)
+        self.log_notes = LogNotesWriter(engine, settings, self.summarizer, observer)
         self.notes = NotesWriter(engine, client, settings, self.summarizer, observer)
         self.answers = Answerer(engine, client, settings, self.states, self.summarizer,
                                 self.notes)
@@ -331,13 +333,20 @@ class StreamProcessor:
         stream_id, loaded, batch = claim.stream_id, prepared.loaded, prepared.batch
         lines = self.memory.lines(loaded.state, new_state, batch)
         moments = self.memory.moments(prepared.memory, lines)
-        notes = self.notes.update(prepared.notes, lines)
-        published = self.notes.publish(stream_id, loaded.state, new_state, batch.last_id,
-                                       batch.eos, lines, prepared.memory, moments, notes)
+        logs = prepared.logs
+        logs_fields = logs.fields if logs is not None else None
+        if logs is not None and logs.table.lines:  # a log stream: log notes, not meeting notes
+            log_out = self.log_notes.publish(new_state, batch.last_id, batch.eos, logs)
+            published = Published(log_out.entries, prepared.notes, log_out.prose)
+            logs_fields = log_out.fields
+        else:
+            notes = self.notes.update(prepared.notes, lines)
+            published = self.notes.publish(stream_id, loaded.state, new_state, batch.last_id,
+                                           batch.eos, lines, prepared.memory, moments, notes)
         memory = self.memory.plan(prepared.memory, lines, published.prose, batch.last_id,
                                   moments, new_state)
         changes = Changes(memory, published.notes.fields(prepared.notes), fields_of(lines),
-                          prepared.logs.fields if prepared.logs is not None else None)
+                          logs_fields)
         claim.keeper.check()
         # deliberately after the last lease check: a paused worker that resumes here must be
         # stopped by the commit's fencing check, not by luck
