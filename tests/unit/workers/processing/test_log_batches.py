@@ -3,6 +3,7 @@ and table committed with the state, identical however the stream is cut or resum
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -116,3 +117,31 @@ def test_a_corrupt_miner_parks_the_stream_with_a_reason(
     client.hset(StreamKeys.of("broken").logs, "miner", b"\x93not a miner")
     outcome = proc.process("broken")
     assert outcome.status == "failed" and "logs unreadable" in outcome.reason
+
+
+def test_cli_publishes_a_log_file_and_prints_its_template_table(
+        engine: Engine[Any], redis_server: RedisServer, tmp_path: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from sinkstream.cli.app import app
+    from sinkstream.cli import common as cli_common
+
+    monkeypatch.setenv("SINKSTREAM_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.delenv("SINKSTREAM_CONFIG", raising=False)
+    monkeypatch.setattr(cli_common.state, "settings", None)
+    monkeypatch.setattr(cli_common.state, "config", None)
+    runner = CliRunner()
+    app_log = tmp_path / "app.jsonl"  # a .jsonl suffix: still one log line per entry
+    app_log.write_text("\n".join(LINES) + "\n")
+    published = runner.invoke(app, ["publish", "tail", str(app_log), "--kind", "log"])
+    assert published.exit_code == 0, published.output
+    empty = runner.invoke(app, ["logs", "tail"])
+    assert empty.exit_code != 0 and "no log lines yet" in empty.output
+    _drain(_processor(engine, redis_server, batch=64), "tail")
+    table = runner.invoke(app, ["logs", "tail", "--problems"])
+    assert table.exit_code == 0, table.output
+    assert "DataXceiver error on <BLK>" in table.output and "Receiving" not in table.output
+    rows = runner.invoke(app, ["logs", "tail", "--json"])
+    assert [json.loads(line)["count"] for line in rows.output.splitlines()] == [32, 8, 5]
