@@ -124,8 +124,8 @@ def test_cli_publishes_a_log_file_and_prints_its_template_table(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    from sinkstream.cli.app import app
     from sinkstream.cli import common as cli_common
+    from sinkstream.cli.app import app
 
     monkeypatch.setenv("SINKSTREAM_REDIS_URL", redis_server.url)
     monkeypatch.setenv("COLUMNS", "200")
