@@ -12,7 +12,10 @@ columns works):
    with the producer (``Producer.set_kind(stream, "log")``, each line a JSON log record
    ``{"message": Content, "level": Level}``), then a ``StreamProcessor`` (the worker's batch
    steps: claim, read, parse, mine, feed, fenced commit, release; the tiny seeded Llama as the
-   model) works the stream until it is caught up. The groups are the template ids of each
+   model) works the stream until it is caught up. By default ``log_feed = "none"`` and no
+   narrative (``--feed templates`` and ``--narrative`` turn the model's share on): what is
+   timed is parsing, mining, counting and the fenced commits; the rolling log notes (every
+   ``log_notes_every_lines``) are still rendered and committed. The groups are the template ids of each
    committed batch's lines (``LogUpdate.assignments``, recorded after the commit succeeded).
 3. **Grouping accuracy** (LogPAI's definition): a line counts when the lines of its predicted
    group are exactly the lines of its true ``EventId``.
@@ -55,6 +58,10 @@ class System:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, default=DATA_DIR / "loghub",
                         help="folder of SYSTEM/SYSTEM_2k.log_structured.csv (default: loghub)")
+    parser.add_argument("--feed", choices=("templates", "none"), default="none",
+                        help="the worker's log_feed: what a log stream feeds the model")
+    parser.add_argument("--narrative", action="store_true",
+                        help="let the log notes' narrative run the model (notes_phrasing)")
 
 
 def load_systems(folder: Path, limit: int | None = None) -> list[System]:
@@ -117,16 +124,19 @@ def json_line(content: str, level: str) -> str:
 class Pipeline:
     """A private Redis and one worker's batch steps, recording each committed line's group."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, feed: str = "none", narrative: bool = False) -> None:
         from sinkstream.cli.localredis import RedisServer
 
+        self.feed, self.narrative = feed, narrative
         self.server = RedisServer(workdir / "redis").start()
         self.assignments: dict[str, int] = {}
         self._processor: Any = None
 
     def processor(self) -> Any:
         if self._processor is None:
-            self._processor = _recording_processor(self.server.url, self.assignments)
+            self._processor = _recording_processor(self.server.url, self.assignments,
+                                                   log_feed=self.feed,
+                                                   notes_phrasing=self.narrative)
         return self._processor
 
     def publish(self, stream: str, system: System) -> None:
@@ -157,7 +167,7 @@ class Pipeline:
         self.server.stop(hard=True)
 
 
-def _recording_processor(redis_url: str, assignments: dict[str, int]) -> Any:
+def _recording_processor(redis_url: str, assignments: dict[str, int], **overrides: Any) -> Any:
     """A StreamProcessor whose committed batches' line groups land in ``assignments``."""
     from benchmarks.common import bench_settings
     from state_store.connection import redis_from_settings
@@ -165,7 +175,7 @@ def _recording_processor(redis_url: str, assignments: dict[str, int]) -> Any:
     from workers.processing.processor import StreamProcessor
 
     settings = bench_settings(model=MODEL, redis_url=redis_url, metrics_port=0,
-                              summary_every_tokens=0)
+                              summary_every_tokens=0, **overrides)
 
     class Recording(StreamProcessor):
         def finish(self, claim: Any, prepared: Any, new_state: Any, feed_s: float) -> Any:
@@ -180,12 +190,14 @@ def _recording_processor(redis_url: str, assignments: dict[str, int]) -> Any:
 
 def run(quick: bool, options: argparse.Namespace | None = None) -> BenchResult:
     folder = options.data if options is not None else DATA_DIR / "loghub"
+    feed = options.feed if options is not None else "none"
+    narrative = bool(options.narrative) if options is not None else False
     systems = load_systems(Path(folder), limit=1000 if quick else None)
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     totals = {"lines": 0, "pipe_s": 0.0, "drain_s": 0.0, "ours_s": 0.0}
     with tempfile.TemporaryDirectory(prefix="logbench-") as tmp:
-        pipeline = Pipeline(Path(tmp))
+        pipeline = Pipeline(Path(tmp), feed, narrative)
         try:
             for system in systems:
                 stream = STREAM_PREFIX + system.name.lower()
@@ -223,4 +235,5 @@ def run(quick: bool, options: argparse.Namespace | None = None) -> BenchResult:
         **summary,
     }
     return BenchResult("log template grouping: pipeline vs raw Drain3 0.9.11 (defaults)", rows,
-                       summary, extra={"data": str(folder), "model": MODEL})
+                       summary, extra={"data": str(folder), "model": MODEL, "log_feed": feed,
+                                       "narrative": narrative})

@@ -171,6 +171,7 @@ def _first(data: dict[str, Any], keys: tuple[str, ...]) -> Any:
     for key in keys:
         if key in data:
             return data[key]
+    for key in keys:
         head, _, tail = key.partition(".")
         if tail and isinstance(data.get(head), dict) and tail in data[head]:
             return data[head][tail]
