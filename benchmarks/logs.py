@@ -15,8 +15,9 @@ columns works):
    model) works the stream until it is caught up. By default ``log_feed = "none"`` and no
    narrative (``--feed templates`` and ``--narrative`` turn the model's share on): what is
    timed is parsing, mining, counting and the fenced commits; the rolling log notes (every
-   ``log_notes_every_lines``) are still rendered and committed. The groups are the template ids of each
-   committed batch's lines (``LogUpdate.assignments``, recorded after the commit succeeded).
+   ``log_notes_every_lines``) are still rendered and committed. The groups are the template
+   ids of each committed batch's lines (``LogUpdate.assignments``, recorded after the commit
+   succeeded).
 3. **Grouping accuracy** (LogPAI's definition): a line counts when the lines of its predicted
    group are exactly the lines of its true ``EventId``.
 
@@ -153,8 +154,8 @@ class Pipeline:
         from sinkstream.contracts.keys import StreamKeys
 
         proc = self.processor()
-        ids = [entry_id.decode() for entry_id, _ in
-               self.server.client().xrange(StreamKeys.of(stream).input)]
+        raw: Any = self.server.client().xrange(StreamKeys.of(stream).input)
+        ids = [entry_id.decode() for entry_id, _ in raw]
         started = time.perf_counter()
         while True:
             outcome = proc.process(stream, time_slice_s=60.0)
