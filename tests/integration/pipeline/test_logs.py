@@ -64,6 +64,7 @@ def test_a_worker_killed_mid_batch_leaves_a_bit_identical_template_table(
         redis_server: RedisServer, tmp_path: Path, point: str) -> None:
     env = worker_env(redis_server.url, tmp_path, SINKSTREAM_MAX_BATCH_ENTRIES="16",
                      SINKSTREAM_LOG_NOTES_EVERY_LINES="50", SINKSTREAM_NOTES_PHRASING="false")
+    env.pop("SINKSTREAM_DATA_DIR", None)  # where the tests' data is, not a worker setting
     pool = WorkerPool(env, tmp_path)
     client = redis_server.client()
     lines = _hdfs_lines()

@@ -56,3 +56,12 @@ def test_the_narrative_keeps_only_what_the_counts_say() -> None:
     writer = LogNotesWriter(None, settings, _Model(f"{true} {invented}"),  # type: ignore[arg-type]
                             NullObserver())
     assert writer.narrative(table, None) == true  # type: ignore[arg-type]
+
+
+def test_questions_find_their_templates() -> None:
+    from workers.logs.search import relevant
+
+    table = _table()
+    assert [s.template_id for s, _ in relevant(table, "when did the disk errors start?")] == [2]
+    assert [s.template_id for s, _ in relevant(table, "any heartbeats?")][0] == 1
+    assert relevant(table, "what is the weather like") == []

@@ -85,3 +85,8 @@ def test_the_notes_name_the_burst_its_count_and_times(
     assert "[ERROR]" in named[0]
     timeline = text.split("## Incident timeline", 1)[1].split("##", 1)[0]
     assert "2008-11-10 12:00:00 burst" in timeline and TEMPLATE in timeline
+    # and the question an SRE asks is answered from the template table, with its evidence
+    answer = proc.answer("hdfs", "when did the datanode errors start?")
+    assert answer.text.splitlines()[-2 if "Burst" in answer.text else -1].startswith("- T")
+    assert f"`{TEMPLATE}`: {BURST} lines, first at 2008-11-10 12:00:00" in answer.text
+    assert answer.sources[0].entries[0] and "Disk failure" in answer.sources[0].quote
