@@ -24,6 +24,7 @@ from workers.memory.persistence import read_chunks, read_head
 from workers.memory.records import Chunk
 from workers.notes.guard import Support, check
 from workers.processing.log_answers import LogAnswerer
+from workers.processing.log_notes import LogNotesWriter
 from workers.processing.notes_writer import NotesWriter
 from workers.processing.prompts import (
     answer_with_context_instruction,
@@ -51,6 +52,7 @@ class Answerer:
         self.notes = notes
         self.observer = summarizer.observer
         self.logs = LogAnswerer(engine, summarizer)
+        self.log_notes = LogNotesWriter(engine, settings, summarizer, summarizer.observer)
 
     @property
     def embedder(self) -> Embedder | None:
@@ -103,8 +105,14 @@ class Answerer:
                            state.tokens_seen, self.engine.model_name, request, sources)
 
     def summary_now(self, stream_id: str, request: str = "") -> OutputEntry:
-        """The notes so far, from the committed state and memory (nothing is written)."""
+        """The notes so far, from the committed state and memory (nothing is written); a log
+        stream's log notes."""
         loaded = self.states.committed(stream_id)
+        logs = logs_head.read(self.client, stream_id)
+        if logs.has_logs:
+            _, table = logs.load(MiningConfig(), BurstConfig())
+            return self.log_notes.notes(table, loaded.state, loaded.last_entry_id or "0-0",
+                                        SummaryKind.ON_DEMAND, request)
         return self.notes.on_demand(stream_id, loaded.state, loaded.last_entry_id or "0-0",
                                     request)
 

@@ -90,3 +90,5 @@ def test_the_notes_name_the_burst_its_count_and_times(
     assert answer.text.splitlines()[-2 if "Burst" in answer.text else -1].startswith("- T")
     assert f"`{TEMPLATE}`: {BURST} lines, first at 2008-11-10 12:00:00" in answer.text
     assert answer.sources[0].entries[0] and "Disk failure" in answer.sources[0].quote
+    now = proc.summary_now("hdfs")
+    assert now.kind.value == "on_demand" and burst in now.text
