@@ -120,6 +120,7 @@ _DEAD_LETTER_REASONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("empty_text", ("is empty",)),
     ("invalid_eos", ("field 'eos'",)),
     ("invalid_ts", ("field 'ts'",)),
+    ("invalid_kind", ("field 'kind'",)),
 )
 _FAILURE_REASONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("logs_unreadable", ("logs unreadable",)),
