@@ -14,6 +14,10 @@ With ``sim_th`` 0.6 and depth 5 this groups the eight LogHub systems at least as
 Drain3's defaults on every one of them and better on five (mean 0.943 vs 0.901,
 ``benchmarks/logs.py``); one configuration for all.
 
+Bound: a stream holds at most ``max_templates`` templates. Past that, a line that matches none
+is counted under template 0, ``<other>``, instead of creating one: a stream of random text
+cannot grow its miner (and the state every batch re-encodes) without limit.
+
 Persistence: Drain3's own snapshots are jsonpickle, which rebuilds arbitrary objects from what
 it reads, so nothing read from Redis may go through it. :meth:`Miner.encode` writes what Drain
 knows instead (its parameters' fingerprint, the cluster counter, every cluster's id, template
@@ -43,6 +47,9 @@ _ENUM = re.compile(r"^[A-Z][A-Z0-9_]*[A-Z0-9]$")
 _WORD = re.compile(r"^[A-Za-z][a-z]+[.,:;]?$")
 
 Change = Literal["created", "changed", "none"]
+#: where lines go once a stream holds ``max_templates`` templates and a line matches none
+OTHER_ID = 0
+OTHER_TEMPLATE = "<other>"
 
 
 class MinerStateError(ValueError):
@@ -58,12 +65,13 @@ class MiningConfig:
     depth: int = 5
     max_children: int = 100
     word_penalty: float = 1.0
+    max_templates: int = 5000
     masking: Masking = field(default_factory=Masking)
 
     @property
     def fingerprint(self) -> str:
         return (f"drain3-0.9;sim={self.sim_th};depth={self.depth};children={self.max_children};"
-                f"word={self.word_penalty};masks={self.masking.name}")
+                f"word={self.word_penalty};max={self.max_templates};masks={self.masking.name}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +121,13 @@ class Miner:
 
     def add(self, message: str) -> Mined:
         """Mine one message (masked first); deterministic given the miner's state."""
-        cluster, change = self.drain.add_log_message(self.masker.mask(message))
+        masked = self.masker.mask(message)
+        if len(self.drain.id_to_cluster) >= self.config.max_templates and \
+                self.drain.tree_search(self.drain.root_node,
+                                       self.drain.get_content_as_tokens(masked),
+                                       self.drain.sim_th, False) is None:
+            return Mined(OTHER_ID, OTHER_TEMPLATE, "none")
+        cluster, change = self.drain.add_log_message(masked)
         kind: Change = "created" if change == "cluster_created" else \
             "changed" if change == "cluster_template_changed" else "none"
         return Mined(cluster.cluster_id, cluster.get_template(), kind)

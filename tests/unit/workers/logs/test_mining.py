@@ -61,3 +61,14 @@ def test_foreign_or_corrupt_states_are_refused() -> None:
                              "t": deep})
     with pytest.raises(MinerStateError, match="malformed"):
         Miner.decode(hostile)
+
+
+def test_a_full_miner_counts_the_unmatched_as_other() -> None:
+    from workers.logs.mining import OTHER_ID
+
+    miner = Miner(MiningConfig(max_templates=2))
+    assert miner.add("alpha beta gamma").change == "created"
+    assert miner.add("delta epsilon").change == "created"
+    assert miner.add("zeta eta theta iota").template_id == OTHER_ID
+    assert miner.add("alpha beta gamma").template_id != OTHER_ID
+    assert len(miner.templates) == 2
