@@ -177,7 +177,7 @@ def _recording_processor(redis_url: str, assignments: dict[str, int], **override
     from workers.processing.processor import StreamProcessor
 
     settings = bench_settings(model=MODEL, redis_url=redis_url, metrics_port=0,
-                              summary_every_tokens=0, **overrides)
+                              summary_every_tokens=0, retrieval="off", **overrides)
 
     class Recording(StreamProcessor):
         def finish(self, claim: Any, prepared: Any, new_state: Any, feed_s: float) -> Any:
