@@ -12,7 +12,10 @@ per-system rules: logs of systems never seen here must group as well as these):
   ``003a90fc``, ``attempt_1445_0020_m_000000_0``): mixed tokens are ids far more often than
   words, and masking them whole keeps the id's shape from splitting the template;
 * runs of padding dots (``instruction......0``) are cut to a space first, so the word before
-  them stays a word.
+  them stays a word;
+* ``key=value`` pairs are split after the ``=`` first (``user= root``, ``rhost= <IP>``): the
+  key is the constant, the value a token of its own that is masked, or compared as a word, on
+  its own (LogHub Linux: 0.69 -> 0.75).
 
 A message without a digit skips the masks that need one (most of them): same result, a few
 times faster on word-only lines.
@@ -45,6 +48,7 @@ MASKS: tuple[tuple[str, str], ...] = (
 MASK_PREFIX = "<"
 MASK_SUFFIX = ">"
 _PADDING = re.compile(r"\.{2,}")
+_KEY_VALUE = re.compile(r"(\w)=(\S)")
 _DIGIT = re.compile(r"\d")
 #: masks that can match text without a digit
 _DIGITLESS = frozenset({"UUID", "MAC", "PATH"})
@@ -56,7 +60,7 @@ class Masking:
     under other masks is never continued with these."""
 
     masks: Sequence[tuple[str, str]] = MASKS
-    name: str = "default-v1"
+    name: str = "default-v2"
 
     def masker(self) -> Masker:
         return Masker(self)
@@ -72,5 +76,5 @@ class Masker:
                                  if name in _DIGITLESS], MASK_PREFIX, MASK_SUFFIX)
 
     def mask(self, message: str) -> str:
-        text = _PADDING.sub(" ", message)
+        text = _KEY_VALUE.sub(r"\1= \2", _PADDING.sub(" ", message))
         return (self._masker if _DIGIT.search(text) else self._wordy).mask(text)
