@@ -7,10 +7,13 @@ per-system rules: logs of systems never seen here must group as well as these):
 
 * identifiers: UUIDs, HDFS-style block ids (``blk_-123``), IPv4 addresses with an optional
   port, MAC addresses, ``0x`` hex numbers, file system paths;
-* quantities: durations with a unit (``12ms``, ``3.5 s``), plain numbers;
-* finally any whitespace-separated token that still holds a digit (``core.2275``,
-  ``003a90fc``, ``attempt_1445_0020_m_000000_0``): mixed tokens are ids far more often than
-  words, and masking them whole keeps the id's shape from splitting the template;
+* durations written with their unit (``12ms``, ``3.5s``, ``2h``); a unit after a space stays a
+  word of its own (allowing it, ``3 seconds``, cost BGL 0.012 of accuracy);
+* numbers, and with them any whitespace-separated token that still holds a digit
+  (``core.2275``, ``003a90fc``, ``attempt_1445_0020_m_000000_0``, ``(uid=0)``): mixed tokens are
+  ids far more often than words, and masking them whole keeps the id's shape from splitting the
+  template (a separate pass for bare numbers first was slower and split more: 0.950 vs 0.954
+  mean on LogHub);
 * runs of padding dots (``instruction......0``) are cut to a space first, so the word before
   them stays a word;
 * ``key=value`` pairs are split after the ``=`` first (``user= root``, ``rhost= <IP>``): the
@@ -39,10 +42,9 @@ MASKS: tuple[tuple[str, str], ...] = (
     (r"(?<![\w.])\d{1,3}(\.\d{1,3}){3}(:\d+)?(?![\w.])", "IP"),
     (r"(?<![\w])([0-9a-fA-F]{2}[:-]){5}[0-9a-fA-F]{2}(?!\w)", "MAC"),
     (r"(?<![\w])0[xX][0-9a-fA-F]+(?!\w)", "HEX"),
+    (r"(?<![\w.])[-+]?\d+(\.\d+)?(ms|s|sec|secs|seconds|us|ns|min|mins|minutes|h|hours)"
+     r"(?![\w])", "DUR"),
     (r"(?<![\w/.-])(/[\w.@~+-]+)+/?(?![\w/])", "PATH"),
-    (r"(?<![\w.])[-+]?\d+(\.\d+)?\s?(ms|s|sec|secs|seconds|us|ns|min|minutes|h|hours)(?![\w])",
-     "DUR"),
-    (r"(?<![\w.])[-+]?\d+(\.\d+)?(?![\w])", "NUM"),
     (r"(?<!\S)(?=\S*\d)\S+(?!\S)", "NUM"),
 )
 MASK_PREFIX = "<"
@@ -60,7 +62,7 @@ class Masking:
     under other masks is never continued with these."""
 
     masks: Sequence[tuple[str, str]] = MASKS
-    name: str = "default-v2"
+    name: str = "default-v3"
 
     def masker(self) -> Masker:
         return Masker(self)

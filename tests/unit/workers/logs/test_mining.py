@@ -18,7 +18,7 @@ LINES = [
     "cupsd startup succeeded",
     "cupsd shutdown succeeded",
     "request 3f2b8c1e-9d4a-4f6e-8b7a-1c2d3e4f5a6b took 35ms",
-    "request 0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d took 1.5 s",
+    "request 0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d took 1.5s",
 ]
 
 

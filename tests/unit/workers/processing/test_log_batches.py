@@ -83,7 +83,7 @@ def test_lines_are_mined_counted_and_committed_with_the_state(
     assert table.levels == {"info": 32, "error": 8, "warn": 5}
     counts = sorted((s.count, s.level, s.template) for s in table.templates.values())
     assert counts == [
-        (5, "warn", "disk <PATH> is <NUM>% full"),
+        (5, "warn", "disk <PATH> is <NUM> full"),
         (8, "error", "DataXceiver error on <BLK>: timed out after <DUR>"),
         (32, "info", "Receiving block <BLK> src: /<IP>"),
     ]
