@@ -171,11 +171,18 @@ def _first(data: dict[str, Any], keys: tuple[str, ...]) -> Any:
     for key in keys:
         if key in data:
             return data[key]
-    for key in keys:
-        head, _, tail = key.partition(".")
-        if tail and isinstance(data.get(head), dict) and tail in data[head]:
-            return data[head][tail]
+    for head, tail in _DOTTED[keys]:
+        inner = data.get(head)
+        if isinstance(inner, dict) and tail in inner:
+            return inner[tail]
     return None
+
+
+#: the dotted keys of each key tuple, split once (``_first`` runs for every JSON line)
+_DOTTED: dict[tuple[str, ...], tuple[tuple[str, str], ...]] = {
+    keys: tuple((head, tail) for head, _, tail in (k.partition(".") for k in keys) if tail)
+    for keys in (_MESSAGE_KEYS, _LEVEL_KEYS, _TIME_KEYS, _LOGGER_KEYS)
+}
 
 
 def _syslog_record(text: str, reference_ts: float | None) -> LogRecord | None:
