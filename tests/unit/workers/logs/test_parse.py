@@ -66,3 +66,11 @@ def test_entries_carry_a_kind() -> None:
     assert parse_entry("1-0", {"text": "x"}).kind is None  # type: ignore[union-attr]
     bad = parse_entry("1-0", {"text": "x", "kind": "audio"})
     assert isinstance(bad, Rejected) and "kind" in bad.reason
+
+
+def test_a_stream_kind_nobody_knows_is_read_as_a_meeting() -> None:
+    from workers.logs.head import parse
+
+    assert parse("s", [b"log", [None, None, None]]).kind == "log"
+    odd = parse("s", [b"audio", [b"m", b"t", b"1-0"]])
+    assert odd.kind is None and odd.has_logs and odd.applied == "1-0"
