@@ -286,6 +286,16 @@ class Settings(BaseSettings):
                                      "whole stream kept verbatim (speaker, entry id) and listed "
                                      "under 'Key moments' in the final notes; 0 disables")
 
+    # --- log streams (issue #20, docs/logs.md) ------------------------------------------
+    log_feed: Literal["templates", "none"] = Field(
+        "templates", description="what a log stream feeds the model: 'templates' one line per "
+                                 "new template (the lines themselves go to the template "
+                                 "counts), 'none' nothing (the log notes' narrative is "
+                                 "written from the counts alone; fastest)")
+    log_notes_every_lines: int = Field(
+        2000, ge=0, description="a log stream publishes rolling log notes each time it "
+                                "crosses a multiple of this many lines (0: only at its end)")
+
     # --- state persistence layout (issue #6): incremental sink-KV segments --------------
     state_layout: Literal["whole", "segments"] = Field(
         "segments", description="'segments' stores a sink-KV window as immutable per-chunk "

@@ -52,6 +52,12 @@ def publish_cmd(
     speakers: Annotated[
         bool, typer.Option("--speakers/--no-speakers", help="detect 'Name: text' prefixes")
     ] = True,
+    kind: Annotated[
+        str | None,
+        typer.Option("--kind", "-k", show_default=False,
+                     help="meeting | log: what the stream carries (sets the stream's kind; "
+                          "log: one line per entry, read as text, no speakers)"),
+    ] = None,
 ) -> None:
     """Publish a transcript (text, jsonl, vtt, srt or QMSum JSON) onto a stream's input.
 
@@ -61,10 +67,17 @@ def publish_cmd(
     """
     from producer.formats import FORMATS, InputFormatError, guess_format
     from producer.publisher import Producer, StreamFullError
+    from sinkstream.contracts.kinds import LOG, parse_kind
     from state_store.connection import describe_redis_error
 
     cfg = settings()
     keys = stream_keys(stream)
+    try:
+        stream_kind = parse_kind(kind)
+    except ValueError as exc:
+        raise fail(escape(str(exc)), 2) from None
+    if stream_kind == LOG:  # a log line is an entry as written: JSON lines stay verbatim
+        fmt, speakers = fmt or "text", False
     fmt = fmt or guess_format(file)
     if fmt not in FORMATS:
         raise fail(f"unknown --format {fmt!r}; use one of {', '.join(FORMATS)}", 2)
@@ -74,6 +87,8 @@ def publish_cmd(
         source = _publish_source(file, fmt, follow, speakers, idle_timeout)
         client = connect_redis(cfg)
         with Producer(client, settings=cfg) as producer:
+            if stream_kind is not None:
+                producer.set_kind(keys.stream_id, stream_kind)
             result = _publish_run(producer, keys.stream_id, source, realtime, speed, eos)
     except (InputFormatError, StreamFullError) as exc:
         raise fail(escape(str(exc))) from None
