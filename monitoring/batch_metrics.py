@@ -8,7 +8,7 @@ benchmark plug in its own observer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from monitoring import metrics
@@ -77,6 +77,17 @@ class BatchMetrics:
         for verdict in verdicts:
             reason = verdict.reasons[0] if verdict.reasons else "none"
             metrics.GUARD_SENTENCES.labels(action=verdict.action, reason=reason).inc()
+
+    def logs_committed(self, levels: Mapping[str, int], new_templates: int,
+                       bursts: int) -> None:
+        """A committed batch of log lines: lines per level, templates and bursts it found."""
+        for level, count in levels.items():
+            label = level if level in metrics.LOG_LEVELS else "none"
+            metrics.LOG_LINES.labels(level=label).inc(count)
+        if new_templates:
+            metrics.LOG_TEMPLATES_NEW.inc(new_templates)
+        if bursts:
+            metrics.LOG_BURSTS.inc(bursts)
 
     def cache_changed(self, nbytes: int, limit: int) -> None:
         metrics.HOT_CACHE_BYTES.set(nbytes)

@@ -143,6 +143,18 @@ ROWS: list[tuple[str, list[Panel]]] = [
                         "them: the tasks (4 for a batch on a hot state), the dispatcher, lease "
                         "renewals, the vectorizer."),
     ]),
+    ("Log streams", [
+        Panel("Log lines / s by level", [Target(
+            f"sum by (level) (rate(sinkstream_log_lines_total{{{W}}}[{RI}]))", "{{level}}")],
+            unit="ops", description="Log lines mined into templates (docs/logs.md), all "
+                                    "streams; a rising error/fatal share is the signal."),
+        Panel("New templates and bursts / s", [
+            Target(f"sum(rate(sinkstream_log_templates_new_total{{{W}}}[{RI}]))",
+                   "new templates"),
+            Target(f"sum(rate(sinkstream_log_bursts_total{{{W}}}[{RI}]))", "bursts"),
+        ], unit="ops", description="Templates seen for the first time in their stream, and "
+                                   "bursts (a template far above its own baseline)."),
+    ]),
     ("State and memory", [
         Panel("State size", [
             Target(f"max by (model) (sinkstream_state_size_bytes{{{WM}}})",

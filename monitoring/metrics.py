@@ -94,6 +94,15 @@ DEAD_LETTERS = Counter("sinkstream_dead_letters_total", "Input entries dead-lett
 STREAM_FAILURES = Counter("sinkstream_stream_failures_total", "Streams marked failed",
                           ["reason"])
 BATCHES = Counter("sinkstream_batches_total", "Batches by outcome", ["outcome"])
+# log streams (docs/logs.md): no stream label, the level is a fixed vocabulary
+LOG_LINES = Counter("sinkstream_log_lines_total", "Log lines mined into templates, by level",
+                    ["level"])
+LOG_TEMPLATES_NEW = Counter("sinkstream_log_templates_new_total",
+                            "Log templates seen for the first time in their stream")
+LOG_BURSTS = Counter("sinkstream_log_bursts_total",
+                     "Log bursts detected (a template far above its own baseline)")
+#: the levels of ``sinkstream_log_lines_total`` ("none": the line had no level)
+LOG_LEVELS = ("debug", "info", "warn", "error", "fatal", "none")
 WORKER_STREAMS_ACTIVE = Gauge(
     "sinkstream_worker_streams_active",
     "Distinct streams this worker applied a batch to in the last minute",
@@ -111,8 +120,10 @@ _DEAD_LETTER_REASONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("empty_text", ("is empty",)),
     ("invalid_eos", ("field 'eos'",)),
     ("invalid_ts", ("field 'ts'",)),
+    ("invalid_kind", ("field 'kind'",)),
 )
 _FAILURE_REASONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("logs_unreadable", ("logs unreadable",)),
     ("foreign_state", ("belongs to another",)),
     ("unsupported_format", ("format version", "magic", "flags", "not a sinkstream state")),
     ("state_too_large", ("limit is",)),
@@ -233,6 +244,8 @@ def _init_fixed_labels() -> None:
         DEAD_LETTERS.labels(reason=reason)
     for failure in FAILURE_REASONS:
         STREAM_FAILURES.labels(reason=failure)
+    for level in LOG_LEVELS:
+        LOG_LINES.labels(level=level)
 
 
 def _version() -> str:

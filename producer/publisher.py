@@ -44,6 +44,8 @@ import redis
 
 from producer.encoding import EncodedEntry, TurnLike, encode_turn
 from sinkstream.contracts.keys import RUNNABLE, STREAMS_REGISTRY, WAKE_CHANNEL, StreamKeys
+from sinkstream.contracts.kinds import META_FIELD as KIND_FIELD
+from sinkstream.contracts.kinds import StreamKind, parse_kind
 from sinkstream.settings import Settings, load_settings
 from state_store.connection import Backoff, redis_from_settings, retry_call
 from state_store.scripts import PRODUCER_APPEND
@@ -164,6 +166,20 @@ class Producer:
         result = self.publish_many(stream, [(text, speaker, ts)])
         assert result.last_id is not None
         return result.last_id
+
+    def set_kind(self, stream: str, kind: StreamKind) -> None:
+        """Declare what ``stream`` carries (``meeting`` or ``log``), before or while publishing.
+
+        One HSET on the stream's meta hash (``sinkstream.contracts.kinds``): workers read it
+        with every batch, so it applies from the next batch on; entries already applied stay
+        as they were read. Idempotent, so a retry or every producer of the stream may set it.
+        """
+        checked = parse_kind(kind)
+        if checked is None:
+            raise ValueError("kind is empty; use 'meeting' or 'log'")
+        keys = StreamKeys.of(stream)
+        retry_call(lambda: self.client.hset(keys.meta, KIND_FIELD, checked),
+                   what=f"setting the kind of stream {stream!r}", attempts=self.retry_attempts)
 
     def publish_many(
         self,

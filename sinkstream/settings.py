@@ -225,10 +225,14 @@ class Settings(BaseSettings):
     batch_time_slice_seconds: float = Field(
         1.0, ge=0, description="a task keeps its stream for more batches up to this long"
     )
-    lease_seconds: float = Field(30.0, gt=0, description="a dead worker's streams move after this")
+    lease_seconds: float = Field(
+        5.0, gt=0, description="a dead worker's streams move about a second after its lease "
+        "lapses; a live worker renews it every third of this while it computes, so a slow "
+        "batch keeps it (docs/reliability.md, failover timeline)")
     schedule_ttl_seconds: float = Field(
-        120.0, gt=0, description="a lost task's stream is re-scheduled after this"
-    )
+        120.0, gt=0, description="how long a queued task's scheduled flag lasts (a task "
+        "lost from the queue, or a batch that failed, is retried after this); a running "
+        "task's flag follows its lease instead")
     dispatch_interval_seconds: float = Field(
         1.0, gt=0, description="full pass over every registered stream; producers wake the "
         "dispatcher at once (dispatch_wake), so this pass only catches raw XADD writers, "
@@ -240,8 +244,15 @@ class Settings(BaseSettings):
         "input (then lower dispatch_interval_seconds)",
     )
     discover_interval_seconds: float = Field(
-        10.0, gt=0, description="scan for streams written by raw XADD, not yet registered"
+        10.0, gt=0, description="scan for streams written by raw XADD, not yet registered "
+        "(the fallback where keyspace_events cannot be used)"
     )
+    keyspace_events: Literal["auto", "listen", "off"] = Field(
+        "auto", description="find streams created by raw XADD at once, from Redis keyspace "
+        "notifications (notify-keyspace-events Kn, Redis >= 7): auto = add Kn to the "
+        "server's setting with CONFIG SET when connected as the default user (not on a "
+        "cluster), else only listen; listen = never CONFIG, the server is configured (ACL "
+        "deployments); off = the discovery scan alone")
     trim_applied_input: bool = Field(
         True, description="delete input entries once committed into the state"
     )
@@ -278,6 +289,16 @@ class Settings(BaseSettings):
         8, ge=0, le=100, description="with summary_memory: the most substantive turns of the "
                                      "whole stream kept verbatim (speaker, entry id) and listed "
                                      "under 'Key moments' in the final notes; 0 disables")
+
+    # --- log streams (issue #20, docs/logs.md) ------------------------------------------
+    log_feed: Literal["templates", "none"] = Field(
+        "templates", description="what a log stream feeds the model: 'templates' one line per "
+                                 "new template (the lines themselves go to the template "
+                                 "counts), 'none' nothing (the log notes' narrative is "
+                                 "written from the counts alone; fastest)")
+    log_notes_every_lines: int = Field(
+        2000, ge=0, description="a log stream publishes rolling log notes each time it "
+                                "crosses a multiple of this many lines (0: only at its end)")
 
     # --- state persistence layout (issue #6): incremental sink-KV segments --------------
     state_layout: Literal["whole", "segments"] = Field(

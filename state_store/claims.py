@@ -10,6 +10,14 @@ The dispatcher's side of the flag (``SET NX`` before it enqueues a task) stays w
 ``workers/scheduling``; this is the task's side of the same protocol, folded into the lease
 scripts so a batch costs four round trips on a hot state (claim, read, commit, release) where
 it cost eleven.
+
+The flag has two lifetimes. Queued (set by the dispatcher, or by ``release`` for the next
+task) it lasts ``schedule_ttl_seconds``: a task may wait that long in the broker queue. Running
+(from the claim on) it follows the lease: the claim sets it to :func:`running_flag_ttl` and
+every lease renewal extends it by as much (``lease_renew.lua``). A worker killed mid-task thus
+leaves a flag that lapses :data:`FLAG_MARGIN_S` after its lease, and the dispatcher's next full
+pass re-schedules the stream: takeover within ``lease_seconds`` + the margin + one pass, where
+it waited for the whole queued-task TTL (120 s).
 """
 
 from __future__ import annotations
@@ -28,8 +36,19 @@ from state_store.replies import as_text
 
 #: what ``release`` does with the scheduled flag: ``continue`` (input is left: keep it, the
 #: caller enqueues the next task), ``done`` (caught up: drop it, or set it again for input that
-#: arrived meanwhile), ``keep`` (leave it: a companion stream, or a batch cut short)
-Then = Literal["continue", "done", "keep"]
+#: arrived meanwhile), ``retry`` (a batch of the task's own stream cut short by an error: the
+#: flag gets the queued TTL back, so the dispatcher retries the stream once that lapses, not
+#: right after the lease), ``keep`` (leave it: a companion stream)
+Then = Literal["continue", "done", "retry", "keep"]
+
+#: A running task's scheduled flag lapses this long after its lease would: the dispatcher
+#: re-schedules a dead holder's stream once both are gone, never while the lease still holds.
+FLAG_MARGIN_S = 1.0
+
+
+def running_flag_ttl(lease_s: float) -> float:
+    """The scheduled flag's TTL while a task holds the stream: the lease plus the margin."""
+    return lease_s + FLAG_MARGIN_S
 
 
 @dataclass(frozen=True)
@@ -61,7 +80,8 @@ class Claims:
               flag_ttl_s: float | None) -> Claimed | Refused:
         """Take ``stream_id`` for ``lease_s`` unless it is held or parked.
 
-        ``flag_ttl_s``: refresh the stream's scheduled flag to this (the task's own stream);
+        ``flag_ttl_s``: refresh the stream's scheduled flag to this (the task's own stream,
+        normally :func:`running_flag_ttl`), and have the lease's renewals extend it by as much;
         None leaves the flag alone (a stream claimed as another task's companion).
         """
         keys = StreamKeys.of(stream_id)
@@ -77,12 +97,13 @@ class Claims:
         token, previous, *fields, members = reply[1:]
         lease = Lease(stream_id=keys.stream_id, worker_id=worker_id, token=int(token),
                       ttl_s=lease_s, previous_holder=as_text(previous),
-                      valid_until=started + lease_s)
+                      valid_until=started + lease_s, flag_ttl_s=flag_ttl_s or 0.0)
         return Claimed(lease, parse_head(stream_id, fields, members))
 
     def release(self, lease: Lease, then: Then, flag_ttl_s: float) -> bool:
-        """Give ``lease`` back and settle the flag as ``then`` says; True when the flag is set
-        for a new task the caller must now enqueue."""
+        """Give ``lease`` back and settle the flag as ``then`` says (``flag_ttl_s``: the queued
+        TTL, for ``continue``, ``retry`` and input that arrived meanwhile); True when the flag
+        is set for a new task the caller must now enqueue."""
         keys = StreamKeys.of(lease.stream_id)
         lease.valid_until = 0.0
         _, enqueue = self._release(

@@ -79,6 +79,8 @@ class CommitRequest:
     #: caller fields of the state hash (tokens seen, engine ... for ``sinkstream status``)
     state_fields: Mapping[str, FieldValue] = field(default_factory=dict)
     meta_fields: Mapping[str, FieldValue] = field(default_factory=dict)
+    #: counters of the meta hash increased by these amounts (e.g. ``entries_applied``)
+    meta_counts: Mapping[str, int] = field(default_factory=dict)
     outputs: Sequence[Mapping[str, FieldValue]] = ()
     dead_letters: Sequence[Mapping[str, FieldValue]] = ()
     summary: Mapping[str, FieldValue] | None = None
@@ -280,6 +282,7 @@ def _side_data(keys: StreamKeys, request: CommitRequest) -> dict[str, Any]:
     side: dict[str, Any] = {
         "state_fields": _fields(request.state_fields),
         "meta_fields": _fields(request.meta_fields),
+        "meta_counts": _counts(request.meta_counts),
         "outputs": _entries(request.outputs, "output"),
         "dead_letters": _entries(request.dead_letters, "dead letter"),
         "hash_updates": updates,
@@ -291,6 +294,16 @@ def _side_data(keys: StreamKeys, request: CommitRequest) -> dict[str, Any]:
     if request.output_maxlen is not None:
         side["output_maxlen"] = request.output_maxlen
     return side
+
+
+def _counts(counts: Mapping[str, int]) -> list[Any]:
+    """``name, delta, ...`` for HINCRBY: names as field names, deltas Lua-safe integers."""
+    out: list[Any] = []
+    for name, delta in counts.items():
+        if not _lua_int(delta):
+            raise ValueError(f"meta count {name!r} must be an int, got {delta!r}")
+        out.extend((_value(name), delta))
+    return out
 
 
 def _script_call(

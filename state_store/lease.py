@@ -8,8 +8,15 @@ acquisition INCRs the stream's ``fence`` counter and the new token is part of th
 that never expires, so tokens keep increasing across worker restarts and (with AOF) Redis
 restarts.
 
-``LeaseKeeper`` renews a lease from a background thread during long batches and raises a flag
-as soon as it is lost, so the worker can stop early instead of finding out at commit time.
+``LeaseKeeper`` renews a lease from a background thread during long batches (the thread runs
+while the model computes: torch releases the GIL in its kernels) and raises a flag as soon as
+it is lost, so the worker can stop early instead of finding out at commit time. Leases are
+short (``lease_seconds``, 5 s by default) so that a dead holder's streams move within seconds;
+a live holder, however slow its batch, keeps renewing every third of the lease.
+
+A lease taken for a task's own stream carries ``flag_ttl_s``: each renewal extends the
+stream's ``scheduled`` flag with the lease (``lease_renew.lua``), so the flag of a running task
+lapses about when its lease does and the dispatcher re-schedules a dead holder's stream then.
 """
 
 from __future__ import annotations
@@ -41,6 +48,9 @@ class Lease:
     #: lease value of the previous holder whose lease expired unreleased ('' = none)
     previous_holder: str = ""
     valid_until: float = field(default=0.0)
+    #: renewals extend the stream's scheduled flag to this many seconds (0: leave the flag
+    #: alone, e.g. a stream held as another task's companion)
+    flag_ttl_s: float = 0.0
 
     @property
     def value(self) -> str:
@@ -84,10 +94,14 @@ class LeaseManager:
         )
 
     def renew(self, lease: Lease) -> bool:
-        """Extend the lease by its ttl if it is still ours; False if it was lost."""
+        """Extend the lease by its ttl if it is still ours, and the stream's scheduled flag by
+        ``lease.flag_ttl_s`` if it has one and the flag exists; False if the lease was lost
+        (the flag is then left alone)."""
         started = time.monotonic()
-        ok = self._renew(keys=[StreamKeys.of(lease.stream_id).lease],
-                         args=[lease.value, ttl_ms(lease.ttl_s)])
+        keys = StreamKeys.of(lease.stream_id)
+        flag_ms = ttl_ms(lease.flag_ttl_s) if lease.flag_ttl_s > 0 else 0
+        ok = self._renew(keys=[keys.lease, keys.scheduled],
+                         args=[lease.value, ttl_ms(lease.ttl_s), flag_ms])
         if int(ok) == 1:
             lease.valid_until = started + lease.ttl_s
             return True

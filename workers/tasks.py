@@ -181,7 +181,8 @@ def _start_background(sender: Any = None, **_: Any) -> None:
         rt.scheduler.max_backlog = rt.settings.max_queued_tasks
         _dispatcher = Dispatcher(rt.client, rt.scheduler, rt.settings.dispatch_interval_seconds,
                                  rt.settings.discover_interval_seconds,
-                                 wake=rt.settings.dispatch_wake).start()
+                                 wake=rt.settings.dispatch_wake,
+                                 keyspace_events=rt.settings.keyspace_events).start()
 
 
 def _warm_up_embedder(rt: Runtime) -> None:

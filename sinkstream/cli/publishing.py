@@ -52,6 +52,12 @@ def publish_cmd(
     speakers: Annotated[
         bool, typer.Option("--speakers/--no-speakers", help="detect 'Name: text' prefixes")
     ] = True,
+    kind: Annotated[
+        str | None,
+        typer.Option("--kind", "-k", show_default=False,
+                     help="meeting | log: what the stream carries (sets the stream's kind; "
+                          "log: one line per entry, read as text, no speakers)"),
+    ] = None,
 ) -> None:
     """Publish a transcript (text, jsonl, vtt, srt or QMSum JSON) onto a stream's input.
 
@@ -61,10 +67,17 @@ def publish_cmd(
     """
     from producer.formats import FORMATS, InputFormatError, guess_format
     from producer.publisher import Producer, StreamFullError
+    from sinkstream.contracts.kinds import LOG, parse_kind
     from state_store.connection import describe_redis_error
 
     cfg = settings()
     keys = stream_keys(stream)
+    try:
+        stream_kind = parse_kind(kind)
+    except ValueError as exc:
+        raise fail(escape(str(exc)), 2) from None
+    if stream_kind == LOG:  # a log line is an entry as written: JSON lines stay verbatim
+        fmt, speakers = fmt or "text", False
     fmt = fmt or guess_format(file)
     if fmt not in FORMATS:
         raise fail(f"unknown --format {fmt!r}; use one of {', '.join(FORMATS)}", 2)
@@ -74,6 +87,8 @@ def publish_cmd(
         source = _publish_source(file, fmt, follow, speakers, idle_timeout)
         client = connect_redis(cfg)
         with Producer(client, settings=cfg) as producer:
+            if stream_kind is not None:
+                producer.set_kind(keys.stream_id, stream_kind)
             result = _publish_run(producer, keys.stream_id, source, realtime, speed, eos)
     except (InputFormatError, StreamFullError) as exc:
         raise fail(escape(str(exc))) from None
@@ -133,7 +148,9 @@ def _publish_run(
 def streams_cmd(
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="most recent N")] = 100,
 ) -> None:
-    """List known streams (most recently active first): input length, last entry, ended?"""
+    """List known streams (most recently active first): entries waiting in the input,
+    entries applied, the last entry's time, ended? (Applied input is trimmed by default: a
+    finished stream shows 0 waiting and its applied count.)"""
     import datetime as dt
 
     from rich.table import Table
@@ -159,12 +176,14 @@ def streams_cmd(
 
     table = Table(title=f"streams on {escape(_redacted(cfg.redis_url))}")
     table.add_column("stream", overflow="fold")
-    table.add_column("entries", justify="right")
+    table.add_column("waiting", justify="right")
+    table.add_column("applied", justify="right")
     table.add_column("last entry (UTC)")
     table.add_column("last activity", justify="right")
     table.add_column("ended", justify="center")
     for info in infos:
-        table.add_row(info.stream_id, f"{info.length:,}", stamp(info.last_entry_time),
+        table.add_row(info.stream_id, f"{info.length:,}", f"{info.applied:,}",
+                      stamp(info.last_entry_time),
                       f"{_ago(now - info.last_activity)} ago", "yes" if info.ended else "")
     console.print(table)
 

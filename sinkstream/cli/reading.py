@@ -135,19 +135,28 @@ def ask_cmd(
 
 # ----- status -------------------------------------------------------------------------------
 def stream_status(client: redis.Redis, stream: str) -> dict[str, Any]:
-    """Offset, lag, tokens, state bytes, last summary and failure of one stream: the lag as
-    the exporter computes it (``monitoring.lag``, one script on the stream's shard)."""
+    """Offset, lag, entries applied, last entry time, ended, tokens, state bytes, last summary
+    and failure of one stream: the lag as the exporter computes it (``monitoring.lag``, one
+    script on the stream's shard); entries and the end from what the workers committed, so a
+    finished stream whose input was trimmed still shows them."""
     from monitoring.lag import LagReader
+    from producer.registry import describe_streams
     from state_store.store import StateStore
 
     keys = stream_keys(stream)
     lag = LagReader(client).read_batch([keys.stream_id])[0]
     info = StateStore(client).info(stream)
     meta = text_fields(client.hgetall(keys.meta))
+    listed = describe_streams(client, [(keys.stream_id, 0.0)])[0]
+    last_entry = listed.last_entry_time
     return {
         "stream": stream,
         "status": lag.status,
         "offset": lag.last_entry_id or "-",
+        "applied_entries": listed.applied,
+        "last_entry": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(last_entry))
+        if last_entry is not None else "-",
+        "ended": listed.ended,
         "lag_entries": f">={lag.pending}" if lag.capped else lag.pending,
         "oldest_unapplied_s": round(lag.oldest_age_s, 1),
         "tokens_seen": int(meta.get("tokens_seen", 0) or 0),

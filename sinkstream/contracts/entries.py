@@ -7,6 +7,8 @@ write one (``redis-cli XADD 'sinkstream:{standup}:in' '*' text "Alice: ship it"`
 ``speaker``  optional, UTF-8; empty means none
 ``ts``       optional, seconds as a decimal string (media time or unix time, producer's choice)
 ``eos``      optional, ``"1"`` marks the end of the stream
+``kind``     optional, ``meeting`` or ``log`` (``sinkstream.contracts.kinds``); absent: the
+             stream's kind
 
 Other fields are ignored. Because the writer may be anything, :func:`parse_entry` never
 raises on bad data: it returns a :class:`Rejected` with a reason that a worker can put on the
@@ -20,10 +22,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sinkstream.contracts.kinds import StreamKind, parse_kind
+
 TEXT = "text"
 SPEAKER = "speaker"
 TS = "ts"
 EOS = "eos"
+KIND = "kind"
 
 _TRUE = frozenset({"1", "true", "yes"})
 _FALSE = frozenset({"", "0", "false", "no"})
@@ -38,6 +43,8 @@ class InputEntry:
     speaker: str | None = None
     ts: float | None = None
     eos: bool = False
+    #: the entry's own kind field; None: the stream's kind applies
+    kind: StreamKind | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +108,7 @@ def _parse(eid: str, fields: Mapping[Any, Any], max_text_bytes: int | None) -> I
     raw: dict[str, bytes | str] = {}
     for key, value in fields.items():
         name = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
-        if name in (TEXT, SPEAKER, TS, EOS):
+        if name in (TEXT, SPEAKER, TS, EOS, KIND):
             raw[name] = value
     eos = _parse_eos(raw.get(EOS))
     if TEXT not in raw and not eos:
@@ -119,7 +126,7 @@ def _parse(eid: str, fields: Mapping[Any, Any], max_text_bytes: int | None) -> I
         raise _Reject("field 'text' is empty (only an end-of-stream entry may be empty)")
     speaker = _decode_field(SPEAKER, raw[SPEAKER]) if SPEAKER in raw else ""
     ts = _parse_ts(raw.get(TS))
-    return InputEntry(eid, text, speaker or None, ts, eos)
+    return InputEntry(eid, text, speaker or None, ts, eos, _parse_kind(raw.get(KIND)))
 
 
 def _parse_eos(value: bytes | str | None) -> bool:
@@ -131,6 +138,15 @@ def _parse_eos(value: bytes | str | None) -> bool:
     if flag in _FALSE:
         return False
     raise _Reject(f"field 'eos' must be '1' (end of stream), got {flag[:20]!r}")
+
+
+def _parse_kind(value: bytes | str | None) -> StreamKind | None:
+    if value is None:
+        return None
+    try:
+        return parse_kind(_decode_field(KIND, value))
+    except ValueError as exc:
+        raise _Reject(f"field 'kind': {exc}") from None
 
 
 def _parse_ts(value: bytes | str | None) -> float | None:

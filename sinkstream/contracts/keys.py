@@ -127,6 +127,12 @@ class StreamKeys:
         return f"{self.tag}:vocab"
 
     @property
+    def logs(self) -> str:
+        """Hash: a log stream's template miner and template table (``workers/logs``), and the
+        entry they cover; written only inside commits, with the state."""
+        return f"{self.tag}:logs"
+
+    @property
     def scheduled(self) -> str:
         """String set NX while a task for this stream is queued or running."""
         return f"{self.tag}:scheduled"

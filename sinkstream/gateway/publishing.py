@@ -30,6 +30,9 @@ from producer.encoding import EncodedEntry, encode_turn
 from producer.formats import InputFormatError, parse_vtt
 from producer.keyed import KeyedProducer
 from producer.publisher import StreamFullError
+from sinkstream.contracts.keys import StreamKeys
+from sinkstream.contracts.kinds import META_FIELD as KIND_FIELD
+from sinkstream.contracts.kinds import StreamKind
 from sinkstream.gateway.access import Access, gateway, require
 from sinkstream.gateway.context import Gateway
 
@@ -49,9 +52,9 @@ class EntryIn(TypedDict):
     speaker: NotRequired[Annotated[str | None, Field(description="speaker name")]]
     ts: NotRequired[Annotated[float | None, Field(allow_inf_nan=False,
                                                   description="seconds (media or unix)")]]
-    kind: NotRequired[Annotated[Literal["meeting"] | None, Field(
-        description="stream kind; only 'meeting' (the default) until the input contract "
-                    "carries kinds")]]
+    kind: NotRequired[Annotated[Literal["meeting", "log"] | None, Field(
+        description="stream kind (meeting, the default, or log): sets the stream's kind "
+                    "(sinkstream.contracts.kinds); one request names at most one kind")]]
 
 
 @with_config(ConfigDict(extra="forbid"))
@@ -160,11 +163,34 @@ async def post_entries(request: Request, idempotency_key: IdempotencyKey = None,
     if not entries and not end:
         raise HTTPException(422, "no entries (and end is false): nothing to publish")
 
+    kind = _kind_of(entries)
+
     def publish() -> Published:
         encoded = _encode(entries, gw.settings.max_entry_bytes)
+        if kind is not None:
+            _set_kind(gw, access.stream_id, kind)
         return _publish(gw, access, idempotency_key, encoded, end)
 
     return await run_in_threadpool(publish)
+
+
+def _kind_of(entries: Sequence[EntryIn]) -> StreamKind | None:
+    """The one stream kind a request's entries name (None: none names one); a 422 when
+    they name two, since the kind is the stream's, not the entry's."""
+    kinds = {kind for entry in entries if (kind := entry.get("kind"))}
+    if len(kinds) > 1:
+        raise HTTPException(422, f"entries name {len(kinds)} kinds ({', '.join(sorted(kinds))});"
+                                 " a stream has one kind: send them to separate streams")
+    return kinds.pop() if kinds else None
+
+
+def _set_kind(gw: Gateway, stream_id: str, kind: StreamKind) -> None:
+    """Set the stream's kind before its entries land, so a worker reads them as that kind."""
+    try:
+        gw.client.hset(StreamKeys.of(stream_id).meta, KIND_FIELD, kind)
+    except redis.RedisError as exc:
+        raise HTTPException(503, f"Redis is unavailable ({type(exc).__name__}); retry",
+                            headers={"Retry-After": "2"}) from None
 
 
 @router.post("/{stream_id}/end", response_model=Published,

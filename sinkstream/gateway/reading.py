@@ -51,7 +51,7 @@ def list_streams(limit: int = Query(100, ge=1, le=1000), gw: Gateway = Depends(g
     infos = tenant_streams(gw.client, who, limit)
     return {"streams": [{"stream": i.stream_id, "length": i.length,
                          "last_entry_id": i.last_entry_id, "last_activity": i.last_activity,
-                         "ended": i.ended} for i in infos]}
+                         "ended": i.ended, "applied": i.applied} for i in infos]}
 
 
 def _known(gw: Gateway, stream_id: str) -> None:

@@ -17,7 +17,9 @@
 -- ARGV[1]  worker id (the lease holder)
 -- ARGV[2]  lease TTL in ms
 -- ARGV[3]  scheduled-flag TTL in ms: refresh it ('0': leave the flag alone, e.g. a stream
---          claimed as a companion of another stream's task)
+--          claimed as a companion of another stream's task). The caller passes the lease TTL
+--          plus a margin: a running task's flag follows its lease (lease_renew.lua extends
+--          both), so a dead holder's stream is re-scheduled soon after its lease lapses.
 --
 -- Reply:
 --   {'ok', token, previous holder or '', version, segments, generation, last_entry_id,

@@ -13,9 +13,12 @@
 -- KEYS[4]  input stream
 -- KEYS[5]  state hash
 -- ARGV[1]  lease value ("<worker_id>|<token>")
--- ARGV[2]  what next: 'continue' (input is left), 'done' (caught up), or 'keep' (leave the
---          flag alone: a companion stream, or a batch cut short by an error)
--- ARGV[3]  scheduled-flag TTL in ms
+-- ARGV[2]  what next: 'continue' (input is left), 'done' (caught up), 'retry' (a batch of the
+--          task's own stream cut short by an error: the flag is set to ARGV[3], no task now;
+--          the dispatcher retries the stream when it lapses), or 'keep' (leave the flag
+--          alone: a companion stream)
+-- ARGV[3]  scheduled-flag TTL in ms (the queued TTL: while the task ran, the flag followed
+--          its lease and would lapse with it)
 --
 -- Reply: {released (1 if the lease was ours), enqueue (1: the flag is set for a new task,
 --         which the caller must send)}.
@@ -28,6 +31,10 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   end
 end
 if ARGV[2] == 'keep' then return {released, 0} end
+if ARGV[2] == 'retry' then
+  redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
+  return {released, 0}
+end
 if ARGV[2] == 'continue' then
   redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
   return {released, 1}

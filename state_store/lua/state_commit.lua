@@ -50,6 +50,8 @@
 --                  deleted if still pending (and neither the stored nor the new set)
 --   state_fields   array   name, value, ...: caller fields of the state hash
 --   meta_fields    array   name, value, ...: merged into meta
+--   meta_counts?   array   name, delta, ...: meta counters increased (HINCRBY), e.g. the
+--                          entries a batch applied (entries_applied: `sinkstream streams`)
 --   summary?       array   name, value, ...: replaces the summary hash; absent: leave it
 --   trim_minid?    str     XTRIM the input to this MINID; absent: no trim
 --   output_maxlen? int     approximate MAXLEN of the output stream; absent: none
@@ -181,6 +183,8 @@ if #req.state_fields > 0 then redis.call('HSET', state, unpack(req.state_fields)
 local version = redis.call('HINCRBY', state, 'version', 1)
 redis.call('HINCRBY', meta, 'commits', 1)
 if #req.meta_fields > 0 then redis.call('HSET', meta, unpack(req.meta_fields)) end
+local counts = req.meta_counts or {}
+for i = 1, #counts, 2 do redis.call('HINCRBY', meta, counts[i], counts[i + 1]) end
 if req.summary then
   redis.call('DEL', summary)
   if #req.summary > 0 then redis.call('HSET', summary, unpack(req.summary)) end

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -137,4 +138,10 @@ def test_sink_final_from_the_memory_pass_state_equals_its_own_pass(
         harness.close()
     assert runs["memory"].rolling > 0 and runs["sink"].rolling == 0
     assert runs["sink"].tokens == runs["memory"].tokens == reused.tokens > 256
-    assert reused.final == runs["sink"].final
+    # the two streams hold the same turns under different entry ids, which citations name
+    assert _without_ids(reused.final) == _without_ids(runs["sink"].final)
+    assert "## Summary" in reused.final
+
+
+def _without_ids(notes: str) -> str:
+    return re.sub(r"\b\d{10,}-\d+\b", "<id>", notes)

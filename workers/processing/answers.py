@@ -15,11 +15,16 @@ import redis
 from sinkstream.contracts.outputs import OutputEntry, Source, SummaryKind, make_output
 from sinkstream.settings import Settings
 from workers.engines.base import Engine
+from workers.logs import head as logs_head
+from workers.logs.mining import MiningConfig
+from workers.logs.table import BurstConfig
 from workers.memory import retrieve, vectors
 from workers.memory.embedder import Embedder, get_embedder
 from workers.memory.persistence import read_chunks, read_head
 from workers.memory.records import Chunk
 from workers.notes.guard import Support, check
+from workers.processing.log_answers import LogAnswerer
+from workers.processing.log_notes import LogNotesWriter
 from workers.processing.notes_writer import NotesWriter
 from workers.processing.prompts import (
     answer_with_context_instruction,
@@ -46,6 +51,8 @@ class Answerer:
         self.summarizer = summarizer
         self.notes = notes
         self.observer = summarizer.observer
+        self.logs = LogAnswerer(engine, summarizer)
+        self.log_notes = LogNotesWriter(engine, settings, summarizer, summarizer.observer)
 
     @property
     def embedder(self) -> Embedder | None:
@@ -55,9 +62,15 @@ class Answerer:
         return get_embedder(self.settings.embedding_model)
 
     def answer(self, stream_id: str, question: str, request: str = "") -> OutputEntry:
-        """Answer ``question`` from the committed state and the text retrieved for it."""
+        """Answer ``question`` from the committed state and the text retrieved for it; for a
+        log stream, from its template table."""
         loaded = self.states.committed(stream_id)
         state = loaded.state
+        logs = logs_head.read(self.client, stream_id)
+        if logs.has_logs:
+            _, table = logs.load(MiningConfig(), BurstConfig())
+            return self.logs.answer(table, state, loaded.last_entry_id or "0-0", question,
+                                    request)
         notes = self._notes(stream_id)
         hits: list[retrieve.Hit] = []
         pervasive: frozenset[str] = frozenset()
@@ -92,8 +105,14 @@ class Answerer:
                            state.tokens_seen, self.engine.model_name, request, sources)
 
     def summary_now(self, stream_id: str, request: str = "") -> OutputEntry:
-        """The notes so far, from the committed state and memory (nothing is written)."""
+        """The notes so far, from the committed state and memory (nothing is written); a log
+        stream's log notes."""
         loaded = self.states.committed(stream_id)
+        logs = logs_head.read(self.client, stream_id)
+        if logs.has_logs:
+            _, table = logs.load(MiningConfig(), BurstConfig())
+            return self.log_notes.notes(table, loaded.state, loaded.last_entry_id or "0-0",
+                                        SummaryKind.ON_DEMAND, request)
         return self.notes.on_demand(stream_id, loaded.state, loaded.last_entry_id or "0-0",
                                     request)
 

@@ -18,6 +18,7 @@ import redis
 
 from sinkstream.contracts.entries import InputEntry, Rejected, parse_entry
 from sinkstream.contracts.keys import StreamKeys
+from sinkstream.contracts.kinds import LOG, StreamKind, effective_kind
 from sinkstream.settings import Settings
 from state_store.replies import as_text
 from workers.engines.base import Engine
@@ -71,12 +72,14 @@ class BatchReader:
                     count=self.settings.max_batch_entries + 1)
 
     def parse(self, raw: Sequence[Any], at_stream_start: bool, token_cap: int | None = None,
-              ) -> Batch | None:
+              stream_kind: StreamKind | None = None) -> Batch | None:
         """The batch in an XRANGE reply, bounded by entry count and token budget; None when
         there is nothing to read.
 
         A batch stops right after an end-of-stream entry so the final summary covers exactly
         the stream up to its end. ``token_cap`` lowers the token budget (``rolling_cap``).
+        Log entries (``stream_kind``, or their own kind) are not tokenized here: what they
+        feed is decided when they are mined (``workers/processing/log_batches.py``).
         """
         if not raw:
             return None
@@ -98,7 +101,8 @@ class BatchReader:
                 rejected.append(parsed)
                 used += 1
                 continue
-            ids = turn_tokens(self.engine, parsed)
+            ids = [] if effective_kind(parsed.kind, stream_kind) == LOG \
+                else turn_tokens(self.engine, parsed)
             if entries and len(tokens) + len(ids) > budget:
                 break
             entries.append(parsed)

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from workers.notes.guard import Verdict
@@ -35,6 +35,9 @@ class BatchObserver(Protocol):
     def guarded(self, verdicts: Sequence[Verdict]) -> None: ...
 
     def cache_changed(self, nbytes: int, limit: int) -> None: ...
+
+    def logs_committed(self, levels: Mapping[str, int], new_templates: int,
+                       bursts: int) -> None: ...
 
 
 class NullObserver:
@@ -72,4 +75,8 @@ class NullObserver:
         pass
 
     def cache_changed(self, nbytes: int, limit: int) -> None:
+        pass
+
+    def logs_committed(self, levels: Mapping[str, int], new_templates: int,
+                       bursts: int) -> None:
         pass

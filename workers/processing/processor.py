@@ -29,7 +29,7 @@ from sinkstream.contracts.keys import StreamKeys
 from sinkstream.contracts.outputs import OutputEntry
 from sinkstream.faults import checkpoint
 from sinkstream.settings import Settings
-from state_store.claims import Claims, Refused, Then
+from state_store.claims import Claims, Refused, Then, running_flag_ttl
 from state_store.codec import StateError
 from state_store.connection import TRANSIENT_ERRORS
 from state_store.lease import Lease, LeaseKeeper, LeaseLostError, LeaseManager
@@ -45,6 +45,9 @@ from state_store.store import (
     StateStore,
 )
 from workers.engines.base import Engine, EngineError, EngineState
+from workers.logs import head as logs_head
+from workers.logs.mining import MinerStateError
+from workers.logs.table import TableStateError
 from workers.memory.embedder import Embedder
 from workers.memory.persistence import parse_head as parse_memory_head
 from workers.memory.persistence import request_head as request_memory_head
@@ -56,8 +59,10 @@ from workers.processing.answers import Answerer
 from workers.processing.batches import Batch, BatchReader
 from workers.processing.dead_letters import dead_letter
 from workers.processing.hot_cache import HotStateCache
+from workers.processing.log_batches import LogFolder, LogUpdate
+from workers.processing.log_notes import LogNotesWriter
 from workers.processing.memory_writer import MemoryWriter
-from workers.processing.notes_writer import NotesWriter
+from workers.processing.notes_writer import NotesWriter, Published
 from workers.processing.observer import BatchObserver
 from workers.processing.outcome import Outcome
 from workers.processing.states import Loaded, StateRepository
@@ -78,6 +83,8 @@ class Changes:
     memory: MemoryWrite | None
     notes: dict[str, bytes | int]
     vocab: dict[str, int]
+    #: the logs hash fields (miner, table, applied) of a stream with log lines
+    logs: dict[str, bytes | str] | None = None
 
     def updates(self, keys: StreamKeys) -> list[HashUpdate]:
         memory_set: dict[str, FieldValue] = {**(self.memory.set if self.memory else {}),
@@ -88,6 +95,8 @@ class Changes:
             out.append(HashUpdate(keys.memory, memory_set, memory_delete))
         if self.vocab:
             out.append(HashUpdate(keys.vocab, dict(self.vocab)))
+        if self.logs:
+            out.append(HashUpdate(keys.logs, dict(self.logs)))
         return out
 
 
@@ -116,6 +125,8 @@ class Prepared:
     memory: MemoryHead | None
     notes: NotesHead
     load_s: float
+    #: the batch's log lines folded into the stream's miner and table (None: no logs)
+    logs: LogUpdate | None = None
 
 
 class StreamProcessor:
@@ -153,6 +164,8 @@ class StreamProcessor:
         self.reader = BatchReader(engine, settings)
         self.summarizer = Summarizer(engine, settings, observer)
         self.memory = MemoryWriter(engine, settings)
+        self.logs = LogFolder(engine, feed=settings.log_feed)
+        self.log_notes = LogNotesWriter(engine, settings, self.summarizer, observer)
         self.notes = NotesWriter(engine, client, settings, self.summarizer, observer)
         self.answers = Answerer(engine, client, settings, self.states, self.summarizer,
                                 self.notes)
@@ -208,9 +221,9 @@ class StreamProcessor:
         flag is left to that stream's own task."""
         self._release_unreleased(stream_id)
         own = holder is None
-        got = self.claims.claim(
-            stream_id, holder or self.worker_id, self.settings.lease_seconds,
-            self.settings.schedule_ttl_seconds if own else None)
+        lease_s = self.settings.lease_seconds
+        got = self.claims.claim(stream_id, holder or self.worker_id, lease_s,
+                                running_flag_ttl(lease_s) if own else None)
         if isinstance(got, Refused):
             reason = got.detail if got.status == "failed" else ""
             return Outcome(stream_id, got.status, reason=reason)
@@ -225,13 +238,18 @@ class StreamProcessor:
     def release(self, claim: Claim, then: Then = "keep") -> bool:
         """Stop renewing, give the lease back and settle the scheduled flag of the task's own
         stream (``then``; a companion's is left alone); True when the stream must be enqueued
-        again now. If Redis is unreachable the lease is remembered and released on the next
-        try: a failed release never masks the error already propagating, it only delays the
-        stream until then."""
+        again now. ``keep`` on the task's own stream (an error cut the batch short) becomes
+        ``retry``: its flag, which followed the lease, gets the queued TTL back, so an error
+        is retried after ``schedule_ttl_seconds`` rather than right after the lease. If Redis
+        is unreachable the lease is remembered and released on the next try: a failed release
+        never masks the error already propagating, it only delays the stream until then."""
         claim.keeper.stop()
+        if not claim.own:
+            then = "keep"
+        elif then == "keep":
+            then = "retry"
         try:
-            return self.claims.release(claim.lease, then if claim.own else "keep",
-                                       self.settings.schedule_ttl_seconds)
+            return self.claims.release(claim.lease, then, self.settings.schedule_ttl_seconds)
         except TRANSIENT_ERRORS as exc:
             log.debug("stream %s: lease release failed (%s); retried later",
                       claim.stream_id, exc)
@@ -265,6 +283,7 @@ class StreamProcessor:
             request_state_head(pipe, stream_id)
         self.reader.request(pipe, stream_id, after)
         notes_head.request(pipe, stream_id)
+        logs_head.request(pipe, stream_id)
         if self.memory.enabled:
             request_memory_head(pipe, stream_id)
         replies = pipe.execute(raise_on_error=False)
@@ -272,7 +291,8 @@ class StreamProcessor:
             head = parse_state_head(stream_id, *_raised(replies[:2]))
             replies = replies[2:]
         entries, notes_raw = replies[0], replies[1]
-        memory_head = replies[2] if self.memory.enabled else None
+        logs_raw = replies[2:2 + logs_head.REPLIES]
+        memory_head = replies[2 + logs_head.REPLIES] if self.memory.enabled else None
         if isinstance(entries, redis.ResponseError) and "WRONGTYPE" in str(entries):
             # anyone can write the input key: a non-stream there parks this stream only
             return self._fail(stream_id, f"stream {stream_id!r}: input key is not a stream "
@@ -287,13 +307,22 @@ class StreamProcessor:
                                  f"expected {after}")
         load_s = time.perf_counter() - started
         checkpoint("after_load")
+        logs = logs_head.parse(stream_id, logs_raw)
+        if logs.has_logs and logs.applied != after:
+            raise LeaseLostError(f"stream {stream_id!r}: logs at {logs.applied}, expected "
+                                 f"{after}")
         batch = self.reader.parse(entries, at_stream_start=loaded.state.tokens_seen == 0,
-                                  token_cap=self.reader.rolling_cap(loaded.state.tokens_seen))
+                                  token_cap=self.reader.rolling_cap(loaded.state.tokens_seen),
+                                  stream_kind=logs.kind)
         if batch is None:
             return Outcome(stream_id, "idle", version=loaded.version, cache_hit=loaded.cache_hit)
+        try:
+            batch, logs_update = self.logs.fold(logs, batch)
+        except (MinerStateError, TableStateError) as exc:
+            return self._fail(stream_id, f"stream {stream_id!r}: logs unreadable: {exc}")
         memory = parse_memory_head(stream_id, memory_head) if self.memory.enabled else None
         return Prepared(head, loaded, batch, memory, notes_head.parse(stream_id, notes_raw),
-                        load_s)
+                        load_s, logs_update)
 
     def feed(self, prepared: Prepared) -> tuple[EngineState, float]:
         """The state after the batch, and the seconds the model took."""
@@ -313,12 +342,20 @@ class StreamProcessor:
         stream_id, loaded, batch = claim.stream_id, prepared.loaded, prepared.batch
         lines = self.memory.lines(loaded.state, new_state, batch)
         moments = self.memory.moments(prepared.memory, lines)
-        notes = self.notes.update(prepared.notes, lines)
-        published = self.notes.publish(stream_id, loaded.state, new_state, batch.last_id,
-                                       batch.eos, lines, prepared.memory, moments, notes)
+        logs = prepared.logs
+        logs_fields = logs.fields if logs is not None else None
+        if logs is not None and logs.table.lines:  # a log stream: log notes, not meeting notes
+            log_out = self.log_notes.publish(new_state, batch.last_id, batch.eos, logs)
+            published = Published(log_out.entries, prepared.notes, log_out.prose)
+            logs_fields = log_out.fields
+        else:
+            notes = self.notes.update(prepared.notes, lines)
+            published = self.notes.publish(stream_id, loaded.state, new_state, batch.last_id,
+                                           batch.eos, lines, prepared.memory, moments, notes)
         memory = self.memory.plan(prepared.memory, lines, published.prose, batch.last_id,
                                   moments, new_state)
-        changes = Changes(memory, published.notes.fields(prepared.notes), fields_of(lines))
+        changes = Changes(memory, published.notes.fields(prepared.notes), fields_of(lines),
+                          logs_fields)
         claim.keeper.check()
         # deliberately after the last lease check: a paused worker that resumes here must be
         # stopped by the commit's fencing check, not by luck
@@ -335,6 +372,9 @@ class StreamProcessor:
             return Outcome(stream_id, "stale", reason=str(exc))
         save_s = time.perf_counter() - started
         claim.committed = batch.last_id
+        if prepared.logs is not None:
+            self.observer.logs_committed(prepared.logs.levels, len(prepared.logs.new_templates),
+                                         len(prepared.logs.new_incidents))
         if memory is not None and memory.evicted:
             self._vectorize(stream_id, memory.evicted)
         return Outcome(
@@ -366,6 +406,7 @@ class StreamProcessor:
             state_fields={"state_nbytes": self.engine.state_nbytes(new_state),
                           "tokens_seen": new_state.tokens_seen},
             meta_fields=meta,
+            meta_counts={"entries_applied": len(batch.entries)} if batch.entries else {},
             outputs=[s.fields() for s in summaries],
             dead_letters=[dead_letter(r) for r in batch.rejected],
             summary=summaries[-1].fields() if summaries else None,

@@ -16,18 +16,24 @@ New input reaches the leader two ways:
   1,000 streams, taken from the model by the GIL; ~31 ms with four plain commands each): with
   many streams that wait dominated entry latency and its spread over streams. Non-leaders are
   not subscribed.
+* **New input keys (push).** A raw ``XADD`` that creates an input stream sends no wake-up;
+  where the server publishes keyspace notifications for new keys, the leader hears of the new
+  key at once (``workers/scheduling/keyspace.py``: one PSUBSCRIBE pattern, matched by Redis),
+  registers the stream and schedules it: discovered within milliseconds instead of at the
+  next discovery scan.
 * **Full pass (safety net).** Every ``dispatch_interval_seconds`` the leader checks every
   registered stream, for what sends no wake-up: raw ``XADD`` writers, a task lost with its
-  worker (its flag lapsed), wake-ups lost while the leader changed or Redis reconnected (the
-  leader subscribes before the pass that follows, so nothing falls in between), and streams
-  skipped while the queue was full. Now and then it also scans for input streams written by
-  raw ``XADD`` that no producer registered.
+  worker (its flag, which follows the lease while a task runs, lapsed), wake-ups lost while
+  the leader changed or Redis reconnected (the leader subscribes before the pass that
+  follows, so nothing falls in between), and streams skipped while the queue was full. Every
+  ``discover_interval_seconds`` it also scans for input streams written by raw ``XADD`` that
+  no producer registered (the fallback where keyspace notifications are unavailable).
 
 With Redis Cluster the subscription is on one node (redis-py's ``ClusterPubSub``) and a
 cluster forwards every PUBLISH to all nodes; with Sentinel it follows the master like every
 other connection. After any Redis error the subscription is dropped and made again once Redis
 answers, followed by a full pass. ``dispatch_wake = false`` turns wake-ups off (producers
-publish none, the dispatcher polls only).
+publish none, the dispatcher polls only); ``keyspace_events = "off"`` the new-key events.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from sinkstream.ids import InvalidStreamId, validate_stream_id
 from state_store.connection import Backoff, is_cluster
 from state_store.replies import as_text
 from state_store.scripts import DISPATCHER_LEAD
+from workers.scheduling import keyspace
 from workers.scheduling.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -82,6 +89,7 @@ class Dispatcher:
         interval_s: float,
         discover_interval_s: float,
         wake: bool = True,
+        keyspace_events: keyspace.Mode = "auto",
     ) -> None:
         self.client = client
         self.scheduler = scheduler
@@ -89,6 +97,10 @@ class Dispatcher:
         self.discover_interval_s = discover_interval_s
         #: listen for producers' wake-ups while leading (False: full passes only)
         self.wake = wake
+        #: listen for new input keys while leading (keyspace notifications; see keyspace.py)
+        self.keyspace_events: keyspace.Mode = keyspace_events
+        #: the server confirmed (or was set) to publish new-key events this leadership term
+        self.keyspace_on = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sinkstream-dispatcher",
                                         daemon=True)
@@ -128,10 +140,7 @@ class Dispatcher:
         Wake-ups that arrive meanwhile are served between its slices: a pass over 1,000
         streams takes ~15 ms of this thread, which would otherwise be added to every entry
         published during it."""
-        now = time.monotonic()
-        if now - self._last_discover >= self.discover_interval_s:
-            self._last_discover = now
-            self.discover()
+        self._discover_if_due()
         scheduled = 0
         room = self.scheduler.room()
         if room <= 0:
@@ -219,6 +228,13 @@ class Dispatcher:
             log.info("dispatcher: registered %d stream(s) written without the producer", found)
         return found
 
+    def _discover_if_due(self) -> None:
+        """Run the discovery scan when ``discover_interval_s`` has passed since the last."""
+        now = time.monotonic()
+        if now - self._last_discover >= self.discover_interval_s:
+            self._last_discover = now
+            self.discover()
+
     def _register(self, streams: dict[str, float]) -> int:
         """``ZADD NX`` the registry with ``streams`` (then cleared); how many were new."""
         if not streams:
@@ -238,7 +254,7 @@ class Dispatcher:
         if not self.lead():
             self._unsubscribe()  # a non-leader does not act on wake-ups
             return self.interval_s
-        if self.wake and self._pubsub is None:
+        if self._pubsub is None and self._listens():
             self._subscribe()
         self.poll_once()
         if self._pubsub is None:
@@ -246,28 +262,52 @@ class Dispatcher:
         deadline = time.monotonic() + self.interval_s
         while not self._stop.is_set() and (left := deadline - time.monotonic()) > 0:
             self._serve_wakes(min(left, _WAKE_WAIT_S))
+            self._discover_if_due()  # on its own interval, even between long full passes
         return 0.0
 
     def _serve_wakes(self, timeout: float) -> int:
-        """Schedule the streams of the wake-ups received (waiting up to ``timeout`` for the
-        first); how many were scheduled. Nothing without a subscription."""
+        """Schedule the streams of the wake-ups and new-key events received (waiting up to
+        ``timeout`` for the first); how many were scheduled. A stream announced by a new-key
+        event is registered first (``ZADD NX``), as the discovery scan would. Nothing without
+        a subscription."""
         if self._pubsub is None:
             return 0
-        woken = self._read_wakes(timeout)
-        return self.schedule_woken(woken) if woken else 0
+        woken, created = self._read_wakes(timeout)
+        if created:
+            found = self._register(dict.fromkeys(created, time.time()))
+            if found:
+                log.info("dispatcher: registered %d new stream(s) written without the "
+                         "producer (keyspace event)", found)
+        ready = list(dict.fromkeys([*woken, *created]))
+        return self.schedule_woken(ready) if ready else 0
 
-    def _read_wakes(self, timeout: float) -> list[str]:
-        """The stream ids of the wake-ups received, waiting up to ``timeout`` for the first:
-        valid ones, each once, in arrival order, at most one pipeline's worth."""
+    def _read_wakes(self, timeout: float) -> tuple[list[str], list[str]]:
+        """The stream ids of the wake-ups and of the new input keys announced, waiting up to
+        ``timeout`` for the first message: valid ones, each once, in arrival order, at most
+        one pipeline's worth in all."""
         woken: dict[bytes | str, None] = {}
+        created: dict[str, None] = {}
         message = self._pubsub.get_message(timeout=timeout)
         while message is not None:
-            if message.get("type") == "message":
+            kind = message.get("type")
+            if kind == "message":
                 woken[message["data"]] = None
-                if len(woken) >= _PIPELINE_STREAMS:
-                    break
+            elif kind == "pmessage" and (sid := keyspace.stream_of(message["channel"],
+                                                                    message["data"])):
+                created[sid] = None
+            if len(woken) + len(created) >= _PIPELINE_STREAMS:
+                break
             message = self._pubsub.get_message(timeout=0.0)
-        return self._valid_ids(woken, source="wake-up") if woken else []
+        return (self._valid_ids(woken, source="wake-up") if woken else []), list(created)
+
+    def _hears_new_keys(self) -> bool:
+        """Whether to listen for new input keys: not on a cluster, whose notifications are
+        per node (its discovery scan covers every primary instead)."""
+        return self.keyspace_events != "off" and not is_cluster(self.client)
+
+    def _listens(self) -> bool:
+        """Whether the leader keeps a subscription: for wake-ups, new input keys, or both."""
+        return self.wake or self._hears_new_keys()
 
     def _subscribe(self) -> None:
         """Subscribe to wake-ups and wait for the confirmation: done before a full pass, so
@@ -278,8 +318,19 @@ class Dispatcher:
             # on that dead node again and again
             self.client.nodes_manager.initialize()  # type: ignore[attr-defined]
         self._pubsub = self.client.pubsub()
-        self._pubsub.subscribe(WAKE_CHANNEL)
-        self._pubsub.get_message(timeout=_SUBSCRIBE_WAIT_S)
+        confirmations = 0
+        if self.wake:
+            self._pubsub.subscribe(WAKE_CHANNEL)
+            confirmations += 1
+        if self._hears_new_keys():
+            self.keyspace_on = keyspace.enable(self.client, self.keyspace_events)
+            self._pubsub.psubscribe(keyspace.channel_pattern(keyspace.client_db(self.client)))
+            confirmations += 1
+        deadline = time.monotonic() + _SUBSCRIBE_WAIT_S
+        while confirmations and (left := deadline - time.monotonic()) > 0:
+            reply = self._pubsub.get_message(timeout=left)
+            if reply is not None and reply.get("type") in ("subscribe", "psubscribe"):
+                confirmations -= 1
         self._stale_slots = False
 
     def _unsubscribe(self) -> None:

@@ -5,10 +5,11 @@ before a task is enqueued (here, by the dispatcher) and cleared when the task fi
 to do. A task that still has input re-enqueues itself at the back of the queue, so a busy stream
 takes turns with the others (fairness) instead of draining itself first. The task's side of the
 flag (refreshed when it claims the stream, kept or dropped when it releases it) rides in the
-claim and release scripts (``state_store/claims.py``). The flag expires after
-``schedule_ttl_seconds``, so a task lost with a killed worker is re-scheduled by the dispatcher
-(``workers/scheduling/dispatcher.py``) once the flag lapses; leases and fencing make any
-duplicate harmless.
+claim and release scripts (``state_store/claims.py``). A queued task's flag expires after
+``schedule_ttl_seconds``; a running task's follows its lease (the claim and every renewal set
+it to the lease plus a second), so a task lost with a killed worker is re-scheduled by the
+dispatcher (``workers/scheduling/dispatcher.py``) about a second after its lease lapses;
+leases and fencing make any duplicate harmless.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from typing import Any
 import redis
 
 from sinkstream.contracts.keys import StreamKeys
+from state_store.claims import FLAG_MARGIN_S
 from state_store.scripts import NEEDS_WORK, run_script_each
 
 log = logging.getLogger(__name__)
 
 Enqueue = Callable[[str], None]
 #: A busy stream's flag lapses this long after the holder's lease would expire.
-_BUSY_FLAG_MARGIN_MS = 1000
+_BUSY_FLAG_MARGIN_MS = int(FLAG_MARGIN_S * 1000)
 
 
 class Scheduler:

@@ -85,7 +85,7 @@ def test_limits_and_validation_have_clear_statuses(gateway: GatewayProcess,
         ({"entries": [{"text": "a", "lang": "en"}]}, "body.entries.0.lang: Extra inputs"),
         ({"entries": [{"text": "a", "ts": "NaN"}]}, "finite number"),
         ({"entries": [{"text": "a", "ts": "soon"}]}, "body.entries.0.ts"),
-        ({"entries": [{"text": "a", "kind": "log"}]}, "body.entries.0.kind"),
+        ({"entries": [{"text": "a", "kind": "audio"}]}, "body.entries.0.kind"),
         ({"entries": []}, "nothing to publish"),
     ]
     for body, message in cases:
@@ -154,3 +154,16 @@ def test_idempotency_records_are_per_key_producer_ids(gw_redis: RedisServer,
     assert pid.startswith("key-") and "secret" not in pid
     assert record.startswith("1 ")
     assert json.dumps(records).count("secret") == 0
+
+
+def test_entries_of_kind_log_make_a_log_stream(
+        gateway: GatewayProcess, tokens: Tokens, gw_redis: RedisServer) -> None:
+    url = f"{gateway.url}/v1/streams/acme-logs/entries"
+    body = {"entries": [{"text": "ERROR disk full on /dev/sda1", "kind": "log"}]}
+    reply = httpx.post(url, json=body, headers=bearer(tokens.acme))
+    assert reply.status_code == 200, reply.text
+    client: redis.Redis = gw_redis.client(decode_responses=True)
+    assert client.hget(StreamKeys.of("acme-logs").meta, "kind") == "log"
+    mixed = {"entries": [{"text": "a", "kind": "log"}, {"text": "b", "kind": "meeting"}]}
+    refused = httpx.post(url, json=mixed, headers=bearer(tokens.acme))
+    assert refused.status_code == 422 and "one kind" in refused.text

@@ -77,9 +77,10 @@ def dispatchers() -> Iterator[list[Dispatcher]]:
 
 def _dispatcher(client: redis.Redis, started: list[Dispatcher], interval_s: float,
                 wake: bool = True) -> tuple[Dispatcher, Enqueued]:
+    """A dispatcher acting on wake-ups and full passes only (new-key events: test_discovery)."""
     enqueued = Enqueued()
     dispatcher = Dispatcher(client, Scheduler(client, enqueued, 60.0), interval_s, 3600.0,
-                            wake=wake)
+                            wake=wake, keyspace_events="off")
     started.append(dispatcher.start())
     return dispatcher, enqueued
 

@@ -815,3 +815,27 @@ def test_segments_work_with_hash_updates(
                                hash_updates=[HashUpdate(KEYS.memory, {"chunk:0": b"alpha"})]))
     assert r.hgetall(KEYS.memory) == {b"chunk:0": b"alpha"}
     assert loaded(store).segments == {0: b"a"}
+
+
+def test_meta_counts_add_up_across_commits_and_a_refused_one_adds_nothing(
+    r: redis.Redis, store: StateStore, leases: LeaseManager
+) -> None:
+    """``entries_applied`` (``sinkstream streams``) grows with each commit, atomically."""
+    ids = [r.xadd(KEYS.input, {"text": f"t{i}"}).decode() for i in range(5)]
+    lease = leases.acquire(SID, "w1", 30)
+    assert lease is not None
+    store.commit(CommitRequest(SID, lease.token, 0, ids[2], state=b"s",
+                               meta_counts={"entries_applied": 3}, trim_input=True))
+    store.commit(CommitRequest(SID, lease.token, 1, ids[4], state=b"s2",
+                               meta_counts={"entries_applied": 2}, trim_input=True))
+    assert r.hget(KEYS.meta, "entries_applied") == b"5"
+    assert r.xlen(KEYS.input) == 0  # trimmed: the count is all that is left of them
+    r.delete(KEYS.lease)  # the lease lapsed and another worker took the stream
+    assert leases.acquire(SID, "w2", 30) is not None
+    with pytest.raises(StaleCommitError):  # the zombie's commit counts nothing
+        store.commit(CommitRequest(SID, lease.token, 2, ids[4], state=b"s3",
+                                   meta_counts={"entries_applied": 7}))
+    assert r.hget(KEYS.meta, "entries_applied") == b"5"
+    with pytest.raises(ValueError, match="must be an int"):
+        store.commit(CommitRequest(SID, lease.token, 2, ids[4],
+                                   meta_counts={"entries_applied": 1.5}))  # type: ignore[dict-item]

@@ -1,0 +1,74 @@
+"""Template mining: masking, the miner's msgpack state, and replays that mine identically."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from workers.logs.masking import Masking
+from workers.logs.mining import Miner, MinerStateError, MiningConfig
+
+LINES = [
+    "Receiving block blk_-1608999687919862906 src: /10.250.19.102:54106 dest: /10.250.19.102:50010",
+    "Receiving block blk_7503483334202473044 src: /10.251.215.16:55695 dest: /10.251.215.16:50010",
+    "PacketResponder 1 for block blk_-1608999687919862906 terminating",
+    "Task attempt_1445144423722_0020_m_000000_0 Transitioned from NEW to UNASSIGNED",
+    "Task attempt_1445144423722_0020_m_000001_0 Transitioned from NEW to UNASSIGNED",
+    "Task attempt_1445144423722_0020_m_000001_0 Transitioned from UNASSIGNED to ASSIGNED",
+    "cupsd startup succeeded",
+    "cupsd shutdown succeeded",
+    "request 3f2b8c1e-9d4a-4f6e-8b7a-1c2d3e4f5a6b took 35ms",
+    "request 0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d took 1.5s",
+]
+
+
+def test_masks_and_grouping() -> None:
+    masker = Masking().masker()
+    assert masker.mask(LINES[0]) == "Receiving block <BLK> src: /<IP> dest: /<IP>"
+    assert masker.mask("program interrupt: illegal instruction......0") == \
+        "program interrupt: illegal instruction <NUM>"
+    miner = Miner()
+    ids = [miner.add(line).template_id for line in LINES]
+    assert ids[0] == ids[1] != ids[2]
+    assert ids[3] == ids[4] != ids[5], "enum states tell events apart"
+    assert ids[6] != ids[7], "a changed word is another event"
+    assert ids[8] == ids[9], "durations and UUIDs are variables"
+
+
+def test_state_round_trip_mines_identically() -> None:
+    straight, resumed = Miner(), Miner()
+    for line in LINES[:5]:
+        straight.add(line)
+        resumed.add(line)
+    resumed = Miner.decode(resumed.encode())
+    assert resumed.encode() == straight.encode()
+    tail_a = [straight.add(line) for line in LINES[5:] * 2]
+    tail_b = [resumed.add(line) for line in LINES[5:] * 2]
+    assert tail_a == tail_b and resumed.encode() == straight.encode()
+    assert resumed.match(LINES[1]) == straight.match(LINES[1]) is not None
+
+
+def test_foreign_or_corrupt_states_are_refused() -> None:
+    blob = Miner().encode()
+    with pytest.raises(MinerStateError, match="mined as"):
+        Miner.decode(blob, MiningConfig(sim_th=0.4))
+    with pytest.raises(MinerStateError):
+        Miner.decode(b"\xc1garbage")
+    deep: list[object] = [[], {}]
+    for _ in range(50):
+        deep = [[], {"x": deep}]
+    hostile = msgpack.packb({"v": 1, "fp": MiningConfig().fingerprint, "n": 0, "c": [],
+                             "t": deep})
+    with pytest.raises(MinerStateError, match="malformed"):
+        Miner.decode(hostile)
+
+
+def test_a_full_miner_counts_the_unmatched_as_other() -> None:
+    from workers.logs.mining import OTHER_ID
+
+    miner = Miner(MiningConfig(max_templates=2))
+    assert miner.add("alpha beta gamma").change == "created"
+    assert miner.add("delta epsilon").change == "created"
+    assert miner.add("zeta eta theta iota").template_id == OTHER_ID
+    assert miner.add("alpha beta gamma").template_id != OTHER_ID
+    assert len(miner.templates) == 2

@@ -1,0 +1,76 @@
+"""Log lines of every shape read as records: message, level, time, logger."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sinkstream.contracts.entries import InputEntry, Rejected, parse_entry
+from workers.logs.parse import level_of, parse_line, time_of
+
+REF = dt.datetime(2024, 3, 5, 12, 0, tzinfo=dt.timezone.utc).timestamp()
+
+
+def test_json_lines_take_common_key_names() -> None:
+    rec = parse_line('{"ts": "2024-03-05T10:00:01.5Z", "level": "WARNING", '
+                     '"logger": "db.pool", "msg": "pool exhausted after 30s"}', REF)
+    assert (rec.message, rec.level, rec.logger, rec.shape) == (
+        "pool exhausted after 30s", "warn", "db.pool", "json")
+    assert rec.ts == dt.datetime(2024, 3, 5, 10, 0, 1, 500000, tzinfo=dt.timezone.utc
+                                 ).timestamp()
+    ecs = parse_line('{"@timestamp": 1709632801000, "log": {"level": "error"}, '
+                     '"message": "boom"}', REF)
+    assert (ecs.level, ecs.ts, ecs.message) == ("error", 1709632801.0, "boom")
+    bunyan = parse_line('{"time": 1709632801, "level": 50, "name": "api", "msg": "x"}')
+    assert (bunyan.level, bunyan.logger) == ("fatal", "api")
+
+
+def test_syslog_5424_and_3164() -> None:
+    rec = parse_line("<34>1 2024-03-05T11:59:00Z host sshd 123 ID47 - Failed password", REF)
+    assert (rec.level, rec.logger, rec.message, rec.shape) == (
+        "fatal", "sshd", "Failed password", "syslog")
+    assert rec.ts == REF - 60
+    old = parse_line("<28>Mar  5 11:58:00 node-1 kernel[0]: disk /dev/sda almost full", REF)
+    assert (old.level, old.logger, old.message) == ("warn", "kernel",
+                                                    "disk /dev/sda almost full")
+    assert old.ts == REF - 120
+    bare = parse_line("Jun 14 15:16:01 combo sshd(pam_unix)[19939]: authentication failure",
+                      REF)
+    assert bare.shape == "syslog" and bare.logger == "sshd(pam_unix)"
+    # a December line read in early January belongs to the year before
+    jan = dt.datetime(2024, 1, 1, 0, 5, tzinfo=dt.timezone.utc).timestamp()
+    assert parse_line("Dec 31 23:59:00 h app: x", jan).ts == jan - 360
+
+
+def test_plain_lines_find_time_and_level_words() -> None:
+    rec = parse_line("2024-03-05 11:00:00,250 ERROR [main] Connection refused", REF)
+    assert (rec.level, rec.message) == ("error", "[main] Connection refused")
+    assert rec.ts == REF - 3600 + 0.25
+    hdfs = parse_line("081109 203615 148 INFO dfs.DataNode$PacketResponder: Received block")
+    assert (hdfs.level, hdfs.message) == ("info", "dfs.DataNode$PacketResponder: Received block")
+    prose = parse_line("an error occurred while reading", REF)
+    assert (prose.level, prose.message, prose.ts) == (None, "an error occurred while reading",
+                                                      REF)
+    assert parse_line("[warn] low memory").level == "warn"
+
+
+def test_levels_and_times_from_odd_values() -> None:
+    assert [level_of(v) for v in ("E", "err", "[CRIT]", 3, 20, True, None)] == [
+        None, "error", "fatal", "error", "info", None, None]
+    assert time_of("not a time") is None and time_of(float("nan")) is None
+    assert time_of(1_700_000_000_123_456) == 1_700_000_000.123456
+
+
+def test_entries_carry_a_kind() -> None:
+    entry = parse_entry("1-0", {b"text": b"x", b"kind": b"log"})
+    assert isinstance(entry, InputEntry) and entry.kind == "log"
+    assert parse_entry("1-0", {"text": "x"}).kind is None  # type: ignore[union-attr]
+    bad = parse_entry("1-0", {"text": "x", "kind": "audio"})
+    assert isinstance(bad, Rejected) and "kind" in bad.reason
+
+
+def test_a_stream_kind_nobody_knows_is_read_as_a_meeting() -> None:
+    from workers.logs.head import parse
+
+    assert parse("s", [b"log", [None, None, None]]).kind == "log"
+    odd = parse("s", [b"audio", [b"m", b"t", b"1-0"]])
+    assert odd.kind is None and odd.has_logs and odd.applied == "1-0"

@@ -1,0 +1,252 @@
+"""A log stream's template table: per template its count, levels, first and last time, a
+per-minute history, and the bursts (incidents) found in it.
+
+Everything here is a pure function of the lines applied, in order, and their times (the line's
+own time, else its entry's): the table is committed with the state in the batch's fenced
+commit, so after a crash or a move the next worker continues from exactly the committed table,
+and a replay of the same entries gives a bit-identical one (``encode`` is deterministic).
+
+Bursts. Lines are counted per template in buckets of ``bucket_s`` seconds of log time. When a
+batch adds lines to a bucket, that bucket is a burst if it holds at least ``min_count`` lines
+and ``factor`` times the template's own baseline: its mean count per bucket over the
+``history_buckets`` before it (buckets where it did not occur count as zeros, so a template
+new to an established stream has a baseline of zero). A stream younger than
+``warmup_buckets`` finds no bursts: at its start every template is new. Consecutive burst
+buckets of a template are one incident, whose count and first/last time grow as its lines
+arrive.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from workers.logs.parse import LEVELS, PROBLEM_LEVELS
+
+FORMAT_VERSION = 1
+#: characters kept of a template's first message (the example line the notes quote)
+EXAMPLE_CHARS = 300
+#: incidents kept per stream (the oldest go first)
+MAX_INCIDENTS = 200
+
+
+class TableStateError(ValueError):
+    """A stored template table that cannot be read."""
+
+
+@dataclass(frozen=True)
+class BurstConfig:
+    bucket_s: float = 60.0
+    min_count: int = 10
+    factor: float = 5.0
+    history_buckets: int = 120
+    warmup_buckets: int = 5
+
+
+@dataclass
+class TemplateStats:
+    """One template's counts. ``buckets`` maps a bucket index to [count, first ts, last ts]
+    for the last ``history_buckets`` buckets of the stream (older ones are dropped)."""
+
+    template_id: int
+    template: str
+    count: int = 0
+    levels: dict[str, int] = field(default_factory=dict)
+    first_ts: float = math.inf
+    last_ts: float = -math.inf
+    first_entry: str = ""
+    last_entry: str = ""
+    example: str = ""
+    buckets: dict[int, list[float]] = field(default_factory=dict)
+    #: the stream's line count when the template was created (0-based line number)
+    first_line: int = 0
+
+    @property
+    def level(self) -> str | None:
+        """The most severe level its lines had (None: none had one)."""
+        present = [lv for lv in LEVELS if self.levels.get(lv)]
+        return present[-1] if present else None
+
+    @property
+    def problem(self) -> bool:
+        return self.level in PROBLEM_LEVELS
+
+
+@dataclass(frozen=True)
+class Incident:
+    """A burst of one template: consecutive burst buckets, their line count and times."""
+
+    template_id: int
+    start_bucket: int
+    end_bucket: int
+    count: int
+    first_ts: float
+    last_ts: float
+    baseline: float
+
+
+@dataclass
+class Table:
+    """The template table of one stream (mutated by one batch, on its own decoded copy)."""
+
+    config: BurstConfig = field(default_factory=BurstConfig)
+    templates: dict[int, TemplateStats] = field(default_factory=dict)
+    incidents: list[Incident] = field(default_factory=list)
+    lines: int = 0
+    levels: dict[str, int] = field(default_factory=dict)
+    first_bucket: int | None = None
+    last_bucket: int | None = None
+    #: the line count the last published log notes covered ("new since the last update")
+    notes_cursor: int = 0
+    #: (template id, bucket) touched since ``take_touched`` (not persisted)
+    _touched: set[tuple[int, int]] = field(default_factory=set)
+
+    def add(self, template_id: int, template: str, level: str | None, ts: float,
+            entry_id: str, message: str) -> None:
+        """Count one line of ``template_id`` (its template text as it is now)."""
+        stats = self.templates.get(template_id)
+        if stats is None:
+            stats = self.templates[template_id] = TemplateStats(
+                template_id, template, example=message[:EXAMPLE_CHARS], first_entry=entry_id,
+                first_line=self.lines)
+        stats.template = template
+        stats.count += 1
+        self.lines += 1
+        key = level or "none"
+        stats.levels[key] = stats.levels.get(key, 0) + 1
+        self.levels[key] = self.levels.get(key, 0) + 1
+        stats.first_ts = min(stats.first_ts, ts)
+        stats.last_ts = max(stats.last_ts, ts)
+        stats.last_entry = entry_id
+        bucket = math.floor(ts / self.config.bucket_s)
+        cell = stats.buckets.setdefault(bucket, [0, ts, ts])
+        cell[0] += 1
+        cell[1], cell[2] = min(cell[1], ts), max(cell[2], ts)
+        self.first_bucket = bucket if self.first_bucket is None else min(self.first_bucket,
+                                                                         bucket)
+        self.last_bucket = bucket if self.last_bucket is None else max(self.last_bucket, bucket)
+        self._touched.add((template_id, bucket))
+
+    def close_batch(self) -> list[Incident]:
+        """Find the bursts among the buckets this batch touched, fold them into incidents,
+        drop history older than the window; the incidents that are new (for metrics)."""
+        new: list[Incident] = []
+        for template_id, bucket in sorted(self._touched):
+            if self._is_burst(self.templates[template_id], bucket):
+                if self._fold(template_id, bucket):
+                    new.append(self.incidents[-1])
+        self._touched.clear()
+        self._prune()
+        return new
+
+    def baseline(self, stats: TemplateStats, bucket: int) -> float | None:
+        """Mean lines per bucket of ``stats`` over the history before ``bucket``; None while
+        the stream is younger than the warm-up."""
+        if self.first_bucket is None:
+            return None
+        span = min(self.config.history_buckets, bucket - self.first_bucket)
+        if span < self.config.warmup_buckets:
+            return None
+        total = sum(cell[0] for b, cell in stats.buckets.items() if bucket - span <= b < bucket)
+        return total / span
+
+    def _is_burst(self, stats: TemplateStats, bucket: int) -> bool:
+        count = stats.buckets[bucket][0]
+        baseline = self.baseline(stats, bucket)
+        return baseline is not None and count >= self.config.min_count \
+            and count >= self.config.factor * baseline
+
+    def _fold(self, template_id: int, bucket: int) -> bool:
+        """Extend the template's open incident or start one; True when one was started."""
+        stats = self.templates[template_id]
+        for index in range(len(self.incidents) - 1, -1, -1):
+            old = self.incidents[index]
+            if old.template_id == template_id and old.start_bucket - 1 <= bucket \
+                    <= old.end_bucket + 1:
+                self.incidents[index] = self._incident(stats, min(old.start_bucket, bucket),
+                                                       max(old.end_bucket, bucket),
+                                                       old.baseline)
+                return False
+        baseline = self.baseline(stats, bucket) or 0.0
+        self.incidents.append(self._incident(stats, bucket, bucket, baseline))
+        del self.incidents[:-MAX_INCIDENTS]
+        return True
+
+    @staticmethod
+    def _incident(stats: TemplateStats, start: int, end: int, baseline: float) -> Incident:
+        cells = [cell for b, cell in stats.buckets.items() if start <= b <= end]
+        return Incident(stats.template_id, start, end, int(sum(c[0] for c in cells)),
+                        min(c[1] for c in cells), max(c[2] for c in cells), baseline)
+
+    def _prune(self) -> None:
+        if self.last_bucket is None:
+            return
+        oldest = self.last_bucket - self.config.history_buckets
+        for stats in self.templates.values():
+            stale = [b for b in stats.buckets if b < oldest]
+            for b in stale:
+                del stats.buckets[b]
+
+    # ----- views -------------------------------------------------------------------------------
+    def top(self, n: int) -> list[TemplateStats]:
+        """The ``n`` most frequent templates (ties: the older template first)."""
+        return sorted(self.templates.values(), key=lambda s: (-s.count, s.template_id))[:n]
+
+    def problems(self) -> list[TemplateStats]:
+        """Error and warning templates, most severe then most frequent first."""
+        rank: dict[str, int] = {lv: i for i, lv in enumerate(LEVELS)}
+        return sorted((s for s in self.templates.values() if s.problem),
+                      key=lambda s: (-rank[s.level or "debug"], -s.count, s.template_id))
+
+    # ----- state -------------------------------------------------------------------------------
+    def encode(self) -> bytes:
+        templates = [[s.template_id, s.template, s.count, s.levels, s.first_ts, s.last_ts,
+                      s.first_entry, s.last_entry, s.example,
+                      [[b, *cell] for b, cell in sorted(s.buckets.items())], s.first_line]
+                     for s in self.templates.values()]
+        incidents = [[i.template_id, i.start_bucket, i.end_bucket, i.count, i.first_ts,
+                      i.last_ts, i.baseline] for i in self.incidents]
+        return msgpack.packb({"v": FORMAT_VERSION, "t": templates, "i": incidents,
+                              "n": self.lines, "l": self.levels, "c": self.notes_cursor,
+                              "b": [self.first_bucket, self.last_bucket]}, use_bin_type=True)
+
+    @classmethod
+    def decode(cls, data: bytes, config: BurstConfig | None = None) -> Table:
+        table = cls(config or BurstConfig())
+        try:
+            raw = msgpack.unpackb(data, raw=False, strict_map_key=False)
+            if not isinstance(raw, dict) or raw.get("v") != FORMAT_VERSION:
+                raise TableStateError("template table has another format version")
+            for row in raw["t"]:
+                stats = TemplateStats(int(row[0]), str(row[1]), int(row[2]),
+                                      _counts(row[3]), float(row[4]), float(row[5]),
+                                      str(row[6]), str(row[7]), str(row[8]))
+                stats.buckets = {int(c[0]): [float(c[1]), float(c[2]), float(c[3])]
+                                 for c in row[9]}
+                stats.first_line = int(row[10])
+                for cell in stats.buckets.values():
+                    cell[0] = int(cell[0])
+                table.templates[stats.template_id] = stats
+            table.incidents = [Incident(int(i[0]), int(i[1]), int(i[2]), int(i[3]),
+                                        float(i[4]), float(i[5]), float(i[6]))
+                               for i in raw["i"]]
+            table.lines, table.levels = int(raw["n"]), _counts(raw["l"])
+            table.notes_cursor = int(raw["c"])
+            first, last = raw["b"]
+            table.first_bucket = None if first is None else int(first)
+            table.last_bucket = None if last is None else int(last)
+        except (KeyError, IndexError, TypeError, ValueError, msgpack.UnpackException) as exc:
+            if isinstance(exc, TableStateError):
+                raise
+            raise TableStateError(f"template table is malformed ({exc})") from None
+        return table
+
+
+def _counts(raw: Any) -> dict[str, int]:
+    if not isinstance(raw, dict):
+        raise TypeError("counts are not a map")
+    return {str(k): int(v) for k, v in raw.items()}
+
