@@ -65,13 +65,16 @@ class DecodeWindow:
         self.storage_dtype = first.dtype
         self.offset, self.length = 0, n
         size = n + steps  # offset + length grows by exactly one per step
-        self.keys = [torch.empty(1, H, size, D, dtype=compute_dtype, device=dev)
-                     for _ in window.keys]
-        self.values = [torch.empty(1, H, size, D, dtype=compute_dtype, device=dev)
-                       for _ in window.values]
+        shape = (len(window.keys), 1, H, size, D)
+        #: all layers in one tensor each, so an eviction moves and re-rotates them in one op
+        self.all_keys = torch.empty(shape, dtype=compute_dtype, device=dev)
+        self.all_values = torch.empty(shape, dtype=compute_dtype, device=dev)
+        self.keys = list(self.all_keys.unbind(0))  # per layer [1, H_kv, M, D]
+        self.values = list(self.all_values.unbind(0))
         #: only a window that can fill up keeps the stored keys and slots: eviction re-rotates
         self.evicts = n + steps > policy.capacity
-        self.stored: list[torch.Tensor] = []  # per layer [H_kv, M, D], storage dtype
+        kept = shape if self.evicts else (0, 1, H, 0, D)
+        self.stored = torch.empty(kept, dtype=first.dtype, device=dev)[:, 0]  # [layers, H_kv, M, D]
         self.slots = torch.empty(size if self.evicts else 0, dtype=torch.long)  # [M]
         self._fill(window)
         self._updated = 0
@@ -92,9 +95,7 @@ class DecodeWindow:
                 self._rotate(k[:, s0:], rotation, self.keys[layer][0, :, s0:n])
             self.values[layer][0, :, :n].copy_(v)
             if self.evicts:
-                stored = torch.empty(self.keys[layer].shape[1:], dtype=k.dtype, device=k.device)
-                stored[:, :n].copy_(k)
-                self.stored.append(stored)
+                self.stored[layer, :, :n].copy_(k)
         if self.evicts:
             self.slots[:n].copy_(window.slots)
 
@@ -127,15 +128,15 @@ class DecodeWindow:
         if self._updated != len(self.keys):
             raise RuntimeError("the model did not update every cache layer exactly once")
         end = self.offset + self.length
-        for layer, (k, v) in enumerate(self._new):
-            stored_k = k[0, :, 0].to(self.storage_dtype)  # [H_kv, D], what a feed stores
+        if self.storage_dtype != self.dtype or self.evicts:
+            keys = torch.stack([k[0, :, 0] for k, _ in self._new]).to(self.storage_dtype)
             if self.storage_dtype != self.dtype:  # from now on it is read back from storage
-                self.keys[layer][0, :, end].copy_(stored_k)
-                self.values[layer][0, :, end].copy_(v[0, :, 0].to(self.storage_dtype))
+                values = torch.stack([v[0, :, 0] for _, v in self._new])
+                self.all_keys[:, 0, :, end].copy_(keys)  # [layers, H_kv, D]
+                self.all_values[:, 0, :, end].copy_(values.to(self.storage_dtype))
             if self.evicts:
-                self.stored[layer][:, end] = stored_k
-        if self.evicts:
-            self.slots[end] = self.length
+                self.stored[:, :, end] = keys  # what a feed stores
+                self.slots[end] = self.length
         self._new.clear()
         self._updated = 0
         self.length += 1
@@ -150,20 +151,16 @@ class DecodeWindow:
         S, o = self.policy.sink, self.offset
         if ranges != [(0, S), (S + 1, self.length)]:
             raise RuntimeError(f"a one-token step cannot evict {ranges} of {self.length}")
-        for buffers in (self.keys, self.values):
-            for buf in buffers:
-                buf[:, :, o + 1 : o + 1 + S] = buf[:, :, o : o + S].clone()
-        for stored in self.stored:
-            stored[:, o + 1 : o + 1 + S] = stored[:, o : o + S].clone()
+        for buf in (self.all_keys[:, 0], self.all_values[:, 0], self.stored):
+            buf[:, :, o + 1 : o + 1 + S] = buf[:, :, o : o + S].clone()  # [layers, H_kv, S, D]
         self.slots[o + 1 : o + 1 + S] = self.slots[o : o + S].clone()
         self.offset, self.length = o + 1, self.length - 1
         o, n = self.offset, self.length
         window = _Window((), (), self.slots[o : o + n], None)
         s0, rotation = _moved_rotation(self.rotary, window, self.device)
-        if rotation is None:
-            return
-        for keys, stored in zip(self.keys, self.stored, strict=True):
-            self._rotate(stored[:, o + s0 : o + n], rotation, keys[0, :, o + s0 : o + n])
+        if rotation is not None:  # all layers at once: the same arithmetic per element
+            self._rotate(self.stored[:, :, o + s0 : o + n], rotation,
+                         self.all_keys[:, 0, :, o + s0 : o + n])
 
 
 class DecodeLayer(DynamicLayer):
