@@ -8,7 +8,9 @@ rotated at, and re-rotated once in fp32 at use time (``rotary.py``).
 
 Feeding: ``aligned_chunks`` cuts the stream into chunks of ``chunk_tokens`` counted from its
 start; a chunk attends to [cache + itself, causally], then the cache is evicted down to S + R.
-The remainder waits in ``state.pending``. ``generate`` and ``score`` work on temporary copies.
+The remainder waits in ``state.pending``. ``generate`` and ``score`` work on temporary copies;
+``generate``'s token-by-token steps run on one ``DecodeWindow`` per call (``decode.py``), built
+once and appended in place, bit-identical to feeding each token as a one-token chunk.
 States are never mutated: a new state shares nothing it would have to change (copy-on-write).
 The state also keeps the final hidden state after its last token (``[E]``), so the next token
 can be scored or sampled without re-feeding anything.
