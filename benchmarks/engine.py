@@ -161,6 +161,7 @@ def _measure_generate(setup: dict[str, Any], stream: list[int], reps: int) -> li
     window evicts at every prompt chunk and every token). Interleaved repetitions, medians.
     """
     from workers.engines.base import Sampling
+    from workers.engines.sinkkv import cache_keyword
 
     engine, state, cache = setup["engine"], setup["state"], setup["cache"]
     model, capacity = engine.model, setup["capacity"]
@@ -168,13 +169,14 @@ def _measure_generate(setup: dict[str, Any], stream: list[int], reps: int) -> li
     greedy = Sampling(repetition_penalty=1.0)
     hf_ids = torch.tensor([[*stream[:capacity], *prompt]])  # the cache holds the first part
     eos = engine.eos_token_ids
+    keyword = cache_keyword(model)  # `cache` from transformers 5.24 on
 
     def sink(extra: int) -> int:
         return len(engine.generate(state, prompt, GENERATE_TOKENS, greedy, extra_capacity=extra))
 
     def hf() -> int:
         out = model.generate(
-            input_ids=hf_ids, attention_mask=torch.ones_like(hf_ids), past_key_values=cache,
+            input_ids=hf_ids, attention_mask=torch.ones_like(hf_ids), **{keyword: cache},
             max_new_tokens=GENERATE_TOKENS, min_new_tokens=GENERATE_TOKENS, do_sample=False,
             eos_token_id=None, pad_token_id=0,
         )
