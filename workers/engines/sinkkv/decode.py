@@ -75,6 +75,8 @@ class DecodeWindow:
         self.evicts = n + steps > policy.capacity
         kept = shape if self.evicts else (0, 1, H, 0, D)
         self.stored = torch.empty(kept, dtype=first.dtype, device=dev)[:, 0]  # [layers, H_kv, M, D]
+        #: the stored keys' rotate-half partners ``[-k2, k1]``: a re-rotation in whole-width ops
+        self.partners = torch.empty_like(self.stored)
         self.slots = torch.empty(size if self.evicts else 0, dtype=torch.long)  # [M]
         self._fill(window)
         self._updated = 0
@@ -96,6 +98,7 @@ class DecodeWindow:
             self.values[layer][0, :, :n].copy_(v)
             if self.evicts:
                 self.stored[layer, :, :n].copy_(k)
+                self.partners[layer, :, :n].copy_(SlotRotary.half_partner(k))
         if self.evicts:
             self.slots[:n].copy_(window.slots)
 
@@ -136,6 +139,7 @@ class DecodeWindow:
                 self.all_values[:, 0, :, end].copy_(values.to(self.storage_dtype))
             if self.evicts:
                 self.stored[:, :, end] = keys  # what a feed stores
+                self.partners[:, :, end] = SlotRotary.half_partner(keys)
                 self.slots[end] = self.length
         self._new.clear()
         self._updated = 0
@@ -151,16 +155,25 @@ class DecodeWindow:
         S, o = self.policy.sink, self.offset
         if ranges != [(0, S), (S + 1, self.length)]:
             raise RuntimeError(f"a one-token step cannot evict {ranges} of {self.length}")
-        for buf in (self.all_keys[:, 0], self.all_values[:, 0], self.stored):
+        for buf in (self.all_keys[:, 0], self.all_values[:, 0], self.stored, self.partners):
             buf[:, :, o + 1 : o + 1 + S] = buf[:, :, o : o + S].clone()  # [layers, H_kv, S, D]
         self.slots[o + 1 : o + 1 + S] = self.slots[o : o + S].clone()
         self.offset, self.length = o + 1, self.length - 1
         o, n = self.offset, self.length
         window = _Window((), (), self.slots[o : o + n], None)
         s0, rotation = _moved_rotation(self.rotary, window, self.device)
-        if rotation is not None:  # all layers at once: the same arithmetic per element
-            self._rotate(self.stored[:, :, o + s0 : o + n], rotation,
-                         self.all_keys[:, 0, :, o + s0 : o + n])
+        if rotation is None:
+            return
+        # all layers at once, in whole-width ops: the same arithmetic per element
+        cos, sin = (SlotRotary.whole(t) for t in rotation)  # [n - s0, D]
+        stored, partners = self.stored[:, :, o + s0 : o + n], self.partners[:, :, o + s0 : o + n]
+        dst = self.all_keys[:, 0, :, o + s0 : o + n]  # [layers, H_kv, n - s0, D]
+        if self.dtype == torch.float32:
+            SlotRotary.rotate_whole_into(stored, partners, cos, sin, dst)
+        else:  # rotate in fp32, round once
+            tmp = torch.empty(dst.shape, dtype=torch.float32, device=dst.device)
+            SlotRotary.rotate_whole_into(stored, partners, cos, sin, tmp)
+            dst.copy_(tmp)
 
 
 class DecodeLayer(DynamicLayer):

@@ -161,3 +161,24 @@ def test_generation_that_evicts_changes_no_state() -> None:
     engine.generate(state, [10, 20], 30)
     for x, y in zip(before, (*state.keys, *state.values, state.slots), strict=True):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_whole_width_rotation_is_bit_identical_to_the_half_width_one(dtype: torch.dtype) -> None:
+    """``SlotRotary.rotate_whole_into`` (what an evicting decode step re-rotates with) equals
+    ``rotate_into`` (what a feed re-rotates with) bit for bit, on strided views like the
+    decode window's."""
+    from workers.engines.sinkkv.rotary import SlotRotary
+
+    torch.manual_seed(0)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 64, 2).float() / 64))
+    rotary = SlotRotary(inv_freq, 512, torch.device("cpu"))
+    stored = torch.randn(3, 2, 300, 64).to(dtype)[:, :, 7:207]  # [layers, H_kv, L, D] view
+    cos, sin = rotary.cos_sin(torch.arange(100, 300), torch.arange(200))
+    half = torch.empty(3, 1, 2, 300, 64)[:, 0, :, 50:250]
+    whole = torch.empty(3, 1, 2, 300, 64)[:, 0, :, 50:250]
+    for layer in range(3):
+        SlotRotary.rotate_into(stored[layer], cos, sin, half[layer])
+    SlotRotary.rotate_whole_into(stored, SlotRotary.half_partner(stored), SlotRotary.whole(cos),
+                                 SlotRotary.whole(sin), whole)
+    assert torch.equal(half, whole)
