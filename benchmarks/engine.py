@@ -19,8 +19,9 @@ default settings, with the formulas for sizes that are not loaded.
 ``generate`` rows (``generate_ratio_vs_hf``): a whole summary generation, the summary prompt
 then 64 greedy tokens after a cache of S + R tokens, sink-KV ``engine.generate`` vs Hugging
 Face ``model.generate`` over a ``DynamicCache`` of the same length, same model, 1 thread,
-interleaved; once with the room beside the window the summarizer gives a generation
-(``extra_capacity``), once evicting at every token (``generate_ratio_vs_hf_evicting``).
+interleaved, process CPU seconds; once with the room beside the window the summarizer gives
+a generation (``extra_capacity``), once evicting at every token
+(``generate_ratio_vs_hf_evicting``).
 
 Full: SmolLM2-135M (when converted in the model cache: ``sinkstream model prepare``);
 quick: a mid-size tiny Llama (4 layers, hidden 256).
@@ -29,6 +30,7 @@ quick: a mid-size tiny Llama (4 layers, hidden 256).
 from __future__ import annotations
 
 import random
+import time
 from typing import Any
 
 import torch
@@ -158,7 +160,9 @@ def _measure_generate(setup: dict[str, Any], stream: list[int], reps: int) -> li
 
     Two sink-KV rows: with the room beside the window the summarizer gives a generation
     (``extra_capacity`` = prompt + new tokens: nothing is evicted), and without it (the
-    window evicts at every prompt chunk and every token). Interleaved repetitions, medians.
+    window evicts at every prompt chunk and every token). Interleaved repetitions, medians
+    of process CPU seconds (one thread: on the shared 2-core box a 64-token generation's wall
+    time ran at ~2x its CPU time and swung by 1.5x between repetitions); wall ratios beside.
     """
     from workers.engines.base import Sampling
     from workers.engines.sinkkv import cache_keyword
@@ -192,15 +196,18 @@ def _measure_generate(setup: dict[str, Any], stream: list[int], reps: int) -> li
     try:
         for fn in sides.values():  # warm-up, and every side makes all its tokens
             assert fn() == GENERATE_TOKENS
-        times: dict[str, list[float]] = {name: [] for name in sides}
+        cpu: dict[str, list[float]] = {name: [] for name in sides}
+        wall: dict[str, list[float]] = {name: [] for name in sides}
         for r in range(reps):
             names = list(sides) if r % 2 == 0 else list(reversed(sides))
             for name in names:
+                started = time.process_time()
                 seconds, _ = timed(sides[name])
-                times[name].append(seconds)
+                cpu[name].append(time.process_time() - started)
+                wall[name].append(seconds)
     finally:
         engine.eos_token_ids = eos
-    hf_s = median(times["hf_generate"])
+    hf_cpu, hf_wall = median(cpu["hf_generate"]), median(wall["hf_generate"])
     return [
         {
             "side": name,
@@ -208,11 +215,13 @@ def _measure_generate(setup: dict[str, Any], stream: list[int], reps: int) -> li
             "prompt_tokens": len(prompt),
             "new_tokens": GENERATE_TOKENS,
             "reps": reps,
-            "seconds": median(seconds),
-            "tok_s": GENERATE_TOKENS / median(seconds),
-            "ratio_vs_hf": hf_s / median(seconds),
+            "cpu_seconds": median(cpu[name]),
+            "wall_seconds": median(wall[name]),
+            "tok_s": GENERATE_TOKENS / median(cpu[name]),
+            "ratio_vs_hf": hf_cpu / median(cpu[name]),
+            "ratio_vs_hf_wall": hf_wall / median(wall[name]),
         }
-        for name, seconds in times.items()
+        for name in sides
     ]
 
 
@@ -345,6 +354,9 @@ def run(quick: bool) -> BenchResult:
             ),
             "generate_ratio_vs_hf": generate["sinkkv_generate"]["ratio_vs_hf"],
             "generate_ratio_vs_hf_evicting": generate["sinkkv_generate_evicting"]["ratio_vs_hf"],
+            "generate_ratio_vs_hf_wall": generate["sinkkv_generate"]["ratio_vs_hf_wall"],
+            "generate_seconds_cpu (sinkkv, hf)": (generate["sinkkv_generate"]["cpu_seconds"],
+                                                  generate["hf_generate"]["cpu_seconds"]),
             "generate_tokens": GENERATE_TOKENS,
             "model": model_label,
             "ratio_threads": 1,
