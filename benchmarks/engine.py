@@ -16,6 +16,13 @@ the same is repeated with the default thread count. ``decode`` rows do the same 
 one-token generation steps. State bytes per stream are printed for each engine at the
 default settings, with the formulas for sizes that are not loaded.
 
+``generate`` rows (``generate_ratio_vs_hf``): a whole summary generation, the summary prompt
+then 64 greedy tokens after a cache of S + R tokens, sink-KV ``engine.generate`` vs Hugging
+Face ``model.generate`` over a ``DynamicCache`` of the same length, same model, 1 thread,
+interleaved, process CPU seconds; once with the room beside the window the summarizer gives
+a generation (``extra_capacity``), once evicting at every token
+(``generate_ratio_vs_hf_evicting``).
+
 Full: SmolLM2-135M (when converted in the model cache: ``sinkstream model prepare``);
 quick: a mid-size tiny Llama (4 layers, hidden 256).
 """
@@ -23,6 +30,7 @@ quick: a mid-size tiny Llama (4 layers, hidden 256).
 from __future__ import annotations
 
 import random
+import time
 from typing import Any
 
 import torch
@@ -81,6 +89,7 @@ def _setup(model: Any, tokenizer: Any, vocab: int, seed: int = 0) -> dict[str, A
         "head": model.get_output_embeddings(),
         "rng": rng,
         "capacity": capacity,
+        "stream": stream,
     }
 
 
@@ -136,6 +145,101 @@ def _measure(setup: dict[str, Any], vocab: int, step: str, reps: int) -> dict[st
         "dynamiccache_ms": 1000 * median(dense_times),
         "state_bytes": engine.state_nbytes(state),
     }
+
+
+#: new tokens per generation (a rolling summary's budget), and the summary prompt's instruction
+GENERATE_TOKENS = 64
+_INSTRUCTION = "Summarize the conversation so far in two sentences."
+
+
+def _measure_generate(setup: dict[str, Any], stream: list[int], reps: int) -> list[dict[str, Any]]:
+    """Summary generation, end to end: the summary prompt after a cache of ``capacity``
+    tokens, then ``GENERATE_TOKENS`` greedy tokens, sink-KV ``engine.generate`` against
+    Hugging Face ``model.generate`` with the same model over a ``DynamicCache`` of the same
+    length (prompt prefill included on both sides; no repetition penalty, no early stop).
+
+    Two sink-KV rows: with the room beside the window the summarizer gives a generation
+    (``extra_capacity`` = prompt + new tokens: nothing is evicted), and without it (the
+    window evicts at every prompt chunk and every token). Interleaved repetitions, medians
+    of process CPU seconds (one thread: on the shared 2-core box a 64-token generation's wall
+    time ran at ~2x its CPU time and swung by 1.5x between repetitions); wall ratios beside.
+    """
+    from workers.engines.base import Sampling
+    from workers.engines.sinkkv import cache_keyword
+
+    engine, state, cache = setup["engine"], setup["state"], setup["cache"]
+    model, capacity = engine.model, setup["capacity"]
+    prompt = engine.summary_prompt(_INSTRUCTION)
+    greedy = Sampling(repetition_penalty=1.0)
+    hf_ids = torch.tensor([[*stream[:capacity], *prompt]])  # the cache holds the first part
+    eos = engine.eos_token_ids
+    keyword = cache_keyword(model)  # `cache` from transformers 5.24 on
+
+    def sink(extra: int) -> int:
+        return len(engine.generate(state, prompt, GENERATE_TOKENS, greedy, extra_capacity=extra))
+
+    def hf() -> int:
+        out = model.generate(
+            input_ids=hf_ids, attention_mask=torch.ones_like(hf_ids), **{keyword: cache},
+            max_new_tokens=GENERATE_TOKENS, min_new_tokens=GENERATE_TOKENS, do_sample=False,
+            eos_token_id=None, pad_token_id=0,
+        )
+        cache.crop(capacity - cache.get_seq_length())  # back to `capacity` tokens
+        return int(out.shape[1] - hf_ids.shape[1])
+
+    sides = {
+        "hf_generate": hf,
+        "sinkkv_generate": lambda: sink(len(prompt) + GENERATE_TOKENS),
+        "sinkkv_generate_evicting": lambda: sink(0),
+    }
+    engine.eos_token_ids = ()  # the same number of tokens on every side
+    try:
+        for fn in sides.values():  # warm-up, and every side makes all its tokens
+            assert fn() == GENERATE_TOKENS
+        cpu: dict[str, list[float]] = {name: [] for name in sides}
+        wall: dict[str, list[float]] = {name: [] for name in sides}
+        for r in range(reps):
+            names = list(sides) if r % 2 == 0 else list(reversed(sides))
+            for name in names:
+                started = time.process_time()
+                seconds, _ = timed(sides[name])
+                cpu[name].append(time.process_time() - started)
+                wall[name].append(seconds)
+    finally:
+        engine.eos_token_ids = eos
+    hf_cpu, hf_wall = median(cpu["hf_generate"]), median(wall["hf_generate"])
+    return [
+        {
+            "side": name,
+            "cache_tokens": capacity,
+            "prompt_tokens": len(prompt),
+            "new_tokens": GENERATE_TOKENS,
+            "reps": reps,
+            "cpu_seconds": median(cpu[name]),
+            "wall_seconds": median(wall[name]),
+            "tok_s": GENERATE_TOKENS / median(cpu[name]),
+            "ratio_vs_hf": hf_cpu / median(cpu[name]),
+            "ratio_vs_hf_wall": hf_wall / median(wall[name]),
+        }
+        for name in sides
+    ]
+
+
+def _generate_table(generate: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The generate rows in the table's columns (the baseline column is HF ``generate``)."""
+    hf = generate["hf_generate"]
+    return [
+        {
+            "step": f"generate ({r['new_tokens']} tok, {label})",
+            "threads": 1,
+            "reps": r["reps"],
+            "sinkkv_tok_s": r["tok_s"],
+            "dynamiccache_tok_s": hf["tok_s"],
+            "ratio": r["ratio_vs_hf"],
+        }
+        for label, r in (("room beside the window", generate["sinkkv_generate"]),
+                         ("evicting", generate["sinkkv_generate_evicting"]))
+    ]
 
 
 def _state_rows(measured: dict[str, int]) -> list[dict[str, Any]]:
@@ -210,6 +314,12 @@ def run(quick: bool) -> BenchResult:
                 rows.append({"threads": n_threads, **_measure(setup, vocab, step, n)})
         finally:
             torch.set_num_threads(default_threads)
+    torch.set_num_threads(1)
+    try:
+        generate_rows = _measure_generate(setup, setup["stream"], 2 if quick else 5)
+    finally:
+        torch.set_num_threads(default_threads)
+    generate = {r["side"]: r for r in generate_rows}
     prefill = next(r for r in rows if r["threads"] == 1 and r["step"].startswith("prefill"))
     decode = next(r for r in rows if r["threads"] == 1 and r["step"].startswith("decode"))
     prefill_default = [r for r in rows if r["threads"] != 1 and r["step"].startswith("prefill")]
@@ -235,17 +345,23 @@ def run(quick: bool) -> BenchResult:
     keep = ("step", "threads", "reps", "sinkkv_tok_s", "dynamiccache_tok_s", "ratio")
     return BenchResult(
         title=f"sink-KV vs DynamicCache at a full window (S={SINKS}, R={RECENT}), {model_label}",
-        rows=[{k: r[k] for k in keep} for r in rows],
+        rows=[{k: r[k] for k in keep} for r in rows] + _generate_table(generate),
         summary={
             "ratio": prefill["ratio"],
             "decode_ratio": decode["ratio"],
             f"ratio_{default_threads}_threads": (
                 prefill_default[0]["ratio"] if prefill_default else prefill["ratio"]
             ),
+            "generate_ratio_vs_hf": generate["sinkkv_generate"]["ratio_vs_hf"],
+            "generate_ratio_vs_hf_evicting": generate["sinkkv_generate_evicting"]["ratio_vs_hf"],
+            "generate_ratio_vs_hf_wall": generate["sinkkv_generate"]["ratio_vs_hf_wall"],
+            "generate_seconds_cpu (sinkkv, hf)": (generate["sinkkv_generate"]["cpu_seconds"],
+                                                  generate["hf_generate"]["cpu_seconds"]),
+            "generate_tokens": GENERATE_TOKENS,
             "model": model_label,
             "ratio_threads": 1,
             "model_load_seconds": load_seconds,
             **state_summary,
         },
-        extra={"state_bytes": state_rows, "timings_ms": rows},
+        extra={"state_bytes": state_rows, "timings_ms": rows, "generate": generate_rows},
     )

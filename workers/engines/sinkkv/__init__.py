@@ -8,6 +8,7 @@ One concept per module, each importing only the ones above it:
 * ``prompts``: the chat-template text that opens a stream and asks about it;
 * ``state``: ``SinkKVState`` and its persistence as a ``StateSnapshot``;
 * ``attention``: how a window reaches a transformers model's attention in one forward;
+* ``decode``: the window of one ``generate`` call, built once and appended in place;
 * ``engine``: ``SinkKVEngine``, the ``Engine`` API over all of the above;
 * ``segments``: a state stored as fixed-size segments (bytes only, no store types).
 """

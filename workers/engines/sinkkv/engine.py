@@ -8,7 +8,9 @@ rotated at, and re-rotated once in fp32 at use time (``rotary.py``).
 
 Feeding: ``aligned_chunks`` cuts the stream into chunks of ``chunk_tokens`` counted from its
 start; a chunk attends to [cache + itself, causally], then the cache is evicted down to S + R.
-The remainder waits in ``state.pending``. ``generate`` and ``score`` work on temporary copies.
+The remainder waits in ``state.pending``. ``generate`` and ``score`` work on temporary copies;
+``generate``'s token-by-token steps run on one ``DecodeWindow`` per call (``decode.py``), built
+once and appended in place, bit-identical to feeding each token as a one-token chunk.
 States are never mutated: a new state shares nothing it would have to change (copy-on-write).
 The state also keeps the final hidden state after its last token (``[E]``), so the next token
 can be scored or sampled without re-feeding anything.
@@ -39,6 +41,7 @@ from workers.engines.sinkkv.attention import (
     _WindowLayer,
     cache_keyword,
 )
+from workers.engines.sinkkv.decode import DecodeWindow
 from workers.engines.sinkkv.rotary import ROPE_SCHEME, SlotRotary
 from workers.engines.sinkkv.state import (
     SinkKVState,
@@ -243,6 +246,23 @@ class SinkKVEngine(Engine[SinkKVState]):
         hidden: torch.Tensor = out.last_hidden_state
         return hidden
 
+    @torch.no_grad()
+    def _decode_step(self, decode: DecodeWindow, token: int) -> torch.Tensor:
+        """One generated ``token`` through the decoder on ``decode``'s window (the same call as
+        a one-row ``_run_decoder``); returns its final hidden state ``[E]``."""
+        dev, n = self.device, decode.length
+        with self._model_lock:
+            out = self._decoder(
+                input_ids=torch.tensor([[token]], dtype=torch.long, device=dev),
+                attention_mask=torch.ones(1, n + 1, dtype=torch.long, device=dev),
+                position_ids=torch.tensor([[n]], dtype=torch.long, device=dev),
+                **{self._cache_kw: decode.cache},
+                use_cache=True,
+            )
+        decode.advance()
+        hidden: torch.Tensor = out.last_hidden_state  # [1, 1, E]
+        return hidden[0, -1]
+
     def _evicted(self, view: _ForwardWindows, i: int, last_hidden: torch.Tensor) -> _Window:
         """Row ``i``'s window after its chunk: the chunk's own keys/values as the model
         produced them (not the re-rotated copies of the old ones) appended, then evicted."""
@@ -330,6 +350,7 @@ class SinkKVEngine(Engine[SinkKVState]):
         generator = torch.Generator().manual_seed(sampling.seed)
         stops = set(sampling.stop_token_ids) | set(self.eos_token_ids)
         out: list[int] = []
+        decode: DecodeWindow | None = None  # built at the first token that needs a forward
         for step in range(max_new_tokens):
             token = pick_token(self._logits(last), penalized(context, out, sampling), sampling,
                                generator)
@@ -338,8 +359,10 @@ class SinkKVEngine(Engine[SinkKVState]):
             out.append(token)
             if step == max_new_tokens - 1:
                 break
-            (window,), h = engine._forward([window], [[token]])  # evicts as it goes
-            last = h[0, -1]
+            if decode is None:
+                decode = DecodeWindow(window, engine.window, engine.rotary,
+                                      max_new_tokens - 1 - step, self.compute_dtype)
+            last = self._decode_step(decode, token)  # evicts as it goes, like a feed
         return out
 
     def max_extra_capacity(self) -> int:
