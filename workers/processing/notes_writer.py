@@ -33,7 +33,7 @@ from workers.notes.head import NotesHead
 from workers.notes.items import NoteItem, merge
 from workers.processing.observer import BatchObserver
 from workers.processing.prompts import PHRASE_SAMPLING
-from workers.processing.summarizer import Summarizer
+from workers.processing.summarizer import Summarizer, phrasing_on
 
 #: what the model is asked for each kind of item (one sentence; the lines come before it)
 PHRASE_INSTRUCTIONS = {
@@ -71,6 +71,7 @@ class NotesWriter:
         self.settings = settings
         self.summarizer = summarizer
         self.observer = observer
+        self.phrasing = phrasing_on(settings)
 
     # ----- per batch -------------------------------------------------------------------------
     def publish(self, stream_id: str, before: EngineState, after: EngineState, last_id: str,
@@ -169,7 +170,7 @@ class NotesWriter:
 
     def _phrased(self, item: NoteItem, people: Sequence[str]) -> NoteItem:
         said = item.said.strip()
-        if not self.settings.notes_phrasing:
+        if not self.phrasing:
             return replace(item, text=said, phrased=False, stale=False)
         lead = f"{item.owner} will" if item.kind == "action" and item.owner else ""
         due = f", and by when ({'; '.join(item.due)})" if item.due else ""
@@ -197,3 +198,4 @@ def _sentence(text: str) -> str:
     first = re.sub(r"^\s*(?:[-*•]|\d+[.)])\s*", "", first).strip().strip('"“”')
     match = re.match(r"(.+?[.!?])(?:\s|$)", first)
     return (match.group(1) if match else first).strip()
+

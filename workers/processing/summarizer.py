@@ -17,6 +17,7 @@ from typing import Any
 from sinkstream.contracts.outputs import SummaryKind
 from sinkstream.settings import Settings
 from workers.engines.base import Engine, EngineState, Sampling
+from workers.engines.loading.presets import phrases_notes
 from workers.memory.records import MemoryHead
 from workers.processing.observer import BatchObserver
 from workers.processing.prompts import (
@@ -112,3 +113,10 @@ class Summarizer:
         """Slots a generation needs beside the window: the state's pending tokens, the
         prompt and the answer."""
         return len(state.pending) + len(prompt) + max_new_tokens
+
+
+def phrasing_on(settings: Settings) -> bool:
+    """``notes_phrasing``, its auto (unset) resolved by the model preset."""
+    if settings.notes_phrasing is not None:
+        return settings.notes_phrasing
+    return phrases_notes(settings.model)

