@@ -280,12 +280,12 @@ class Settings(BaseSettings):
                                               "are deleted beyond this")
     retrieval_top_k: int = Field(4, ge=1, le=64, description="chunks retrieved per question")
     notes_phrasing: bool | None = Field(
-        None, description="phrase each decision, action item and open question with the "
-                          "model from its own cited lines, checked by the faithfulness guard "
-                          "(a phrasing that states a name, number or date the lines do not "
-                          "is replaced by the speaker's own words); false: the speakers' own "
-                          "words always; unset (auto): as the model preset says (smollm2's "
-                          "phrasings read wrong, so its items are the speakers' words)")
+        None, description="the model writes the notes' words: it phrases each decision, action "
+                          "item and open question from its own cited lines, and writes the "
+                          "summary and the rolling 'so far', all checked by the faithfulness "
+                          "guard; false: the items are the speakers' own words and the summary "
+                          "a line counted from them (no model prose); unset (auto): as the "
+                          "model preset says (smollm2's prose reads wrong: false; others: true)")
     key_moments: int = Field(
         8, ge=0, le=100, description="with summary_memory: the most substantive turns of the "
                                      "whole stream kept verbatim (speaker, entry id) and listed "

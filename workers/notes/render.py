@@ -63,3 +63,22 @@ def whats_new(items: Sequence[NoteItem]) -> str:
         if mine:
             out.append(f"### {title}\n" + "\n".join(mine))
     return "\n".join(out)
+
+
+def overview(items: Sequence[NoteItem]) -> str:
+    """A summary line counted from the items, for models whose own prose is not trusted: what
+    it states is true by construction (the counts and owners of the bullets below)."""
+    if not items:
+        return "Nothing was decided, assigned or left open in what was said so far."
+    counts = []
+    for kind, (one, many) in (("decision", ("decision", "decisions")),
+                              ("action", ("action item", "action items")),
+                              ("question", ("open question", "open questions"))):
+        n = sum(1 for i in items if i.kind == kind)
+        if n:
+            counts.append(f"{n} {one if n == 1 else many}")
+    owners = sorted({i.owner for i in items if i.kind == "action" and i.owner})
+    said = counts[0] if len(counts) == 1 else ", ".join(counts[:-1]) + " and " + counts[-1]
+    if owners:
+        said += f" (owners: {', '.join(owners)})"
+    return f"{said[0].upper()}{said[1:]}, each below with the lines it rests on."

@@ -92,9 +92,11 @@ class NotesWriter:
         couple of guarded sentences about the conversation so far."""
         notes = self.phrase(notes)
         new = [i for i in notes.items if i.seq >= notes.cursor]
-        support = self.support(stream_id, notes.people, lines)
-        prose = self._guarded(self.summarizer.rolling_prose(after, self.summarizer.notes(memory)),
-                              support)
+        prose = ""
+        if self.phrasing:
+            support = self.support(stream_id, notes.people, lines)
+            prose = self._guarded(self.summarizer.rolling_prose(
+                after, self.summarizer.notes(memory)), support)
         parts = ["## New since the last update\n"
                  + (render.whats_new(new) or "- nothing new decided, assigned or left open")]
         if prose:
@@ -110,12 +112,15 @@ class NotesWriter:
         """The meeting notes: a guarded summary, every item with its citations, the key
         moments verbatim. Nothing is written: the caller commits what it returns."""
         notes = self.phrase(notes)
-        support = self.support(stream_id, notes.people, lines)
-        prose = self._guarded(self.summarizer.summary_prose(
-            after, self.summarizer.notes(memory), [m.spoken() for m in moments],
-            [f"- {i.text}" for i in notes.items]), support)
-        text = (f"## Summary\n{prose or NO_SUPPORTED_SUMMARY}\n\n"
-                + render.sections(notes.items))
+        prose = ""
+        if self.phrasing:
+            support = self.support(stream_id, notes.people, lines)
+            prose = self._guarded(self.summarizer.summary_prose(
+                after, self.summarizer.notes(memory), [m.spoken() for m in moments],
+                [f"- {i.text}" for i in notes.items]), support)
+        summary = (prose or NO_SUPPORTED_SUMMARY) if self.phrasing \
+            else render.overview(notes.items)
+        text = f"## Summary\n{summary}\n\n" + render.sections(notes.items)
         if moments:
             text += "\n\n## Key moments\n" + "\n".join(m.line() for m in moments)
         entry = make_output(SummaryKind.FINAL, text, last_id, after.tokens_seen,
@@ -129,10 +134,14 @@ class NotesWriter:
         """The notes so far, from the committed state and memory (nothing is written)."""
         memory, notes = self.heads(stream_id)
         notes = self.phrase(notes)
-        support = self.support(stream_id, notes.people, ())
-        prose = self._guarded(self.summarizer.rolling_prose(
-            state, self.summarizer.notes(memory), SummaryKind.ON_DEMAND), support)
-        text = f"## So far\n{prose or NO_SUPPORTED_SUMMARY}\n\n" + render.sections(notes.items)
+        if self.phrasing:
+            support = self.support(stream_id, notes.people, ())
+            prose = self._guarded(self.summarizer.rolling_prose(
+                state, self.summarizer.notes(memory), SummaryKind.ON_DEMAND), support)
+            so_far = prose or NO_SUPPORTED_SUMMARY
+        else:
+            so_far = render.overview(notes.items)
+        text = f"## So far\n{so_far}\n\n" + render.sections(notes.items)
         return make_output(SummaryKind.ON_DEMAND, text, covers, state.tokens_seen,
                            self.engine.model_name, request,
                            items=[i.to_dict() for i in notes.items])

@@ -31,9 +31,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 class Verdicts(NullObserver):
     def __init__(self) -> None:
         self.actions: list[str] = []
+        self.generated_kinds: list[str] = []
 
     def guarded(self, verdicts: Any) -> None:
         self.actions += [v.action for v in verdicts]
+
+    def generated(self, kind: str, tokens: int, seconds: float) -> None:
+        self.generated_kinds.append(kind)
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +102,9 @@ def test_without_phrasing_the_model_writes_no_item(
     final = published[-1]
     assert final.items and all(i.get("verbatim") for i in final.items)
     assert [p.kind.value for p in published] == ["final"]
+    # no model prose either: the summary is counted from the items below it
+    summary = final.text.split("## Summary\n", 1)[1].split("\n\n", 1)[0]
+    kinds = [i["kind"] for i in final.items]
+    assert summary.endswith("each below with the lines it rests on.")
+    assert f"{kinds.count('decision')} decision" in summary
+    assert observer.generated_kinds == []
