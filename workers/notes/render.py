@@ -70,15 +70,16 @@ def overview(items: Sequence[NoteItem]) -> str:
     it states is true by construction (the counts and owners of the bullets below)."""
     if not items:
         return "Nothing was decided, assigned or left open in what was said so far."
+    owners = sorted({i.owner for i in items if i.kind == "action" and i.owner})
     counts = []
     for kind, (one, many) in (("decision", ("decision", "decisions")),
                               ("action", ("action item", "action items")),
                               ("question", ("open question", "open questions"))):
         n = sum(1 for i in items if i.kind == kind)
         if n:
-            counts.append(f"{n} {one if n == 1 else many}")
-    owners = sorted({i.owner for i in items if i.kind == "action" and i.owner})
+            count = f"{n} {one if n == 1 else many}"
+            if kind == "action" and owners:
+                count += f" (owners: {', '.join(owners)})"
+            counts.append(count)
     said = counts[0] if len(counts) == 1 else ", ".join(counts[:-1]) + " and " + counts[-1]
-    if owners:
-        said += f" (owners: {', '.join(owners)})"
     return f"{said[0].upper()}{said[1:]}, each below with the lines it rests on."
