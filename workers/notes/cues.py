@@ -75,6 +75,8 @@ _ASSIGN = re.compile(
     r"updates|fixes|drafts|sets up|follows up)\b")
 _CONTINUES = re.compile(r"(?:if|unless|otherwise|then|else|so|and then|in that case)\b",
                        re.IGNORECASE)
+#: a task named as a condition ("yes, if Priya reviews it") is not given to anyone yet
+_CONDITION = re.compile(r"\b(?:if|unless|once|when|whether|as soon as)\s+$", re.IGNORECASE)
 #: a cue inside a question about it ("whether we still ship ...") states nothing yet
 _HYPOTHETICAL = re.compile(r"\b(?:whether|if)\s+we\b", re.IGNORECASE)
 _ACTION_WORDS = re.compile(r"\baction item\b", re.IGNORECASE)
@@ -174,7 +176,8 @@ def _classify(clause: str, line: TranscriptLine, speaker: str | None,
     if _COMMIT.search(clause) and speaker:
         return make("action", speaker)
     assign = _ASSIGN.search(clause)
-    if assign and assign.group("name").lower() in known:
+    if assign and assign.group("name").lower() in known \
+            and not _CONDITION.search(clause[:assign.start()]):
         return make("action", known[assign.group("name").lower()])
     if _ACTION_WORDS.search(clause):
         return make("action")

@@ -162,9 +162,24 @@ def _cite(item: NoteItem, candidate: Candidate) -> NoteItem:
     said = _cut(candidate.said)
     if said not in clauses:
         clauses = (*clauses[:MAX_LINES - 1], said)
-    if (cites, due, lines, clauses) == (item.cites, item.due, item.lines, item.clauses):
+    said_now = item.said
+    if _owner_speaks(item, candidate):
+        said_now = candidate.said
+    if (cites, due, lines, clauses, said_now) == (item.cites, item.due, item.lines,
+                                                  item.clauses, item.said):
         return item
-    return replace(item, cites=cites, due=due, lines=lines, clauses=clauses, stale=True)
+    text = item.text if item.phrased or said_now == item.said else said_now
+    return replace(item, said=said_now, text=text, cites=cites, due=due, lines=lines,
+                   clauses=clauses, stale=True)
+
+
+def _owner_speaks(item: NoteItem, candidate: Candidate) -> bool:
+    """An action item first stated by someone else ("Tomas, can you merge it today?") is
+    then told in its owner's own commitment ("I will merge it by two o'clock"), once."""
+    if item.kind != "action" or not item.owner or candidate.speaker != item.owner:
+        return False
+    own = f"{item.owner}:"
+    return not any(line.startswith(own) and item.said in line for line in item.lines)
 
 
 def _cut(line: str) -> str:

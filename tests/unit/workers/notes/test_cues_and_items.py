@@ -67,6 +67,22 @@ def test_the_demo_meeting_gives_its_decisions_owners_and_dues() -> None:
     assert any("who monitors crash reports" in q for q in questions)
 
 
+def test_an_action_item_is_told_in_its_owners_own_commitment() -> None:
+    # Maya asks "Tomas, can you merge it today?"; Tomas answers "I will merge it by two o'clock"
+    items = _notes(batch=5)
+    merge_fix = next(i for i in items if i.owner == "Tomas" and "merge" in i.said)
+    assert merge_fix.said == merge_fix.text == "I will merge it by two o'clock."
+    review = [i for i in items if i.kind == "action" and "review" in i.said]
+    assert [(i.owner, i.said) for i in review] == [
+        ("Priya", "I will review it right after this meeting.")]
+
+
+def test_a_task_named_as_a_condition_gives_nobody_an_item() -> None:
+    line = TranscriptLine("1-0", "Tomas: Yes, if Priya reviews it this morning.\n", "Tomas",
+                          40.0, 0, 0)
+    assert find([line], ["Priya", "Tomas"]) == []
+
+
 def test_items_do_not_depend_on_how_the_stream_was_batched() -> None:
     one_by_one = [(i.kind, i.owner, i.said, [c.entry_id for c in i.cites]) for i in _notes(1)]
     all_at_once = [(i.kind, i.owner, i.said, [c.entry_id for c in i.cites]) for i in _notes(50)]
