@@ -25,7 +25,10 @@ Summary keys: ``grouping_accuracy_mean``, ``grouping_accuracy.<SYSTEM>``,
 ``drain3_accuracy_mean``, ``drain3_accuracy.<SYSTEM>``, ``systems_below_drain3``,
 ``pipeline_lines_per_s``, ``drain3_lines_per_s``, ``throughput_ratio`` (pipeline / Drain3 alone,
 summed over systems), ``miner_lines_per_s`` and ``throughput_ratio_vs_our_miner`` (our
-masking + miner alone in-process: what the pipeline adds on top of mining).
+masking + miner alone in-process: what the pipeline adds on top of mining),
+``read_decode_lines_per_s`` (reading the lines back from Redis in worker-sized batches and
+decoding their JSON, nothing else) and ``throughput_ratio_ceiling`` (Drain3 alone / that
+floor: the best ``throughput_ratio`` any Python worker could reach before it mines a line).
 """
 
 from __future__ import annotations
@@ -165,6 +168,27 @@ class Pipeline:
         seconds = time.perf_counter() - started
         return [self.assignments[i] for i in ids], seconds
 
+    def read_floor(self, stream: str, lines: int) -> float:
+        """Seconds to read ``stream``'s lines back in batches, as the worker does, and decode
+        each JSON record, and nothing else: what no pipeline in Python goes below."""
+        from sinkstream.contracts.entries import TEXT
+        from sinkstream.contracts.keys import StreamKeys
+
+        client: Any = self.server.client()
+        key = StreamKeys.of(stream).input
+        size = self.processor().settings.max_batch_entries
+        started = time.perf_counter()
+        after, read = "-", 0
+        while batch := client.xrange(key, min=after, count=size):
+            for _, fields in batch:
+                json.loads(fields[TEXT.encode()])
+            after = "(" + batch[-1][0].decode()
+            read += len(batch)
+        seconds = time.perf_counter() - started
+        if read != lines:
+            raise RuntimeError(f"{stream}: read {read} lines back, published {lines}")
+        return seconds
+
     def close(self) -> None:
         self.server.stop(hard=True)
 
@@ -197,7 +221,7 @@ def run(quick: bool, options: argparse.Namespace | None = None) -> BenchResult:
     systems = load_systems(Path(folder), limit=1000 if quick else None)
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
-    totals = {"lines": 0, "pipe_s": 0.0, "drain_s": 0.0, "ours_s": 0.0}
+    totals = {"lines": 0, "pipe_s": 0.0, "drain_s": 0.0, "ours_s": 0.0, "floor_s": 0.0}
     with tempfile.TemporaryDirectory(prefix="logbench-") as tmp:
         pipeline = Pipeline(Path(tmp), feed, narrative)
         try:
@@ -205,6 +229,7 @@ def run(quick: bool, options: argparse.Namespace | None = None) -> BenchResult:
                 stream = STREAM_PREFIX + system.name.lower()
                 pipeline.publish(stream, system)
                 raw_ids, raw_s = raw_drain3(system.contents)
+                floor_s = pipeline.read_floor(stream, len(system.contents))  # before it's trimmed
                 pipe_ids, pipe_s = pipeline.run(stream)
                 _, ours_s = our_miner(system.contents)
                 ours = grouping_accuracy(pipe_ids, system.truth)
@@ -221,6 +246,7 @@ def run(quick: bool, options: argparse.Namespace | None = None) -> BenchResult:
                 totals["pipe_s"] += pipe_s
                 totals["drain_s"] += raw_s
                 totals["ours_s"] += ours_s
+                totals["floor_s"] += floor_s
         finally:
             pipeline.close()
     accs = [summary[f"grouping_accuracy.{s.name}"] for s in systems]
@@ -235,6 +261,8 @@ def run(quick: bool, options: argparse.Namespace | None = None) -> BenchResult:
         "miner_lines_per_s": round(totals["lines"] / totals["ours_s"]),
         "throughput_ratio": round(totals["drain_s"] / totals["pipe_s"], 3),
         "throughput_ratio_vs_our_miner": round(totals["ours_s"] / totals["pipe_s"], 3),
+        "read_decode_lines_per_s": round(totals["lines"] / totals["floor_s"]),
+        "throughput_ratio_ceiling": round(totals["drain_s"] / totals["floor_s"], 3),
         **summary,
     }
     return BenchResult("log template grouping: pipeline vs raw Drain3 0.9.11 (defaults)", rows,

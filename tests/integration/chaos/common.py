@@ -26,6 +26,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -116,6 +117,23 @@ def publish(producer: Producer, workload: Workload, batch: int = 0) -> None:
             part = rows[start : start + batch]
             if part:
                 producer.publish_many(sid, [(text, spk, None) for text, spk in part])
+
+
+def feed_live(producer: Producer, source: Workload, published: dict[str, list[tuple[str, str]]],
+              done: threading.Event, pace_s: float, per_slice: int = 1,
+              min_slices: int = 0) -> None:
+    """Publish ``per_slice`` turns per stream every ``pace_s`` until ``done`` (after at least
+    ``min_slices`` slices) or the shortest stream runs out: live input, recorded in
+    ``published`` as it goes out."""
+    longest = min(len(rows) for rows in source.turns.values())
+    for n, start in enumerate(range(0, longest, per_slice)):
+        if done.is_set() and n >= min_slices:
+            return
+        for sid, rows in source.turns.items():
+            part = rows[start : start + per_slice]
+            producer.publish_many(sid, [(text, spk, None) for text, spk in part])
+            published.setdefault(sid, []).extend(part)
+        done.wait(pace_s)
 
 
 # ----- the verdict -------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from tests.integration.chaos.common import (
     Workload,
     all_caught_up,
     chaos_env,
+    feed_live,
     make_workload,
     settings_for,
     verify,
@@ -80,8 +81,11 @@ def holder_kills(tmp: Path, *, seed: int, trials: int, raw_streams: int,
         live = [pool.start(f"h{i}") for i in range(2)]
         wait_ready(pool, live)
         source = make_workload(seed, "holder", 2, turns=6000)
-        feeder = threading.Thread(target=_feed, args=(Producer(client, settings=settings),
-                                                      source, published, done), daemon=True)
+        # one turn per stream per _PACE_S: live input at a pace two loaded CPU workers keep
+        # up with (a backlog would only measure the machine)
+        feeder = threading.Thread(target=feed_live, args=(Producer(client, settings=settings),
+                                                          source, published, done, _PACE_S),
+                                  daemon=True)
         feeder.start()
         takeovers: list[float] = []
         held = 0
@@ -119,21 +123,6 @@ def holder_kills(tmp: Path, *, seed: int, trials: int, raw_streams: int,
         server.stop(hard=True)
     report.seconds = time.monotonic() - started
     return report
-
-
-def _feed(producer: Producer, source: Workload, published: dict[str, list[tuple[str, str]]],
-          done: threading.Event) -> None:
-    """Publish one turn per stream every ``_PACE_S`` until ``done``: live input, at a pace
-    two loaded CPU workers keep up with (a backlog would only measure the machine)."""
-    longest = min(len(rows) for rows in source.turns.values())
-    for start in range(longest):
-        if done.is_set():
-            return
-        for sid, rows in source.turns.items():
-            part = rows[start : start + 1]
-            producer.publish_many(sid, [(text, spk, None) for text, spk in part])
-            published.setdefault(sid, []).extend(part)
-        done.wait(_PACE_S)
 
 
 def _kill_holder(client: redis.Redis, live: list[Worker], pool: WorkerPool,

@@ -24,6 +24,7 @@ from tests.integration.chaos.common import (
     Workload,
     all_caught_up,
     chaos_env,
+    feed_live,
     is_ready,
     log_lines,
     make_workload,
@@ -87,8 +88,8 @@ def random_kills(
         wait_ready(pool, live)
         source = make_workload(seed, "kill", streams, turns=400)
         feeder = threading.Thread(
-            target=_feed, args=(Producer(client, settings=settings), source, published, done,
-                                pace_s), daemon=True)
+            target=feed_live, args=(Producer(client, settings=settings), source, published,
+                                    done, pace_s, 2, 3), daemon=True)
         feeder.start()
         for _ in range(kills):
             time.sleep(rng.uniform(*gap_s))
@@ -115,19 +116,6 @@ def random_kills(
         server.stop(hard=True)
     report.seconds = time.monotonic() - started
     return report
-
-
-def _feed(producer: Producer, source: Workload, published: dict[str, list[tuple[str, str]]],
-          done: threading.Event, pace_s: float) -> None:
-    """Publish 2 turns per stream per ``pace_s`` until ``done`` (at least 3 slices)."""
-    for start in range(0, min(len(r) for r in source.turns.values()), 2):
-        if done.is_set() and start >= 6:
-            return
-        for sid, rows in source.turns.items():
-            part = rows[start : start + 2]
-            producer.publish_many(sid, [(text, spk, None) for text, spk in part])
-            published.setdefault(sid, []).extend(part)
-        done.wait(pace_s)
 
 
 # ----- Redis restarts and a long outage -----------------------------------------------------------
