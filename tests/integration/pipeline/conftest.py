@@ -7,6 +7,7 @@ import pytest
 
 from sinkstream.cli.localredis import RedisServer
 from tests.integration.pipeline.harness import WorkerPool, worker_env
+from workers.scheduling.dispatcher import Dispatcher
 
 
 @pytest.fixture
@@ -16,3 +17,12 @@ def pool(redis_server: RedisServer, tmp_path: Path) -> Iterator[WorkerPool]:
         yield workers
     finally:
         workers.close()
+
+
+@pytest.fixture
+def dispatchers() -> Iterator[list[Dispatcher]]:
+    """Dispatchers a test starts; each is stopped after it."""
+    started: list[Dispatcher] = []
+    yield started
+    for dispatcher in started:
+        dispatcher.stop()

@@ -6,7 +6,6 @@ discovery settings."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,14 +25,6 @@ from workers.scheduling.scheduler import Scheduler
 @pytest.fixture
 def client(redis_server: RedisServer) -> redis.Redis:
     return redis_from_settings(Settings(redis_url=redis_server.url, broker_url=redis_server.url))
-
-
-@pytest.fixture
-def dispatchers() -> Iterator[list[Dispatcher]]:
-    started: list[Dispatcher] = []
-    yield started
-    for dispatcher in started:
-        dispatcher.stop()
 
 
 def _start(client: redis.Redis, started: list[Dispatcher], mode: Mode = "auto",

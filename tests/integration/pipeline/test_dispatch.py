@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -65,14 +65,6 @@ def _poll(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 def client(redis_server: RedisServer) -> redis.Redis:
     # the workers' client (one quiet reconnect, then errors reach the dispatcher)
     return redis_from_settings(_settings(redis_server))
-
-
-@pytest.fixture
-def dispatchers() -> Iterator[list[Dispatcher]]:
-    started: list[Dispatcher] = []
-    yield started
-    for dispatcher in started:
-        dispatcher.stop()
 
 
 def _dispatcher(client: redis.Redis, started: list[Dispatcher], interval_s: float,
