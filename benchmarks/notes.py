@@ -138,9 +138,9 @@ def run_meeting(preset: str, name: str, data: Path, workdir: Path,
         if preset not in engines:
             engines[preset] = load_engine(settings)
         recorder = _Recorder()
-        client = server.client()
+        client: Any = server.client()
         proc = StreamProcessor(engines[preset], client, settings, "notes-bench",
-                               observer=recorder)  # type: ignore[arg-type]
+                               observer=recorder)
         Producer(client, settings=settings).publish_many(name, turns, eos=True)
         published = [as_text(e) for e, _ in client.xrange(StreamKeys.of(name).input)]
         if len(published) != len(turns) + 1:  # one entry per turn, then the end marker
@@ -223,6 +223,7 @@ def recall_precision(run: Run, labels: dict[str, Any], turn_of: dict[str, int]
                      ) -> dict[str, Any]:
     """Decision and action-item recall/precision; owner and due accuracy of found actions."""
     out: dict[str, Any] = {}
+    turn_text = {turn: line for turn, line in zip(turn_of.values(), run.transcript, strict=False)}
     for kind, key in (("decision", "decisions"), ("action", "action_items"),
                       ("question", "open_questions")):
         items = [i for i in run.items if i["kind"] == kind]
@@ -236,9 +237,7 @@ def recall_precision(run: Run, labels: dict[str, Any], turn_of: dict[str, int]
                     found_labels.add(li)
                     right_items.add(ii)
             if kind == "action" and li in found_labels:
-                match = next(i for i in items
-                             if {turn_of.get(e) for e in i.get("entries", [])}
-                             & set(label["turns"]))
+                match = _answering(items, label, turn_of, turn_text)
                 if label.get("owner") in (None, "all") or match.get("owner") == label["owner"]:
                     owner_ok += 1
                 if label.get("due"):
@@ -254,6 +253,25 @@ def recall_precision(run: Run, labels: dict[str, Any], turn_of: dict[str, int]
             out[kind]["owner_right"] = owner_ok / len(found_labels) if found_labels else None
             out[kind]["due_right"] = due_ok / due_n if due_n else None
     return out
+
+
+def _answering(items: Sequence[dict[str, Any]], label: dict[str, Any],
+               turn_of: dict[str, int], turn_text: dict[int, str]) -> dict[str, Any]:
+    """The item that stands for ``label`` among those citing its turns: one citing the turn
+    its evidence is said in, else the one sharing most turns with it, else the first. (A recap
+    line is cited by every task it recaps, so "the first item citing any turn" often judged
+    another task's owner.)"""
+    wanted = set(label["turns"])
+    evidence = " ".join(label.get("evidence", "").lower().split())
+    said_in = {t for t in wanted if evidence and evidence in " ".join(
+        turn_text.get(t, "").lower().split())}
+
+    def rank(item: dict[str, Any]) -> tuple[bool, int]:
+        cited = {turn_of.get(e) for e in item.get("entries", [])}
+        return bool(cited & said_in), len(cited & wanted)
+
+    citing = [i for i in items if rank(i)[1]]
+    return max(citing, key=rank)  # max keeps the first of equals
 
 
 def _due_words(due: str) -> list[str]:
