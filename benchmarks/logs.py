@@ -110,10 +110,13 @@ def raw_drain3(contents: Sequence[str]) -> tuple[list[int], float]:
 
 
 def our_miner(contents: Sequence[str]) -> tuple[list[int], float]:
-    """Our miner alone, in process (masking + Drain), for scale."""
+    """Our miner alone, in process (masking + Drain), for scale; with a masker of its own,
+    so the tokens the pipeline masked before do not make it look faster."""
+    from workers.logs.masking import Masker
     from workers.logs.mining import Miner
 
     miner = Miner()
+    miner.masker = Masker(miner.config.masking)
     started = time.perf_counter()
     ids = [miner.add(line).template_id for line in contents]
     return ids, time.perf_counter() - started

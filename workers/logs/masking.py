@@ -33,8 +33,8 @@ compares a line with a template, so two lines differing only in masked values ma
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from drain3.masking import LogMasker, MaskingInstruction
@@ -65,16 +65,24 @@ class Masking:
     """A masking configuration; ``name`` goes into the miner's fingerprint, so a state mined
     under other masks is never continued with these."""
 
-    masks: Sequence[tuple[str, str]] = MASKS
+    masks: tuple[tuple[str, str], ...] = MASKS
     name: str = "default-v3"
 
     def masker(self) -> Masker:
-        return Masker(self)
+        """This configuration's masker, one per process: masking is a pure function of the
+        configuration, so every miner (one per batch, decoded from its stream's state) shares
+        the tokens it has already masked."""
+        return _shared_masker(self)
 
 
 #: tokens a masker remembers before it starts over (a bound, not a tuning knob: the result
 #: is the same at any size)
 TOKEN_MEMORY = 1 << 16
+
+
+@functools.cache
+def _shared_masker(masking: Masking) -> Masker:
+    return Masker(masking)
 
 
 class Masker:

@@ -28,6 +28,8 @@ def fields_of(lines: Sequence[TranscriptLine]) -> dict[str, int]:
     """The vocab fields ``lines`` add (field -> 1)."""
     out: dict[str, int] = {}
     for line in lines:
+        if not line.line:  # a log line: its text went into the template table instead
+            continue
         for word in words(line.line):
             out[_WORD + word] = 1
         for fact in facts(line.line):
