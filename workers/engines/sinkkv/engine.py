@@ -61,7 +61,7 @@ if TYPE_CHECKING:
 
 
 class SinkKVEngine(Engine[SinkKVState]):
-    """Sink-KV engine for a Llama/Mistral/Qwen2/Qwen3-style Hugging Face causal LM."""
+    """Sink-KV engine for a Hugging Face RoPE causal LM of a family in ``families.py``."""
 
     kind = "sinkkv"
 
@@ -88,7 +88,7 @@ class SinkKVEngine(Engine[SinkKVState]):
         self._model_name = model_name
         self.device = torch.device(device)
 
-        check_supported(model, self.window.capacity + chunk_tokens)
+        bound = check_supported(model, self.window.capacity + chunk_tokens)
         hf: Any = model  # transformers' typing of .to() confuses mypy
         if compute_dtype is not None:
             hf = hf.to(_as_dtype(compute_dtype))
@@ -102,23 +102,28 @@ class SinkKVEngine(Engine[SinkKVState]):
 
         self.tokenizer = _adapt_tokenizer(tokenizer)
         config = self.model.config
-        self._decoder = self.model.get_decoder()
+        #: the model's pieces per its family's layout (``families.py``); ``Module.to`` moves
+        #: them in place, so they are still the model's own
+        self.family = bound
+        self._decoder = self.family.decoder
         self._cache_kw = cache_keyword(self._decoder)
-        self._lm_head = self.model.get_output_embeddings()
-        attn = self._decoder.layers[0].self_attn
-        self.n_layers = len(self._decoder.layers)
-        self.kv_heads = int(config.num_key_value_heads)
-        self.head_dim = int(attn.head_dim)
+        self.n_layers = len(self.family.layers)
+        self.kv_heads = self.family.kv_heads
+        self.head_dim = self.family.head_dim
         self.hidden_size = int(config.hidden_size)
-        self.vocab_size = int(self._decoder.embed_tokens.num_embeddings)
-        rotary = self._decoder.rotary_emb
-        self.rope_type = str(rotary.rope_type)
-        self.rotary = SlotRotary(rotary.inv_freq, self.window.capacity + chunk_tokens, self.device)
+        self.vocab_size = int(self.family.embeddings.num_embeddings)
+        self.rope_type = str(getattr(self.family.rotary, "rope_type", "default"))
+        self.rotary = SlotRotary(self._inv_freq(), self.window.capacity + chunk_tokens,
+                                 self.device)
         self.eos_token_ids = _eos_ids(self.model, self.tokenizer)
         self._fingerprint: str | None = None
         #: held around every model call: a multi-row forward switches the model's attention
         #: implementation for its duration, which no other call may see
         self._model_lock = threading.Lock()
+
+    def _inv_freq(self) -> torch.Tensor:
+        inv_freq: torch.Tensor = self.family.rotary.inv_freq  # type: ignore[assignment]
+        return inv_freq
 
     # ----- identity ------------------------------------------------------------------------
     @property
@@ -194,6 +199,8 @@ class SinkKVEngine(Engine[SinkKVState]):
         B, T = len(windows), len(pieces[0])
         if any(len(p) != T for p in pieces):
             raise ValueError("all rows of one forward must have the same number of tokens")
+        if B > 1 and not self.family.family.ragged_batches:
+            return self._forward_rows(windows, pieces)
         order = sorted(range(B), key=lambda i: windows[i].length)
         if order != list(range(B)):  # rows of equal cache length must sit side by side
             new_windows, hidden = self._forward(
@@ -207,6 +214,14 @@ class SinkKVEngine(Engine[SinkKVState]):
         if len(view.new_keys) != self.n_layers:
             raise RuntimeError("the model did not update every cache layer exactly once")
         return [self._evicted(view, i, hidden[i, -1]) for i in range(B)], hidden
+
+    def _forward_rows(
+        self, windows: Sequence[_Window], pieces: Sequence[Sequence[int]]
+    ) -> tuple[list[_Window], torch.Tensor]:
+        """``_forward`` row by row, for a family whose attention cannot take the ragged rows
+        (Falcon computes attention inline and does not pass layer kwargs down)."""
+        results = [self._forward([w], [p]) for w, p in zip(windows, pieces, strict=True)]
+        return [new[0] for new, _ in results], torch.cat([hidden for _, hidden in results])
 
     def _run_decoder(self, view: _ForwardWindows, pieces: Sequence[Sequence[int]]) -> torch.Tensor:
         """The decoder over ``pieces`` ``[B, T]`` attending to ``view``: final hidden states
@@ -296,8 +311,7 @@ class SinkKVEngine(Engine[SinkKVState]):
     @torch.no_grad()
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[..., E]`` final hidden states -> fp32 logits ``[..., V]``."""
-        logits: torch.Tensor = self._lm_head(hidden.to(self.device))
-        return logits.float()
+        return self.family.logits(hidden.to(self.device)).float()
 
     def _check_tokens(self, tokens: Sequence[int]) -> None:
         for t in tokens:
@@ -391,9 +405,8 @@ class SinkKVEngine(Engine[SinkKVState]):
         size = min(size, self.max_extra_capacity())
         tables: dict[int, SlotRotary] = self.__dict__.setdefault("_wide_rotary", {})
         if size not in tables:
-            inv_freq = self._decoder.rotary_emb.inv_freq
-            tables[size] = SlotRotary(inv_freq, self.window.capacity + size + self.chunk_tokens,
-                                      self.device)
+            slots = self.window.capacity + size + self.chunk_tokens
+            tables[size] = SlotRotary(self._inv_freq(), slots, self.device)
         wide = copy.copy(self)
         wide.window = SinkWindow(self.window.sink, self.window.recent + size)
         wide.rotary = tables[size]

@@ -1,0 +1,187 @@
+"""Every family the sink-KV engine accepts, against the per-token reference after eviction.
+
+One tiny seeded model per family (``workers.engines.tiny``: hidden 64, 2 layers), built from its
+transformers config class, on the three paths a stream takes: one token at a time, in chunks,
+and in a multi-stream batch of uneven cache lengths; its state must survive the codec bit for
+bit. Families the engine refuses are refused by name with the missing piece, never with an
+AttributeError from a layout the engine guessed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+import torch
+
+from tests.unit.workers.engines.test_sinkkv import (
+    _through_bytes,
+    assert_states_equal,
+    engine_logits,
+    make_engine,
+    max_state_diff,
+    reference_logits,
+    stream,
+)
+from workers.engines.base import UnsupportedModelError
+from workers.engines.sinkkv import SinkKVEngine, SinkKVState
+from workers.engines.sinkkv.rotary import SlotRotary
+from workers.engines.tiny import FAMILY_ARCHS, tiny_hf_model
+
+TOL = 1e-5
+#: one preset per layout family the engine accepts (the Llama layout's four model types too)
+ACCEPTED = ("llama", "mistral", "qwen2", "qwen3", *FAMILY_ARCHS)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _keys_diff(engine: SinkKVEngine, state: SinkKVState, want: Sequence[torch.Tensor]) -> float:
+    """Largest difference of the state's keys, at their current slots, from the reference's."""
+    return max(
+        (mine - ref[0]).abs().max().item()
+        for mine, ref in zip(engine.rotated_keys(state), want, strict=True)
+    )
+
+
+def single_stream_diff(arch: str) -> float:
+    """One token per forward (S=4, R=20, 90 tokens): logits and final keys vs the reference."""
+    engine = make_engine(arch, sink_tokens=4, recent_tokens=20, chunk_tokens=1)
+    tokens = stream(90, seed=1)
+    got, state = engine_logits(engine, tokens)
+    want, want_keys = reference_logits(engine.model, tokens, 4, 20, 1)
+    assert state.cache_len == 24
+    return max((got - want).abs().max().item(), _keys_diff(engine, state, want_keys))
+
+
+def chunked_diff(arch: str) -> float:
+    """Chunks of 8 (S=4, R=28, 160 tokens): what each chunk sees is the reference's too."""
+    engine = make_engine(arch, sink_tokens=4, recent_tokens=28, chunk_tokens=8)
+    tokens = stream(160, seed=2)
+    got, state = engine_logits(engine, tokens)
+    want, want_keys = reference_logits(engine.model, tokens, 4, 28, 8)
+    return max((got - want).abs().max().item(), _keys_diff(engine, state, want_keys))
+
+
+def batched_diff(arch: str) -> float:
+    """Four streams started at different times (two with equal cache lengths: one group), fed
+    a chunk each per ``feed_batch`` round until the longest is done; after each round each
+    stream's next-token logits, and at the end its keys, vs its own per-chunk reference."""
+    c, S, R = 8, 4, 28
+    engine = make_engine(arch, sink_tokens=S, recent_tokens=R, chunk_tokens=c)
+    starts = [0, 3 * c, 3 * c, 9 * c]  # tokens each stream was fed alone before the batch
+    token_lists = [stream(14 * c, seed=30 + i) for i in range(len(starts))]
+    refs = [reference_logits(engine.model, t, S, R, c) for t in token_lists]
+    new = engine.new_state()
+    states = [engine.feed(new, t[:n]) for t, n in zip(token_lists, starts, strict=True)]
+    worst, pos = 0.0, list(starts)
+    while any(p < len(t) for p, t in zip(pos, token_lists, strict=True)):
+        rows = [i for i, t in enumerate(token_lists) if pos[i] < len(t)]
+        fed = engine.feed_batch([states[i] for i in rows],
+                                [token_lists[i][pos[i] : pos[i] + c] for i in rows])
+        for i, state in zip(rows, fed, strict=True):
+            states[i], pos[i] = state, pos[i] + c
+            assert state.last_hidden is not None
+            logits = engine.family.logits(state.last_hidden).float()
+            worst = max(worst, (logits - refs[i][0][pos[i] - 1]).abs().max().item())
+    for i, state in enumerate(states):
+        solo = engine.feed(engine.new_state(), token_lists[i])
+        assert max_state_diff(state, solo) <= TOL
+        worst = max(worst, _keys_diff(engine, state, refs[i][1]))
+    return worst
+
+
+# ----- accepted families: exact on every path ------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ACCEPTED)
+def test_single_stream_matches_per_token_reference(arch: str) -> None:
+    assert single_stream_diff(arch) <= TOL
+
+
+@pytest.mark.parametrize("arch", ACCEPTED)
+def test_chunked_matches_per_token_reference(arch: str) -> None:
+    assert chunked_diff(arch) <= TOL
+
+
+@pytest.mark.parametrize("arch", ACCEPTED)
+def test_batched_streams_match_per_token_reference(arch: str) -> None:
+    assert batched_diff(arch) <= TOL
+
+
+@pytest.mark.parametrize("arch", ACCEPTED)
+def test_state_round_trips_the_codec_bit_identically(arch: str) -> None:
+    engine = make_engine(arch)
+    state = engine.feed(engine.new_state(), stream(77))  # past eviction, 5 pending
+    restored = engine.import_state(_through_bytes(engine, engine.export_state(state)))
+    assert_states_equal(restored, state)
+    more = stream(50, seed=9)
+    assert_states_equal(engine.feed(restored, more), engine.feed(state, more))
+
+
+def test_family_pieces_are_found_where_transformers_5_keeps_them() -> None:
+    """The layouts, head sizes and transforms the adapters find on the tiny models."""
+    found = {arch: make_engine(arch) for arch in ("gpt-neox", "falcon", "falcon-new", "granite",
+                                                   "phi3-partial")}
+    neox, falcon, falcon40, granite, phi = (found[a] for a in found)
+    neox_model: Any = neox.model
+    falcon_model: Any = falcon.model
+    assert neox.family.decoder is neox_model.gpt_neox
+    assert (neox.kv_heads, neox.head_dim, neox.rotary.rotary_dim) == (4, 16, 4)  # rotary 0.25
+    assert falcon.family.layers is falcon_model.transformer.h
+    assert falcon.kv_heads == 1  # multi-query: one shared key/value head
+    assert falcon40.kv_heads == 4  # new decoder architecture caches its kv per query head
+    assert granite.family.logits_divisor == 8.0
+    assert phi.rotary.rotary_dim == 12  # 0.75 of 16
+
+
+# ----- partial rotary: the first rotary_dim dims turn, the rest stay ------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_partial_rotation_turns_only_the_rotary_dims(dtype: torch.dtype) -> None:
+    """``rotate_into`` (feeds) and ``rotate_whole_into`` (decode) agree bit for bit on a
+    partial rotary table, copy the unrotated dims exactly, and a zero rotation is exact."""
+    torch.manual_seed(0)
+    D, r = 16, 4
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, r, 2).float() / r))
+    rotary = SlotRotary(inv_freq, 64, torch.device("cpu"))
+    assert rotary.rotary_dim == r
+    stored = torch.randn(2, 40, D).to(dtype)
+    cos, sin = rotary.cos_sin(torch.arange(20, 60), torch.arange(40))
+    half, whole = torch.empty(2, 40, D), torch.empty(2, 40, D)
+    SlotRotary.rotate_into(stored, cos, sin, half)
+    SlotRotary.rotate_whole_into(stored, rotary.half_partner(stored), SlotRotary.whole(cos),
+                                 SlotRotary.whole(sin), whole)
+    assert torch.equal(half, whole)
+    assert torch.equal(half[..., r:], stored[..., r:].float())
+    assert not torch.equal(half[..., :r], stored[..., :r].float())
+    same = torch.empty(2, 40, D)
+    SlotRotary.rotate_into(stored, *rotary.cos_sin(torch.arange(40), torch.arange(40)), same)
+    assert torch.equal(same, stored.float())
+
+
+# ----- refusals: named, with the missing piece -----------------------------------------------
+
+
+def test_a_base_model_without_its_head_is_refused_by_name() -> None:
+    """The support check used to reach into ``decoder.layers`` and crash on Falcon
+    (``'FalconModel' object has no attribute 'layers'``); now each missing piece is named."""
+    for arch, missing in (("falcon", "falcon decoder at transformer"),
+                          ("gpt-neox", "gpt-neox decoder at gpt_neox"),
+                          ("llama", "llama decoder at model")):
+        base: Any = tiny_hf_model(arch).base_model
+        with pytest.raises(UnsupportedModelError, match=missing):
+            SinkKVEngine(base, None, model_name=arch)
+
+
+def test_a_missing_piece_is_named_not_raised_as_attribute_error() -> None:
+    model: Any = tiny_hf_model("falcon")
+    del model.transformer.rotary_emb
+    with pytest.raises(UnsupportedModelError,
+                       match="lacks a rotary position embedding at transformer.rotary_emb"):
+        SinkKVEngine(model, None, model_name="falcon")
+    model = tiny_hf_model("gpt-neox")
+    model.gpt_neox.layers = torch.nn.ModuleList()
+    with pytest.raises(UnsupportedModelError, match="lacks decoder layers at gpt_neox.layers"):
+        SinkKVEngine(model, None, model_name="gpt-neox")
