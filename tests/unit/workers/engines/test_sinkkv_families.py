@@ -185,3 +185,45 @@ def test_a_missing_piece_is_named_not_raised_as_attribute_error() -> None:
     model.gpt_neox.layers = torch.nn.ModuleList()
     with pytest.raises(UnsupportedModelError, match="lacks decoder layers at gpt_neox.layers"):
         SinkKVEngine(model, None, model_name="gpt-neox")
+
+
+# ----- sinkstream model info ------------------------------------------------------------------
+
+
+def test_layout_info_names_family_scheme_windows_and_bytes() -> None:
+    from workers.engines.loading import full_state_nbytes
+    from workers.engines.sinkkv.info import describe_layout
+
+    neox = describe_layout(make_engine("gpt-neox"))
+    assert neox["family"] == "gpt-neox"
+    assert neox["position_scheme"].startswith("partial rotary, first 4 of 16 dims")
+    assert neox["layer_windows"] == {"0-1": "4 sinks + 24 recent (+8-token chunks)"}
+    assert neox["state_bytes_per_token"] == 2 * 2 * 4 * 16 * 4 + 8  # layers, k+v, H_kv, D, fp32
+    assert describe_layout(make_engine("granite"))["logits"] == "head output / 8"
+    falcon = make_engine("falcon", storage_dtype="bfloat16")
+    info = describe_layout(falcon)
+    assert info["batched_attention"] == "row by row"
+    assert info["state_bytes_per_token"] == 2 * 2 * 1 * 16 * 2 + 8
+    cap, hidden = falcon.window.capacity, falcon.hidden_size * 4
+    assert full_state_nbytes(falcon) == cap * info["state_bytes_per_token"] + hidden
+    slides = describe_layout(make_engine("sliding-window", recent_tokens=20))
+    assert slides["layer_windows"] == {
+        "0-1": "4 sinks + 20 recent (+8-token chunks), inside a sliding window of 32"}
+
+
+def test_cli_model_info_prints_the_family(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from sinkstream.cli import app as cli
+    from sinkstream.cli import common as cli_common
+
+    monkeypatch.setenv("SINKSTREAM_MODEL_CACHE_DIR", str(tmp_path / "models"))
+    monkeypatch.setattr(cli_common.state, "settings", None)
+    result = CliRunner().invoke(cli.app, ["model", "info", "tiny-gpt-neox", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert payload["family"] == "gpt-neox" and payload["model_type"] == "gpt_neox"
+    assert "partial rotary" in payload["position_scheme"]
+    assert payload["state_bytes_per_token"] > 0 and payload["layer_windows"]
