@@ -24,7 +24,7 @@ from tests.unit.workers.engines.test_sinkkv import (
     reference_logits,
     stream,
 )
-from workers.engines.base import UnsupportedModelError
+from workers.engines.base import Sampling, UnsupportedModelError
 from workers.engines.sinkkv import SinkKVEngine, SinkKVState
 from workers.engines.sinkkv.rotary import SlotRotary
 from workers.engines.tiny import FAMILY_ARCHS, tiny_hf_model
@@ -117,6 +117,18 @@ def test_state_round_trips_the_codec_bit_identically(arch: str) -> None:
     assert_states_equal(restored, state)
     more = stream(50, seed=9)
     assert_states_equal(engine.feed(restored, more), engine.feed(state, more))
+
+
+@pytest.mark.parametrize("arch", FAMILY_ARCHS)
+def test_generate_evicts_like_feed(arch: str) -> None:
+    """The decode window (whole-width re-rotation, partial rotary included) picks the argmax
+    of the logits a feed of prompt + output gives (chunk_tokens=1: the same grid)."""
+    engine = make_engine(arch, sink_tokens=4, recent_tokens=12, chunk_tokens=1)
+    state = engine.feed(engine.new_state(), stream(30))
+    prompt = [65, 66, 67]
+    out = engine.generate(state, prompt, 20, Sampling(repetition_penalty=1.0))
+    logits = engine.logits(state, prompt + out)[len(prompt) - 1 : -1]  # [20, V]
+    assert logits.argmax(dim=-1).tolist() == out
 
 
 def test_family_pieces_are_found_where_transformers_5_keeps_them() -> None:
