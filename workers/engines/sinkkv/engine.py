@@ -36,6 +36,7 @@ from workers.engines.sampling import penalized, pick_token
 from workers.engines.sinkkv import prompts
 from workers.engines.sinkkv.attention import (
     _RAGGED_ATTENTION,
+    _equal_runs,
     _ForwardWindows,
     _register_ragged_attention,
     _WindowLayer,
@@ -199,8 +200,6 @@ class SinkKVEngine(Engine[SinkKVState]):
         B, T = len(windows), len(pieces[0])
         if any(len(p) != T for p in pieces):
             raise ValueError("all rows of one forward must have the same number of tokens")
-        if B > 1 and not self.family.family.ragged_batches:
-            return self._forward_rows(windows, pieces)
         order = sorted(range(B), key=lambda i: windows[i].length)
         if order != list(range(B)):  # rows of equal cache length must sit side by side
             new_windows, hidden = self._forward(
@@ -209,19 +208,28 @@ class SinkKVEngine(Engine[SinkKVState]):
             for j, i in enumerate(order):
                 back[i] = j
             return [new_windows[j] for j in back], hidden[torch.tensor(back)]
+        if not self.family.family.ragged_batches and windows[0].length != windows[-1].length:
+            return self._forward_groups(windows, pieces)
         view = _ForwardWindows(self.rotary, windows, T, self.compute_dtype)
         hidden = self._run_decoder(view, pieces)  # [B, T, E]
         if len(view.new_keys) != self.n_layers:
             raise RuntimeError("the model did not update every cache layer exactly once")
         return [self._evicted(view, i, hidden[i, -1]) for i in range(B)], hidden
 
-    def _forward_rows(
+    def _forward_groups(
         self, windows: Sequence[_Window], pieces: Sequence[Sequence[int]]
     ) -> tuple[list[_Window], torch.Tensor]:
-        """``_forward`` row by row, for a family whose attention cannot take the ragged rows
-        (Falcon computes attention inline and does not pass layer kwargs down)."""
-        results = [self._forward([w], [p]) for w, p in zip(windows, pieces, strict=True)]
-        return [new[0] for new, _ in results], torch.cat([hidden for _, hidden in results])
+        """``_forward`` one forward per run of rows with equal cache length (rows sorted), for
+        a family whose attention cannot take ragged rows (Falcon computes attention inline and
+        does not pass layer kwargs down): rows of one length need no ragged attention, and
+        full windows all have one length, so a steady batch is still one forward."""
+        new_windows: list[_Window] = []
+        hidden = []
+        for start, end, _ in _equal_runs([w.length for w in windows]):
+            group, h = self._forward(windows[start:end], pieces[start:end])
+            new_windows += group
+            hidden.append(h)
+        return new_windows, torch.cat(hidden)
 
     def _run_decoder(self, view: _ForwardWindows, pieces: Sequence[Sequence[int]]) -> torch.Tensor:
         """The decoder over ``pieces`` ``[B, T]`` attending to ``view``: final hidden states
@@ -234,11 +242,12 @@ class SinkKVEngine(Engine[SinkKVState]):
         position_ids = (
             torch.tensor(view.lengths, dtype=torch.long)[:, None] + torch.arange(T)[None, :]
         ).to(dev)  # [B, T]
+        B = len(pieces)
         with self._model_lock:
-            if len(pieces) == 1:
+            if B == 1 or not self.family.family.ragged_batches:  # rows of one length
                 out = self._decoder(
                     input_ids=input_ids,
-                    attention_mask=torch.ones(1, view.length + T, dtype=torch.long, device=dev),
+                    attention_mask=torch.ones(B, view.length + T, dtype=torch.long, device=dev),
                     position_ids=position_ids,
                     **{self._cache_kw: cache},
                     use_cache=True,

@@ -77,7 +77,8 @@ class Family:
     #: whether the attention applies ``rotary_dim < head_dim`` (rotates the first dims only)
     partial_rotary: bool = False
     #: whether attention goes through transformers' attention interface with the layer
-    #: kwargs passed down (the ragged multi-row path needs both); else rows run one by one
+    #: kwargs passed down (the ragged multi-row path needs both); else a batch runs one
+    #: forward per cache length, through the model's own attention
     ragged_batches: bool = True
     #: the missing piece for a config of this family the engine cannot serve, else None
     config_refusal: Callable[[Any], str | None] = _no_refusal

@@ -66,7 +66,8 @@ def describe_layout(engine: SinkKVEngine) -> dict[str, Any]:
         "position_scheme": position_scheme(engine),
         "layer_windows": layer_windows(engine),
         "logits": "head output" if divisor is None else f"head output / {divisor:g}",
-        "batched_attention": "ragged rows" if bound.family.ragged_batches else "row by row",
+        "batched_attention": (
+            "ragged rows" if bound.family.ragged_batches else "one forward per cache length"),
         "state_bytes_per_token": state_bytes_per_token(engine),
     }
 

@@ -131,6 +131,26 @@ def test_generate_evicts_like_feed(arch: str) -> None:
     assert logits.argmax(dim=-1).tolist() == out
 
 
+def test_falcon_batches_one_forward_per_cache_length(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Falcon's attention takes no ragged rows, so rows of one cache length share a forward:
+    full windows (all S + R long) are one forward, as on the ragged path."""
+    engine = make_engine("falcon")
+    full = [engine.feed(engine.new_state(), stream(64, seed=i)) for i in range(3)]
+    calls: list[int] = []
+    run = engine._run_decoder
+
+    def counted(view: Any, pieces: Any) -> torch.Tensor:
+        calls.append(len(pieces))
+        return run(view, pieces)
+
+    monkeypatch.setattr(engine, "_run_decoder", counted)
+    engine.feed_batch(full, [stream(8, seed=10 + i) for i in range(3)])
+    assert calls == [3]
+    calls.clear()
+    engine.feed_batch([full[0], engine.new_state(), full[1]], [stream(8)] * 3)
+    assert sorted(calls) == [1, 2]
+
+
 def test_family_pieces_are_found_where_transformers_5_keeps_them() -> None:
     """The layouts, head sizes and transforms the adapters find on the tiny models."""
     found = {arch: make_engine(arch) for arch in ("gpt-neox", "falcon", "falcon-new", "granite",
@@ -214,7 +234,7 @@ def test_layout_info_names_family_scheme_windows_and_bytes() -> None:
     assert describe_layout(make_engine("granite"))["logits"] == "head output / 8"
     falcon = make_engine("falcon", storage_dtype="bfloat16")
     info = describe_layout(falcon)
-    assert info["batched_attention"] == "row by row"
+    assert info["batched_attention"] == "one forward per cache length"
     assert info["state_bytes_per_token"] == 2 * 2 * 1 * 16 * 2 + 8
     cap, hidden = falcon.window.capacity, falcon.hidden_size * 4
     assert full_state_nbytes(falcon) == cap * info["state_bytes_per_token"] + hidden
