@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from workers.engines.sinkkv.rotary import ROPE_SCHEME
+from workers.engines.sinkkv.support import layer_slides
 
 if TYPE_CHECKING:
     from workers.engines.sinkkv.engine import SinkKVEngine
@@ -33,19 +34,15 @@ def layer_windows(engine: SinkKVEngine) -> dict[str, str]:
     """The window each layer attends to, runs of equal layers merged (``"0-29": ...``).
 
     Every layer keeps S sinks + R recent tokens and a chunk of T attends to them plus itself;
-    a layer with a sliding window (Mistral, ``sliding_attention`` layer types) is accepted only
+    a layer with a sliding window (``support.layer_slides``) is accepted only
     when that window covers S + R + T, so it never cuts what the sink window keeps."""
     config = engine.model.config
     S, R, T = engine.window.sink, engine.window.recent, engine.chunk_tokens
-    sliding = getattr(config, "sliding_window", None)
-    types = list(getattr(config, "layer_types", None) or [])
     described = []
     for layer in range(engine.n_layers):
         text = f"{S} sinks + {R} recent (+{T}-token chunks)"
-        slides = config.model_type == "mistral" or (
-            layer < len(types) and types[layer] == "sliding_attention")
-        if sliding and slides:
-            text += f", inside a sliding window of {sliding}"
+        if layer_slides(config, layer):
+            text += f", inside a sliding window of {config.sliding_window}"
         described.append(text)
     return _merged_runs(described)
 

@@ -107,12 +107,25 @@ def _rotary_problems(config: Any, bound: BoundFamily) -> list[str]:
     return problems
 
 
+def layer_slides(config: Any, layer: int) -> bool:
+    """Whether ``layer`` attends through a sliding window (``config.sliding_window`` tokens).
+
+    A config that lists layer types slides only on its ``sliding_attention`` layers (Qwen2
+    with use_sliding_window off lists none); one that does not slides on every layer when its
+    window is set (Mistral; Phi-3, whose mini 4k ships sliding_window 2047)."""
+    if getattr(config, "sliding_window", None) is None:
+        return False
+    types = getattr(config, "layer_types", None)
+    if not types:
+        return True
+    return layer < len(types) and types[layer] == "sliding_attention"
+
+
 def _window_problems(config: Any, window_span: int) -> list[str]:
     """A sliding window shorter than the span a chunk attends to would drop tokens we keep."""
     window = getattr(config, "sliding_window", None)
-    sliding = getattr(config, "model_type", "?") == "mistral" or "sliding_attention" in (
-        getattr(config, "layer_types", None) or ()
-    )
+    layers = int(getattr(config, "num_hidden_layers", None) or 1)
+    sliding = any(layer_slides(config, i) for i in range(layers))
     if sliding and window is not None and int(window) < window_span:
         return [
             f"sliding window {window} is shorter than sink_tokens + recent_tokens + "

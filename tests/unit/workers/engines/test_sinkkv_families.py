@@ -196,6 +196,15 @@ def test_partial_rotation_turns_only_the_rotary_dims(dtype: torch.dtype) -> None
 # ----- refusals: named, with the missing piece -----------------------------------------------
 
 
+def test_a_phi3_sliding_window_shorter_than_the_span_is_refused() -> None:
+    """Phi-3 mini 4k ships ``sliding_window`` 2047 and lists no layer types: every layer
+    slides, so a window shorter than S + R + T would drop kept tokens on the solo path."""
+    overrides = {"model_overrides": {"sliding_window": 32}}
+    make_engine("phi3", recent_tokens=20, chunk_tokens=8, **overrides)  # 4 + 20 + 8 = 32
+    with pytest.raises(UnsupportedModelError, match="sliding window 32 is shorter"):
+        make_engine("phi3", recent_tokens=21, chunk_tokens=8, **overrides)
+
+
 def test_a_base_model_without_its_head_is_refused_by_name() -> None:
     """The support check used to reach into ``decoder.layers`` and crash on Falcon
     (``'FalconModel' object has no attribute 'layers'``); now each missing piece is named."""
