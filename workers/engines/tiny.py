@@ -4,9 +4,11 @@ They share ``ByteTokenizer``'s vocabulary (256 byte ids), run in milliseconds on
 bit-for-bit reproducible from ``(arch, seed, overrides)``: tests, benchmarks and the demo use
 them wherever a real model's quality does not matter.
 
-``SUPPORTED_ARCHS`` are the RoPE decoders the sink-KV engine serves exactly. ``REFUSED_ARCHS``
-are deliberately unservable configs (partial rotary, ALiBi, scaled RoPE that changes with the
-sequence, a sliding window shorter than the sink window) for testing the engine's refusals.
+``SUPPORTED_ARCHS`` are the RoPE decoders the sink-KV engine serves exactly (``FAMILY_ARCHS``:
+those beyond the Llama layout, one per architecture adapter). ``REFUSED_ARCHS`` are deliberately
+unservable configs (ALiBi, scaled RoPE
+that changes with the sequence, a sliding window shorter than the sink window, families that
+need a piece the engine lacks) for testing the engine's refusals.
 
 Weights are initialised with a larger spread than Hugging Face's default (``initializer_range``
 0.1 instead of 0.02) so that attention is far from uniform: a model whose attention ignores
@@ -42,6 +44,12 @@ _COMMON: dict[str, Any] = {
 
 _ROPE_BASE = 10000.0
 
+
+def _partial_rope(factor: float) -> dict[str, Any]:
+    """Default RoPE over the first ``factor`` of each head."""
+    return {"rope_type": "default", "rope_theta": _ROPE_BASE, "partial_rotary_factor": factor}
+
+
 #: arch -> (config class name, config kwargs on top of _COMMON)
 _PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     # --- served exactly ---------------------------------------------------------------------
@@ -73,19 +81,28 @@ _PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             }
         },
     ),
-    # --- refused by the sink-KV engine ------------------------------------------------------
-    # partial rotary: only a quarter of each head is rotated (StableLM, Phi, Persimmon style)
-    "partial-rotary": (
-        "StableLmConfig",
+    # --- other families, one architecture adapter each (sinkkv/families.py) ---------------
+    "phi3": ("Phi3Config", {}),
+    # Phi-4-mini style: three quarters of each head rotated
+    "phi3-partial": ("Phi3Config", {"rope_parameters": _partial_rope(0.75)}),
+    "olmo2": ("Olmo2Config", {}),
+    # logits divided by logits_scaling; the multipliers act inside the decoder
+    "granite": (
+        "GraniteConfig",
         {
-            "num_key_value_heads": 4,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": _ROPE_BASE,
-                "partial_rotary_factor": 0.25,
-            },
+            "logits_scaling": 8.0,
+            "embedding_multiplier": 2.0,
+            "residual_multiplier": 0.5,
+            "attention_multiplier": 0.3,
         },
     ),
+    # Pythia: a quarter of each head rotated, parallel residual, one kv head per query head
+    "gpt-neox": ("GPTNeoXConfig", {"rope_parameters": _partial_rope(0.25)}),
+    # Falcon-7B: multi-query (one shared key/value head), parallel attention
+    "falcon": ("FalconConfig", {"multi_query": True, "new_decoder_architecture": False}),
+    # Falcon-40B: the new decoder architecture, grouped kv heads
+    "falcon-new": ("FalconConfig", {"new_decoder_architecture": True, "num_kv_heads": 2}),
+    # --- refused by the sink-KV engine ------------------------------------------------------
     # frequencies recomputed from the sequence length at every forward
     "dynamic-rope": (
         "LlamaConfig",
@@ -109,8 +126,32 @@ _PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "sliding-window": ("MistralConfig", {"sliding_window": 32}),
     # ALiBi biases instead of rotary embeddings
     "alibi": ("BloomConfig", {}),
+    "mpt": ("MptConfig", {}),
+    "falcon-alibi": ("FalconConfig", {"alibi": True}),
+    # families needing a piece the engine does not have yet (families.REFUSED_FAMILIES)
+    "gemma2": ("Gemma2Config", {}),
+    "gemma3": ("Gemma3TextConfig", {}),
+    "gpt-oss": ("GptOssConfig", {"num_local_experts": 2, "num_experts_per_tok": 1}),
+    "cohere": ("CohereConfig", {}),
+    "cohere2": ("Cohere2Config", {}),
+    "smollm3": ("SmolLM3Config", {}),
+    # partial rotary (a quarter of each head) sliced by the attention itself: StableLM
+    "stablelm": (
+        "StableLmConfig",
+        {"num_key_value_heads": 4, "rope_parameters": _partial_rope(0.25)},
+    ),
 }
 
+#: the families beyond Llama's layout the sink-KV engine serves (tests parametrize over them)
+FAMILY_ARCHS: tuple[str, ...] = (
+    "phi3",
+    "phi3-partial",
+    "olmo2",
+    "granite",
+    "gpt-neox",
+    "falcon",
+    "falcon-new",
+)
 SUPPORTED_ARCHS: tuple[str, ...] = (
     "llama",
     "qwen2",
@@ -118,18 +159,38 @@ SUPPORTED_ARCHS: tuple[str, ...] = (
     "qwen3",
     "llama3-rope",
     "yarn-rope",
+    *FAMILY_ARCHS,
 )
 REFUSED_ARCHS: tuple[str, ...] = (
-    "partial-rotary",
     "dynamic-rope",
     "longrope",
     "sliding-window",
     "alibi",
+    "mpt",
+    "falcon-alibi",
+    "gemma2",
+    "gemma3",
+    "gpt-oss",
+    "cohere",
+    "cohere2",
+    "smollm3",
+    "stablelm",
 )
 
-#: config classes whose keyword names differ from the Llama family's
-_BLOOM_NAMES = {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head"}
-_BLOOM_DROPPED = ("intermediate_size", "num_key_value_heads", "head_dim", "max_position_embeddings")
+#: config classes whose keyword names differ from the Llama family's: renamed, then dropped
+_RENAMED: dict[str, dict[str, str]] = {
+    "BloomConfig": {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head"},
+    "MptConfig": {"hidden_size": "d_model", "num_hidden_layers": "n_layers",
+                  "num_attention_heads": "n_heads", "max_position_embeddings": "max_seq_len"},
+    "FalconConfig": {"intermediate_size": "ffn_hidden_size"},
+}
+_DROPPED: dict[str, tuple[str, ...]] = {
+    "BloomConfig": ("intermediate_size", "num_key_value_heads", "head_dim",
+                    "max_position_embeddings"),
+    "MptConfig": ("intermediate_size", "num_key_value_heads", "head_dim", "initializer_range"),
+    "FalconConfig": ("num_key_value_heads", "head_dim"),
+    "GPTNeoXConfig": ("num_key_value_heads", "head_dim"),
+}
 
 
 def tiny_config(arch: str = "llama", **overrides: Any) -> PretrainedConfig:
@@ -142,10 +203,10 @@ def tiny_config(arch: str = "llama", **overrides: Any) -> PretrainedConfig:
         )
     class_name, preset = _PRESETS[arch]
     kwargs = {**_COMMON, **preset, **overrides}
-    if class_name == "BloomConfig":
-        for name in _BLOOM_DROPPED:
-            kwargs.pop(name, None)
-        kwargs = {_BLOOM_NAMES.get(k, k): v for k, v in kwargs.items()}
+    for name in _DROPPED.get(class_name, ()):
+        kwargs.pop(name, None)
+    renamed = _RENAMED.get(class_name, {})
+    kwargs = {renamed.get(k, k): v for k, v in kwargs.items()}
     config_class = getattr(transformers, class_name)
     config: PretrainedConfig = config_class(**kwargs)
     return config

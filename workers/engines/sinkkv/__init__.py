@@ -4,6 +4,8 @@ One concept per module, each importing only the ones above it:
 
 * ``window``: the eviction policy (S sinks + R recent tokens), ``SinkWindow``;
 * ``rotary``: re-rotating a stored key from its stored slot to its current one, ``SlotRotary``;
+* ``families``: architecture adapters, where each family keeps its layers, attention, rotary,
+  embeddings, norm and head, and the families refused with the piece they lack;
 * ``support``: which models are served exactly, and a model's fingerprint;
 * ``prompts``: the chat-template text that opens a stream and asks about it;
 * ``state``: ``SinkKVState`` and its persistence as a ``StateSnapshot``;

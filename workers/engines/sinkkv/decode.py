@@ -99,7 +99,7 @@ class DecodeWindow:
             self.values[layer][0, :, :n].copy_(v)
             if self.evicts:
                 self.stored[layer, :, :n].copy_(k)
-                self.partners[layer, :, :n].copy_(SlotRotary.half_partner(k))
+                self.partners[layer, :, :n].copy_(self.rotary.half_partner(k))
         if self.evicts:
             self.slots[:n].copy_(window.slots)
 
@@ -140,7 +140,7 @@ class DecodeWindow:
                 self.all_values[:, 0, :, end].copy_(values.to(self.storage_dtype))
             if self.evicts:
                 self.stored[:, :, end] = keys  # what a feed stores
-                self.partners[:, :, end] = SlotRotary.half_partner(keys)
+                self.partners[:, :, end] = self.rotary.half_partner(keys)
                 self.slots[end] = self.length
         self._new.clear()
         self._updated = 0

@@ -36,6 +36,7 @@ from workers.engines.sampling import penalized, pick_token
 from workers.engines.sinkkv import prompts
 from workers.engines.sinkkv.attention import (
     _RAGGED_ATTENTION,
+    _equal_runs,
     _ForwardWindows,
     _register_ragged_attention,
     _WindowLayer,
@@ -61,7 +62,7 @@ if TYPE_CHECKING:
 
 
 class SinkKVEngine(Engine[SinkKVState]):
-    """Sink-KV engine for a Llama/Mistral/Qwen2/Qwen3-style Hugging Face causal LM."""
+    """Sink-KV engine for a Hugging Face RoPE causal LM of a family in ``families.py``."""
 
     kind = "sinkkv"
 
@@ -88,7 +89,7 @@ class SinkKVEngine(Engine[SinkKVState]):
         self._model_name = model_name
         self.device = torch.device(device)
 
-        check_supported(model, self.window.capacity + chunk_tokens)
+        bound = check_supported(model, self.window.capacity + chunk_tokens)
         hf: Any = model  # transformers' typing of .to() confuses mypy
         if compute_dtype is not None:
             hf = hf.to(_as_dtype(compute_dtype))
@@ -102,23 +103,28 @@ class SinkKVEngine(Engine[SinkKVState]):
 
         self.tokenizer = _adapt_tokenizer(tokenizer)
         config = self.model.config
-        self._decoder = self.model.get_decoder()
+        #: the model's pieces per its family's layout (``families.py``); ``Module.to`` moves
+        #: them in place, so they are still the model's own
+        self.family = bound
+        self._decoder = self.family.decoder
         self._cache_kw = cache_keyword(self._decoder)
-        self._lm_head = self.model.get_output_embeddings()
-        attn = self._decoder.layers[0].self_attn
-        self.n_layers = len(self._decoder.layers)
-        self.kv_heads = int(config.num_key_value_heads)
-        self.head_dim = int(attn.head_dim)
+        self.n_layers = len(self.family.layers)
+        self.kv_heads = self.family.kv_heads
+        self.head_dim = self.family.head_dim
         self.hidden_size = int(config.hidden_size)
-        self.vocab_size = int(self._decoder.embed_tokens.num_embeddings)
-        rotary = self._decoder.rotary_emb
-        self.rope_type = str(rotary.rope_type)
-        self.rotary = SlotRotary(rotary.inv_freq, self.window.capacity + chunk_tokens, self.device)
+        self.vocab_size = int(self.family.embeddings.num_embeddings)
+        self.rope_type = str(getattr(self.family.rotary, "rope_type", "default"))
+        self.rotary = SlotRotary(self._inv_freq(), self.window.capacity + chunk_tokens,
+                                 self.device)
         self.eos_token_ids = _eos_ids(self.model, self.tokenizer)
         self._fingerprint: str | None = None
         #: held around every model call: a multi-row forward switches the model's attention
         #: implementation for its duration, which no other call may see
         self._model_lock = threading.Lock()
+
+    def _inv_freq(self) -> torch.Tensor:
+        inv_freq: torch.Tensor = self.family.rotary.inv_freq  # type: ignore[assignment]
+        return inv_freq
 
     # ----- identity ------------------------------------------------------------------------
     @property
@@ -202,11 +208,28 @@ class SinkKVEngine(Engine[SinkKVState]):
             for j, i in enumerate(order):
                 back[i] = j
             return [new_windows[j] for j in back], hidden[torch.tensor(back)]
+        if not self.family.family.ragged_batches and windows[0].length != windows[-1].length:
+            return self._forward_groups(windows, pieces)
         view = _ForwardWindows(self.rotary, windows, T, self.compute_dtype)
         hidden = self._run_decoder(view, pieces)  # [B, T, E]
         if len(view.new_keys) != self.n_layers:
             raise RuntimeError("the model did not update every cache layer exactly once")
         return [self._evicted(view, i, hidden[i, -1]) for i in range(B)], hidden
+
+    def _forward_groups(
+        self, windows: Sequence[_Window], pieces: Sequence[Sequence[int]]
+    ) -> tuple[list[_Window], torch.Tensor]:
+        """``_forward`` one forward per run of rows with equal cache length (rows sorted), for
+        a family whose attention cannot take ragged rows (Falcon computes attention inline and
+        does not pass layer kwargs down): rows of one length need no ragged attention, and
+        full windows all have one length, so a steady batch is still one forward."""
+        new_windows: list[_Window] = []
+        hidden = []
+        for start, end, _ in _equal_runs([w.length for w in windows]):
+            group, h = self._forward(windows[start:end], pieces[start:end])
+            new_windows += group
+            hidden.append(h)
+        return new_windows, torch.cat(hidden)
 
     def _run_decoder(self, view: _ForwardWindows, pieces: Sequence[Sequence[int]]) -> torch.Tensor:
         """The decoder over ``pieces`` ``[B, T]`` attending to ``view``: final hidden states
@@ -219,11 +242,12 @@ class SinkKVEngine(Engine[SinkKVState]):
         position_ids = (
             torch.tensor(view.lengths, dtype=torch.long)[:, None] + torch.arange(T)[None, :]
         ).to(dev)  # [B, T]
+        B = len(pieces)
         with self._model_lock:
-            if len(pieces) == 1:
+            if B == 1 or not self.family.family.ragged_batches:  # rows of one length
                 out = self._decoder(
                     input_ids=input_ids,
-                    attention_mask=torch.ones(1, view.length + T, dtype=torch.long, device=dev),
+                    attention_mask=torch.ones(B, view.length + T, dtype=torch.long, device=dev),
                     position_ids=position_ids,
                     **{self._cache_kw: cache},
                     use_cache=True,
@@ -296,8 +320,7 @@ class SinkKVEngine(Engine[SinkKVState]):
     @torch.no_grad()
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[..., E]`` final hidden states -> fp32 logits ``[..., V]``."""
-        logits: torch.Tensor = self._lm_head(hidden.to(self.device))
-        return logits.float()
+        return self.family.logits(hidden.to(self.device)).float()
 
     def _check_tokens(self, tokens: Sequence[int]) -> None:
         for t in tokens:
@@ -391,9 +414,8 @@ class SinkKVEngine(Engine[SinkKVState]):
         size = min(size, self.max_extra_capacity())
         tables: dict[int, SlotRotary] = self.__dict__.setdefault("_wide_rotary", {})
         if size not in tables:
-            inv_freq = self._decoder.rotary_emb.inv_freq
-            tables[size] = SlotRotary(inv_freq, self.window.capacity + size + self.chunk_tokens,
-                                      self.device)
+            slots = self.window.capacity + size + self.chunk_tokens
+            tables[size] = SlotRotary(self._inv_freq(), slots, self.device)
         wide = copy.copy(self)
         wide.window = SinkWindow(self.window.sink, self.window.recent + size)
         wide.rotary = tables[size]

@@ -15,6 +15,11 @@ The angle difference is taken in float64 from the same fp32 angles Hugging Face 
 re-rotated key equals the key the model would have produced at slot j up to fp32 rounding.
 RoPE's attention scaling (YaRN) is already inside k_p and a rotation does not change it, so the
 correction rotation is unscaled.
+
+Partial rotary (GPT-NeoX/Pythia ``rotary_pct``, Phi ``partial_rotary_factor``): the model
+rotates only the first ``rotary_dim = 2 * len(inv_freq)`` dims of each head (rotate-half within
+them) and passes the rest through, so a re-rotation does the same: the first ``rotary_dim``
+dims turn, the others are copied unchanged.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ class SlotRotary:
         self.cos_table, self.sin_table = angles.cos(), angles.sin()  # [X, D/2] float64
         #: X: slots 0 .. X-1 can be rotated to or from
         self.max_slots = max_slots
+        #: the first dims of each head the model rotates (the head dim D, or less: partial)
+        self.rotary_dim = 2 * int(inv.numel())
 
     def cos_sin(
         self, stored: torch.Tensor, current: torch.Tensor
@@ -68,18 +75,22 @@ class SlotRotary:
         k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor
     ) -> None:
         """Write keys ``k`` ``[..., L, D]`` (any float dtype) rotated by the half-width fp32
-        ``cos, sin`` ``[..., L, D/2]`` into the fp32 tensor ``out`` (a view is fine).
+        ``cos, sin`` ``[..., L, r/2]`` into the fp32 tensor ``out`` (a view is fine).
 
-        Rotate-half convention, pairs (i, i + D/2), all arithmetic in fp32:
-        ``out1 = k1 cos - k2 sin``, ``out2 = k2 cos + k1 sin``.
+        Rotate-half convention over the first ``r`` dims, pairs (i, i + r/2), all arithmetic
+        in fp32: ``out1 = k1 cos - k2 sin``, ``out2 = k2 cos + k1 sin``; dims ``r..D`` (partial
+        rotary) are copied as they are.
         """
-        half = k.shape[-1] // 2
-        k1, k2 = k[..., :half], k[..., half:]
-        o1, o2 = out[..., :half], out[..., half:]
+        half = cos.shape[-1]
+        r = 2 * half
+        k1, k2 = k[..., :half], k[..., half:r]
+        o1, o2 = out[..., :half], out[..., half:r]
         torch.mul(k1, cos, out=o1)
         o1.addcmul_(k2, sin, value=-1.0)
         torch.mul(k2, cos, out=o2)
         o2.addcmul_(k1, sin)
+        if r < k.shape[-1]:
+            out[..., r:].copy_(k[..., r:])
 
     @staticmethod
     def rotate_whole_into(
@@ -87,24 +98,33 @@ class SlotRotary:
         out: torch.Tensor,
     ) -> None:
         """``rotate_into`` in two whole-width ops, for keys whose rotate-half partner
-        ``k_half = [-k2, k1]`` is kept beside them: ``out = k cos' + k_half sin'`` with
-        ``cos' = [cos, cos]``, ``sin' = [sin, sin]`` (fp32 ``[..., L, D]``).
+        ``k_half = [-k2, k1, ...]`` is kept beside them: ``out = k cos' + k_half sin'`` with
+        ``cos' = [cos, cos]``, ``sin' = [sin, sin]`` (fp32 ``[..., L, r]``) over the first ``r``
+        dims; the rest (partial rotary) copied as they are.
 
         Per element it is the same two roundings as ``rotate_into`` (``fl(k1 cos) +
         fl(-k2 sin)``: negation is exact), so the result is bit-identical; but each op runs
         over whole ``[L, D]`` blocks instead of ``D/2``-wide rows, ~4x fewer passes of small
         loops when a whole window is re-rotated at every generated token.
         """
-        torch.mul(k, cos, out=out)
-        out.addcmul_(k_half, sin)
+        r = cos.shape[-1]
+        if r == k.shape[-1]:
+            torch.mul(k, cos, out=out)
+            out.addcmul_(k_half, sin)
+            return
+        rotated = out[..., :r]
+        torch.mul(k[..., :r], cos, out=rotated)
+        rotated.addcmul_(k_half[..., :r], sin)
+        out[..., r:].copy_(k[..., r:])
 
     @staticmethod
     def whole(half: torch.Tensor) -> torch.Tensor:
-        """A half-width ``cos`` or ``sin`` ``[..., L, D/2]`` repeated to ``[..., L, D]``."""
+        """A half-width ``cos`` or ``sin`` ``[..., L, r/2]`` repeated to ``[..., L, r]``."""
         return torch.cat([half, half], dim=-1)
 
-    @staticmethod
-    def half_partner(k: torch.Tensor) -> torch.Tensor:
-        """``[-k2, k1]`` of keys ``[..., D]``: what ``rotate_whole_into`` multiplies by sin."""
-        half = k.shape[-1] // 2
-        return torch.cat([-k[..., half:], k[..., :half]], dim=-1)
+    def half_partner(self, k: torch.Tensor) -> torch.Tensor:
+        """``[-k2, k1]`` of the rotated dims of keys ``[..., D]``, then the unrotated dims
+        (never read): what ``rotate_whole_into`` multiplies by sin, in the keys' layout."""
+        r = self.rotary_dim
+        half = r // 2
+        return torch.cat([-k[..., half:r], k[..., :half], k[..., r:]], dim=-1)

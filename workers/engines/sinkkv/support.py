@@ -2,8 +2,9 @@
 
 Sink-KV re-rotates cached keys to new slots (``rotary.py``), which is exact only when:
 
-* attention is Llama-style: rotary on the full head dim with the rotate-half convention,
-  keys cached after RoPE, logits = lm_head(final hidden);
+* the model's family has an architecture adapter (``families.py``): rotary with the
+  rotate-half convention on the whole head dim or, where the family's attention does it, on
+  its first ``rotary_dim`` dims; keys cached after RoPE; logits = the family's head;
 * the rotary frequencies are fixed (``inv_freq`` does not depend on the sequence length:
   dynamic NTK and longrope rescale with it, so a stored rotation would mean something else);
 * the attention implementation takes our cache and explicit positions as given (eager, sdpa);
@@ -21,14 +22,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from workers.engines.base import UnsupportedModelError
+from workers.engines.sinkkv.families import ACCEPTED_MODEL_TYPES, BoundFamily, bind
 from workers.engines.tensor_bytes import dtype_name
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-#: model types whose attention is Llama-style: full rotary on every head with the
-#: rotate-half convention, keys cached after RoPE, logits = lm_head(final hidden)
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+#: model types served exactly, one architecture adapter per layout (``families.py``)
+SUPPORTED_MODEL_TYPES = ACCEPTED_MODEL_TYPES
 #: rope types whose frequencies are fixed (do not depend on the sequence length)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 SUPPORTED_ATTENTION = ("eager", "sdpa")
@@ -36,9 +37,9 @@ SUPPORTED_ATTENTION = ("eager", "sdpa")
 SUPPORTED_TEXT = (
     "supported: decoder-only causal LMs of type "
     + ", ".join(SUPPORTED_MODEL_TYPES)
-    + " with rotary embeddings on the full head dim (rope types "
+    + " with rotary embeddings (rope types "
     + ", ".join(SUPPORTED_ROPE_TYPES)
-    + "), attention implementation "
+    + "; partial rotary for phi3 and gpt_neox), attention implementation "
     + " or ".join(SUPPORTED_ATTENTION)
     + ", and no sliding window shorter than sink_tokens + recent_tokens + chunk_tokens"
 )
@@ -53,71 +54,78 @@ _VOLATILE_CONFIG_KEYS = (
 )
 
 
-def check_supported(model: Any, window_span: int) -> None:
+def check_supported(model: Any, window_span: int) -> BoundFamily:
     """Raise ``UnsupportedModelError`` unless sink-KV serves ``model`` exactly with chunks
-    attending to ``window_span`` = S + R + T tokens; the message lists every problem."""
+    attending to ``window_span`` = S + R + T tokens; the message lists every problem.
+
+    Returns the model's pieces (``families.bind``) for the engine to drive."""
     config = getattr(model, "config", None)
     if config is None:
         raise UnsupportedModelError(
             f"{type(model).__name__} is not a Hugging Face model; " + SUPPORTED_TEXT
         )
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    problems = [
-        *_architecture_problems(config),
-        *_rotary_problems(config, decoder),
-        *_window_problems(config, window_span),
-    ]
+    problems = []
+    if getattr(config, "is_encoder_decoder", False):
+        problems.append("encoder-decoder models are not supported")
+    bound: BoundFamily | None = None
+    try:
+        bound = bind(model)
+    except UnsupportedModelError as exc:
+        problems.append(str(exc))
+    except (AttributeError, TypeError, ValueError) as exc:  # a config the adapter cannot read
+        problems.append(f"{type(model).__name__}: cannot read its layout ({exc})")
+    if bound is not None:
+        problems += [*_rotary_problems(config, bound), *_window_problems(config, window_span)]
     impl = getattr(config, "_attn_implementation", None)
     if impl not in SUPPORTED_ATTENTION:
         problems.append(f"attention implementation {impl!r} (load with attn_implementation='sdpa')")
-    if problems:
+    if problems or bound is None:
         raise UnsupportedModelError(
             f"cannot serve {type(model).__name__} with a sink-KV cache exactly: "
             + "; ".join(problems)
             + ". "
             + SUPPORTED_TEXT
         )
+    return bound
 
 
-def _architecture_problems(config: Any) -> list[str]:
+def _rotary_problems(config: Any, bound: BoundFamily) -> list[str]:
+    """Fixed frequencies, over the whole head dim unless the family rotates a prefix of it."""
     problems = []
-    if getattr(config, "is_encoder_decoder", False):
-        problems.append("encoder-decoder models are not supported")
-    model_type = getattr(config, "model_type", "?")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        problems.append(f"model type {model_type!r} is not supported")
+    rope_type = getattr(bound.rotary, "rope_type", "default")
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        problems.append(f"rope type {rope_type!r} changes frequencies with sequence length")
+    rotary_dim, head_dim = bound.rotary_dim, bound.head_dim
+    if rotary_dim > head_dim or rotary_dim % 2:
+        problems.append(f"rotary embedding over {rotary_dim} dims of a {head_dim}-dim head")
+    elif rotary_dim < head_dim and not bound.family.partial_rotary:
+        rope_params = getattr(config, "rope_parameters", None) or {}
+        factor = rope_params.get("partial_rotary_factor", rotary_dim / head_dim)
+        problems.append(
+            f"partial rotary embedding (partial_rotary_factor={factor}) in a "
+            f"{bound.family.name} model, whose attention rotates the whole head")
     return problems
 
 
-def _rotary_problems(config: Any, decoder: Any) -> list[str]:
-    """RoPE present, with fixed frequencies, over the whole head dim."""
-    problems = []
-    rotary = getattr(decoder, "rotary_emb", None)
-    if rotary is None or not hasattr(rotary, "inv_freq"):
-        problems.append("no rotary position embedding (ALiBi or absolute positions)")
-    else:
-        rope_type = getattr(rotary, "rope_type", "default")
-        if rope_type not in SUPPORTED_ROPE_TYPES:
-            problems.append(f"rope type {rope_type!r} changes frequencies with sequence length")
-    rope_params = getattr(config, "rope_parameters", None) or {}
-    partial = rope_params.get(
-        "partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)
-    )
-    if partial is not None and float(partial) < 1.0:
-        problems.append(f"partial rotary embedding (partial_rotary_factor={partial})")
-    elif rotary is not None and decoder is not None and hasattr(rotary, "inv_freq"):
-        head_dim = getattr(decoder.layers[0].self_attn, "head_dim", None)
-        if head_dim is not None and 2 * rotary.inv_freq.numel() != head_dim:
-            problems.append("the rotary embedding does not cover the whole head dim")
-    return problems
+def layer_slides(config: Any, layer: int) -> bool:
+    """Whether ``layer`` attends through a sliding window (``config.sliding_window`` tokens).
+
+    A config that lists layer types slides only on its ``sliding_attention`` layers (Qwen2
+    with use_sliding_window off lists none); one that does not slides on every layer when its
+    window is set (Mistral; Phi-3, whose mini 4k ships sliding_window 2047)."""
+    if getattr(config, "sliding_window", None) is None:
+        return False
+    types = getattr(config, "layer_types", None)
+    if not types:
+        return True
+    return layer < len(types) and types[layer] == "sliding_attention"
 
 
 def _window_problems(config: Any, window_span: int) -> list[str]:
     """A sliding window shorter than the span a chunk attends to would drop tokens we keep."""
     window = getattr(config, "sliding_window", None)
-    sliding = getattr(config, "model_type", "?") == "mistral" or "sliding_attention" in (
-        getattr(config, "layer_types", None) or ()
-    )
+    layers = int(getattr(config, "num_hidden_layers", None) or 1)
+    sliding = any(layer_slides(config, i) for i in range(layers))
     if sliding and window is not None and int(window) < window_span:
         return [
             f"sliding window {window} is shorter than sink_tokens + recent_tokens + "

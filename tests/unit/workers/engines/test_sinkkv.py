@@ -16,6 +16,7 @@ from transformers import DynamicCache
 from state_store.tensors import RawTensor, StateSnapshot
 from workers.engines.base import Sampling, StateMismatchError, UnsupportedModelError
 from workers.engines.sinkkv import SinkKVEngine, SinkKVState, cache_keyword
+from workers.engines.sinkkv.families import bind
 from workers.engines.tiny import REFUSED_ARCHS, SUPPORTED_ARCHS, tiny_hf_model
 from workers.engines.tokenizers import ByteTokenizer, HFTokenizer
 
@@ -101,7 +102,7 @@ def reference_logits(
     Returns logits ``[N, V]`` after each token and the final per-layer keys at their slots.
     """
     module = sys.modules[type(model).__module__]
-    rotary = model.get_decoder().rotary_emb
+    rotary = bind(model).rotary  # the family's own rotary embedding, wherever it lives
     n_layers = model.config.num_hidden_layers
     kept: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []  # per token: raw k, v per layer
 
@@ -327,12 +328,21 @@ def test_replay_in_any_batch_split_is_bit_identical() -> None:
 # ----- 7. refusals and mismatches --------------------------------------------------------------
 
 
+#: the missing piece each refused tiny arch's message must name
 _REFUSAL_REASONS = {
-    "partial-rotary": "partial rotary",
     "dynamic-rope": "rope type 'dynamic'",
     "longrope": "rope type 'longrope'",
     "sliding-window": "sliding window 32",
-    "alibi": "no rotary position embedding",
+    "alibi": "(model type 'bloom') needs ALiBi",
+    "mpt": "(model type 'mpt') needs ALiBi",
+    "falcon-alibi": "(model type 'falcon') needs ALiBi",
+    "gemma2": "(model type 'gemma2') needs attention logit softcap on the batched path",
+    "gemma3": "(model type 'gemma3_text') needs per-layer-type rope tables",
+    "gpt-oss": "(model type 'gpt_oss') needs learned sink logits",
+    "cohere": "(model type 'cohere') needs interleaved rotary",
+    "cohere2": "(model type 'cohere2') needs NoPE layers",
+    "smollm3": "(model type 'smollm3') needs NoPE layers",
+    "stablelm": "(model type 'stablelm') needs a verified adapter",
 }
 
 
@@ -342,7 +352,7 @@ def test_unsupported_architectures_are_refused(arch: str) -> None:
         make_engine(arch)
     message = str(err.value)
     assert _REFUSAL_REASONS[arch] in message
-    assert "supported: decoder-only causal LMs of type llama, mistral, qwen2, qwen3" in message
+    assert "supported: decoder-only causal LMs of type llama, mistral, qwen2, qwen3, " in message
     assert "default, linear, llama3, yarn" in message
 
 

@@ -1,0 +1,236 @@
+"""Architecture adapters: where each model family keeps the pieces the sink-KV engine drives.
+
+The engine runs a Hugging Face decoder with its own cache, reads the first attention module's
+head size, re-rotates cached keys with the model's own rotary frequencies and turns final
+hidden states into logits. Families keep those pieces under different names (Llama's
+``model.layers[i].self_attn``, GPT-NeoX's ``gpt_neox.layers[i].attention``, Falcon's
+``transformer.h[i].self_attention``) and some transform the head's output (Granite divides the
+logits by ``logits_scaling``). A ``Family`` names them once; ``bind`` looks them up on a model
+and returns a ``BoundFamily`` the engine uses instead of reaching into attributes itself, so
+a model of another layout is refused with the missing piece named, never an AttributeError.
+
+Families that need a piece the engine does not have yet are listed in ``REFUSED_FAMILIES``
+with that piece, so a refusal says what is missing rather than a wrong reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from workers.engines.base import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Attribute names, from the causal LM down, of the pieces the engine uses."""
+
+    decoder: str = "model"  # the base model: embeddings, layers, final norm, rotary
+    layers: str = "layers"  # on the decoder: the ModuleList of decoder layers
+    attention: str = "self_attn"  # on each layer: the attention module
+    rotary: str = "rotary_emb"  # on the decoder: the rotary embedding (``inv_freq``)
+    embeddings: str = "embed_tokens"  # on the decoder
+    final_norm: str = "norm"  # on the decoder
+    head: str = "lm_head"  # on the causal LM
+
+
+def _llama_kv_heads(config: Any) -> int:
+    return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+
+
+def _all_heads(config: Any) -> int:
+    return int(config.num_attention_heads)
+
+
+def _falcon_kv_heads(config: Any) -> int:
+    """Falcon caches keys per query head with the new decoder architecture (it broadcasts its
+    kv groups before the cache), one shared head when multi-query, else one per head."""
+    if config.new_decoder_architecture or not config.multi_query:
+        return int(config.num_attention_heads)
+    return 1
+
+
+def _no_refusal(config: Any) -> str | None:
+    return None
+
+
+def _falcon_refusal(config: Any) -> str | None:
+    if getattr(config, "alibi", False):
+        return "ALiBi position bias by cache-slot distance (Falcon with alibi=True)"
+    return None
+
+
+@dataclass(frozen=True)
+class Family:
+    """A layout, how many key/value heads its cache holds, and its logit transform."""
+
+    name: str
+    model_types: tuple[str, ...]
+    layout: Layout = Layout()
+    #: key/value heads per layer in the cache, from the config
+    kv_heads: Callable[[Any], int] = _llama_kv_heads
+    #: config field the head's logits are divided by (Granite's ``logits_scaling``), if any
+    logits_divisor: str | None = None
+    #: whether the attention applies ``rotary_dim < head_dim`` (rotates the first dims only)
+    partial_rotary: bool = False
+    #: whether attention goes through transformers' attention interface with the layer
+    #: kwargs passed down (the ragged multi-row path needs both); else a batch runs one
+    #: forward per cache length, through the model's own attention
+    ragged_batches: bool = True
+    #: the missing piece for a config of this family the engine cannot serve, else None
+    config_refusal: Callable[[Any], str | None] = _no_refusal
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("llama", ("llama", "mistral", "qwen2", "qwen3")),
+    Family("olmo2", ("olmo2",)),
+    Family("phi3", ("phi3",), partial_rotary=True),
+    Family("granite", ("granite",), logits_divisor="logits_scaling"),
+    Family(
+        "gpt-neox",
+        ("gpt_neox",),
+        Layout(decoder="gpt_neox", attention="attention", embeddings="embed_in",
+               final_norm="final_layer_norm"),
+        kv_heads=_all_heads,
+        partial_rotary=True,
+    ),
+    Family(
+        "falcon",
+        ("falcon",),
+        Layout(decoder="transformer", layers="h", attention="self_attention",
+               embeddings="word_embeddings", final_norm="ln_f"),
+        kv_heads=_falcon_kv_heads,
+        ragged_batches=False,
+        config_refusal=_falcon_refusal,
+    ),
+)
+
+#: model type -> the piece the engine lacks to serve it exactly
+REFUSED_FAMILIES: dict[str, str] = {
+    "gemma2": "attention logit softcap on the batched path, final logit softcap and "
+    "per-layer sliding windows (Gemma 2)",
+    "gemma3": "per-layer-type rope tables (local and global RoPE) and per-layer sliding "
+    "windows (Gemma 3)",
+    "gemma3_text": "per-layer-type rope tables (local and global RoPE) and per-layer sliding "
+    "windows (Gemma 3)",
+    "gpt_oss": "learned sink logits on the batched path and per-layer sliding windows (GPT-OSS)",
+    "cohere": "interleaved rotary (pairs 2i, 2i+1) and the logit_scale head (Cohere)",
+    "cohere2": "NoPE layers (no rotation on the global layers) and interleaved rotary (Cohere2)",
+    "smollm3": "NoPE layers (no rotation on every fourth layer) (SmolLM3)",
+    "stablelm": "a verified adapter: its attention slices the rotary dims before "
+    "apply_rotary_pos_emb and its layers drop the kwargs the batched path passes (StableLM)",
+    "mpt": "ALiBi position bias by cache-slot distance (MPT)",
+    "bloom": "ALiBi position bias by cache-slot distance (BLOOM)",
+}
+
+ACCEPTED_MODEL_TYPES: tuple[str, ...] = tuple(t for f in FAMILIES for t in f.model_types)
+
+
+def family_of(model_type: str) -> Family | None:
+    """The family serving ``model_type``, or None."""
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    return None
+
+
+@dataclass(frozen=True)
+class BoundFamily:
+    """A family's pieces looked up on one model: what the engine calls instead of attributes."""
+
+    family: Family
+    decoder: torch.nn.Module
+    layers: torch.nn.ModuleList
+    rotary: torch.nn.Module
+    embeddings: torch.nn.Embedding
+    final_norm: torch.nn.Module
+    head: torch.nn.Module
+    kv_heads: int  # H_kv of the cache
+    head_dim: int  # D
+    #: the head's logits are divided by this (Granite), None: used as they come
+    logits_divisor: float | None
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head the rotary embedding rotates (the first ones): 2 * len(inv_freq)."""
+        inv_freq: torch.Tensor = self.rotary.inv_freq  # type: ignore[assignment]
+        return 2 * int(inv_freq.numel())
+
+    def attention(self, layer: int) -> torch.nn.Module:
+        module: torch.nn.Module = getattr(self.layers[layer], self.family.layout.attention)
+        return module
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head over final hidden states ``[..., E]``, then the family's transform, in the
+        head's dtype as the model's own forward does it (so logits match it bit for bit)."""
+        out: torch.Tensor = self.head(hidden)
+        if self.logits_divisor is not None:
+            out = out / self.logits_divisor
+        return out
+
+
+def bind(model: Any) -> BoundFamily:
+    """``model``'s pieces per its family's layout.
+
+    Raises ``UnsupportedModelError`` naming the family's missing piece for a refused family,
+    an unknown model type, or a model lacking a piece its layout names."""
+    config = model.config
+    model_type = str(getattr(config, "model_type", "?"))
+    name = type(model).__name__
+    if model_type in REFUSED_FAMILIES:
+        raise UnsupportedModelError(f"{name} (model type {model_type!r}) needs "
+                                    f"{REFUSED_FAMILIES[model_type]}")
+    family = family_of(model_type)
+    if family is None:
+        raise UnsupportedModelError(
+            f"{name}: model type {model_type!r} has no architecture adapter")
+    refusal = family.config_refusal(config)
+    if refusal is not None:
+        raise UnsupportedModelError(f"{name} (model type {model_type!r}) needs {refusal}")
+    lay = family.layout
+    decoder = _piece(model, lay.decoder, name, f"the {family.name} decoder at {lay.decoder} "
+                     "(pass the causal LM, not its base model)")
+    layers = _piece(decoder, lay.layers, name, f"decoder layers at {lay.decoder}.{lay.layers}")
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        raise UnsupportedModelError(f"{name} lacks decoder layers at {lay.decoder}.{lay.layers}")
+    attention = _piece(layers[0], lay.attention, name,
+                       f"attention at {lay.decoder}.{lay.layers}[0].{lay.attention}")
+    rotary = _piece(decoder, lay.rotary, name,
+                    f"a rotary position embedding at {lay.decoder}.{lay.rotary}")
+    if not isinstance(getattr(rotary, "inv_freq", None), torch.Tensor):
+        raise UnsupportedModelError(f"{name}: {lay.decoder}.{lay.rotary} lacks inv_freq")
+    embeddings = _piece(decoder, lay.embeddings, name, f"embeddings at {lay.decoder}."
+                        f"{lay.embeddings}")
+    divisor = getattr(config, family.logits_divisor, None) if family.logits_divisor else None
+    return BoundFamily(
+        family=family,
+        decoder=decoder,
+        layers=layers,
+        rotary=rotary,
+        embeddings=embeddings,
+        final_norm=_piece(decoder, lay.final_norm, name, f"final norm at {lay.decoder}."
+                          f"{lay.final_norm}"),
+        head=_piece(model, lay.head, name, f"output head at {lay.head}"),
+        kv_heads=family.kv_heads(config),
+        head_dim=_head_dim(attention, config),
+        logits_divisor=float(divisor) if divisor is not None else None,
+    )
+
+
+def _piece(owner: Any, attribute: str, model_name: str, what: str) -> Any:
+    found = getattr(owner, attribute, None)
+    if found is None:
+        raise UnsupportedModelError(f"{model_name} lacks {what}")
+    return found
+
+
+def _head_dim(attention: torch.nn.Module, config: Any) -> int:
+    """D: the attention's own ``head_dim`` (``head_size`` in GPT-NeoX), else hidden / heads."""
+    for name in ("head_dim", "head_size"):
+        value = getattr(attention, name, None)
+        if isinstance(value, int):
+            return value
+    return int(config.hidden_size) // int(config.num_attention_heads)
