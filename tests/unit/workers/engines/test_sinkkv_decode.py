@@ -54,7 +54,10 @@ CASES: dict[str, tuple[str, dict[str, Any], int, list[int], int, Sampling, int]]
         _SAMPLED, 6),
 }
 
-#: what ``generate`` returned for each case before the decode window (per-step ``_forward``)
+#: what ``generate`` returned for each case before the decode window (per-step ``_forward``).
+#: The bf16-compute cases have none: bf16 matrix products take the CPU's own bf16 kernels (the
+#: tokens recorded on an AMD EPYC differ on an Intel Xeon at step 5), so they are pinned only by
+#: the bit-identity test, which runs the per-step path beside ``generate`` on the machine at hand.
 GOLDEN: dict[str, list[int]] = {
     "fills_then_evicts": [
         63, 177, 10, 24, 10, 237, 197, 16, 94, 60, 63, 38, 93, 28, 103, 21, 84, 102, 63,
@@ -72,14 +75,6 @@ GOLDEN: dict[str, list[int]] = {
     "bf16_storage_sampled": [
         62, 238, 236, 92, 181, 177, 60, 237, 192, 237, 87, 135, 233, 34, 72, 238, 208,
         150, 116, 150, 1, 142, 99, 128, 251, 166, 197, 99, 176, 137
-    ],
-    "bf16_compute_evicts": [
-        17, 219, 206, 207, 137, 203, 101, 95, 149, 95, 149, 136, 96, 191, 72, 57, 98,
-        63, 73, 139, 119, 119, 97, 174, 214, 181, 128, 23, 99, 188
-    ],
-    "bf16_compute_fp32_storage": [
-        109, 6, 62, 229, 142, 4, 171, 81, 114, 10, 69, 10, 121, 176, 9, 50, 10, 50, 10,
-        50, 10, 50, 10, 39, 10, 231, 10, 40, 130, 10
     ],
     "fp16_storage_extra": [
         17, 95, 243, 63, 63, 73, 223, 33, 29, 16, 233, 223, 33, 147, 103, 170, 165, 63,
