@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feed", choices=("templates", "none"), default="none",
                         help="the worker's log_feed: what a log stream feeds the model")
     parser.add_argument("--narrative", action="store_true",
-                        help="let the log notes' narrative run the model (notes_phrasing)")
+                        help="let the log notes' narrative run the model (notes_prose)")
 
 
 def load_systems(folder: Path, limit: int | None = None) -> list[System]:
@@ -144,7 +144,8 @@ class Pipeline:
         if self._processor is None:
             self._processor = _recording_processor(self.server.url, self.assignments,
                                                    log_feed=self.feed,
-                                                   notes_phrasing=self.narrative)
+                                                   notes_phrasing=self.narrative,
+                                                   notes_prose=self.narrative)
         return self._processor
 
     def publish(self, stream: str, system: System) -> None:

@@ -280,12 +280,17 @@ class Settings(BaseSettings):
                                               "are deleted beyond this")
     retrieval_top_k: int = Field(4, ge=1, le=64, description="chunks retrieved per question")
     notes_phrasing: bool | None = Field(
-        None, description="the model writes the notes' words: it phrases each decision, action "
-                          "item and open question from its own cited lines, and writes the "
-                          "summary and the rolling 'so far', all checked by the faithfulness "
-                          "guard; false: the items are the speakers' own words and the summary "
-                          "a line counted from them (no model prose); unset (auto): as the "
-                          "model preset says (smollm2's prose reads wrong: false; others: true)")
+        None, description="the model phrases each decision, action item and open question from "
+                          "its own cited lines, checked by the faithfulness guard against them; "
+                          "false: the items are the speakers' own words; unset (auto): as the "
+                          "model preset says (smollm2's phrasings read wrong: false; others: "
+                          "true)")
+    notes_prose: bool = Field(
+        False, description="with notes_phrasing: the model also writes free prose (the final "
+                           "notes' summary, the rolling 'so far', on-demand notes). The guard "
+                           "checks its names, numbers, dates and times, not its claims: the "
+                           "1.5B preset wrote that legal had approved a change still awaiting "
+                           "approval. Off: the summary is a line counted from the items")
     key_moments: int = Field(
         8, ge=0, le=100, description="with summary_memory: the most substantive turns of the "
                                      "whole stream kept verbatim (speaker, entry id) and listed "

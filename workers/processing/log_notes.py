@@ -23,7 +23,7 @@ from workers.logs.table import Table
 from workers.notes import guard
 from workers.processing.log_batches import LogUpdate
 from workers.processing.observer import BatchObserver
-from workers.processing.summarizer import Summarizer, phrasing_on
+from workers.processing.summarizer import Summarizer, prose_on
 
 NARRATIVE_INSTRUCTION = ("In two short sentences, say what happened in these logs: what broke, "
                          "when, and how often. Use only the facts listed.")
@@ -74,7 +74,7 @@ class LogNotesWriter:
     def notes(self, table: Table, state: EngineState, covers: str,
               kind: SummaryKind, request: str = "") -> OutputEntry:
         """The log notes of ``table`` (nothing is written)."""
-        narrative = self.narrative(table, state) if phrasing_on(self.settings) else ""
+        narrative = self.narrative(table, state) if prose_on(self.settings) else ""
         return make_output(kind, log_notes.render(table, narrative), covers, state.tokens_seen,
                            self.engine.model_name, request,
                            items=log_notes.template_rows(table)[:log_notes.MAX_ROWS])

@@ -33,7 +33,7 @@ from workers.notes.head import NotesHead
 from workers.notes.items import NoteItem, merge
 from workers.processing.observer import BatchObserver
 from workers.processing.prompts import PHRASE_SAMPLING
-from workers.processing.summarizer import Summarizer, phrasing_on
+from workers.processing.summarizer import Summarizer, phrasing_on, prose_on
 
 #: what the model is asked for each kind of item (one sentence; the lines come before it)
 PHRASE_INSTRUCTIONS = {
@@ -72,6 +72,8 @@ class NotesWriter:
         self.summarizer = summarizer
         self.observer = observer
         self.phrasing = phrasing_on(settings)
+        #: free prose beside the items (``notes_prose``): checked for facts, not for claims
+        self.prose = prose_on(settings)
 
     # ----- per batch -------------------------------------------------------------------------
     def publish(self, stream_id: str, before: EngineState, after: EngineState, last_id: str,
@@ -93,7 +95,7 @@ class NotesWriter:
         notes = self.phrase(notes)
         new = [i for i in notes.items if i.seq >= notes.cursor]
         prose = ""
-        if self.phrasing:
+        if self.prose:
             support = self.support(stream_id, notes.people, lines)
             prose = self._guarded(self.summarizer.rolling_prose(
                 after, self.summarizer.notes(memory)), support)
@@ -113,12 +115,12 @@ class NotesWriter:
         moments verbatim. Nothing is written: the caller commits what it returns."""
         notes = self.phrase(notes)
         prose = ""
-        if self.phrasing:
+        if self.prose:
             support = self.support(stream_id, notes.people, lines)
             prose = self._guarded(self.summarizer.summary_prose(
                 after, self.summarizer.notes(memory), [m.spoken() for m in moments],
                 [f"- {i.text}" for i in notes.items]), support)
-        summary = (prose or NO_SUPPORTED_SUMMARY) if self.phrasing \
+        summary = (prose or NO_SUPPORTED_SUMMARY) if self.prose \
             else render.overview(notes.items)
         text = f"## Summary\n{summary}\n\n" + render.sections(notes.items)
         if moments:
@@ -134,7 +136,7 @@ class NotesWriter:
         """The notes so far, from the committed state and memory (nothing is written)."""
         memory, notes = self.heads(stream_id)
         notes = self.phrase(notes)
-        if self.phrasing:
+        if self.prose:
             support = self.support(stream_id, notes.people, ())
             prose = self._guarded(self.summarizer.rolling_prose(
                 state, self.summarizer.notes(memory), SummaryKind.ON_DEMAND), support)

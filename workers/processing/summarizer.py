@@ -115,6 +115,12 @@ class Summarizer:
         return len(state.pending) + len(prompt) + max_new_tokens
 
 
+def prose_on(settings: Settings) -> bool:
+    """Whether the model writes free prose (summaries, 'so far', log narratives): only with
+    ``notes_prose`` on top of phrasing, since the guard checks its facts but not its claims."""
+    return settings.notes_prose and phrasing_on(settings)
+
+
 def phrasing_on(settings: Settings) -> bool:
     """``notes_phrasing``, its auto (unset) resolved by the model preset."""
     if settings.notes_phrasing is not None:

@@ -108,3 +108,18 @@ def test_without_phrasing_the_model_writes_no_item(
     assert summary.endswith("each below with the lines it rests on.")
     assert f"{kinds.count('decision')} decision" in summary
     assert observer.generated_kinds == []
+
+
+@pytest.mark.parametrize("prose", [False, True])
+def test_free_prose_is_written_only_when_asked_for(
+    engine: Engine[Any], redis_server: RedisServer, prose: bool
+) -> None:
+    # the guard checks a summary's names, numbers and dates but not its claims, so a phrasing
+    # model writes the summary and the rolling 'so far' only with notes_prose on
+    published, observer, _ = _notes(engine, redis_server, notes_phrasing=True,
+                                    notes_prose=prose, summary_every_tokens=0)
+    final = published[-1]
+    summary = final.text.split("## Summary\n", 1)[1].split("\n\n", 1)[0]
+    assert ("final" in observer.generated_kinds) is prose
+    assert observer.generated_kinds  # the items were phrased either way
+    assert summary.endswith("each below with the lines it rests on.") is not prose
