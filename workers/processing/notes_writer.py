@@ -7,8 +7,10 @@ restatement cites the item it restates), and the speakers join the stream's peop
 rolling summary or the final notes are due (``phrase``), every item that is new or gained a
 citation since it was last written is phrased by the model from its own cited lines only, in
 one short sentence; the guard keeps the phrasing if every name, number, date and time in it is
-in those lines (repairing a misspelt name), else the item keeps the speaker's own words. So an
-item can be wrong only in its wording, never in its facts.
+in those lines (repairing a misspelt name) and most of its words are those of the clauses that
+stated the item, else the item keeps the speaker's own words. So an item's facts are the
+lines' facts, and its wording stays close to what was said (the guard cannot check a claim,
+which is also why free prose is opt-in: ``notes_prose``).
 """
 
 from __future__ import annotations
@@ -43,7 +45,11 @@ PHRASE_INSTRUCTIONS = {
 }
 #: new tokens a phrasing may take
 PHRASE_TOKENS = 40
-#: share of a phrasing's content words that must come from its lines (a rephrasing)
+#: share of a phrasing's content words that must come from the clauses that stated its item
+#: (a rephrasing of them). Not the whole cited lines: a recap line holds every task, and the
+#: 1.5B preset phrased "We decide the on-call rotation on Friday" from it as "The meeting
+#: discusses the progress of a project, ..." (0.19 of its words in the clause, 0.69 in the line)
+#: and "Let's decide the rotation on Friday" as "Who will cover the first weekend?" (0.0)
 PHRASE_GROUNDING = 0.6
 #: what a summary says when the guard dropped every sentence of the model's
 NO_SUPPORTED_SUMMARY = ("(no summary: the faithfulness guard dropped every sentence the model "
@@ -198,7 +204,8 @@ class NotesWriter:
         checked = guard.check(text, guard.Support.of(item.lines, people))
         self.observer.guarded(checked.verdicts)
         if not checked.text or checked.dropped or len(checked.text) < 8 \
-                or guard.grounded_share(checked.text, item.lines) < PHRASE_GROUNDING:
+                or guard.grounded_share(checked.text, item.clauses or (said,)) \
+                < PHRASE_GROUNDING:
             return replace(item, text=said, phrased=False, stale=False)
         return replace(item, text=checked.text, phrased=True, stale=False)
 

@@ -123,3 +123,39 @@ def test_free_prose_is_written_only_when_asked_for(
     assert ("final" in observer.generated_kinds) is prose
     assert observer.generated_kinds  # the items were phrased either way
     assert summary.endswith("each below with the lines it rests on.") is not prose
+
+
+def test_a_phrasing_must_reword_the_clauses_that_stated_its_item(
+    engine: Engine[Any], redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the 1.5B preset wrote on the demo meeting: rewordings of the item's own clauses
+    are kept; a sentence built from the rest of a cited line (the recap) is not."""
+    from workers.notes.items import NoteItem
+
+    settings = Settings(**BASE, redis_url=redis_server.url, notes_phrasing=True)
+    writer = StreamProcessor(engine, redis_server.client(), settings, "phrase-test").notes
+    recap = ("Maya: Thanks all. To recap: Tomas merges the crash fix today, Priya reviews it "
+             "and gets the legal answer by Monday. We decide the on-call rotation on Friday.")
+    deferred = NoteItem(0, "question", "Let's decide the rotation on Friday.",
+                        "Let's decide the rotation on Friday.",
+                        lines=("Maya: Let's decide the rotation on Friday. Tomas covers the "
+                               "first weekend.",),
+                        clauses=("Let's decide the rotation on Friday.",))
+    decided = NoteItem(1, "decision", "We decide the on-call rotation on Friday.",
+                       "We decide the on-call rotation on Friday.", lines=(recap,),
+                       clauses=("We decide the on-call rotation on Friday.",))
+    merge = NoteItem(2, "action", "I will merge it by two o'clock.", "", owner="Tomas",
+                     lines=("Tomas: Yes, if Priya reviews it this morning. I will merge it by "
+                            "two o'clock.", recap),
+                     clauses=("I will merge it by two o'clock.",
+                              "Tomas merges the crash fix today"))
+    written = {0: "Who will cover the first weekend?",
+               1: "The meeting discusses the progress of a project, including Tomas' crash fix, "
+                  "legal review by Priya and the on-call rotation for Friday.",
+               2: " merge the crash fix by two o'clock today."}
+    for item in (deferred, decided, merge):
+        monkeypatch.setattr(writer.summarizer, "generate",
+                            lambda *a, _t=written[item.seq], **k: _t)
+        out = writer._phrased(item, ["Maya", "Tomas", "Priya"])
+        assert out.phrased is (item is merge), out.text
+    assert out.text == "Tomas will merge the crash fix by two o'clock today."
