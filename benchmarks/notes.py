@@ -70,6 +70,8 @@ class Run:
     eos_to_notes_s: float
     wall_s: float
     transcript: list[str] = field(default_factory=list)
+    #: the model wrote the summary (``notes_prose``); else it is the counted overview line
+    prose: bool = False
 
 
 class _Recorder:
@@ -127,6 +129,7 @@ def run_meeting(preset: str, name: str, data: Path, workdir: Path,
     from state_store.replies import as_text, text_fields
     from workers.engines.loading import load_engine
     from workers.processing.processor import StreamProcessor
+    from workers.processing.summarizer import prose_on
 
     labels = load_labels(name)
     turns = _turns(labels, data)
@@ -168,7 +171,8 @@ def run_meeting(preset: str, name: str, data: Path, workdir: Path,
         return Run(name, finals[-1]["text"],
                    [o["text"] for o in outputs if o.get("kind") == "rolling"], items,
                    entry_turns, recorder.verdicts, recorder.tokens, recorder.seconds,
-                   last_batch, wall, [f"{s}: {t}" if s else t for t, s, _ in turns])
+                   last_batch, wall, [f"{s}: {t}" if s else t for t, s, _ in turns],
+                   prose_on(settings))
     finally:
         server.stop(hard=True)
 
@@ -206,10 +210,12 @@ def _sentence_start(text: str, token: str) -> bool:
 
 
 def _model_written(run: Run) -> list[str]:
-    """The parts of the notes the model wrote: summary prose, phrased items, rolling prose."""
+    """The parts of the notes the model wrote: summary prose, phrased items, rolling prose.
+    (Without ``notes_prose`` the summary is the overview line counted from the items: its
+    numbers are counts, true by construction, and not in the transcript.)"""
     out = []
     summary = re.search(r"## Summary\n(.*?)(?:\n\n## |\Z)", run.final, re.S)
-    if summary:
+    if summary and run.prose:
         out.append(summary.group(1))
     out += [i["text"] for i in run.items if not i.get("verbatim")]
     for text in run.rolling:
