@@ -18,17 +18,21 @@ from typing import Any
 import redis
 
 
-def _load(name: str) -> str:
-    return files(__package__ or "state_store").joinpath("lua", f"{name}.lua").read_text("utf-8")
+def _load(name: str, *fragments: str) -> str:
+    """``lua/NAME.lua``, after the ``fragments`` it calls (``lua/FRAGMENT.lua``: local
+    functions written once for several scripts)."""
+    folder = files(__package__ or "state_store").joinpath("lua")
+    return "\n".join(folder.joinpath(f"{part}.lua").read_text("utf-8")
+                     for part in (*fragments, name))
 
 
 #: Idempotent, length-capped append of input entries (producer/publisher.py).
 PRODUCER_APPEND = _load("producer_append")
 #: The start and end of a batch: lease + flag + head, and release + flag (state_store/claims.py).
-BATCH_CLAIM = _load("batch_claim")
+BATCH_CLAIM = _load("batch_claim", "lease_take")
 BATCH_RELEASE = _load("batch_release")
 #: Per-stream leases with fencing tokens (state_store/lease.py).
-LEASE_ACQUIRE = _load("lease_acquire")
+LEASE_ACQUIRE = _load("lease_acquire", "lease_take")
 LEASE_RENEW = _load("lease_renew")
 LEASE_RELEASE = _load("lease_release")
 #: The fenced, exactly-once commit of a batch (state_store/commit.py).

@@ -5,8 +5,7 @@
 -- and commits against: what took five round trips (flag PEXPIRE, failure HMGET, lease script,
 -- head HMGET, pending ZRANGE).
 --
--- Lease value: "<worker_id>|<fencing token>". The fence counter key is never expired: tokens
--- stay strictly increasing per stream for as long as the stream's data exists.
+-- How a lease is taken (its value, the fencing token, takeovers): lease_take.lua.
 --
 -- KEYS[1]  lease (string, with a TTL)
 -- KEYS[2]  fence counter
@@ -37,12 +36,7 @@ end
 if own then redis.call('PEXPIRE', KEYS[6], ARGV[3]) end
 local held = redis.call('GET', KEYS[1])
 if held then return {'busy', held} end
-local token = redis.call('INCR', KEYS[2])
-local value = ARGV[1] .. '|' .. string.format('%d', token)
-redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
-local previous = redis.call('HGET', KEYS[3], 'lease_holder') or ''
-redis.call('HSET', KEYS[3], 'lease_holder', value)
-if previous ~= '' then redis.call('HINCRBY', KEYS[3], 'leases_taken_over', 1) end
+local token, previous = take_lease(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])
 local head = redis.call('HMGET', KEYS[4], 'version', 'segments', 'generation', 'last_entry_id')
 return {'ok', token, previous, head[1] or '', head[2] or '', head[3] or '', head[4] or '',
         redis.call('ZRANGE', KEYS[5], 0, -1)}

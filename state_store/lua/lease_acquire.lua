@@ -1,9 +1,6 @@
 -- lease_acquire: take a stream's lease with a new fencing token (state_store/lease.py).
 --
--- Lease value: "<worker_id>|<fencing token>". The fence counter key is never expired: tokens
--- stay strictly increasing per stream for as long as the stream's data exists (AOF keeps it
--- across restarts). Run Redis with a noeviction or volatile-* policy so it is never evicted
--- either.
+-- How a lease is taken (its value, the fencing token, takeovers): lease_take.lua.
 --
 -- KEYS[1]  lease (string, with a TTL)
 -- KEYS[2]  fence counter
@@ -16,10 +13,5 @@
 -- (counted in meta.leases_taken_over).
 local held = redis.call('GET', KEYS[1])
 if held then return {0, held} end
-local token = redis.call('INCR', KEYS[2])
-local value = ARGV[1] .. '|' .. string.format('%d', token)
-redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
-local previous = redis.call('HGET', KEYS[3], 'lease_holder') or ''
-redis.call('HSET', KEYS[3], 'lease_holder', value)
-if previous ~= '' then redis.call('HINCRBY', KEYS[3], 'leases_taken_over', 1) end
+local token, previous = take_lease(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])
 return {1, token, previous}
