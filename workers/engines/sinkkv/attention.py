@@ -54,9 +54,15 @@ class _ForwardWindows:
     """
 
     def __init__(
-        self, rotary: SlotRotary, windows: Sequence[_Window], T: int, dtype: torch.dtype
+        self, rotary: SlotRotary, windows: Sequence[_Window], T: int, dtype: torch.dtype,
+        sliding: Sequence[int | None] = (),
     ) -> None:
         self.windows = windows
+        #: per layer, the sliding window it attends through (None: the whole cache)
+        self.sliding = tuple(sliding)
+        #: the layer whose window was handed out last: the one now attending (a layer's cache
+        #: update comes right before its attention call)
+        self.current = 0
         self.T = T
         self.lengths = [w.length for w in windows]
         if self.lengths != sorted(self.lengths):
@@ -91,7 +97,7 @@ class _ForwardWindows:
             if dtype != torch.float32 and longest_moved
             else None
         )
-        self._masks: dict[int, torch.Tensor] = {}
+        self._masks: dict[tuple[int, int | None], torch.Tensor] = {}
         self.new_keys: list[torch.Tensor] = []  # per layer [B, H_kv, T, D], as HF made them
         self.new_values: list[torch.Tensor] = []
 
@@ -104,6 +110,7 @@ class _ForwardWindows:
         Several rows: the last group's buffers, a placeholder; ``_ragged_attention`` reads
         every group (``group_keys``/``group_values``) itself.
         """
+        self.current = index
         for i, w in enumerate(self.windows):
             self._fill_row(i, w.keys[index], w.values[index])
         for g, (start, end, n) in enumerate(self.groups):  # the new chunk: one copy per group
@@ -132,18 +139,30 @@ class _ForwardWindows:
                 dst[:, s0:n].copy_(tmp)
         self.row_values[i][:, :n].copy_(stored_v)
 
-    def mask(self, n: int) -> torch.Tensor:
+    def window_of_current_layer(self) -> int | None:
+        """The sliding window of the layer now attending, None for a full-attention layer."""
+        return self.sliding[self.current] if self.current < len(self.sliding) else None
+
+    def mask(self, n: int, window: int | None = None) -> torch.Tensor:
         """The additive attention mask ``[T, n + T]`` of rows with ``n`` cached tokens (compute
         dtype; 0 = attend, -inf = not): every cached token, and the new tokens causally.
-        Shared by all layers. Additive, because SDPA would turn a boolean mask into one on
-        every call."""
-        found = self._masks.get(n)
+        Shared by all layers of one window. Additive, because SDPA would turn a boolean mask
+        into one on every call.
+
+        A sliding layer (``window`` W) sees what Hugging Face's sliding mask lets it see, by
+        slot: query slot q = n + t attends key slot j iff ``q - W < j <= q``, so the sinks too
+        fall out of it once they are W slots back (``masking_utils.sliding_window_overlay``)."""
+        found = self._masks.get((n, window))
         if found is None:
             T, dev = self.T, self.device
             found = torch.zeros(T, n + T, dtype=self.dtype, device=dev)
-            found[:, n:].masked_fill_(
-                torch.ones(T, T, dtype=torch.bool, device=dev).triu(1), float("-inf"))
-            self._masks[n] = found
+            q = torch.arange(n, n + T, device=dev)[:, None]  # [T, 1] query slots
+            j = torch.arange(n + T, device=dev)[None, :]  # [1, n + T] key slots
+            blocked = j > q
+            if window is not None:
+                blocked |= j <= q - window
+            found.masked_fill_(blocked, float("-inf"))
+            self._masks[(n, window)] = found
         return found
 
 
@@ -200,15 +219,52 @@ def _ragged_attention(
     if dropout:
         raise ValueError("the ragged attention path is for inference (dropout 0)")
     B, H, T, D = query.shape
+    window = rows.window_of_current_layer()
+    softcap: float | None = kwargs.get("softcap")
+    sinks: torch.Tensor | None = kwargs.get("s_aux")
     out = torch.empty(B, T, H, D, dtype=query.dtype, device=query.device)
     for g, (start, end, n) in enumerate(rows.groups):
         k, v = rows.group_keys[g], rows.group_values[g]  # [g, H_kv, n + T, D]
-        o = torch.nn.functional.scaled_dot_product_attention(
-            query[start:end], k, v, attn_mask=rows.mask(n), scale=scaling,
-            enable_gqa=k.shape[1] != H,
-        )  # [g, H, T, D]
+        mask = rows.mask(n, window)
+        if softcap is None and sinks is None:
+            o = torch.nn.functional.scaled_dot_product_attention(
+                query[start:end], k, v, attn_mask=mask, scale=scaling,
+                enable_gqa=k.shape[1] != H,
+            )  # [g, H, T, D]
+        else:
+            o = _eager_group(query[start:end], k, v, mask, scaling, softcap, sinks)
         out[start:end] = o.transpose(1, 2)
     return out, None
+
+
+def _eager_group(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+    scaling: float | None, softcap: float | None, sinks: torch.Tensor | None,
+) -> torch.Tensor:
+    """Attention of one group ``q`` ``[g, H, T, D]`` over ``k, v`` ``[g, H_kv, n + T, D]`` in
+    the order of operations of the families' own eager attention, for what SDPA cannot do:
+
+    * Gemma 2 logit softcap: ``w = tanh(w / cap) * cap`` before the mask, softmax in fp32;
+    * GPT-OSS learned sinks (one logit per head, ``s_aux``): ``softmax([w, s] - max)`` in
+      the logits' dtype, the sink's column dropped, so it takes mass without a value.
+    """
+    H, D = q.shape[1], q.shape[-1]
+    groups = H // k.shape[1]
+    if groups > 1:  # repeat_kv: each kv head serves ``groups`` query heads in a row
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scale = scaling if scaling is not None else D**-0.5
+    w = torch.matmul(q, k.transpose(2, 3)) * scale  # [g, H, T, n + T]
+    if softcap is not None:
+        w = torch.tanh(w / softcap) * softcap
+    w = w + mask
+    if sinks is None:
+        probs = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+    else:
+        s = sinks.reshape(1, -1, 1, 1).expand(w.shape[0], -1, w.shape[2], -1)
+        combined = torch.cat([w, s], dim=-1)
+        combined = combined - combined.max(dim=-1, keepdim=True).values
+        probs = torch.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1].to(v.dtype)
+    return torch.matmul(probs, v)
 
 
 #: name of ``_ragged_attention`` in transformers' attention registry

@@ -43,6 +43,7 @@ from workers.engines.sinkkv.attention import (
     cache_keyword,
 )
 from workers.engines.sinkkv.decode import DecodeWindow
+from workers.engines.sinkkv.positions import sliding_windows
 from workers.engines.sinkkv.rotary import ROPE_SCHEME, SlotRotary
 from workers.engines.sinkkv.state import (
     SinkKVState,
@@ -89,7 +90,7 @@ class SinkKVEngine(Engine[SinkKVState]):
         self._model_name = model_name
         self.device = torch.device(device)
 
-        bound = check_supported(model, self.window.capacity + chunk_tokens)
+        bound = check_supported(model)
         hf: Any = model  # transformers' typing of .to() confuses mypy
         if compute_dtype is not None:
             hf = hf.to(_as_dtype(compute_dtype))
@@ -109,6 +110,8 @@ class SinkKVEngine(Engine[SinkKVState]):
         self._decoder = self.family.decoder
         self._cache_kw = cache_keyword(self._decoder)
         self.n_layers = len(self.family.layers)
+        #: per layer, its sliding window (None: full attention), masked by slot on every path
+        self.sliding = sliding_windows(config, self.n_layers)
         self.kv_heads = self.family.kv_heads
         self.head_dim = self.family.head_dim
         self.hidden_size = int(config.hidden_size)
@@ -210,7 +213,7 @@ class SinkKVEngine(Engine[SinkKVState]):
             return [new_windows[j] for j in back], hidden[torch.tensor(back)]
         if not self.family.family.ragged_batches and windows[0].length != windows[-1].length:
             return self._forward_groups(windows, pieces)
-        view = _ForwardWindows(self.rotary, windows, T, self.compute_dtype)
+        view = _ForwardWindows(self.rotary, windows, T, self.compute_dtype, self.sliding)
         hidden = self._run_decoder(view, pieces)  # [B, T, E]
         if len(view.new_keys) != self.n_layers:
             raise RuntimeError("the model did not update every cache layer exactly once")
@@ -389,10 +392,8 @@ class SinkKVEngine(Engine[SinkKVState]):
         return out
 
     def max_extra_capacity(self) -> int:
+        # a sliding layer masks by slot whatever the window's width: only positions limit it
         limit = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
-        sliding = getattr(self.model.config, "sliding_window", None)
-        if sliding:
-            limit = min(limit, int(sliding)) if limit else int(sliding)
         return max(0, limit - self.window.capacity - self.chunk_tokens)
 
     def window_tokens(self) -> int | None:

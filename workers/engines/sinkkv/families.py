@@ -74,6 +74,8 @@ class Family:
     kv_heads: Callable[[Any], int] = _llama_kv_heads
     #: config field the head's logits are divided by (Granite's ``logits_scaling``), if any
     logits_divisor: str | None = None
+    #: config field of a final logit softcap (Gemma 2/3's ``final_logit_softcapping``), if any
+    logits_softcap: str | None = None
     #: whether the attention applies ``rotary_dim < head_dim`` (rotates the first dims only)
     partial_rotary: bool = False
     #: whether attention goes through transformers' attention interface with the layer
@@ -89,6 +91,11 @@ FAMILIES: tuple[Family, ...] = (
     Family("olmo2", ("olmo2",)),
     Family("phi3", ("phi3",), partial_rotary=True),
     Family("granite", ("granite",), logits_divisor="logits_scaling"),
+    # attention softcap (passed to the attention function) and query_pre_attn_scalar (the
+    # module's scaling) act inside attention; the final softcap in the head
+    Family("gemma2", ("gemma2",), logits_softcap="final_logit_softcapping"),
+    # learned sink logits per head (``s_aux``), yarn RoPE, sliding/full layers
+    Family("gpt-oss", ("gpt_oss",)),
     Family(
         "gpt-neox",
         ("gpt_neox",),
@@ -110,13 +117,10 @@ FAMILIES: tuple[Family, ...] = (
 
 #: model type -> the piece the engine lacks to serve it exactly
 REFUSED_FAMILIES: dict[str, str] = {
-    "gemma2": "attention logit softcap on the batched path, final logit softcap and "
-    "per-layer sliding windows (Gemma 2)",
     "gemma3": "per-layer-type rope tables (local and global RoPE) and per-layer sliding "
     "windows (Gemma 3)",
     "gemma3_text": "per-layer-type rope tables (local and global RoPE) and per-layer sliding "
     "windows (Gemma 3)",
-    "gpt_oss": "learned sink logits on the batched path and per-layer sliding windows (GPT-OSS)",
     "cohere": "interleaved rotary (pairs 2i, 2i+1) and the logit_scale head (Cohere)",
     "cohere2": "NoPE layers (no rotation on the global layers) and interleaved rotary (Cohere2)",
     "smollm3": "NoPE layers (no rotation on every fourth layer) (SmolLM3)",
@@ -152,6 +156,8 @@ class BoundFamily:
     head_dim: int  # D
     #: the head's logits are divided by this (Granite), None: used as they come
     logits_divisor: float | None
+    #: final logit softcap c (Gemma): ``logits = c * tanh(logits / c)``, None: none
+    logits_softcap: float | None = None
 
     @property
     def rotary_dim(self) -> int:
@@ -169,6 +175,8 @@ class BoundFamily:
         out: torch.Tensor = self.head(hidden)
         if self.logits_divisor is not None:
             out = out / self.logits_divisor
+        if self.logits_softcap is not None:  # the three ops Gemma's forward does, in order
+            out = torch.tanh(out / self.logits_softcap) * self.logits_softcap
         return out
 
 
@@ -205,6 +213,7 @@ def bind(model: Any) -> BoundFamily:
     embeddings = _piece(decoder, lay.embeddings, name, f"embeddings at {lay.decoder}."
                         f"{lay.embeddings}")
     divisor = getattr(config, family.logits_divisor, None) if family.logits_divisor else None
+    softcap = getattr(config, family.logits_softcap, None) if family.logits_softcap else None
     return BoundFamily(
         family=family,
         decoder=decoder,
@@ -217,6 +226,7 @@ def bind(model: Any) -> BoundFamily:
         kv_heads=family.kv_heads(config),
         head_dim=_head_dim(attention, config),
         logits_divisor=float(divisor) if divisor is not None else None,
+        logits_softcap=float(softcap) if softcap is not None else None,
     )
 
 

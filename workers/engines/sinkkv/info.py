@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from workers.engines.sinkkv.rotary import ROPE_SCHEME
-from workers.engines.sinkkv.support import layer_slides
 
 if TYPE_CHECKING:
     from workers.engines.sinkkv.engine import SinkKVEngine
@@ -33,17 +32,20 @@ def position_scheme(engine: SinkKVEngine) -> str:
 def layer_windows(engine: SinkKVEngine) -> dict[str, str]:
     """The window each layer attends to, runs of equal layers merged (``"0-29": ...``).
 
-    Every layer keeps S sinks + R recent tokens and a chunk of T attends to them plus itself;
-    a layer with a sliding window (``support.layer_slides``) is accepted only
-    when that window covers S + R + T, so it never cuts what the sink window keeps."""
-    config = engine.model.config
+    Every layer keeps S sinks + R recent tokens and a chunk of T attends to them plus itself.
+    A sliding layer (``positions.py``) attends only to the last W slots of that, by slot as
+    Hugging Face masks it: where W < S + R + T its sinks fall out of view too."""
     S, R, T = engine.window.sink, engine.window.recent, engine.chunk_tokens
+    kept = f"{S} sinks + {R} recent (+{T}-token chunks)"
     described = []
-    for layer in range(engine.n_layers):
-        text = f"{S} sinks + {R} recent (+{T}-token chunks)"
-        if layer_slides(config, layer):
-            text += f", inside a sliding window of {config.sliding_window}"
-        described.append(text)
+    for window in engine.sliding:
+        if window is None:
+            described.append(kept)
+        elif window >= S + R + T:
+            described.append(f"{kept}, inside a sliding window of {window}")
+        else:
+            described.append(f"its last {window} slots only (sliding window {window}, "
+                             f"no sinks) of {kept}")
     return _merged_runs(described)
 
 
@@ -57,16 +59,23 @@ def state_bytes_per_token(engine: SinkKVEngine) -> int:
 def describe_layout(engine: SinkKVEngine) -> dict[str, Any]:
     """The fields ``sinkstream model info`` adds for a sink-KV engine."""
     bound = engine.family
-    divisor = bound.logits_divisor
     return {
         "family": bound.family.name,
         "position_scheme": position_scheme(engine),
         "layer_windows": layer_windows(engine),
-        "logits": "head output" if divisor is None else f"head output / {divisor:g}",
+        "logits": _logits_text(bound.logits_divisor, bound.logits_softcap),
         "batched_attention": (
             "ragged rows" if bound.family.ragged_batches else "one forward per cache length"),
         "state_bytes_per_token": state_bytes_per_token(engine),
     }
+
+
+def _logits_text(divisor: float | None, softcap: float | None) -> str:
+    """E.g. ``head output / 8`` (Granite), ``softcap 30 * tanh(head output / 30)`` (Gemma)."""
+    text = "head output" if divisor is None else f"head output / {divisor:g}"
+    if softcap is not None:
+        text = f"softcap {softcap:g} * tanh({text} / {softcap:g})"
+    return text
 
 
 def _merged_runs(values: list[str]) -> dict[str, str]:

@@ -7,8 +7,10 @@ Sink-KV re-rotates cached keys to new slots (``rotary.py``), which is exact only
   its first ``rotary_dim`` dims; keys cached after RoPE; logits = the family's head;
 * the rotary frequencies are fixed (``inv_freq`` does not depend on the sequence length:
   dynamic NTK and longrope rescale with it, so a stored rotation would mean something else);
-* the attention implementation takes our cache and explicit positions as given (eager, sdpa);
-* any sliding window covers the whole span a chunk attends to (S + R + T).
+* the attention implementation takes our cache and explicit positions as given (eager, sdpa).
+
+A sliding window shorter than S + R is fine: that layer attends to its own most recent
+window by slot, as Hugging Face masks it (``positions.py``).
 
 Anything else is refused up front with ``UnsupportedModelError`` rather than served inexactly.
 """
@@ -41,7 +43,6 @@ SUPPORTED_TEXT = (
     + ", ".join(SUPPORTED_ROPE_TYPES)
     + "; partial rotary for phi3 and gpt_neox), attention implementation "
     + " or ".join(SUPPORTED_ATTENTION)
-    + ", and no sliding window shorter than sink_tokens + recent_tokens + chunk_tokens"
 )
 
 # config fields that do not change what a model computes
@@ -54,9 +55,10 @@ _VOLATILE_CONFIG_KEYS = (
 )
 
 
-def check_supported(model: Any, window_span: int) -> BoundFamily:
-    """Raise ``UnsupportedModelError`` unless sink-KV serves ``model`` exactly with chunks
-    attending to ``window_span`` = S + R + T tokens; the message lists every problem.
+def check_supported(model: Any) -> BoundFamily:
+    """Raise ``UnsupportedModelError`` unless sink-KV serves ``model`` exactly; the message
+    lists every problem. No sliding window limits the sink window any more: a sliding layer
+    keeps its own (``positions.py``).
 
     Returns the model's pieces (``families.bind``) for the engine to drive."""
     config = getattr(model, "config", None)
@@ -75,7 +77,7 @@ def check_supported(model: Any, window_span: int) -> BoundFamily:
     except (AttributeError, TypeError, ValueError) as exc:  # a config the adapter cannot read
         problems.append(f"{type(model).__name__}: cannot read its layout ({exc})")
     if bound is not None:
-        problems += [*_rotary_problems(config, bound), *_window_problems(config, window_span)]
+        problems += _rotary_problems(config, bound)
     impl = getattr(config, "_attn_implementation", None)
     if impl not in SUPPORTED_ATTENTION:
         problems.append(f"attention implementation {impl!r} (load with attn_implementation='sdpa')")
@@ -105,33 +107,6 @@ def _rotary_problems(config: Any, bound: BoundFamily) -> list[str]:
             f"partial rotary embedding (partial_rotary_factor={factor}) in a "
             f"{bound.family.name} model, whose attention rotates the whole head")
     return problems
-
-
-def layer_slides(config: Any, layer: int) -> bool:
-    """Whether ``layer`` attends through a sliding window (``config.sliding_window`` tokens).
-
-    A config that lists layer types slides only on its ``sliding_attention`` layers (Qwen2
-    with use_sliding_window off lists none); one that does not slides on every layer when its
-    window is set (Mistral; Phi-3, whose mini 4k ships sliding_window 2047)."""
-    if getattr(config, "sliding_window", None) is None:
-        return False
-    types = getattr(config, "layer_types", None)
-    if not types:
-        return True
-    return layer < len(types) and types[layer] == "sliding_attention"
-
-
-def _window_problems(config: Any, window_span: int) -> list[str]:
-    """A sliding window shorter than the span a chunk attends to would drop tokens we keep."""
-    window = getattr(config, "sliding_window", None)
-    layers = int(getattr(config, "num_hidden_layers", None) or 1)
-    sliding = any(layer_slides(config, i) for i in range(layers))
-    if sliding and window is not None and int(window) < window_span:
-        return [
-            f"sliding window {window} is shorter than sink_tokens + recent_tokens + "
-            f"chunk_tokens = {window_span}"
-        ]
-    return []
 
 
 def model_fingerprint(model: PreTrainedModel) -> str:

@@ -196,13 +196,18 @@ def test_partial_rotation_turns_only_the_rotary_dims(dtype: torch.dtype) -> None
 # ----- refusals: named, with the missing piece -----------------------------------------------
 
 
-def test_a_phi3_sliding_window_shorter_than_the_span_is_refused() -> None:
+def test_a_sliding_window_shorter_than_the_sink_window_is_accepted() -> None:
     """Phi-3 mini 4k ships ``sliding_window`` 2047 and lists no layer types: every layer
-    slides, so a window shorter than S + R + T would drop kept tokens on the solo path."""
-    overrides = {"model_overrides": {"sliding_window": 32}}
-    make_engine("phi3", recent_tokens=20, chunk_tokens=8, **overrides)  # 4 + 20 + 8 = 32
-    with pytest.raises(UnsupportedModelError, match="sliding window 32 is shorter"):
-        make_engine("phi3", recent_tokens=21, chunk_tokens=8, **overrides)
+    slides. A window shorter than S + R + T was refused; now each layer keeps its own window
+    (masked by slot, as Hugging Face does), and the per-layer windows say so."""
+    from workers.engines.sinkkv.info import layer_windows
+
+    engine = make_engine("phi3", recent_tokens=21, chunk_tokens=8,
+                         model_overrides={"sliding_window": 16})
+    assert engine.sliding == (16, 16)
+    assert layer_windows(engine) == {
+        "0-1": "its last 16 slots only (sliding window 16, no sinks) of "
+               "4 sinks + 21 recent (+8-token chunks)"}
 
 
 def test_a_base_model_without_its_head_is_refused_by_name() -> None:
@@ -247,9 +252,16 @@ def test_layout_info_names_family_scheme_windows_and_bytes() -> None:
     assert info["state_bytes_per_token"] == 2 * 2 * 1 * 16 * 2 + 8
     cap, hidden = falcon.window.capacity, falcon.hidden_size * 4
     assert full_state_nbytes(falcon) == cap * info["state_bytes_per_token"] + hidden
-    slides = describe_layout(make_engine("sliding-window", recent_tokens=20))
+    slides = describe_layout(make_engine("phi3", recent_tokens=20,
+                                         model_overrides={"sliding_window": 32}))
     assert slides["layer_windows"] == {
         "0-1": "4 sinks + 20 recent (+8-token chunks), inside a sliding window of 32"}
+    gemma2 = describe_layout(make_engine("gemma2"))
+    assert gemma2["layer_windows"] == {
+        "0": "its last 12 slots only (sliding window 12, no sinks) of "
+             "4 sinks + 24 recent (+8-token chunks)",
+        "1": "4 sinks + 24 recent (+8-token chunks)"}
+    assert gemma2["logits"] == "softcap 3 * tanh(head output / 3)"
 
 
 def test_cli_model_info_prints_the_family(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
