@@ -117,6 +117,23 @@ _PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         "GptOssConfig",
         {"num_local_experts": 2, "num_experts_per_tok": 1, "sliding_window": _WINDOW},
     ),
+    # Gemma 3: local layer at rope_local_base_freq, global at the main theta, sliding then full
+    "gemma3": (
+        "Gemma3TextConfig",
+        {"sliding_window": _WINDOW, "layer_types": ["sliding_attention", "full_attention"],
+         "rope_parameters": {
+             "sliding_attention": {"rope_type": "default", "rope_theta": _ROPE_BASE},
+             "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}}},
+    ),
+    # Cohere (Command-R): interleaved rotary pairs, logits * logit_scale
+    "cohere": ("CohereConfig", {}),
+    # Cohere2: sliding layer with interleaved RoPE, then a global NoPE layer
+    "cohere2": (
+        "Cohere2Config",
+        {"sliding_window": _WINDOW, "layer_types": ["sliding_attention", "full_attention"]},
+    ),
+    # SmolLM3: a RoPE layer, then a NoPE one (no_rope_layers[i] = 0)
+    "smollm3": ("SmolLM3Config", {"no_rope_layers": [1, 0]}),
     # --- refused by the sink-KV engine ------------------------------------------------------
     # frequencies recomputed from the sequence length at every forward
     "dynamic-rope": (
@@ -142,10 +159,6 @@ _PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "mpt": ("MptConfig", {}),
     "falcon-alibi": ("FalconConfig", {"alibi": True}),
     # families needing a piece the engine does not have yet (families.REFUSED_FAMILIES)
-    "gemma3": ("Gemma3TextConfig", {}),
-    "cohere": ("CohereConfig", {}),
-    "cohere2": ("Cohere2Config", {}),
-    "smollm3": ("SmolLM3Config", {}),
     # partial rotary (a quarter of each head) sliced by the attention itself: StableLM
     "stablelm": (
         "StableLmConfig",
@@ -164,7 +177,11 @@ FAMILY_ARCHS: tuple[str, ...] = (
     "falcon-new",
     "sliding-window",
     "gemma2",
+    "gemma3",
     "gpt-oss",
+    "cohere",
+    "cohere2",
+    "smollm3",
 )
 SUPPORTED_ARCHS: tuple[str, ...] = (
     "llama",
@@ -181,10 +198,6 @@ REFUSED_ARCHS: tuple[str, ...] = (
     "alibi",
     "mpt",
     "falcon-alibi",
-    "gemma3",
-    "cohere",
-    "cohere2",
-    "smollm3",
     "stablelm",
 )
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from workers.engines.sinkkv.rotary import SlotRotary
+from workers.engines.sinkkv.rotary import LayerRotary
 from workers.engines.sinkkv.state import _Window
 
 
@@ -54,7 +54,7 @@ class _ForwardWindows:
     """
 
     def __init__(
-        self, rotary: SlotRotary, windows: Sequence[_Window], T: int, dtype: torch.dtype,
+        self, rotary: LayerRotary, windows: Sequence[_Window], T: int, dtype: torch.dtype,
         sliding: Sequence[int | None] = (),
     ) -> None:
         self.windows = windows
@@ -83,14 +83,16 @@ class _ForwardWindows:
                 buf = torch.empty(end - start, H, n + T, D, dtype=dtype, device=dev)
                 kind.append(buf)
                 rows.extend(buf.unbind(0))
-        # Per row: the first cached index whose slot moved (sinks never move), and the
-        # rotation from stored to current slot for the moved ones: cos/sin [n_i - s0_i, D/2].
+        # Per row: the first cached index whose slot moved (sinks never move), and per rotary
+        # table the rotation from stored to current slot for the moved ones: cos/sin
+        # [n_i - s0_i, D/2] (None: nothing moved).
+        self.rotary = rotary
         self.first_moved: list[int] = []
-        self.cos_sin: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        self.cos_sin: list[list[tuple[torch.Tensor, torch.Tensor]] | None] = []
         for w in windows:
-            s0, rotation = _moved_rotation(rotary, w, dev)
+            s0, rotations = _moved_rotations(rotary, w, dev)
             self.first_moved.append(s0)
-            self.cos_sin.append(rotation)
+            self.cos_sin.append(rotations)
         longest_moved = max(n - s0 for n, s0 in zip(self.lengths, self.first_moved, strict=True))
         self.scratch = (  # fp32 rotation output when the model computes in bf16/fp16
             torch.empty(H, longest_moved, D, dtype=torch.float32, device=dev)
@@ -112,7 +114,7 @@ class _ForwardWindows:
         """
         self.current = index
         for i, w in enumerate(self.windows):
-            self._fill_row(i, w.keys[index], w.values[index])
+            self._fill_row(i, index, w.keys[index], w.values[index])
         for g, (start, end, n) in enumerate(self.groups):  # the new chunk: one copy per group
             self.group_keys[g][:, :, n:] = new_keys[start:end]
             self.group_values[g][:, :, n:] = new_values[start:end]
@@ -122,20 +124,25 @@ class _ForwardWindows:
             return self.group_keys[0], self.group_values[0]
         return self.group_keys[-1], self.group_values[-1]
 
-    def _fill_row(self, i: int, stored_k: torch.Tensor, stored_v: torch.Tensor) -> None:
-        """Row ``i``'s cached part from its stored ``[H_kv, n, D]`` (storage dtype): keys
-        that did not move as stored, moved ones rotated once in fp32 to their current slot."""
+    def _fill_row(
+        self, i: int, layer: int, stored_k: torch.Tensor, stored_v: torch.Tensor
+    ) -> None:
+        """Row ``i``'s cached part of ``layer`` from its stored ``[H_kv, n, D]`` (storage
+        dtype): keys that did not move as stored, moved ones rotated once in fp32 to their
+        current slot by the layer's own rotary table."""
         n, s0 = self.lengths[i], self.first_moved[i]
         dst = self.row_keys[i]  # [H_kv, n + T, D]
         dst[:, :s0].copy_(stored_k[:, :s0])  # not moved: exactly as stored
-        rotation = self.cos_sin[i]
-        if rotation is not None:  # moved: one fp32 rotation from the stored slot
-            cos, sin = rotation
+        rotations = self.cos_sin[i]
+        if rotations is not None:  # moved: one fp32 rotation from the stored slot
+            table = self.rotary.table_of[layer]
+            cos, sin = rotations[table]
+            rotate = self.rotary.tables[table].rotate_into
             if self.scratch is None:
-                SlotRotary.rotate_into(stored_k[:, s0:], cos, sin, dst[:, s0:n])
+                rotate(stored_k[:, s0:], cos, sin, dst[:, s0:n])
             else:
                 tmp = self.scratch[:, : n - s0]
-                SlotRotary.rotate_into(stored_k[:, s0:], cos, sin, tmp)
+                rotate(stored_k[:, s0:], cos, sin, tmp)
                 dst[:, s0:n].copy_(tmp)
         self.row_values[i][:, :n].copy_(stored_v)
 
@@ -177,20 +184,20 @@ def _equal_runs(lengths: Sequence[int]) -> list[tuple[int, int, int]]:
     return groups
 
 
-def _moved_rotation(
-    rotary: SlotRotary, w: _Window, device: torch.device
-) -> tuple[int, tuple[torch.Tensor, torch.Tensor] | None]:
+def _moved_rotations(
+    rotary: LayerRotary, w: _Window, device: torch.device
+) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]] | None]:
     """The first index s0 of ``w`` whose stored slot differs from its index (its current
-    slot), and the fp32 ``cos, sin`` ``[n - s0, D/2]`` rotating indices s0.. from their stored
-    to their current slot (None when nothing moved). Keys below s0 (the sinks, at least) are
-    used exactly as stored; from s0 on every key goes through one rotation, a zero one for a
-    key that did not move."""
+    slot), and per rotary table the fp32 ``cos, sin`` ``[n - s0, D/2]`` rotating indices s0..
+    from their stored to their current slot (None when nothing moved). Keys below s0 (the
+    sinks, at least) are used exactly as stored; from s0 on every key goes through one
+    rotation, a zero one for a key that did not move."""
     moved = (w.slots != torch.arange(w.length)).nonzero()
     s0 = int(moved[0, 0]) if len(moved) else w.length
     if s0 == w.length:
         return s0, None
-    current = torch.arange(s0, w.length)
-    return s0, rotary.cos_sin(w.slots[s0:].to(device), current.to(device))
+    stored, current = w.slots[s0:].to(device), torch.arange(s0, w.length).to(device)
+    return s0, [table.cos_sin(stored, current) for table in rotary.tables]
 
 
 # ----- the attention function of a multi-row forward -------------------------------------------

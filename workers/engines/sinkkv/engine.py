@@ -44,7 +44,7 @@ from workers.engines.sinkkv.attention import (
 )
 from workers.engines.sinkkv.decode import DecodeWindow
 from workers.engines.sinkkv.positions import sliding_windows
-from workers.engines.sinkkv.rotary import ROPE_SCHEME, SlotRotary
+from workers.engines.sinkkv.rotary import ROPE_SCHEME, LayerRotary
 from workers.engines.sinkkv.state import (
     SinkKVState,
     _Window,
@@ -116,18 +116,22 @@ class SinkKVEngine(Engine[SinkKVState]):
         self.head_dim = self.family.head_dim
         self.hidden_size = int(config.hidden_size)
         self.vocab_size = int(self.family.embeddings.num_embeddings)
-        self.rope_type = str(getattr(self.family.rotary, "rope_type", "default"))
-        self.rotary = SlotRotary(self._inv_freq(), self.window.capacity + chunk_tokens,
-                                 self.device)
+        self.rope_type = self.family.rope_type()
+        self.rotary = self._layer_rotary(self.window.capacity + chunk_tokens)
         self.eos_token_ids = _eos_ids(self.model, self.tokenizer)
         self._fingerprint: str | None = None
         #: held around every model call: a multi-row forward switches the model's attention
         #: implementation for its duration, which no other call may see
         self._model_lock = threading.Lock()
 
-    def _inv_freq(self) -> torch.Tensor:
-        inv_freq: torch.Tensor = self.family.rotary.inv_freq  # type: ignore[assignment]
-        return inv_freq
+    def _layer_rotary(self, max_slots: int) -> LayerRotary:
+        """Each layer's rotary table over ``max_slots`` slots; NoPE layers share one table of
+        zero frequencies (a rotation by zero is exact: keys used as stored)."""
+        tables = self.family.layer_inv_freq
+        first = next(t for t in tables if t is not None)
+        zeros = torch.zeros_like(first)
+        return LayerRotary([zeros if t is None else t for t in tables], max_slots,
+                           self.device, self.family.family.interleaved)
 
     # ----- identity ------------------------------------------------------------------------
     @property
@@ -336,12 +340,13 @@ class SinkKVEngine(Engine[SinkKVState]):
     def rotated_keys(self, state: SinkKVState) -> list[torch.Tensor]:
         """The keys as the model sees them now: per layer ``[H_kv, L, D]`` in fp32, each at
         its current slot (for tests and diagnostics)."""
-        current = torch.arange(state.cache_len)
-        cos, sin = self.rotary.cos_sin(state.slots.to(self.device), current.to(self.device))
+        current = torch.arange(state.cache_len).to(self.device)
         out = []
-        for k in state.keys:
+        for layer, k in enumerate(state.keys):
+            table = self.rotary.layer(layer)
+            cos, sin = table.cos_sin(state.slots.to(self.device), current)
             rotated = torch.empty(k.shape, dtype=torch.float32, device=k.device)
-            SlotRotary.rotate_into(k, cos, sin, rotated)
+            table.rotate_into(k, cos, sin, rotated)
             out.append(rotated)
         return out
 
@@ -413,10 +418,9 @@ class SinkKVEngine(Engine[SinkKVState]):
                              "(the model's position limit minus the window)")
         size = -(-extra // 256) * 256  # a few table sizes, not one per prompt length
         size = min(size, self.max_extra_capacity())
-        tables: dict[int, SlotRotary] = self.__dict__.setdefault("_wide_rotary", {})
+        tables: dict[int, LayerRotary] = self.__dict__.setdefault("_wide_rotary", {})
         if size not in tables:
-            slots = self.window.capacity + size + self.chunk_tokens
-            tables[size] = SlotRotary(self._inv_freq(), slots, self.device)
+            tables[size] = self._layer_rotary(self.window.capacity + size + self.chunk_tokens)
         wide = copy.copy(self)
         wide.window = SinkWindow(self.window.sink, self.window.recent + size)
         wide.rotary = tables[size]

@@ -26,7 +26,28 @@ def position_scheme(engine: SinkKVEngine) -> str:
         if rotary_dim == head_dim
         else f"partial rotary, first {rotary_dim} of {head_dim} dims"
     )
+    if engine.family.family.interleaved:
+        extent += ", interleaved pairs (2i, 2i+1)"
     return f"{extent} (rope {engine.rope_type}); cached keys re-rotated by {ROPE_SCHEME}"
+
+
+def layer_positions(engine: SinkKVEngine) -> dict[str, str]:
+    """Per layer, how its keys carry positions, runs merged: ``rotary``; ``rotary,
+    sliding_attention table`` where tables differ by layer type (Gemma 3); ``NoPE`` where a
+    layer uses no position embedding (its keys are never re-rotated)."""
+    config = engine.model.config
+    tables = engine.family.layer_inv_freq
+    distinct = {id(t) for t in tables if t is not None}
+    types = getattr(config, "layer_types", None) or []
+    described = []
+    for layer, inv in enumerate(tables):
+        if inv is None:
+            described.append("NoPE (keys never re-rotated)")
+        elif len(distinct) > 1 and layer < len(types):
+            described.append(f"rotary, {types[layer]} table")
+        else:
+            described.append("rotary")
+    return _merged_runs(described)
 
 
 def layer_windows(engine: SinkKVEngine) -> dict[str, str]:
@@ -62,17 +83,22 @@ def describe_layout(engine: SinkKVEngine) -> dict[str, Any]:
     return {
         "family": bound.family.name,
         "position_scheme": position_scheme(engine),
+        "layer_positions": layer_positions(engine),
         "layer_windows": layer_windows(engine),
-        "logits": _logits_text(bound.logits_divisor, bound.logits_softcap),
+        "logits": _logits_text(bound.logits_divisor, bound.logits_softcap,
+                               bound.logits_scale),
         "batched_attention": (
             "ragged rows" if bound.family.ragged_batches else "one forward per cache length"),
         "state_bytes_per_token": state_bytes_per_token(engine),
     }
 
 
-def _logits_text(divisor: float | None, softcap: float | None) -> str:
-    """E.g. ``head output / 8`` (Granite), ``softcap 30 * tanh(head output / 30)`` (Gemma)."""
+def _logits_text(divisor: float | None, softcap: float | None, scale: float | None) -> str:
+    """E.g. ``head output / 8`` (Granite), ``softcap 30 * tanh(head output / 30)`` (Gemma),
+    ``head output * 0.0625`` (Cohere)."""
     text = "head output" if divisor is None else f"head output / {divisor:g}"
+    if scale is not None:
+        text += f" * {scale:g}"
     if softcap is not None:
         text = f"softcap {softcap:g} * tanh({text} / {softcap:g})"
     return text

@@ -41,7 +41,9 @@ SUPPORTED_TEXT = (
     + ", ".join(SUPPORTED_MODEL_TYPES)
     + " with rotary embeddings (rope types "
     + ", ".join(SUPPORTED_ROPE_TYPES)
-    + "; partial rotary for phi3 and gpt_neox), attention implementation "
+    + "; partial rotary for phi3 and gpt_neox, interleaved for cohere and cohere2, NoPE "
+    + "layers for smollm3 and cohere2, per-layer-type tables for gemma3_text), attention "
+    + "implementation "
     + " or ".join(SUPPORTED_ATTENTION)
 )
 
@@ -94,9 +96,10 @@ def check_supported(model: Any) -> BoundFamily:
 def _rotary_problems(config: Any, bound: BoundFamily) -> list[str]:
     """Fixed frequencies, over the whole head dim unless the family rotates a prefix of it."""
     problems = []
-    rope_type = getattr(bound.rotary, "rope_type", "default")
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        problems.append(f"rope type {rope_type!r} changes frequencies with sequence length")
+    kinds = getattr(bound.rotary, "rope_type", "default")
+    for rope_type in kinds.values() if isinstance(kinds, dict) else [kinds]:  # Gemma 3: per type
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            problems.append(f"rope type {rope_type!r} changes frequencies with sequence length")
     rotary_dim, head_dim = bound.rotary_dim, bound.head_dim
     if rotary_dim > head_dim or rotary_dim % 2:
         problems.append(f"rotary embedding over {rotary_dim} dims of a {head_dim}-dim head")

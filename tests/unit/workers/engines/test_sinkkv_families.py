@@ -182,14 +182,14 @@ def test_partial_rotation_turns_only_the_rotary_dims(dtype: torch.dtype) -> None
     stored = torch.randn(2, 40, D).to(dtype)
     cos, sin = rotary.cos_sin(torch.arange(20, 60), torch.arange(40))
     half, whole = torch.empty(2, 40, D), torch.empty(2, 40, D)
-    SlotRotary.rotate_into(stored, cos, sin, half)
-    SlotRotary.rotate_whole_into(stored, rotary.half_partner(stored), SlotRotary.whole(cos),
-                                 SlotRotary.whole(sin), whole)
+    rotary.rotate_into(stored, cos, sin, half)
+    SlotRotary.rotate_whole_into(stored, rotary.half_partner(stored), rotary.whole(cos),
+                                 rotary.whole(sin), whole)
     assert torch.equal(half, whole)
     assert torch.equal(half[..., r:], stored[..., r:].float())
     assert not torch.equal(half[..., :r], stored[..., :r].float())
     same = torch.empty(2, 40, D)
-    SlotRotary.rotate_into(stored, *rotary.cos_sin(torch.arange(40), torch.arange(40)), same)
+    rotary.rotate_into(stored, *rotary.cos_sin(torch.arange(40), torch.arange(40)), same)
     assert torch.equal(same, stored.float())
 
 
@@ -262,6 +262,14 @@ def test_layout_info_names_family_scheme_windows_and_bytes() -> None:
              "4 sinks + 24 recent (+8-token chunks)",
         "1": "4 sinks + 24 recent (+8-token chunks)"}
     assert gemma2["logits"] == "softcap 3 * tanh(head output / 3)"
+    assert gemma2["layer_positions"] == {"0-1": "rotary"}
+    gemma3 = describe_layout(make_engine("gemma3"))
+    assert gemma3["layer_positions"] == {"0": "rotary, sliding_attention table",
+                                         "1": "rotary, full_attention table"}
+    cohere2 = describe_layout(make_engine("cohere2"))
+    assert cohere2["layer_positions"] == {"0": "rotary", "1": "NoPE (keys never re-rotated)"}
+    assert "interleaved pairs" in cohere2["position_scheme"]
+    assert cohere2["logits"] == "head output * 0.0625"
 
 
 def test_cli_model_info_prints_the_family(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
