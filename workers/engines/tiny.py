@@ -134,6 +134,11 @@ _PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     # SmolLM3: a RoPE layer, then a NoPE one (no_rope_layers[i] = 0)
     "smollm3": ("SmolLM3Config", {"no_rope_layers": [1, 0]}),
+    # partial rotary (a quarter of each head) sliced by the attention itself: StableLM
+    "stablelm": (
+        "StableLmConfig",
+        {"num_key_value_heads": 4, "rope_parameters": _partial_rope(0.25)},
+    ),
     # --- refused by the sink-KV engine ------------------------------------------------------
     # frequencies recomputed from the sequence length at every forward
     "dynamic-rope": (
@@ -159,11 +164,6 @@ _PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "mpt": ("MptConfig", {}),
     "falcon-alibi": ("FalconConfig", {"alibi": True}),
     # families needing a piece the engine does not have yet (families.REFUSED_FAMILIES)
-    # partial rotary (a quarter of each head) sliced by the attention itself: StableLM
-    "stablelm": (
-        "StableLmConfig",
-        {"num_key_value_heads": 4, "rope_parameters": _partial_rope(0.25)},
-    ),
 }
 
 #: the families beyond Llama's layout the sink-KV engine serves (tests parametrize over them)
@@ -182,6 +182,7 @@ FAMILY_ARCHS: tuple[str, ...] = (
     "cohere",
     "cohere2",
     "smollm3",
+    "stablelm",
 )
 SUPPORTED_ARCHS: tuple[str, ...] = (
     "llama",
@@ -198,7 +199,6 @@ REFUSED_ARCHS: tuple[str, ...] = (
     "alibi",
     "mpt",
     "falcon-alibi",
-    "stablelm",
 )
 
 #: config classes whose keyword names differ from the Llama family's: renamed, then dropped

@@ -138,6 +138,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("cohere2", ("cohere2",), logits_scale="logit_scale", interleaved=True,
            rope_tables=_global_nope),
     Family("smollm3", ("smollm3",), rope_tables=_no_rope_layers),
+    # partial rotary sliced by the attention itself before apply_rotary_pos_emb (the same
+    # first-dims rotation); its decoder layers drop the kwargs the ragged path needs
+    Family("stablelm", ("stablelm",), partial_rotary=True, ragged_batches=False),
     Family(
         "gpt-neox",
         ("gpt_neox",),
@@ -161,8 +164,6 @@ FAMILIES: tuple[Family, ...] = (
 REFUSED_FAMILIES: dict[str, str] = {
     "gemma3": "an adapter for the multimodal Gemma 3 wrapper (load its text model: model "
     "type gemma3_text, Gemma3ForCausalLM)",
-    "stablelm": "a verified adapter: its attention slices the rotary dims before "
-    "apply_rotary_pos_emb and its layers drop the kwargs the batched path passes (StableLM)",
     "mpt": "ALiBi position bias by cache-slot distance (MPT)",
     "bloom": "ALiBi position bias by cache-slot distance (BLOOM)",
 }

@@ -373,7 +373,6 @@ _REFUSAL_REASONS = {
     "alibi": "(model type 'bloom') needs ALiBi",
     "mpt": "(model type 'mpt') needs ALiBi",
     "falcon-alibi": "(model type 'falcon') needs ALiBi",
-    "stablelm": "(model type 'stablelm') needs a verified adapter",
 }
 
 
