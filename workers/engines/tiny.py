@@ -139,6 +139,11 @@ _PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         "StableLmConfig",
         {"num_key_value_heads": 4, "rope_parameters": _partial_rope(0.25)},
     ),
+    # MPT: ALiBi (a bias by key distance), no rotary embedding
+    "mpt": ("MptConfig", {}),
+    # BLOOM: ALiBi from the attention mask; Falcon with alibi=True likewise
+    "bloom": ("BloomConfig", {}),
+    "falcon-alibi": ("FalconConfig", {"alibi": True}),
     # --- refused by the sink-KV engine ------------------------------------------------------
     # frequencies recomputed from the sequence length at every forward
     "dynamic-rope": (
@@ -160,9 +165,6 @@ _PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
     # ALiBi biases instead of rotary embeddings
-    "alibi": ("BloomConfig", {}),
-    "mpt": ("MptConfig", {}),
-    "falcon-alibi": ("FalconConfig", {"alibi": True}),
     # families needing a piece the engine does not have yet (families.REFUSED_FAMILIES)
 }
 
@@ -183,6 +185,9 @@ FAMILY_ARCHS: tuple[str, ...] = (
     "cohere2",
     "smollm3",
     "stablelm",
+    "mpt",
+    "bloom",
+    "falcon-alibi",
 )
 SUPPORTED_ARCHS: tuple[str, ...] = (
     "llama",
@@ -196,9 +201,6 @@ SUPPORTED_ARCHS: tuple[str, ...] = (
 REFUSED_ARCHS: tuple[str, ...] = (
     "dynamic-rope",
     "longrope",
-    "alibi",
-    "mpt",
-    "falcon-alibi",
 )
 
 #: config classes whose keyword names differ from the Llama family's: renamed, then dropped

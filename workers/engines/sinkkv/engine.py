@@ -128,8 +128,8 @@ class SinkKVEngine(Engine[SinkKVState]):
         """Each layer's rotary table over ``max_slots`` slots; NoPE layers share one table of
         zero frequencies (a rotation by zero is exact: keys used as stored)."""
         tables = self.family.layer_inv_freq
-        first = next(t for t in tables if t is not None)
-        zeros = torch.zeros_like(first)
+        first = next((t for t in tables if t is not None), None)  # None: ALiBi
+        zeros = torch.zeros(self.head_dim // 2) if first is None else torch.zeros_like(first)
         return LayerRotary([zeros if t is None else t for t in tables], max_slots,
                            self.device, self.family.family.interleaved)
 

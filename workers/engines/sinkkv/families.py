@@ -31,7 +31,8 @@ class Layout:
     decoder: str = "model"  # the base model: embeddings, layers, final norm, rotary
     layers: str = "layers"  # on the decoder: the ModuleList of decoder layers
     attention: str = "self_attn"  # on each layer: the attention module
-    rotary: str = "rotary_emb"  # on the decoder: the rotary embedding (``inv_freq``)
+    #: on the decoder: the rotary embedding (``inv_freq``); None: the family has none (ALiBi)
+    rotary: str | None = "rotary_emb"
     embeddings: str = "embed_tokens"  # on the decoder
     final_norm: str = "norm"  # on the decoder
     head: str = "lm_head"  # on the causal LM
@@ -82,14 +83,21 @@ def _global_nope(rotary: Any, config: Any, n_layers: int) -> tuple[Any, ...]:
 NOPE = "nope"
 
 
+def _no_tables(rotary: Any, config: Any, n_layers: int) -> tuple[Any, ...]:
+    """ALiBi: positions are a bias inside attention, the keys carry none."""
+    return (NOPE,) * n_layers
+
+
 def _no_refusal(config: Any) -> str | None:
     return None
 
 
-def _falcon_refusal(config: Any) -> str | None:
+def _falcon_tables(rotary: Any, config: Any, n_layers: int) -> tuple[Any, ...]:
+    """Falcon rotates by its one table, or with ``alibi=True`` carries no positions in keys
+    (its ALiBi is built from the attention mask: ones over slots 0..n+T-1)."""
     if getattr(config, "alibi", False):
-        return "ALiBi position bias by cache-slot distance (Falcon with alibi=True)"
-    return None
+        return _no_tables(rotary, config, n_layers)
+    return _one_table(rotary, config, n_layers)
 
 
 @dataclass(frozen=True)
@@ -112,6 +120,11 @@ class Family:
     rope_tables: Callable[[Any, Any, int], tuple[Any, ...]] = _one_table
     #: rotary pairs (2i, 2i + 1) instead of rotate-half's (i, i + r/2) (Cohere)
     interleaved: bool = False
+    #: whether a model of the family may position by ALiBi instead of rotary tables (all
+    #: layers ``NOPE``): the attention adds ``-slope_h * (last key slot - key slot)`` per head,
+    #: from the key's index in the window it is handed, so a window at slots 0..n-1 is biased
+    #: by cache-slot distance (StreamingLLM's rule for MPT) with nothing to re-rotate
+    alibi: bool = False
     #: whether the attention applies ``rotary_dim < head_dim`` (rotates the first dims only)
     partial_rotary: bool = False
     #: whether attention goes through transformers' attention interface with the layer
@@ -141,6 +154,28 @@ FAMILIES: tuple[Family, ...] = (
     # partial rotary sliced by the attention itself before apply_rotary_pos_emb (the same
     # first-dims rotation); its decoder layers drop the kwargs the ragged path needs
     Family("stablelm", ("stablelm",), partial_rotary=True, ragged_batches=False),
+    # ALiBi built in MptModel from the key count (slots 0..n+T-1); inline attention
+    Family(
+        "mpt",
+        ("mpt",),
+        Layout(decoder="transformer", layers="blocks", attention="attn", rotary=None,
+               embeddings="wte", final_norm="norm_f"),
+        kv_heads=_all_heads,
+        ragged_batches=False,
+        rope_tables=_no_tables,
+        alibi=True,
+    ),
+    # ALiBi built in BloomModel from the attention mask (ones over slots 0..n+T-1)
+    Family(
+        "bloom",
+        ("bloom",),
+        Layout(decoder="transformer", layers="h", attention="self_attention", rotary=None,
+               embeddings="word_embeddings", final_norm="ln_f"),
+        kv_heads=_all_heads,
+        ragged_batches=False,
+        rope_tables=_no_tables,
+        alibi=True,
+    ),
     Family(
         "gpt-neox",
         ("gpt_neox",),
@@ -156,7 +191,8 @@ FAMILIES: tuple[Family, ...] = (
                embeddings="word_embeddings", final_norm="ln_f"),
         kv_heads=_falcon_kv_heads,
         ragged_batches=False,
-        config_refusal=_falcon_refusal,
+        rope_tables=_falcon_tables,
+        alibi=True,
     ),
 )
 
@@ -164,8 +200,6 @@ FAMILIES: tuple[Family, ...] = (
 REFUSED_FAMILIES: dict[str, str] = {
     "gemma3": "an adapter for the multimodal Gemma 3 wrapper (load its text model: model "
     "type gemma3_text, Gemma3ForCausalLM)",
-    "mpt": "ALiBi position bias by cache-slot distance (MPT)",
-    "bloom": "ALiBi position bias by cache-slot distance (BLOOM)",
 }
 
 ACCEPTED_MODEL_TYPES: tuple[str, ...] = tuple(t for f in FAMILIES for t in f.model_types)
@@ -186,7 +220,7 @@ class BoundFamily:
     family: Family
     decoder: torch.nn.Module
     layers: torch.nn.ModuleList
-    rotary: torch.nn.Module
+    rotary: torch.nn.Module | None  # None: no rotary embedding (ALiBi)
     embeddings: torch.nn.Embedding
     final_norm: torch.nn.Module
     head: torch.nn.Module
@@ -202,6 +236,11 @@ class BoundFamily:
     layer_inv_freq: tuple[torch.Tensor | None, ...] = ()
 
     @property
+    def alibi(self) -> bool:
+        """Positions by ALiBi: no layer has a rotary table."""
+        return all(t is None for t in self.layer_inv_freq)
+
+    @property
     def rotary_dim(self) -> int:
         """Dims of each head the first rotary layer rotates (the first ones): 2 * len(inv_freq)."""
         tables = [t for t in self.layer_inv_freq if t is not None]
@@ -210,6 +249,8 @@ class BoundFamily:
     def rope_type(self) -> str:
         """The rotary embedding's rope type(s): ``default``, or ``full_attention=default,...``
         for per-layer-type tables (Gemma 3)."""
+        if self.rotary is None:
+            return "none"
         kind = getattr(self.rotary, "rope_type", "default")
         if isinstance(kind, dict):
             return ",".join(f"{k}={v}" for k, v in sorted(kind.items()))
@@ -258,11 +299,13 @@ def bind(model: Any) -> BoundFamily:
         raise UnsupportedModelError(f"{name} lacks decoder layers at {lay.decoder}.{lay.layers}")
     attention = _piece(layers[0], lay.attention, name,
                        f"attention at {lay.decoder}.{lay.layers}[0].{lay.attention}")
-    rotary = _piece(decoder, lay.rotary, name,
-                    f"a rotary position embedding at {lay.decoder}.{lay.rotary}")
+    rotary = None
+    if lay.rotary is not None:
+        rotary = _piece(decoder, lay.rotary, name,
+                        f"a rotary position embedding at {lay.decoder}.{lay.rotary}")
     tables = family.rope_tables(rotary, config, len(layers))
     rotating = [t for t in tables if not (isinstance(t, str) and t == NOPE)]
-    if not rotating or not all(isinstance(t, torch.Tensor) for t in rotating):
+    if not (rotating or family.alibi) or not all(isinstance(t, torch.Tensor) for t in rotating):
         raise UnsupportedModelError(f"{name}: {lay.decoder}.{lay.rotary} lacks inv_freq")
     embeddings = _piece(decoder, lay.embeddings, name, f"embeddings at {lay.decoder}."
                         f"{lay.embeddings}")

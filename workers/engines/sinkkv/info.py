@@ -20,6 +20,9 @@ _SLOT_BYTES = 8
 
 def position_scheme(engine: SinkKVEngine) -> str:
     """E.g. ``partial rotary, first 16 of 64 dims (rope default); slot-shift/...``."""
+    if engine.family.alibi:
+        return ("ALiBi bias by cache-slot distance (keys carry no position: never re-rotated); "
+                f"{ROPE_SCHEME}")
     rotary_dim, head_dim = engine.rotary.rotary_dim, engine.head_dim
     extent = (
         f"full rotary, all {head_dim} dims"
@@ -42,7 +45,8 @@ def layer_positions(engine: SinkKVEngine) -> dict[str, str]:
     described = []
     for layer, inv in enumerate(tables):
         if inv is None:
-            described.append("NoPE (keys never re-rotated)")
+            scheme = "ALiBi bias" if engine.family.alibi else "NoPE"
+            described.append(f"{scheme} (keys never re-rotated)")
         elif len(distinct) > 1 and layer < len(types):
             described.append(f"rotary, {types[layer]} table")
         else:

@@ -42,7 +42,8 @@ SUPPORTED_TEXT = (
     + " with rotary embeddings (rope types "
     + ", ".join(SUPPORTED_ROPE_TYPES)
     + "; partial rotary for phi3 and gpt_neox, interleaved for cohere and cohere2, NoPE "
-    + "layers for smollm3 and cohere2, per-layer-type tables for gemma3_text), attention "
+    + "layers for smollm3 and cohere2, per-layer-type tables for gemma3_text) or ALiBi (mpt), "
+    + "attention "
     + "implementation "
     + " or ".join(SUPPORTED_ATTENTION)
 )
@@ -95,6 +96,8 @@ def check_supported(model: Any) -> BoundFamily:
 
 def _rotary_problems(config: Any, bound: BoundFamily) -> list[str]:
     """Fixed frequencies, over the whole head dim unless the family rotates a prefix of it."""
+    if bound.alibi:  # no rotary embedding at all
+        return []
     problems = []
     kinds = getattr(bound.rotary, "rope_type", "default")
     for rope_type in kinds.values() if isinstance(kinds, dict) else [kinds]:  # Gemma 3: per type

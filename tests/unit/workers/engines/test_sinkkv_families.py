@@ -231,6 +231,13 @@ def test_a_missing_piece_is_named_not_raised_as_attribute_error() -> None:
     model.gpt_neox.layers = torch.nn.ModuleList()
     with pytest.raises(UnsupportedModelError, match="lacks decoder layers at gpt_neox.layers"):
         SinkKVEngine(model, None, model_name="gpt-neox")
+    model = tiny_hf_model("gemma3")
+    model.config.model_type = "gemma3"  # the multimodal wrapper's type: refused by name
+    with pytest.raises(UnsupportedModelError, match="needs an adapter for the multimodal Gemma 3"):
+        SinkKVEngine(model, None, model_name="gemma3")
+    model.config.model_type = "t5gemma"
+    with pytest.raises(UnsupportedModelError, match="'t5gemma' has no architecture adapter"):
+        SinkKVEngine(model, None, model_name="t5gemma")
 
 
 # ----- sinkstream model info ------------------------------------------------------------------
@@ -270,6 +277,9 @@ def test_layout_info_names_family_scheme_windows_and_bytes() -> None:
     assert cohere2["layer_positions"] == {"0": "rotary", "1": "NoPE (keys never re-rotated)"}
     assert "interleaved pairs" in cohere2["position_scheme"]
     assert cohere2["logits"] == "head output * 0.0625"
+    mpt = describe_layout(make_engine("mpt"))
+    assert mpt["position_scheme"].startswith("ALiBi bias by cache-slot distance")
+    assert mpt["layer_positions"] == {"0-1": "ALiBi bias (keys never re-rotated)"}
 
 
 def test_cli_model_info_prints_the_family(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
