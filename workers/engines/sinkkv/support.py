@@ -84,6 +84,10 @@ def check_supported(model: Any) -> BoundFamily:
     impl = getattr(config, "_attn_implementation", None)
     if impl not in SUPPORTED_ATTENTION:
         problems.append(f"attention implementation {impl!r} (load with attn_implementation='sdpa')")
+    elif impl == "sdpa" and getattr(config, "attn_logit_softcapping", None) is not None:
+        # SDPA cannot softcap (HF raises at the first forward; Gemma 2 never loads with it)
+        problems.append("an attention logit softcap under sdpa (load with "
+                        "attn_implementation='eager')")
     if problems or bound is None:
         raise UnsupportedModelError(
             f"cannot serve {type(model).__name__} with a sink-KV cache exactly: "

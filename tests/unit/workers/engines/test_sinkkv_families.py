@@ -235,6 +235,10 @@ def test_a_missing_piece_is_named_not_raised_as_attribute_error() -> None:
     model.config.model_type = "gemma3"  # the multimodal wrapper's type: refused by name
     with pytest.raises(UnsupportedModelError, match="needs an adapter for the multimodal Gemma 3"):
         SinkKVEngine(model, None, model_name="gemma3")
+    model.config.model_type = "gemma3_text"
+    model.config.attn_logit_softcapping = 50.0  # Gemma 3 with a softcap: SDPA cannot
+    with pytest.raises(UnsupportedModelError, match="softcap under sdpa"):
+        SinkKVEngine(model, None, model_name="gemma3")
     model.config.model_type = "t5gemma"
     with pytest.raises(UnsupportedModelError, match="'t5gemma' has no architecture adapter"):
         SinkKVEngine(model, None, model_name="t5gemma")
