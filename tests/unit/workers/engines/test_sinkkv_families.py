@@ -170,14 +170,17 @@ def test_family_pieces_are_found_where_transformers_5_keeps_them() -> None:
 # ----- partial rotary: the first rotary_dim dims turn, the rest stay ------------------------
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_partial_rotation_turns_only_the_rotary_dims(dtype: torch.dtype) -> None:
+def test_partial_rotation_turns_only_the_rotary_dims(dtype: torch.dtype,
+                                                     interleaved: bool) -> None:
     """``rotate_into`` (feeds) and ``rotate_whole_into`` (decode) agree bit for bit on a
-    partial rotary table, copy the unrotated dims exactly, and a zero rotation is exact."""
+    partial rotary table, rotate-half or interleaved (Cohere's pairs), copy the unrotated dims
+    exactly, and a zero rotation is exact."""
     torch.manual_seed(0)
     D, r = 16, 4
     inv_freq = 1.0 / (10000 ** (torch.arange(0, r, 2).float() / r))
-    rotary = SlotRotary(inv_freq, 64, torch.device("cpu"))
+    rotary = SlotRotary(inv_freq, 64, torch.device("cpu"), interleaved)
     assert rotary.rotary_dim == r
     stored = torch.randn(2, 40, D).to(dtype)
     cos, sin = rotary.cos_sin(torch.arange(20, 60), torch.arange(40))
@@ -191,6 +194,11 @@ def test_partial_rotation_turns_only_the_rotary_dims(dtype: torch.dtype) -> None
     same = torch.empty(2, 40, D)
     rotary.rotate_into(stored, *rotary.cos_sin(torch.arange(40), torch.arange(40)), same)
     assert torch.equal(same, stored.float())
+    if interleaved:  # pair (0, 1) turned by the first frequency, as Cohere's rotate_half pairs
+        c, s_ = cos[:, 0], sin[:, 0]
+        k = stored.float()
+        assert torch.allclose(half[..., 0], k[..., 0] * c - k[..., 1] * s_)
+        assert torch.allclose(half[..., 1], k[..., 1] * c + k[..., 0] * s_)
 
 
 # ----- refusals: named, with the missing piece -----------------------------------------------
