@@ -43,7 +43,7 @@ from workers.engines.sinkkv.attention import (
     cache_keyword,
 )
 from workers.engines.sinkkv.decode import DecodeWindow
-from workers.engines.sinkkv.positions import sliding_windows
+from workers.engines.sinkkv.positions import position_limit, sliding_windows
 from workers.engines.sinkkv.rotary import ROPE_SCHEME, LayerRotary
 from workers.engines.sinkkv.state import (
     SinkKVState,
@@ -90,7 +90,7 @@ class SinkKVEngine(Engine[SinkKVState]):
         self._model_name = model_name
         self.device = torch.device(device)
 
-        bound = check_supported(model)
+        bound = check_supported(model, self.window.capacity + chunk_tokens)
         hf: Any = model  # transformers' typing of .to() confuses mypy
         if compute_dtype is not None:
             hf = hf.to(_as_dtype(compute_dtype))
@@ -398,7 +398,7 @@ class SinkKVEngine(Engine[SinkKVState]):
 
     def max_extra_capacity(self) -> int:
         # a sliding layer masks by slot whatever the window's width: only positions limit it
-        limit = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+        limit = position_limit(self.model.config) or 0
         return max(0, limit - self.window.capacity - self.chunk_tokens)
 
     def window_tokens(self) -> int | None:

@@ -37,3 +37,13 @@ def sliding_windows(config: Any, n_layers: int) -> tuple[int | None, ...]:
         int(window) if window is not None and layer_slides(config, i) else None
         for i in range(n_layers)
     )
+
+
+def position_limit(config: Any) -> int | None:
+    """The most positions the model was built for: ``max_position_embeddings``, or MPT's
+    ``max_seq_len`` (its ALiBi table has that many columns: a longer window cannot attend)."""
+    for name in ("max_position_embeddings", "max_seq_len"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

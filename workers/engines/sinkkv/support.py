@@ -58,10 +58,11 @@ _VOLATILE_CONFIG_KEYS = (
 )
 
 
-def check_supported(model: Any) -> BoundFamily:
-    """Raise ``UnsupportedModelError`` unless sink-KV serves ``model`` exactly; the message
-    lists every problem. No sliding window limits the sink window any more: a sliding layer
-    keeps its own (``positions.py``).
+def check_supported(model: Any, window_span: int = 0) -> BoundFamily:
+    """Raise ``UnsupportedModelError`` unless sink-KV serves ``model`` exactly with chunks
+    attending to ``window_span`` = S + R + T slots; the message lists every problem. No
+    sliding window limits the sink window any more: a sliding layer keeps its own
+    (``positions.py``).
 
     Returns the model's pieces (``families.bind``) for the engine to drive."""
     config = getattr(model, "config", None)
@@ -81,6 +82,10 @@ def check_supported(model: Any) -> BoundFamily:
         problems.append(f"{type(model).__name__}: cannot read its layout ({exc})")
     if bound is not None:
         problems += _rotary_problems(config, bound)
+        table = getattr(config, "max_seq_len", None)  # MPT builds its ALiBi this wide
+        if bound.alibi and isinstance(table, int) and table < window_span:
+            problems.append(f"an ALiBi table of max_seq_len={table} keys, fewer than "
+                            f"sink_tokens + recent_tokens + chunk_tokens = {window_span}")
     impl = getattr(config, "_attn_implementation", None)
     if impl not in SUPPORTED_ATTENTION:
         problems.append(f"attention implementation {impl!r} (load with attn_implementation='sdpa')")

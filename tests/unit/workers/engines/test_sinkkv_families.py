@@ -247,6 +247,8 @@ def test_a_missing_piece_is_named_not_raised_as_attribute_error() -> None:
     model.config.attn_logit_softcapping = 50.0  # Gemma 3 with a softcap: SDPA cannot
     with pytest.raises(UnsupportedModelError, match="softcap under sdpa"):
         SinkKVEngine(model, None, model_name="gemma3")
+    with pytest.raises(UnsupportedModelError, match="ALiBi table of max_seq_len=16 keys"):
+        make_engine("mpt", model_overrides={"max_position_embeddings": 16})  # S + R + T = 36
     model.config.model_type = "t5gemma"
     with pytest.raises(UnsupportedModelError, match="'t5gemma' has no architecture adapter"):
         SinkKVEngine(model, None, model_name="t5gemma")
