@@ -125,13 +125,9 @@ class SinkKVEngine(Engine[SinkKVState]):
         self._model_lock = threading.Lock()
 
     def _layer_rotary(self, max_slots: int) -> LayerRotary:
-        """Each layer's rotary table over ``max_slots`` slots; NoPE layers share one table of
-        zero frequencies (a rotation by zero is exact: keys used as stored)."""
-        tables = self.family.layer_inv_freq
-        first = next((t for t in tables if t is not None), None)  # None: ALiBi
-        zeros = torch.zeros(self.head_dim // 2) if first is None else torch.zeros_like(first)
-        return LayerRotary([zeros if t is None else t for t in tables], max_slots,
-                           self.device, self.family.family.interleaved)
+        """Each layer's rotary table over ``max_slots`` slots (``LayerRotary.of``)."""
+        return LayerRotary.of(self.family.layer_inv_freq, self.head_dim, max_slots,
+                              self.device, self.family.family.interleaved)
 
     # ----- identity ------------------------------------------------------------------------
     @property

@@ -177,6 +177,17 @@ class LayerRotary:
         #: dims of each head the first layer's table rotates (model info, tests)
         self.rotary_dim = self.tables[0].rotary_dim
 
+    @classmethod
+    def of(
+        cls, tables: Sequence[torch.Tensor | None], head_dim: int, max_slots: int,
+        device: torch.device, interleaved: bool = False,
+    ) -> LayerRotary:
+        """From per-layer frequencies, None on a NoPE (or ALiBi) layer: those layers share one
+        table of zero frequencies, whose rotation is exact (keys used as stored)."""
+        first = next((t for t in tables if t is not None), None)  # None: ALiBi, no table
+        zeros = torch.zeros(head_dim // 2) if first is None else torch.zeros_like(first)
+        return cls([zeros if t is None else t for t in tables], max_slots, device, interleaved)
+
     def layer(self, index: int) -> SlotRotary:
         return self.tables[self.table_of[index]]
 
