@@ -6,9 +6,8 @@ them wherever a real model's quality does not matter.
 
 ``SUPPORTED_ARCHS`` are the RoPE decoders the sink-KV engine serves exactly (``FAMILY_ARCHS``:
 those beyond the Llama layout, one per architecture adapter). ``REFUSED_ARCHS`` are deliberately
-unservable configs (ALiBi, scaled RoPE
-that changes with the sequence, a sliding window shorter than the sink window, families that
-need a piece the engine lacks) for testing the engine's refusals.
+unservable configs (ALiBi, scaled RoPE that changes with the sequence, families that need a
+piece the engine lacks) for testing the engine's refusals.
 
 Weights are initialised with a larger spread than Hugging Face's default (``initializer_range``
 0.1 instead of 0.02) so that attention is far from uniform: a model whose attention ignores
@@ -43,6 +42,8 @@ _COMMON: dict[str, Any] = {
 }
 
 _ROPE_BASE = 10000.0
+#: sliding window of the tiny sliding layers: shorter than any sink window the tests use
+_WINDOW = 12
 
 
 def _partial_rope(factor: float) -> dict[str, Any]:
@@ -102,6 +103,47 @@ _PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "falcon": ("FalconConfig", {"multi_query": True, "new_decoder_architecture": False}),
     # Falcon-40B: the new decoder architecture, grouped kv heads
     "falcon-new": ("FalconConfig", {"new_decoder_architecture": True, "num_kv_heads": 2}),
+    # every layer slides over the last 12 slots, well inside the sink window (S + R >= 24)
+    "sliding-window": ("MistralConfig", {"sliding_window": _WINDOW}),
+    # Gemma 2: sliding then full layer, softcaps small enough to bite on tiny weights,
+    # query_pre_attn_scalar 256 (not the head dim 16) scales the queries
+    "gemma2": (
+        "Gemma2Config",
+        {"sliding_window": _WINDOW, "attn_logit_softcapping": 5.0,
+         "final_logit_softcapping": 3.0},
+    ),
+    # GPT-OSS: learned sink logit per head, yarn RoPE, sliding then full layer, tiny MoE
+    "gpt-oss": (
+        "GptOssConfig",
+        {"num_local_experts": 2, "num_experts_per_tok": 1, "sliding_window": _WINDOW},
+    ),
+    # Gemma 3: local layer at rope_local_base_freq, global at the main theta, sliding then full
+    "gemma3": (
+        "Gemma3TextConfig",
+        {"sliding_window": _WINDOW, "layer_types": ["sliding_attention", "full_attention"],
+         "rope_parameters": {
+             "sliding_attention": {"rope_type": "default", "rope_theta": _ROPE_BASE},
+             "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}}},
+    ),
+    # Cohere (Command-R): interleaved rotary pairs, logits * logit_scale
+    "cohere": ("CohereConfig", {}),
+    # Cohere2: sliding layer with interleaved RoPE, then a global NoPE layer
+    "cohere2": (
+        "Cohere2Config",
+        {"sliding_window": _WINDOW, "layer_types": ["sliding_attention", "full_attention"]},
+    ),
+    # SmolLM3: a RoPE layer, then a NoPE one (no_rope_layers[i] = 0)
+    "smollm3": ("SmolLM3Config", {"no_rope_layers": [1, 0]}),
+    # partial rotary (a quarter of each head) sliced by the attention itself: StableLM
+    "stablelm": (
+        "StableLmConfig",
+        {"num_key_value_heads": 4, "rope_parameters": _partial_rope(0.25)},
+    ),
+    # MPT: ALiBi (a bias by key distance), no rotary embedding
+    "mpt": ("MptConfig", {}),
+    # BLOOM: ALiBi from the attention mask; Falcon with alibi=True likewise
+    "bloom": ("BloomConfig", {}),
+    "falcon-alibi": ("FalconConfig", {"alibi": True}),
     # --- refused by the sink-KV engine ------------------------------------------------------
     # frequencies recomputed from the sequence length at every forward
     "dynamic-rope": (
@@ -122,24 +164,8 @@ _PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             },
         },
     ),
-    # every layer attends to the last 32 positions only: no room for a longer sink window
-    "sliding-window": ("MistralConfig", {"sliding_window": 32}),
     # ALiBi biases instead of rotary embeddings
-    "alibi": ("BloomConfig", {}),
-    "mpt": ("MptConfig", {}),
-    "falcon-alibi": ("FalconConfig", {"alibi": True}),
     # families needing a piece the engine does not have yet (families.REFUSED_FAMILIES)
-    "gemma2": ("Gemma2Config", {}),
-    "gemma3": ("Gemma3TextConfig", {}),
-    "gpt-oss": ("GptOssConfig", {"num_local_experts": 2, "num_experts_per_tok": 1}),
-    "cohere": ("CohereConfig", {}),
-    "cohere2": ("Cohere2Config", {}),
-    "smollm3": ("SmolLM3Config", {}),
-    # partial rotary (a quarter of each head) sliced by the attention itself: StableLM
-    "stablelm": (
-        "StableLmConfig",
-        {"num_key_value_heads": 4, "rope_parameters": _partial_rope(0.25)},
-    ),
 }
 
 #: the families beyond Llama's layout the sink-KV engine serves (tests parametrize over them)
@@ -151,6 +177,17 @@ FAMILY_ARCHS: tuple[str, ...] = (
     "gpt-neox",
     "falcon",
     "falcon-new",
+    "sliding-window",
+    "gemma2",
+    "gemma3",
+    "gpt-oss",
+    "cohere",
+    "cohere2",
+    "smollm3",
+    "stablelm",
+    "mpt",
+    "bloom",
+    "falcon-alibi",
 )
 SUPPORTED_ARCHS: tuple[str, ...] = (
     "llama",
@@ -164,17 +201,6 @@ SUPPORTED_ARCHS: tuple[str, ...] = (
 REFUSED_ARCHS: tuple[str, ...] = (
     "dynamic-rope",
     "longrope",
-    "sliding-window",
-    "alibi",
-    "mpt",
-    "falcon-alibi",
-    "gemma2",
-    "gemma3",
-    "gpt-oss",
-    "cohere",
-    "cohere2",
-    "smollm3",
-    "stablelm",
 )
 
 #: config classes whose keyword names differ from the Llama family's: renamed, then dropped

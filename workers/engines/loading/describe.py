@@ -63,7 +63,9 @@ def describe_engine(engine: Engine[Any], settings: Settings | None = None) -> di
         info["kv_heads"] = getattr(engine, "kv_heads", None)
         info["head_dim"] = getattr(engine, "head_dim", None)
         info["vocab_size"] = getattr(engine, "vocab_size", config.vocab_size)
-        info["context_length"] = getattr(config, "max_position_embeddings", None)
+        from workers.engines.sinkkv.positions import position_limit
+
+        info["context_length"] = position_limit(config)  # MPT: max_seq_len
         info["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     elif engine.kind == "rwkv":
         info["architecture"] = f"RWKV-{getattr(engine, 'version', '?')}"

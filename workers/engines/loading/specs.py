@@ -50,6 +50,8 @@ TINY_FAMILIES = (
     "tiny-llama", "tiny-qwen2", "tiny-rwkv",
     # one per sink-KV architecture adapter beyond the Llama layout (workers.engines.tiny)
     "tiny-phi3", "tiny-olmo2", "tiny-granite", "tiny-gpt-neox", "tiny-falcon",
+    "tiny-gemma2", "tiny-gemma3", "tiny-gpt-oss", "tiny-cohere", "tiny-cohere2", "tiny-smollm3",
+    "tiny-stablelm", "tiny-mpt", "tiny-bloom",
 )
 
 VALID_FORMS = """valid model specs:
@@ -60,7 +62,9 @@ VALID_FORMS = """valid model specs:
   rwkv:/path/to/model.pth   an RWKV checkpoint
   tiny-llama[:SEED], tiny-qwen2[:SEED], tiny-rwkv[:SEED]
                             seeded tiny random models (tests, demos, benchmarks); also
-                            tiny-phi3, tiny-olmo2, tiny-granite, tiny-gpt-neox, tiny-falcon
+                            tiny-phi3, tiny-olmo2, tiny-granite, tiny-gpt-neox, tiny-falcon,
+                            tiny-gemma2, tiny-gemma3, tiny-gpt-oss, tiny-cohere, tiny-cohere2,
+                            tiny-smollm3, tiny-stablelm, tiny-mpt, tiny-bloom
   ORG/NAME or hf:NAME       a Hugging Face hub id (the only form that uses the network)"""
 
 # A hub repo id: "name" or "org/name"; letters, digits, '-', '_', '.'; no "--" or ".." runs.

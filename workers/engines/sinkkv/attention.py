@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from workers.engines.sinkkv.rotary import SlotRotary
+from workers.engines.sinkkv.rotary import LayerRotary
 from workers.engines.sinkkv.state import _Window
 
 
@@ -54,9 +54,15 @@ class _ForwardWindows:
     """
 
     def __init__(
-        self, rotary: SlotRotary, windows: Sequence[_Window], T: int, dtype: torch.dtype
+        self, rotary: LayerRotary, windows: Sequence[_Window], T: int, dtype: torch.dtype,
+        sliding: Sequence[int | None] = (),
     ) -> None:
         self.windows = windows
+        #: per layer, the sliding window it attends through (None: the whole cache)
+        self.sliding = tuple(sliding)
+        #: the layer whose window was handed out last: the one now attending (a layer's cache
+        #: update comes right before its attention call)
+        self.current = 0
         self.T = T
         self.lengths = [w.length for w in windows]
         if self.lengths != sorted(self.lengths):
@@ -77,21 +83,23 @@ class _ForwardWindows:
                 buf = torch.empty(end - start, H, n + T, D, dtype=dtype, device=dev)
                 kind.append(buf)
                 rows.extend(buf.unbind(0))
-        # Per row: the first cached index whose slot moved (sinks never move), and the
-        # rotation from stored to current slot for the moved ones: cos/sin [n_i - s0_i, D/2].
+        # Per row: the first cached index whose slot moved (sinks never move), and per rotary
+        # table the rotation from stored to current slot for the moved ones: cos/sin
+        # [n_i - s0_i, D/2] (None: nothing moved).
+        self.rotary = rotary
         self.first_moved: list[int] = []
-        self.cos_sin: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        self.cos_sin: list[list[tuple[torch.Tensor, torch.Tensor]] | None] = []
         for w in windows:
-            s0, rotation = _moved_rotation(rotary, w, dev)
+            s0, rotations = _moved_rotations(rotary, w, dev)
             self.first_moved.append(s0)
-            self.cos_sin.append(rotation)
+            self.cos_sin.append(rotations)
         longest_moved = max(n - s0 for n, s0 in zip(self.lengths, self.first_moved, strict=True))
         self.scratch = (  # fp32 rotation output when the model computes in bf16/fp16
             torch.empty(H, longest_moved, D, dtype=torch.float32, device=dev)
             if dtype != torch.float32 and longest_moved
             else None
         )
-        self._masks: dict[int, torch.Tensor] = {}
+        self._masks: dict[tuple[int, int | None], torch.Tensor] = {}
         self.new_keys: list[torch.Tensor] = []  # per layer [B, H_kv, T, D], as HF made them
         self.new_values: list[torch.Tensor] = []
 
@@ -104,8 +112,9 @@ class _ForwardWindows:
         Several rows: the last group's buffers, a placeholder; ``_ragged_attention`` reads
         every group (``group_keys``/``group_values``) itself.
         """
+        self.current = index
         for i, w in enumerate(self.windows):
-            self._fill_row(i, w.keys[index], w.values[index])
+            self._fill_row(i, index, w.keys[index], w.values[index])
         for g, (start, end, n) in enumerate(self.groups):  # the new chunk: one copy per group
             self.group_keys[g][:, :, n:] = new_keys[start:end]
             self.group_values[g][:, :, n:] = new_values[start:end]
@@ -115,35 +124,52 @@ class _ForwardWindows:
             return self.group_keys[0], self.group_values[0]
         return self.group_keys[-1], self.group_values[-1]
 
-    def _fill_row(self, i: int, stored_k: torch.Tensor, stored_v: torch.Tensor) -> None:
-        """Row ``i``'s cached part from its stored ``[H_kv, n, D]`` (storage dtype): keys
-        that did not move as stored, moved ones rotated once in fp32 to their current slot."""
+    def _fill_row(
+        self, i: int, layer: int, stored_k: torch.Tensor, stored_v: torch.Tensor
+    ) -> None:
+        """Row ``i``'s cached part of ``layer`` from its stored ``[H_kv, n, D]`` (storage
+        dtype): keys that did not move as stored, moved ones rotated once in fp32 to their
+        current slot by the layer's own rotary table."""
         n, s0 = self.lengths[i], self.first_moved[i]
         dst = self.row_keys[i]  # [H_kv, n + T, D]
         dst[:, :s0].copy_(stored_k[:, :s0])  # not moved: exactly as stored
-        rotation = self.cos_sin[i]
-        if rotation is not None:  # moved: one fp32 rotation from the stored slot
-            cos, sin = rotation
+        rotations = self.cos_sin[i]
+        if rotations is not None:  # moved: one fp32 rotation from the stored slot
+            table = self.rotary.table_of[layer]
+            cos, sin = rotations[table]
+            rotate = self.rotary.tables[table].rotate_into
             if self.scratch is None:
-                SlotRotary.rotate_into(stored_k[:, s0:], cos, sin, dst[:, s0:n])
+                rotate(stored_k[:, s0:], cos, sin, dst[:, s0:n])
             else:
                 tmp = self.scratch[:, : n - s0]
-                SlotRotary.rotate_into(stored_k[:, s0:], cos, sin, tmp)
+                rotate(stored_k[:, s0:], cos, sin, tmp)
                 dst[:, s0:n].copy_(tmp)
         self.row_values[i][:, :n].copy_(stored_v)
 
-    def mask(self, n: int) -> torch.Tensor:
+    def window_of_current_layer(self) -> int | None:
+        """The sliding window of the layer now attending, None for a full-attention layer."""
+        return self.sliding[self.current] if self.current < len(self.sliding) else None
+
+    def mask(self, n: int, window: int | None = None) -> torch.Tensor:
         """The additive attention mask ``[T, n + T]`` of rows with ``n`` cached tokens (compute
         dtype; 0 = attend, -inf = not): every cached token, and the new tokens causally.
-        Shared by all layers. Additive, because SDPA would turn a boolean mask into one on
-        every call."""
-        found = self._masks.get(n)
+        Shared by all layers of one window. Additive, because SDPA would turn a boolean mask
+        into one on every call.
+
+        A sliding layer (``window`` W) sees what Hugging Face's sliding mask lets it see, by
+        slot: query slot q = n + t attends key slot j iff ``q - W < j <= q``, so the sinks too
+        fall out of it once they are W slots back (``masking_utils.sliding_window_overlay``)."""
+        found = self._masks.get((n, window))
         if found is None:
             T, dev = self.T, self.device
             found = torch.zeros(T, n + T, dtype=self.dtype, device=dev)
-            found[:, n:].masked_fill_(
-                torch.ones(T, T, dtype=torch.bool, device=dev).triu(1), float("-inf"))
-            self._masks[n] = found
+            q = torch.arange(n, n + T, device=dev)[:, None]  # [T, 1] query slots
+            j = torch.arange(n + T, device=dev)[None, :]  # [1, n + T] key slots
+            blocked = j > q
+            if window is not None:
+                blocked |= j <= q - window
+            found.masked_fill_(blocked, float("-inf"))
+            self._masks[(n, window)] = found
         return found
 
 
@@ -158,20 +184,20 @@ def _equal_runs(lengths: Sequence[int]) -> list[tuple[int, int, int]]:
     return groups
 
 
-def _moved_rotation(
-    rotary: SlotRotary, w: _Window, device: torch.device
-) -> tuple[int, tuple[torch.Tensor, torch.Tensor] | None]:
+def _moved_rotations(
+    rotary: LayerRotary, w: _Window, device: torch.device
+) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]] | None]:
     """The first index s0 of ``w`` whose stored slot differs from its index (its current
-    slot), and the fp32 ``cos, sin`` ``[n - s0, D/2]`` rotating indices s0.. from their stored
-    to their current slot (None when nothing moved). Keys below s0 (the sinks, at least) are
-    used exactly as stored; from s0 on every key goes through one rotation, a zero one for a
-    key that did not move."""
+    slot), and per rotary table the fp32 ``cos, sin`` ``[n - s0, D/2]`` rotating indices s0..
+    from their stored to their current slot (None when nothing moved). Keys below s0 (the
+    sinks, at least) are used exactly as stored; from s0 on every key goes through one
+    rotation, a zero one for a key that did not move."""
     moved = (w.slots != torch.arange(w.length)).nonzero()
     s0 = int(moved[0, 0]) if len(moved) else w.length
     if s0 == w.length:
         return s0, None
-    current = torch.arange(s0, w.length)
-    return s0, rotary.cos_sin(w.slots[s0:].to(device), current.to(device))
+    stored, current = w.slots[s0:].to(device), torch.arange(s0, w.length).to(device)
+    return s0, [table.cos_sin(stored, current) for table in rotary.tables]
 
 
 # ----- the attention function of a multi-row forward -------------------------------------------
@@ -200,15 +226,52 @@ def _ragged_attention(
     if dropout:
         raise ValueError("the ragged attention path is for inference (dropout 0)")
     B, H, T, D = query.shape
+    window = rows.window_of_current_layer()
+    softcap: float | None = kwargs.get("softcap")
+    sinks: torch.Tensor | None = kwargs.get("s_aux")
     out = torch.empty(B, T, H, D, dtype=query.dtype, device=query.device)
     for g, (start, end, n) in enumerate(rows.groups):
         k, v = rows.group_keys[g], rows.group_values[g]  # [g, H_kv, n + T, D]
-        o = torch.nn.functional.scaled_dot_product_attention(
-            query[start:end], k, v, attn_mask=rows.mask(n), scale=scaling,
-            enable_gqa=k.shape[1] != H,
-        )  # [g, H, T, D]
+        mask = rows.mask(n, window)
+        if softcap is None and sinks is None:
+            o = torch.nn.functional.scaled_dot_product_attention(
+                query[start:end], k, v, attn_mask=mask, scale=scaling,
+                enable_gqa=k.shape[1] != H,
+            )  # [g, H, T, D]
+        else:
+            o = _eager_group(query[start:end], k, v, mask, scaling, softcap, sinks)
         out[start:end] = o.transpose(1, 2)
     return out, None
+
+
+def _eager_group(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+    scaling: float | None, softcap: float | None, sinks: torch.Tensor | None,
+) -> torch.Tensor:
+    """Attention of one group ``q`` ``[g, H, T, D]`` over ``k, v`` ``[g, H_kv, n + T, D]`` in
+    the order of operations of the families' own eager attention, for what SDPA cannot do:
+
+    * Gemma 2 logit softcap: ``w = tanh(w / cap) * cap`` before the mask, softmax in fp32;
+    * GPT-OSS learned sinks (one logit per head, ``s_aux``): ``softmax([w, s] - max)`` in
+      the logits' dtype, the sink's column dropped, so it takes mass without a value.
+    """
+    H, D = q.shape[1], q.shape[-1]
+    groups = H // k.shape[1]
+    if groups > 1:  # repeat_kv: each kv head serves ``groups`` query heads in a row
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scale = scaling if scaling is not None else D**-0.5
+    w = torch.matmul(q, k.transpose(2, 3)) * scale  # [g, H, T, n + T]
+    if softcap is not None:
+        w = torch.tanh(w / softcap) * softcap
+    w = w + mask
+    if sinks is None:
+        probs = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+    else:
+        s = sinks.reshape(1, -1, 1, 1).expand(w.shape[0], -1, w.shape[2], -1)
+        combined = torch.cat([w, s], dim=-1)
+        combined = combined - combined.max(dim=-1, keepdim=True).values
+        probs = torch.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1].to(v.dtype)
+    return torch.matmul(probs, v)
 
 
 #: name of ``_ragged_attention`` in transformers' attention registry

@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from workers.engines.sinkkv.attention import _moved_rotation
-from workers.engines.sinkkv.rotary import SlotRotary
+from workers.engines.sinkkv.attention import _moved_rotations
+from workers.engines.sinkkv.rotary import LayerRotary, SlotRotary
 from workers.engines.sinkkv.state import _Window
 from workers.engines.sinkkv.window import SinkWindow
 
@@ -53,7 +53,7 @@ class DecodeWindow:
         self,
         window: _Window,
         policy: SinkWindow,
-        rotary: SlotRotary,
+        rotary: LayerRotary,
         steps: int,
         compute_dtype: torch.dtype,
     ) -> None:
@@ -91,27 +91,29 @@ class DecodeWindow:
         """The window's keys at their current slots and its values, once (what a per-step
         forward builds every time: ``_ForwardWindows._fill_row``)."""
         n = self.length
-        s0, rotation = _moved_rotation(self.rotary, window, self.device)
+        s0, rotations = _moved_rotations(self.rotary, window, self.device)
         for layer, (k, v) in enumerate(zip(window.keys, window.values, strict=True)):
+            table = self.rotary.layer(layer)
             self.keys[layer][0, :, :s0].copy_(k[:, :s0])  # not moved: exactly as stored
-            if rotation is not None:
-                self._rotate(k[:, s0:], rotation, self.keys[layer][0, :, s0:n])
+            if rotations is not None:
+                rotation = rotations[self.rotary.table_of[layer]]
+                self._rotate(table, k[:, s0:], rotation, self.keys[layer][0, :, s0:n])
             self.values[layer][0, :, :n].copy_(v)
             if self.evicts:
                 self.stored[layer, :, :n].copy_(k)
-                self.partners[layer, :, :n].copy_(self.rotary.half_partner(k))
+                self.partners[layer, :, :n].copy_(table.half_partner(k))
         if self.evicts:
             self.slots[:n].copy_(window.slots)
 
-    def _rotate(self, stored: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor],
-                dst: torch.Tensor) -> None:
+    def _rotate(self, table: SlotRotary, stored: torch.Tensor,
+                rotation: tuple[torch.Tensor, torch.Tensor], dst: torch.Tensor) -> None:
         """``stored`` keys rotated by ``rotation`` (fp32) into ``dst`` (compute dtype)."""
         cos, sin = rotation
         if self.dtype == torch.float32:
-            SlotRotary.rotate_into(stored, cos, sin, dst)
+            table.rotate_into(stored, cos, sin, dst)
         else:  # rotate in fp32, round once
             tmp = torch.empty(dst.shape, dtype=torch.float32, device=dst.device)
-            SlotRotary.rotate_into(stored, cos, sin, tmp)
+            table.rotate_into(stored, cos, sin, tmp)
             dst.copy_(tmp)
 
     # ----- one step ------------------------------------------------------------------------
@@ -140,7 +142,8 @@ class DecodeWindow:
                 self.all_values[:, 0, :, end].copy_(values.to(self.storage_dtype))
             if self.evicts:
                 self.stored[:, :, end] = keys  # what a feed stores
-                self.partners[:, :, end] = self.rotary.half_partner(keys)
+                for a, b, table in self.rotary.runs():
+                    self.partners[a:b, :, end] = table.half_partner(keys[a:b])
                 self.slots[end] = self.length
         self._new.clear()
         self._updated = 0
@@ -162,19 +165,23 @@ class DecodeWindow:
         self.offset, self.length = o + 1, self.length - 1
         o, n = self.offset, self.length
         window = _Window((), (), self.slots[o : o + n], None)
-        s0, rotation = _moved_rotation(self.rotary, window, self.device)
-        if rotation is None:
+        s0, rotations = _moved_rotations(self.rotary, window, self.device)
+        if rotations is None:
             return
-        # all layers at once, in whole-width ops: the same arithmetic per element
-        cos, sin = (SlotRotary.whole(t) for t in rotation)  # [n - s0, D]
-        stored, partners = self.stored[:, :, o + s0 : o + n], self.partners[:, :, o + s0 : o + n]
-        dst = self.all_keys[:, 0, :, o + s0 : o + n]  # [layers, H_kv, n - s0, D]
-        if self.dtype == torch.float32:
-            SlotRotary.rotate_whole_into(stored, partners, cos, sin, dst)
-        else:  # rotate in fp32, round once
-            tmp = torch.empty(dst.shape, dtype=torch.float32, device=dst.device)
-            SlotRotary.rotate_whole_into(stored, partners, cos, sin, tmp)
-            dst.copy_(tmp)
+        # all layers of a run sharing a table at once (one run for most models), in
+        # whole-width ops: the same arithmetic per element
+        for a, b, table in self.rotary.runs():
+            rotation = rotations[self.rotary.table_of[a]]
+            cos, sin = (table.whole(t) for t in rotation)  # [n - s0, D]
+            stored = self.stored[a:b, :, o + s0 : o + n]
+            partners = self.partners[a:b, :, o + s0 : o + n]
+            dst = self.all_keys[a:b, 0, :, o + s0 : o + n]  # [layers, H_kv, n - s0, D]
+            if self.dtype == torch.float32:
+                SlotRotary.rotate_whole_into(stored, partners, cos, sin, dst)
+            else:  # rotate in fp32, round once
+                tmp = torch.empty(dst.shape, dtype=torch.float32, device=dst.device)
+                SlotRotary.rotate_whole_into(stored, partners, cos, sin, tmp)
+                dst.copy_(tmp)
 
 
 class DecodeLayer(DynamicLayer):

@@ -43,7 +43,8 @@ from workers.engines.sinkkv.attention import (
     cache_keyword,
 )
 from workers.engines.sinkkv.decode import DecodeWindow
-from workers.engines.sinkkv.rotary import ROPE_SCHEME, SlotRotary
+from workers.engines.sinkkv.positions import position_limit, sliding_windows
+from workers.engines.sinkkv.rotary import ROPE_SCHEME, LayerRotary
 from workers.engines.sinkkv.state import (
     SinkKVState,
     _Window,
@@ -109,22 +110,24 @@ class SinkKVEngine(Engine[SinkKVState]):
         self._decoder = self.family.decoder
         self._cache_kw = cache_keyword(self._decoder)
         self.n_layers = len(self.family.layers)
+        #: per layer, its sliding window (None: full attention), masked by slot on every path
+        self.sliding = sliding_windows(config, self.n_layers)
         self.kv_heads = self.family.kv_heads
         self.head_dim = self.family.head_dim
         self.hidden_size = int(config.hidden_size)
         self.vocab_size = int(self.family.embeddings.num_embeddings)
-        self.rope_type = str(getattr(self.family.rotary, "rope_type", "default"))
-        self.rotary = SlotRotary(self._inv_freq(), self.window.capacity + chunk_tokens,
-                                 self.device)
+        self.rope_type = self.family.rope_type()
+        self.rotary = self._layer_rotary(self.window.capacity + chunk_tokens)
         self.eos_token_ids = _eos_ids(self.model, self.tokenizer)
         self._fingerprint: str | None = None
         #: held around every model call: a multi-row forward switches the model's attention
         #: implementation for its duration, which no other call may see
         self._model_lock = threading.Lock()
 
-    def _inv_freq(self) -> torch.Tensor:
-        inv_freq: torch.Tensor = self.family.rotary.inv_freq  # type: ignore[assignment]
-        return inv_freq
+    def _layer_rotary(self, max_slots: int) -> LayerRotary:
+        """Each layer's rotary table over ``max_slots`` slots (``LayerRotary.of``)."""
+        return LayerRotary.of(self.family.layer_inv_freq, self.head_dim, max_slots,
+                              self.device, self.family.family.interleaved)
 
     # ----- identity ------------------------------------------------------------------------
     @property
@@ -210,7 +213,7 @@ class SinkKVEngine(Engine[SinkKVState]):
             return [new_windows[j] for j in back], hidden[torch.tensor(back)]
         if not self.family.family.ragged_batches and windows[0].length != windows[-1].length:
             return self._forward_groups(windows, pieces)
-        view = _ForwardWindows(self.rotary, windows, T, self.compute_dtype)
+        view = _ForwardWindows(self.rotary, windows, T, self.compute_dtype, self.sliding)
         hidden = self._run_decoder(view, pieces)  # [B, T, E]
         if len(view.new_keys) != self.n_layers:
             raise RuntimeError("the model did not update every cache layer exactly once")
@@ -333,12 +336,13 @@ class SinkKVEngine(Engine[SinkKVState]):
     def rotated_keys(self, state: SinkKVState) -> list[torch.Tensor]:
         """The keys as the model sees them now: per layer ``[H_kv, L, D]`` in fp32, each at
         its current slot (for tests and diagnostics)."""
-        current = torch.arange(state.cache_len)
-        cos, sin = self.rotary.cos_sin(state.slots.to(self.device), current.to(self.device))
+        current = torch.arange(state.cache_len).to(self.device)
         out = []
-        for k in state.keys:
+        for layer, k in enumerate(state.keys):
+            table = self.rotary.layer(layer)
+            cos, sin = table.cos_sin(state.slots.to(self.device), current)
             rotated = torch.empty(k.shape, dtype=torch.float32, device=k.device)
-            SlotRotary.rotate_into(k, cos, sin, rotated)
+            table.rotate_into(k, cos, sin, rotated)
             out.append(rotated)
         return out
 
@@ -389,10 +393,8 @@ class SinkKVEngine(Engine[SinkKVState]):
         return out
 
     def max_extra_capacity(self) -> int:
-        limit = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
-        sliding = getattr(self.model.config, "sliding_window", None)
-        if sliding:
-            limit = min(limit, int(sliding)) if limit else int(sliding)
+        # a sliding layer masks by slot whatever the window's width: only positions limit it
+        limit = position_limit(self.model.config) or 0
         return max(0, limit - self.window.capacity - self.chunk_tokens)
 
     def window_tokens(self) -> int | None:
@@ -412,10 +414,9 @@ class SinkKVEngine(Engine[SinkKVState]):
                              "(the model's position limit minus the window)")
         size = -(-extra // 256) * 256  # a few table sizes, not one per prompt length
         size = min(size, self.max_extra_capacity())
-        tables: dict[int, SlotRotary] = self.__dict__.setdefault("_wide_rotary", {})
+        tables: dict[int, LayerRotary] = self.__dict__.setdefault("_wide_rotary", {})
         if size not in tables:
-            slots = self.window.capacity + size + self.chunk_tokens
-            tables[size] = SlotRotary(self._inv_freq(), slots, self.device)
+            tables[size] = self._layer_rotary(self.window.capacity + size + self.chunk_tokens)
         wide = copy.copy(self)
         wide.window = SinkWindow(self.window.sink, self.window.recent + size)
         wide.rotary = tables[size]

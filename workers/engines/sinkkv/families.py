@@ -31,7 +31,8 @@ class Layout:
     decoder: str = "model"  # the base model: embeddings, layers, final norm, rotary
     layers: str = "layers"  # on the decoder: the ModuleList of decoder layers
     attention: str = "self_attn"  # on each layer: the attention module
-    rotary: str = "rotary_emb"  # on the decoder: the rotary embedding (``inv_freq``)
+    #: on the decoder: the rotary embedding (``inv_freq``); None: the family has none (ALiBi)
+    rotary: str | None = "rotary_emb"
     embeddings: str = "embed_tokens"  # on the decoder
     final_norm: str = "norm"  # on the decoder
     head: str = "lm_head"  # on the causal LM
@@ -53,14 +54,50 @@ def _falcon_kv_heads(config: Any) -> int:
     return 1
 
 
+def _one_table(rotary: Any, config: Any, n_layers: int) -> tuple[Any, ...]:
+    """Every layer rotates by the one rotary embedding's ``inv_freq``."""
+    return (getattr(rotary, "inv_freq", None),) * n_layers
+
+
+def _layer_type_tables(rotary: Any, config: Any, n_layers: int) -> tuple[Any, ...]:
+    """Gemma 3: one ``{layer_type}_inv_freq`` per layer type (local layers at
+    ``rope_local_base_freq``, global layers at the main ``rope_theta``)."""
+    return tuple(getattr(rotary, f"{config.layer_types[i]}_inv_freq", None)
+                 for i in range(n_layers))
+
+
+def _no_rope_layers(rotary: Any, config: Any, n_layers: int) -> tuple[Any, ...]:
+    """SmolLM3: ``no_rope_layers[i]`` is 1 where layer i uses RoPE, 0 where it is NoPE."""
+    inv = getattr(rotary, "inv_freq", None)
+    return tuple(inv if config.no_rope_layers[i] else NOPE for i in range(n_layers))
+
+
+def _global_nope(rotary: Any, config: Any, n_layers: int) -> tuple[Any, ...]:
+    """Cohere2: sliding layers use RoPE, global (full attention) layers are NoPE."""
+    inv = getattr(rotary, "inv_freq", None)
+    return tuple(inv if config.layer_types[i] == "sliding_attention" else NOPE
+                 for i in range(n_layers))
+
+
+#: a layer's rotary table that says: this layer uses no position embedding (NoPE)
+NOPE = "nope"
+
+
+def _no_tables(rotary: Any, config: Any, n_layers: int) -> tuple[Any, ...]:
+    """ALiBi: positions are a bias inside attention, the keys carry none."""
+    return (NOPE,) * n_layers
+
+
 def _no_refusal(config: Any) -> str | None:
     return None
 
 
-def _falcon_refusal(config: Any) -> str | None:
+def _falcon_tables(rotary: Any, config: Any, n_layers: int) -> tuple[Any, ...]:
+    """Falcon rotates by its one table, or with ``alibi=True`` carries no positions in keys
+    (its ALiBi is built from the attention mask: ones over slots 0..n+T-1)."""
     if getattr(config, "alibi", False):
-        return "ALiBi position bias by cache-slot distance (Falcon with alibi=True)"
-    return None
+        return _no_tables(rotary, config, n_layers)
+    return _one_table(rotary, config, n_layers)
 
 
 @dataclass(frozen=True)
@@ -74,6 +111,20 @@ class Family:
     kv_heads: Callable[[Any], int] = _llama_kv_heads
     #: config field the head's logits are divided by (Granite's ``logits_scaling``), if any
     logits_divisor: str | None = None
+    #: config field of a final logit softcap (Gemma 2/3's ``final_logit_softcapping``), if any
+    logits_softcap: str | None = None
+    #: config field the head's logits are multiplied by (Cohere's ``logit_scale``), if any
+    logits_scale: str | None = None
+    #: per layer, its rotary frequencies (``inv_freq``) or ``NOPE``: one table for most
+    #: families, one per layer type (Gemma 3), none on NoPE layers (SmolLM3, Cohere2)
+    rope_tables: Callable[[Any, Any, int], tuple[Any, ...]] = _one_table
+    #: rotary pairs (2i, 2i + 1) instead of rotate-half's (i, i + r/2) (Cohere)
+    interleaved: bool = False
+    #: whether a model of the family may position by ALiBi instead of rotary tables (all
+    #: layers ``NOPE``): the attention adds ``-slope_h * (last key slot - key slot)`` per head,
+    #: from the key's index in the window it is handed, so a window at slots 0..n-1 is biased
+    #: by cache-slot distance (StreamingLLM's rule for MPT) with nothing to re-rotate
+    alibi: bool = False
     #: whether the attention applies ``rotary_dim < head_dim`` (rotates the first dims only)
     partial_rotary: bool = False
     #: whether attention goes through transformers' attention interface with the layer
@@ -89,6 +140,42 @@ FAMILIES: tuple[Family, ...] = (
     Family("olmo2", ("olmo2",)),
     Family("phi3", ("phi3",), partial_rotary=True),
     Family("granite", ("granite",), logits_divisor="logits_scaling"),
+    # attention softcap (passed to the attention function) and query_pre_attn_scalar (the
+    # module's scaling) act inside attention; the final softcap in the head
+    Family("gemma2", ("gemma2",), logits_softcap="final_logit_softcapping"),
+    Family("gemma3", ("gemma3_text",), logits_softcap="final_logit_softcapping",
+           rope_tables=_layer_type_tables),
+    # learned sink logits per head (``s_aux``), yarn RoPE, sliding/full layers
+    Family("gpt-oss", ("gpt_oss",)),
+    Family("cohere", ("cohere",), logits_scale="logit_scale", interleaved=True),
+    Family("cohere2", ("cohere2",), logits_scale="logit_scale", interleaved=True,
+           rope_tables=_global_nope),
+    Family("smollm3", ("smollm3",), rope_tables=_no_rope_layers),
+    # partial rotary sliced by the attention itself before apply_rotary_pos_emb (the same
+    # first-dims rotation); its decoder layers drop the kwargs the ragged path needs
+    Family("stablelm", ("stablelm",), partial_rotary=True, ragged_batches=False),
+    # ALiBi built in MptModel from the key count (slots 0..n+T-1); inline attention
+    Family(
+        "mpt",
+        ("mpt",),
+        Layout(decoder="transformer", layers="blocks", attention="attn", rotary=None,
+               embeddings="wte", final_norm="norm_f"),
+        kv_heads=_all_heads,
+        ragged_batches=False,
+        rope_tables=_no_tables,
+        alibi=True,
+    ),
+    # ALiBi built in BloomModel from the attention mask (ones over slots 0..n+T-1)
+    Family(
+        "bloom",
+        ("bloom",),
+        Layout(decoder="transformer", layers="h", attention="self_attention", rotary=None,
+               embeddings="word_embeddings", final_norm="ln_f"),
+        kv_heads=_all_heads,
+        ragged_batches=False,
+        rope_tables=_no_tables,
+        alibi=True,
+    ),
     Family(
         "gpt-neox",
         ("gpt_neox",),
@@ -104,26 +191,15 @@ FAMILIES: tuple[Family, ...] = (
                embeddings="word_embeddings", final_norm="ln_f"),
         kv_heads=_falcon_kv_heads,
         ragged_batches=False,
-        config_refusal=_falcon_refusal,
+        rope_tables=_falcon_tables,
+        alibi=True,
     ),
 )
 
 #: model type -> the piece the engine lacks to serve it exactly
 REFUSED_FAMILIES: dict[str, str] = {
-    "gemma2": "attention logit softcap on the batched path, final logit softcap and "
-    "per-layer sliding windows (Gemma 2)",
-    "gemma3": "per-layer-type rope tables (local and global RoPE) and per-layer sliding "
-    "windows (Gemma 3)",
-    "gemma3_text": "per-layer-type rope tables (local and global RoPE) and per-layer sliding "
-    "windows (Gemma 3)",
-    "gpt_oss": "learned sink logits on the batched path and per-layer sliding windows (GPT-OSS)",
-    "cohere": "interleaved rotary (pairs 2i, 2i+1) and the logit_scale head (Cohere)",
-    "cohere2": "NoPE layers (no rotation on the global layers) and interleaved rotary (Cohere2)",
-    "smollm3": "NoPE layers (no rotation on every fourth layer) (SmolLM3)",
-    "stablelm": "a verified adapter: its attention slices the rotary dims before "
-    "apply_rotary_pos_emb and its layers drop the kwargs the batched path passes (StableLM)",
-    "mpt": "ALiBi position bias by cache-slot distance (MPT)",
-    "bloom": "ALiBi position bias by cache-slot distance (BLOOM)",
+    "gemma3": "an adapter for the multimodal Gemma 3 wrapper (load its text model: model "
+    "type gemma3_text, Gemma3ForCausalLM)",
 }
 
 ACCEPTED_MODEL_TYPES: tuple[str, ...] = tuple(t for f in FAMILIES for t in f.model_types)
@@ -144,7 +220,7 @@ class BoundFamily:
     family: Family
     decoder: torch.nn.Module
     layers: torch.nn.ModuleList
-    rotary: torch.nn.Module
+    rotary: torch.nn.Module | None  # None: no rotary embedding (ALiBi)
     embeddings: torch.nn.Embedding
     final_norm: torch.nn.Module
     head: torch.nn.Module
@@ -152,12 +228,33 @@ class BoundFamily:
     head_dim: int  # D
     #: the head's logits are divided by this (Granite), None: used as they come
     logits_divisor: float | None
+    #: final logit softcap c (Gemma): ``logits = c * tanh(logits / c)``, None: none
+    logits_softcap: float | None = None
+    #: the head's logits are multiplied by this (Cohere), None: used as they come
+    logits_scale: float | None = None
+    #: per layer, the rotary frequencies it rotates keys by; None on NoPE layers
+    layer_inv_freq: tuple[torch.Tensor | None, ...] = ()
+
+    @property
+    def alibi(self) -> bool:
+        """Positions by ALiBi: no layer has a rotary table."""
+        return all(t is None for t in self.layer_inv_freq)
 
     @property
     def rotary_dim(self) -> int:
-        """Dims of each head the rotary embedding rotates (the first ones): 2 * len(inv_freq)."""
-        inv_freq: torch.Tensor = self.rotary.inv_freq  # type: ignore[assignment]
-        return 2 * int(inv_freq.numel())
+        """Dims of each head the first rotary layer rotates (the first ones): 2 * len(inv_freq)."""
+        tables = [t for t in self.layer_inv_freq if t is not None]
+        return 2 * int(tables[0].numel()) if tables else 0
+
+    def rope_type(self) -> str:
+        """The rotary embedding's rope type(s): ``default``, or ``full_attention=default,...``
+        for per-layer-type tables (Gemma 3)."""
+        if self.rotary is None:
+            return "none"
+        kind = getattr(self.rotary, "rope_type", "default")
+        if isinstance(kind, dict):
+            return ",".join(f"{k}={v}" for k, v in sorted(kind.items()))
+        return str(kind)
 
     def attention(self, layer: int) -> torch.nn.Module:
         module: torch.nn.Module = getattr(self.layers[layer], self.family.layout.attention)
@@ -169,6 +266,10 @@ class BoundFamily:
         out: torch.Tensor = self.head(hidden)
         if self.logits_divisor is not None:
             out = out / self.logits_divisor
+        if self.logits_scale is not None:
+            out = out * self.logits_scale
+        if self.logits_softcap is not None:  # the three ops Gemma's forward does, in order
+            out = torch.tanh(out / self.logits_softcap) * self.logits_softcap
         return out
 
 
@@ -198,13 +299,19 @@ def bind(model: Any) -> BoundFamily:
         raise UnsupportedModelError(f"{name} lacks decoder layers at {lay.decoder}.{lay.layers}")
     attention = _piece(layers[0], lay.attention, name,
                        f"attention at {lay.decoder}.{lay.layers}[0].{lay.attention}")
-    rotary = _piece(decoder, lay.rotary, name,
-                    f"a rotary position embedding at {lay.decoder}.{lay.rotary}")
-    if not isinstance(getattr(rotary, "inv_freq", None), torch.Tensor):
+    rotary = None
+    if lay.rotary is not None:
+        rotary = _piece(decoder, lay.rotary, name,
+                        f"a rotary position embedding at {lay.decoder}.{lay.rotary}")
+    tables = family.rope_tables(rotary, config, len(layers))
+    rotating = [t for t in tables if not (isinstance(t, str) and t == NOPE)]
+    if not (rotating or family.alibi) or not all(isinstance(t, torch.Tensor) for t in rotating):
         raise UnsupportedModelError(f"{name}: {lay.decoder}.{lay.rotary} lacks inv_freq")
     embeddings = _piece(decoder, lay.embeddings, name, f"embeddings at {lay.decoder}."
                         f"{lay.embeddings}")
     divisor = getattr(config, family.logits_divisor, None) if family.logits_divisor else None
+    softcap = getattr(config, family.logits_softcap, None) if family.logits_softcap else None
+    scale = getattr(config, family.logits_scale, None) if family.logits_scale else None
     return BoundFamily(
         family=family,
         decoder=decoder,
@@ -217,6 +324,9 @@ def bind(model: Any) -> BoundFamily:
         kv_heads=family.kv_heads(config),
         head_dim=_head_dim(attention, config),
         logits_divisor=float(divisor) if divisor is not None else None,
+        logits_softcap=float(softcap) if softcap is not None else None,
+        logits_scale=float(scale) if scale is not None else None,
+        layer_inv_freq=tuple(None if isinstance(t, str) else t for t in tables),
     )
 
 

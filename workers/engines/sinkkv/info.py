@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from workers.engines.sinkkv.rotary import ROPE_SCHEME
-from workers.engines.sinkkv.support import layer_slides
 
 if TYPE_CHECKING:
     from workers.engines.sinkkv.engine import SinkKVEngine
@@ -21,29 +20,57 @@ _SLOT_BYTES = 8
 
 def position_scheme(engine: SinkKVEngine) -> str:
     """E.g. ``partial rotary, first 16 of 64 dims (rope default); slot-shift/...``."""
+    if engine.family.alibi:
+        return ("ALiBi bias by cache-slot distance (keys carry no position: never re-rotated); "
+                f"{ROPE_SCHEME}")
     rotary_dim, head_dim = engine.rotary.rotary_dim, engine.head_dim
     extent = (
         f"full rotary, all {head_dim} dims"
         if rotary_dim == head_dim
         else f"partial rotary, first {rotary_dim} of {head_dim} dims"
     )
+    if engine.family.family.interleaved:
+        extent += ", interleaved pairs (2i, 2i+1)"
     return f"{extent} (rope {engine.rope_type}); cached keys re-rotated by {ROPE_SCHEME}"
+
+
+def layer_positions(engine: SinkKVEngine) -> dict[str, str]:
+    """Per layer, how its keys carry positions, runs merged: ``rotary``; ``rotary,
+    sliding_attention table`` where tables differ by layer type (Gemma 3); ``NoPE`` where a
+    layer uses no position embedding (its keys are never re-rotated)."""
+    config = engine.model.config
+    tables = engine.family.layer_inv_freq
+    distinct = {id(t) for t in tables if t is not None}
+    types = getattr(config, "layer_types", None) or []
+    described = []
+    for layer, inv in enumerate(tables):
+        if inv is None:
+            scheme = "ALiBi bias" if engine.family.alibi else "NoPE"
+            described.append(f"{scheme} (keys never re-rotated)")
+        elif len(distinct) > 1 and layer < len(types):
+            described.append(f"rotary, {types[layer]} table")
+        else:
+            described.append("rotary")
+    return _merged_runs(described)
 
 
 def layer_windows(engine: SinkKVEngine) -> dict[str, str]:
     """The window each layer attends to, runs of equal layers merged (``"0-29": ...``).
 
-    Every layer keeps S sinks + R recent tokens and a chunk of T attends to them plus itself;
-    a layer with a sliding window (``support.layer_slides``) is accepted only
-    when that window covers S + R + T, so it never cuts what the sink window keeps."""
-    config = engine.model.config
+    Every layer keeps S sinks + R recent tokens and a chunk of T attends to them plus itself.
+    A sliding layer (``positions.py``) attends only to the last W slots of that, by slot as
+    Hugging Face masks it: where W < S + R + T its sinks fall out of view too."""
     S, R, T = engine.window.sink, engine.window.recent, engine.chunk_tokens
+    kept = f"{S} sinks + {R} recent (+{T}-token chunks)"
     described = []
-    for layer in range(engine.n_layers):
-        text = f"{S} sinks + {R} recent (+{T}-token chunks)"
-        if layer_slides(config, layer):
-            text += f", inside a sliding window of {config.sliding_window}"
-        described.append(text)
+    for window in engine.sliding:
+        if window is None:
+            described.append(kept)
+        elif window >= S + R + T:
+            described.append(f"{kept}, inside a sliding window of {window}")
+        else:
+            described.append(f"its last {window} slots only (sliding window {window}, "
+                             f"no sinks) of {kept}")
     return _merged_runs(described)
 
 
@@ -57,16 +84,28 @@ def state_bytes_per_token(engine: SinkKVEngine) -> int:
 def describe_layout(engine: SinkKVEngine) -> dict[str, Any]:
     """The fields ``sinkstream model info`` adds for a sink-KV engine."""
     bound = engine.family
-    divisor = bound.logits_divisor
     return {
         "family": bound.family.name,
         "position_scheme": position_scheme(engine),
+        "layer_positions": layer_positions(engine),
         "layer_windows": layer_windows(engine),
-        "logits": "head output" if divisor is None else f"head output / {divisor:g}",
+        "logits": _logits_text(bound.logits_divisor, bound.logits_softcap,
+                               bound.logits_scale),
         "batched_attention": (
             "ragged rows" if bound.family.ragged_batches else "one forward per cache length"),
         "state_bytes_per_token": state_bytes_per_token(engine),
     }
+
+
+def _logits_text(divisor: float | None, softcap: float | None, scale: float | None) -> str:
+    """E.g. ``head output / 8`` (Granite), ``softcap 30 * tanh(head output / 30)`` (Gemma),
+    ``head output * 0.0625`` (Cohere)."""
+    text = "head output" if divisor is None else f"head output / {divisor:g}"
+    if scale is not None:
+        text += f" * {scale:g}"
+    if softcap is not None:
+        text = f"softcap {softcap:g} * tanh({text} / {softcap:g})"
+    return text
 
 
 def _merged_runs(values: list[str]) -> dict[str, str]:

@@ -20,9 +20,18 @@ Partial rotary (GPT-NeoX/Pythia ``rotary_pct``, Phi ``partial_rotary_factor``): 
 rotates only the first ``rotary_dim = 2 * len(inv_freq)`` dims of each head (rotate-half within
 them) and passes the rest through, so a re-rotation does the same: the first ``rotary_dim``
 dims turn, the others are copied unchanged.
+
+Interleaved rotary (Cohere, Cohere2): the pairs are (2i, 2i + 1) instead of (i, i + r/2)
+(``rotate_half`` = ``[-x1, x0, -x3, x2, ...]``, cos/sin repeated per pair). The same rotation
+on strided views ``k[..., 0:r:2]``, ``k[..., 1:r:2]``: the arithmetic per element is unchanged.
+
+NoPE layers (SmolLM3's every fourth, Cohere2's global layers) get a table of zero
+frequencies: cos 1, sin 0, so ``k cos - k2 sin`` is ``k`` exactly and nothing is re-rotated.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -43,8 +52,13 @@ class SlotRotary:
         sin(a_j - a_p) = sin a_j cos a_p - cos a_j sin a_p
     """
 
-    def __init__(self, inv_freq: torch.Tensor, max_slots: int, device: torch.device) -> None:
+    def __init__(
+        self, inv_freq: torch.Tensor, max_slots: int, device: torch.device,
+        interleaved: bool = False,
+    ) -> None:
         inv = inv_freq.detach().to(device=device, dtype=torch.float32)  # [D/2]
+        #: pairs (2i, 2i + 1) (Cohere) instead of rotate-half's (i, i + r/2)
+        self.interleaved = interleaved
         slots = torch.arange(max_slots, device=device, dtype=torch.float32)  # [X]
         # same op and dtype as HF: position.float() * inv_freq.float()  -> [X, D/2]
         angles = (slots[:, None] * inv[None, :]).double()
@@ -70,21 +84,24 @@ class SlotRotary:
         sin = (sj * cp - cj * sp).float()  # sin(a_j - a_p)
         return cos, sin
 
-    @staticmethod
+    def _pairs(self, x: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two members of each rotated pair over the first ``r`` dims, as views."""
+        if self.interleaved:
+            return x[..., 0:r:2], x[..., 1:r:2]
+        return x[..., : r // 2], x[..., r // 2 : r]
+
     def rotate_into(
-        k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor
+        self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor
     ) -> None:
         """Write keys ``k`` ``[..., L, D]`` (any float dtype) rotated by the half-width fp32
         ``cos, sin`` ``[..., L, r/2]`` into the fp32 tensor ``out`` (a view is fine).
 
         Rotate-half convention over the first ``r`` dims, pairs (i, i + r/2), all arithmetic
         in fp32: ``out1 = k1 cos - k2 sin``, ``out2 = k2 cos + k1 sin``; dims ``r..D`` (partial
-        rotary) are copied as they are.
+        rotary) are copied as they are. Interleaved: pairs (2i, 2i + 1), same arithmetic.
         """
-        half = cos.shape[-1]
-        r = 2 * half
-        k1, k2 = k[..., :half], k[..., half:r]
-        o1, o2 = out[..., :half], out[..., half:r]
+        r = 2 * cos.shape[-1]
+        (k1, k2), (o1, o2) = self._pairs(k, r), self._pairs(out, r)
         torch.mul(k1, cos, out=o1)
         o1.addcmul_(k2, sin, value=-1.0)
         torch.mul(k2, cos, out=o2)
@@ -117,14 +134,70 @@ class SlotRotary:
         rotated.addcmul_(k_half[..., :r], sin)
         out[..., r:].copy_(k[..., r:])
 
-    @staticmethod
-    def whole(half: torch.Tensor) -> torch.Tensor:
-        """A half-width ``cos`` or ``sin`` ``[..., L, r/2]`` repeated to ``[..., L, r]``."""
+    def whole(self, half: torch.Tensor) -> torch.Tensor:
+        """A half-width ``cos`` or ``sin`` ``[..., L, r/2]`` repeated to ``[..., L, r]``:
+        ``[c, c]``, or ``[c0, c0, c1, c1, ...]`` interleaved."""
+        if self.interleaved:
+            return half.repeat_interleave(2, dim=-1)
         return torch.cat([half, half], dim=-1)
 
     def half_partner(self, k: torch.Tensor) -> torch.Tensor:
         """``[-k2, k1]`` of the rotated dims of keys ``[..., D]``, then the unrotated dims
         (never read): what ``rotate_whole_into`` multiplies by sin, in the keys' layout."""
         r = self.rotary_dim
+        if self.interleaved:  # [-k1, k0, -k3, k2, ...]
+            k0, k1 = self._pairs(k, r)
+            pairs = torch.stack([-k1, k0], dim=-1).flatten(-2)
+            return torch.cat([pairs, k[..., r:]], dim=-1)
         half = r // 2
         return torch.cat([-k[..., half:r], k[..., :half], k[..., r:]], dim=-1)
+
+
+class LayerRotary:
+    """Each layer's ``SlotRotary``: one table shared by every layer in most models; Gemma 3's
+    local and global layers rotate by different frequencies (two tables), and NoPE layers
+    (SmolLM3, Cohere2) by zero ones. Layers whose frequencies are the same tensor share one
+    table, so a model with one rotary embedding builds and indexes one table as before."""
+
+    def __init__(
+        self, inv_freqs: Sequence[torch.Tensor], max_slots: int, device: torch.device,
+        interleaved: bool = False,
+    ) -> None:
+        built: dict[int, int] = {}  # id(inv_freq) -> index into tables
+        self.tables: list[SlotRotary] = []
+        index = []
+        for inv in inv_freqs:
+            if id(inv) not in built:
+                built[id(inv)] = len(self.tables)
+                self.tables.append(SlotRotary(inv, max_slots, device, interleaved))
+            index.append(built[id(inv)])
+        #: per layer, the index of its table in ``tables``
+        self.table_of: tuple[int, ...] = tuple(index)
+        self.max_slots = max_slots
+        #: dims of each head the first layer's table rotates (model info, tests)
+        self.rotary_dim = self.tables[0].rotary_dim
+
+    @classmethod
+    def of(
+        cls, tables: Sequence[torch.Tensor | None], head_dim: int, max_slots: int,
+        device: torch.device, interleaved: bool = False,
+    ) -> LayerRotary:
+        """From per-layer frequencies, None on a NoPE (or ALiBi) layer: those layers share one
+        table of zero frequencies, whose rotation is exact (keys used as stored)."""
+        first = next((t for t in tables if t is not None), None)  # None: ALiBi, no table
+        zeros = torch.zeros(head_dim // 2) if first is None else torch.zeros_like(first)
+        return cls([zeros if t is None else t for t in tables], max_slots, device, interleaved)
+
+    def layer(self, index: int) -> SlotRotary:
+        return self.tables[self.table_of[index]]
+
+    def runs(self) -> list[tuple[int, int, SlotRotary]]:
+        """``(first layer, end layer, table)`` of each run of consecutive layers sharing a
+        table: what an all-layers-at-once rotation does per run."""
+        runs: list[tuple[int, int, SlotRotary]] = []
+        for i, t in enumerate(self.table_of):
+            if runs and runs[-1][2] is self.tables[t]:
+                runs[-1] = (runs[-1][0], i + 1, runs[-1][2])
+            else:
+                runs.append((i, i + 1, self.tables[t]))
+        return runs

@@ -18,7 +18,7 @@ import torch
 
 from state_store.tensors import RawTensor, StateSnapshot
 from workers.engines.base import EngineState, StateMismatchError
-from workers.engines.sinkkv.rotary import SlotRotary
+from workers.engines.sinkkv.rotary import LayerRotary
 from workers.engines.sinkkv.window import SinkWindow
 from workers.engines.tensor_bytes import from_raw, to_raw
 
@@ -78,7 +78,7 @@ class StateOwner(Protocol):
     vocab_size: int
     chunk_tokens: int
     window: SinkWindow
-    rotary: SlotRotary
+    rotary: LayerRotary
     device: torch.device
     storage_dtype: torch.dtype
     compute_dtype: torch.dtype

@@ -7,8 +7,10 @@ Sink-KV re-rotates cached keys to new slots (``rotary.py``), which is exact only
   its first ``rotary_dim`` dims; keys cached after RoPE; logits = the family's head;
 * the rotary frequencies are fixed (``inv_freq`` does not depend on the sequence length:
   dynamic NTK and longrope rescale with it, so a stored rotation would mean something else);
-* the attention implementation takes our cache and explicit positions as given (eager, sdpa);
-* any sliding window covers the whole span a chunk attends to (S + R + T).
+* the attention implementation takes our cache and explicit positions as given (eager, sdpa).
+
+A sliding window shorter than S + R is fine: that layer attends to its own most recent
+window by slot, as Hugging Face masks it (``positions.py``).
 
 Anything else is refused up front with ``UnsupportedModelError`` rather than served inexactly.
 """
@@ -39,9 +41,11 @@ SUPPORTED_TEXT = (
     + ", ".join(SUPPORTED_MODEL_TYPES)
     + " with rotary embeddings (rope types "
     + ", ".join(SUPPORTED_ROPE_TYPES)
-    + "; partial rotary for phi3 and gpt_neox), attention implementation "
+    + "; partial rotary for phi3 and gpt_neox, interleaved for cohere and cohere2, NoPE "
+    + "layers for smollm3 and cohere2, per-layer-type tables for gemma3_text) or ALiBi (mpt), "
+    + "attention "
+    + "implementation "
     + " or ".join(SUPPORTED_ATTENTION)
-    + ", and no sliding window shorter than sink_tokens + recent_tokens + chunk_tokens"
 )
 
 # config fields that do not change what a model computes
@@ -54,9 +58,11 @@ _VOLATILE_CONFIG_KEYS = (
 )
 
 
-def check_supported(model: Any, window_span: int) -> BoundFamily:
+def check_supported(model: Any, window_span: int = 0) -> BoundFamily:
     """Raise ``UnsupportedModelError`` unless sink-KV serves ``model`` exactly with chunks
-    attending to ``window_span`` = S + R + T tokens; the message lists every problem.
+    attending to ``window_span`` = S + R + T slots; the message lists every problem. No
+    sliding window limits the sink window any more: a sliding layer keeps its own
+    (``positions.py``).
 
     Returns the model's pieces (``families.bind``) for the engine to drive."""
     config = getattr(model, "config", None)
@@ -75,10 +81,18 @@ def check_supported(model: Any, window_span: int) -> BoundFamily:
     except (AttributeError, TypeError, ValueError) as exc:  # a config the adapter cannot read
         problems.append(f"{type(model).__name__}: cannot read its layout ({exc})")
     if bound is not None:
-        problems += [*_rotary_problems(config, bound), *_window_problems(config, window_span)]
+        problems += _rotary_problems(config, bound)
+        table = getattr(config, "max_seq_len", None)  # MPT builds its ALiBi this wide
+        if bound.alibi and isinstance(table, int) and table < window_span:
+            problems.append(f"an ALiBi table of max_seq_len={table} keys, fewer than "
+                            f"sink_tokens + recent_tokens + chunk_tokens = {window_span}")
     impl = getattr(config, "_attn_implementation", None)
     if impl not in SUPPORTED_ATTENTION:
         problems.append(f"attention implementation {impl!r} (load with attn_implementation='sdpa')")
+    elif impl == "sdpa" and getattr(config, "attn_logit_softcapping", None) is not None:
+        # SDPA cannot softcap (HF raises at the first forward; Gemma 2 never loads with it)
+        problems.append("an attention logit softcap under sdpa (load with "
+                        "attn_implementation='eager')")
     if problems or bound is None:
         raise UnsupportedModelError(
             f"cannot serve {type(model).__name__} with a sink-KV cache exactly: "
@@ -91,10 +105,13 @@ def check_supported(model: Any, window_span: int) -> BoundFamily:
 
 def _rotary_problems(config: Any, bound: BoundFamily) -> list[str]:
     """Fixed frequencies, over the whole head dim unless the family rotates a prefix of it."""
+    if bound.alibi:  # no rotary embedding at all
+        return []
     problems = []
-    rope_type = getattr(bound.rotary, "rope_type", "default")
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        problems.append(f"rope type {rope_type!r} changes frequencies with sequence length")
+    kinds = getattr(bound.rotary, "rope_type", "default")
+    for rope_type in kinds.values() if isinstance(kinds, dict) else [kinds]:  # Gemma 3: per type
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            problems.append(f"rope type {rope_type!r} changes frequencies with sequence length")
     rotary_dim, head_dim = bound.rotary_dim, bound.head_dim
     if rotary_dim > head_dim or rotary_dim % 2:
         problems.append(f"rotary embedding over {rotary_dim} dims of a {head_dim}-dim head")
@@ -105,33 +122,6 @@ def _rotary_problems(config: Any, bound: BoundFamily) -> list[str]:
             f"partial rotary embedding (partial_rotary_factor={factor}) in a "
             f"{bound.family.name} model, whose attention rotates the whole head")
     return problems
-
-
-def layer_slides(config: Any, layer: int) -> bool:
-    """Whether ``layer`` attends through a sliding window (``config.sliding_window`` tokens).
-
-    A config that lists layer types slides only on its ``sliding_attention`` layers (Qwen2
-    with use_sliding_window off lists none); one that does not slides on every layer when its
-    window is set (Mistral; Phi-3, whose mini 4k ships sliding_window 2047)."""
-    if getattr(config, "sliding_window", None) is None:
-        return False
-    types = getattr(config, "layer_types", None)
-    if not types:
-        return True
-    return layer < len(types) and types[layer] == "sliding_attention"
-
-
-def _window_problems(config: Any, window_span: int) -> list[str]:
-    """A sliding window shorter than the span a chunk attends to would drop tokens we keep."""
-    window = getattr(config, "sliding_window", None)
-    layers = int(getattr(config, "num_hidden_layers", None) or 1)
-    sliding = any(layer_slides(config, i) for i in range(layers))
-    if sliding and window is not None and int(window) < window_span:
-        return [
-            f"sliding window {window} is shorter than sink_tokens + recent_tokens + "
-            f"chunk_tokens = {window_span}"
-        ]
-    return []
 
 
 def model_fingerprint(model: PreTrainedModel) -> str:

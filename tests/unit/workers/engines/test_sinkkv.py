@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import sys
@@ -73,10 +74,14 @@ def max_state_diff(a: SinkKVState, b: SinkKVState) -> float:
 
 @contextmanager
 def recording_prerope_keys(model: Any) -> Iterator[list[torch.Tensor]]:
-    """Record the keys each attention layer hands to RoPE (pre-rotation, ``[B, H, T, D]``)."""
+    """Record the keys each attention layer hands to RoPE (pre-rotation, ``[B, H, T, D]``), in
+    call order (a NoPE layer makes no call; StableLM hands over its first rotary dims only)."""
     module = sys.modules[type(model).__module__]
-    original: Callable[..., Any] = module.apply_rotary_pos_emb
     calls: list[torch.Tensor] = []
+    if not hasattr(module, "apply_rotary_pos_emb"):  # ALiBi: no rotary embedding at all
+        yield calls
+        return
+    original: Callable[..., Any] = module.apply_rotary_pos_emb
 
     def recorder(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *a: Any):
         calls.append(k.detach().clone())
@@ -89,6 +94,25 @@ def recording_prerope_keys(model: Any) -> Iterator[list[torch.Tensor]]:
         module.apply_rotary_pos_emb = original
 
 
+def _layer_cos_sin(model: Any, n: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Per layer, HF's own rotary ``cos, sin`` at slots 0..n-1, None on a NoPE layer: the
+    layer-type table (Gemma 3) where the rotary embedding takes a layer type."""
+    bound = bind(model)
+    rotary, x, pos = bound.rotary, torch.zeros(1, dtype=torch.float32), torch.arange(n)[None]
+    if rotary is None:  # ALiBi
+        return [None] * len(bound.layer_inv_freq)
+    per_type = "layer_type" in inspect.signature(rotary.forward).parameters
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+    for layer, inv in enumerate(bound.layer_inv_freq):
+        if inv is None:
+            out.append(None)
+        elif per_type:
+            out.append(rotary(x, pos, model.config.layer_types[layer]))
+        else:
+            out.append(rotary(x, pos))
+    return out
+
+
 @torch.no_grad()
 def reference_logits(
     model: Any, tokens: Sequence[int], sink: int, recent: int, chunk: int
@@ -97,21 +121,30 @@ def reference_logits(
 
     Every token keeps its pre-RoPE key and its value as computed at its own step. Before each
     chunk, the visible tokens (first ``sink`` + last ``recent``) get HF's own rotary embedding
-    at their slot 0..n-1, the chunk runs at slots n..n+T-1 through a fresh plain
+    (``apply_rotary_pos_emb`` of the model's module, each layer's own table; none on a NoPE
+    layer; on the first ``rotary_dim`` dims where the attention slices them, as StableLM's
+    does) at their slot 0..n-1, the chunk runs at slots n..n+T-1 through a fresh plain
     ``DynamicCache`` (HF's default positions and mask), and then the window is cut.
     Returns logits ``[N, V]`` after each token and the final per-layer keys at their slots.
     """
     module = sys.modules[type(model).__module__]
-    rotary = bind(model).rotary  # the family's own rotary embedding, wherever it lives
     n_layers = model.config.num_hidden_layers
+    roped = [inv is not None for inv in bind(model).layer_inv_freq]
     kept: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []  # per token: raw k, v per layer
+    widths = [0] * n_layers  # per layer, the dims HF's apply_rotary_pos_emb gets (0: NoPE)
 
     def rotated(n: int) -> list[torch.Tensor]:
-        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), torch.arange(n)[None])
+        tables = _layer_cos_sin(model, n)
         out = []
         for layer in range(n_layers):
             raw = torch.cat([kept[t][0][layer] for t in range(n)], dim=2)  # [1, H, n, D]
-            out.append(module.apply_rotary_pos_emb(raw, raw, cos, sin)[1])
+            rope = tables[layer]
+            if rope is None:  # NoPE: keys as computed
+                out.append(raw)
+                continue
+            r = widths[layer]
+            turned = module.apply_rotary_pos_emb(raw[..., :r], raw[..., :r], *rope)[1]
+            out.append(torch.cat([turned, raw[..., r:]], dim=-1))
         return out
 
     logits = []
@@ -128,12 +161,22 @@ def reference_logits(
             cache = DynamicCache()
         with recording_prerope_keys(model) as calls:
             out = model(torch.tensor([piece]), **{cache_keyword(model): cache}, use_cache=True)
-        assert len(calls) == n_layers
+        assert len(calls) == sum(roped)
+        raw_keys = []  # per layer, the chunk's keys before RoPE [1, H, T, D]
+        recorded = iter(calls)
+        for layer in range(n_layers):
+            cached = cache.layers[layer].keys[:, :, n : n + len(piece)]
+            if not roped[layer]:
+                raw_keys.append(cached)  # NoPE: the cache holds them as computed
+                continue
+            pre = next(recorded)  # the dims past a sliced rotary part are cached unrotated
+            widths[layer] = pre.shape[-1]
+            raw_keys.append(torch.cat([pre, cached[..., pre.shape[-1] :]], dim=-1))
         logits.append(out.logits[0].float())
         for t in range(len(piece)):
             kept.append(
                 (
-                    [calls[layer][:, :, t : t + 1] for layer in range(n_layers)],
+                    [raw_keys[layer][:, :, t : t + 1] for layer in range(n_layers)],
                     [
                         cache.layers[layer].values[:, :, n + t : n + t + 1]
                         for layer in range(n_layers)
@@ -332,17 +375,6 @@ def test_replay_in_any_batch_split_is_bit_identical() -> None:
 _REFUSAL_REASONS = {
     "dynamic-rope": "rope type 'dynamic'",
     "longrope": "rope type 'longrope'",
-    "sliding-window": "sliding window 32",
-    "alibi": "(model type 'bloom') needs ALiBi",
-    "mpt": "(model type 'mpt') needs ALiBi",
-    "falcon-alibi": "(model type 'falcon') needs ALiBi",
-    "gemma2": "(model type 'gemma2') needs attention logit softcap on the batched path",
-    "gemma3": "(model type 'gemma3_text') needs per-layer-type rope tables",
-    "gpt-oss": "(model type 'gpt_oss') needs learned sink logits",
-    "cohere": "(model type 'cohere') needs interleaved rotary",
-    "cohere2": "(model type 'cohere2') needs NoPE layers",
-    "smollm3": "(model type 'smollm3') needs NoPE layers",
-    "stablelm": "(model type 'stablelm') needs a verified adapter",
 }
 
 
@@ -354,12 +386,6 @@ def test_unsupported_architectures_are_refused(arch: str) -> None:
     assert _REFUSAL_REASONS[arch] in message
     assert "supported: decoder-only causal LMs of type llama, mistral, qwen2, qwen3, " in message
     assert "default, linear, llama3, yarn" in message
-
-
-def test_long_enough_sliding_window_is_accepted() -> None:
-    make_engine("sliding-window", recent_tokens=20, chunk_tokens=8)  # 4 + 20 + 8 = 32: fine
-    with pytest.raises(UnsupportedModelError, match="sliding window 32 is shorter"):
-        make_engine("sliding-window", recent_tokens=21, chunk_tokens=8)
 
 
 def test_import_into_another_engine_or_model_is_refused() -> None:

@@ -173,7 +173,7 @@ def test_whole_width_rotation_is_bit_identical_to_the_half_width_one(dtype: torc
     half = torch.empty(3, 1, 2, 300, 64)[:, 0, :, 50:250]
     whole = torch.empty(3, 1, 2, 300, 64)[:, 0, :, 50:250]
     for layer in range(3):
-        SlotRotary.rotate_into(stored[layer], cos, sin, half[layer])
-    SlotRotary.rotate_whole_into(stored, rotary.half_partner(stored), SlotRotary.whole(cos),
-                                 SlotRotary.whole(sin), whole)
+        rotary.rotate_into(stored[layer], cos, sin, half[layer])
+    SlotRotary.rotate_whole_into(stored, rotary.half_partner(stored), rotary.whole(cos),
+                                 rotary.whole(sin), whole)
     assert torch.equal(half, whole)

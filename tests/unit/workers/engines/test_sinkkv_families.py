@@ -170,39 +170,52 @@ def test_family_pieces_are_found_where_transformers_5_keeps_them() -> None:
 # ----- partial rotary: the first rotary_dim dims turn, the rest stay ------------------------
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_partial_rotation_turns_only_the_rotary_dims(dtype: torch.dtype) -> None:
+def test_partial_rotation_turns_only_the_rotary_dims(dtype: torch.dtype,
+                                                     interleaved: bool) -> None:
     """``rotate_into`` (feeds) and ``rotate_whole_into`` (decode) agree bit for bit on a
-    partial rotary table, copy the unrotated dims exactly, and a zero rotation is exact."""
+    partial rotary table, rotate-half or interleaved (Cohere's pairs), copy the unrotated dims
+    exactly, and a zero rotation is exact."""
     torch.manual_seed(0)
     D, r = 16, 4
     inv_freq = 1.0 / (10000 ** (torch.arange(0, r, 2).float() / r))
-    rotary = SlotRotary(inv_freq, 64, torch.device("cpu"))
+    rotary = SlotRotary(inv_freq, 64, torch.device("cpu"), interleaved)
     assert rotary.rotary_dim == r
     stored = torch.randn(2, 40, D).to(dtype)
     cos, sin = rotary.cos_sin(torch.arange(20, 60), torch.arange(40))
     half, whole = torch.empty(2, 40, D), torch.empty(2, 40, D)
-    SlotRotary.rotate_into(stored, cos, sin, half)
-    SlotRotary.rotate_whole_into(stored, rotary.half_partner(stored), SlotRotary.whole(cos),
-                                 SlotRotary.whole(sin), whole)
+    rotary.rotate_into(stored, cos, sin, half)
+    SlotRotary.rotate_whole_into(stored, rotary.half_partner(stored), rotary.whole(cos),
+                                 rotary.whole(sin), whole)
     assert torch.equal(half, whole)
     assert torch.equal(half[..., r:], stored[..., r:].float())
     assert not torch.equal(half[..., :r], stored[..., :r].float())
     same = torch.empty(2, 40, D)
-    SlotRotary.rotate_into(stored, *rotary.cos_sin(torch.arange(40), torch.arange(40)), same)
+    rotary.rotate_into(stored, *rotary.cos_sin(torch.arange(40), torch.arange(40)), same)
     assert torch.equal(same, stored.float())
+    if interleaved:  # pair (0, 1) turned by the first frequency, as Cohere's rotate_half pairs
+        c, s_ = cos[:, 0], sin[:, 0]
+        k = stored.float()
+        assert torch.allclose(half[..., 0], k[..., 0] * c - k[..., 1] * s_)
+        assert torch.allclose(half[..., 1], k[..., 1] * c + k[..., 0] * s_)
 
 
 # ----- refusals: named, with the missing piece -----------------------------------------------
 
 
-def test_a_phi3_sliding_window_shorter_than_the_span_is_refused() -> None:
+def test_a_sliding_window_shorter_than_the_sink_window_is_accepted() -> None:
     """Phi-3 mini 4k ships ``sliding_window`` 2047 and lists no layer types: every layer
-    slides, so a window shorter than S + R + T would drop kept tokens on the solo path."""
-    overrides = {"model_overrides": {"sliding_window": 32}}
-    make_engine("phi3", recent_tokens=20, chunk_tokens=8, **overrides)  # 4 + 20 + 8 = 32
-    with pytest.raises(UnsupportedModelError, match="sliding window 32 is shorter"):
-        make_engine("phi3", recent_tokens=21, chunk_tokens=8, **overrides)
+    slides. A window shorter than S + R + T was refused; now each layer keeps its own window
+    (masked by slot, as Hugging Face does), and the per-layer windows say so."""
+    from workers.engines.sinkkv.info import layer_windows
+
+    engine = make_engine("phi3", recent_tokens=21, chunk_tokens=8,
+                         model_overrides={"sliding_window": 16})
+    assert engine.sliding == (16, 16)
+    assert layer_windows(engine) == {
+        "0-1": "its last 16 slots only (sliding window 16, no sinks) of "
+               "4 sinks + 21 recent (+8-token chunks)"}
 
 
 def test_a_base_model_without_its_head_is_refused_by_name() -> None:
@@ -226,6 +239,19 @@ def test_a_missing_piece_is_named_not_raised_as_attribute_error() -> None:
     model.gpt_neox.layers = torch.nn.ModuleList()
     with pytest.raises(UnsupportedModelError, match="lacks decoder layers at gpt_neox.layers"):
         SinkKVEngine(model, None, model_name="gpt-neox")
+    model = tiny_hf_model("gemma3")
+    model.config.model_type = "gemma3"  # the multimodal wrapper's type: refused by name
+    with pytest.raises(UnsupportedModelError, match="needs an adapter for the multimodal Gemma 3"):
+        SinkKVEngine(model, None, model_name="gemma3")
+    model.config.model_type = "gemma3_text"
+    model.config.attn_logit_softcapping = 50.0  # Gemma 3 with a softcap: SDPA cannot
+    with pytest.raises(UnsupportedModelError, match="softcap under sdpa"):
+        SinkKVEngine(model, None, model_name="gemma3")
+    with pytest.raises(UnsupportedModelError, match="ALiBi table of max_seq_len=16 keys"):
+        make_engine("mpt", model_overrides={"max_position_embeddings": 16})  # S + R + T = 36
+    model.config.model_type = "t5gemma"
+    with pytest.raises(UnsupportedModelError, match="'t5gemma' has no architecture adapter"):
+        SinkKVEngine(model, None, model_name="t5gemma")
 
 
 # ----- sinkstream model info ------------------------------------------------------------------
@@ -247,9 +273,27 @@ def test_layout_info_names_family_scheme_windows_and_bytes() -> None:
     assert info["state_bytes_per_token"] == 2 * 2 * 1 * 16 * 2 + 8
     cap, hidden = falcon.window.capacity, falcon.hidden_size * 4
     assert full_state_nbytes(falcon) == cap * info["state_bytes_per_token"] + hidden
-    slides = describe_layout(make_engine("sliding-window", recent_tokens=20))
+    slides = describe_layout(make_engine("phi3", recent_tokens=20,
+                                         model_overrides={"sliding_window": 32}))
     assert slides["layer_windows"] == {
         "0-1": "4 sinks + 20 recent (+8-token chunks), inside a sliding window of 32"}
+    gemma2 = describe_layout(make_engine("gemma2"))
+    assert gemma2["layer_windows"] == {
+        "0": "its last 12 slots only (sliding window 12, no sinks) of "
+             "4 sinks + 24 recent (+8-token chunks)",
+        "1": "4 sinks + 24 recent (+8-token chunks)"}
+    assert gemma2["logits"] == "softcap 3 * tanh(head output / 3)"
+    assert gemma2["layer_positions"] == {"0-1": "rotary"}
+    gemma3 = describe_layout(make_engine("gemma3"))
+    assert gemma3["layer_positions"] == {"0": "rotary, sliding_attention table",
+                                         "1": "rotary, full_attention table"}
+    cohere2 = describe_layout(make_engine("cohere2"))
+    assert cohere2["layer_positions"] == {"0": "rotary", "1": "NoPE (keys never re-rotated)"}
+    assert "interleaved pairs" in cohere2["position_scheme"]
+    assert cohere2["logits"] == "head output * 0.0625"
+    mpt = describe_layout(make_engine("mpt"))
+    assert mpt["position_scheme"].startswith("ALiBi bias by cache-slot distance")
+    assert mpt["layer_positions"] == {"0-1": "ALiBi bias (keys never re-rotated)"}
 
 
 def test_cli_model_info_prints_the_family(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
