@@ -88,10 +88,6 @@ def _no_tables(rotary: Any, config: Any, n_layers: int) -> tuple[Any, ...]:
     return (NOPE,) * n_layers
 
 
-def _no_refusal(config: Any) -> str | None:
-    return None
-
-
 def _falcon_tables(rotary: Any, config: Any, n_layers: int) -> tuple[Any, ...]:
     """Falcon rotates by its one table, or with ``alibi=True`` carries no positions in keys
     (its ALiBi is built from the attention mask: ones over slots 0..n+T-1)."""
@@ -131,8 +127,6 @@ class Family:
     #: kwargs passed down (the ragged multi-row path needs both); else a batch runs one
     #: forward per cache length, through the model's own attention
     ragged_batches: bool = True
-    #: the missing piece for a config of this family the engine cannot serve, else None
-    config_refusal: Callable[[Any], str | None] = _no_refusal
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -288,9 +282,6 @@ def bind(model: Any) -> BoundFamily:
     if family is None:
         raise UnsupportedModelError(
             f"{name}: model type {model_type!r} has no architecture adapter")
-    refusal = family.config_refusal(config)
-    if refusal is not None:
-        raise UnsupportedModelError(f"{name} (model type {model_type!r}) needs {refusal}")
     lay = family.layout
     decoder = _piece(model, lay.decoder, name, f"the {family.name} decoder at {lay.decoder} "
                      "(pass the causal LM, not its base model)")
