@@ -8,6 +8,7 @@ import typer
 from rich.markup import escape
 
 from sinkstream.cli.common import console, err_console, settings
+from workers.engines.loading.presets import preset_names
 
 model_app = typer.Typer(
     help="Prepare and inspect the model (SINKSTREAM_MODEL; default: smollm2).",
@@ -15,10 +16,10 @@ model_app = typer.Typer(
 )
 
 _SPEC_HELP = (
-    "smollm2 | qwen2.5-1.5b (presets: sinkstream model list) | /path/to/hf-dir | "
+    f"{' | '.join(preset_names())} (presets: sinkstream model list) | /path/to/hf-dir | "
     "/path/to/model.gguf | rwkv:/path/model.pth | "
-    "tiny-llama[:seed] | tiny-qwen2[:seed] | tiny-rwkv[:seed] | ORG/NAME (hub); "
-    "default: the model setting"
+    "tiny-llama[:seed], tiny-rwkv[:seed], one tiny-FAMILY per architecture (tiny-gemma3, "
+    "tiny-mpt, ...) | ORG/NAME (hub); default: the model setting"
 )
 
 
