@@ -86,7 +86,8 @@ def _shared_masker(masking: Masking) -> Masker:
 
 
 class Masker:
-    """Applies a :class:`Masking` to messages (compiled once per miner)."""
+    """Applies a :class:`Masking` to messages: compiled once, and shared by every miner of the
+    process through :meth:`Masking.masker`."""
 
     def __init__(self, masking: Masking, token_memory: int = TOKEN_MEMORY) -> None:
         self._memory = token_memory

@@ -120,14 +120,14 @@ class NotesWriter:
         """The meeting notes: a guarded summary, every item with its citations, the key
         moments verbatim. Nothing is written: the caller commits what it returns."""
         notes = self.phrase(notes)
-        prose = ""
         if self.prose:
             support = self.support(stream_id, notes.people, lines)
             prose = self._guarded(self.summarizer.summary_prose(
                 after, self.summarizer.notes(memory), [m.spoken() for m in moments],
                 [f"- {i.text}" for i in notes.items]), support)
-        summary = (prose or NO_SUPPORTED_SUMMARY) if self.prose \
-            else render.overview(notes.items)
+            summary = prose or NO_SUPPORTED_SUMMARY
+        else:
+            prose, summary = "", render.overview(notes.items)
         text = f"## Summary\n{summary}\n\n" + render.sections(notes.items)
         if moments:
             text += "\n\n## Key moments\n" + "\n".join(m.line() for m in moments)
@@ -216,4 +216,3 @@ def _sentence(text: str) -> str:
     first = re.sub(r"^\s*(?:[-*•]|\d+[.)])\s*", "", first).strip().strip('"“”')
     match = re.match(r"(.+?[.!?])(?:\s|$)", first)
     return (match.group(1) if match else first).strip()
-
