@@ -319,12 +319,18 @@ class Settings(BaseSettings):
 
     # --- cross-stream batching (issue #6): several streams in one forward -------------
     batch_streams: int = Field(
-        1, ge=1, le=256,
+        16, ge=1, le=256,
         description="most streams a worker feeds in one forward: a task for one stream also "
                     "claims up to this many minus one other runnable streams (oldest first, "
                     "leases taken without waiting), feeds their batches together and commits "
-                    "each stream on its own. 1 = off (the default): batched results equal "
-                    "solo feeding only to float rounding (~1e-6), not bit for bit")
+                    "each stream on its own. 1 = off. Default from benchmarks/README.md "
+                    "(batching)")
+    batch_exact: bool = Field(
+        True, description="batch streams only where the worker has checked, on start with its "
+                          "own model and kernels, that a stream fed in a batch commits the "
+                          "same bits as fed alone (so a replay after a crash is bit-identical); "
+                          "false batches anyway, where a replay may differ in the last float "
+                          "bits (mixture-of-experts models, some BLAS builds)")
     batch_tokens: int = Field(
         8192, ge=1, le=1_000_000,
         description="token budget of one cross-stream forward (batch_streams > 1): no more "

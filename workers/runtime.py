@@ -7,6 +7,7 @@ process: loading takes seconds, a batch takes milliseconds.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -19,11 +20,14 @@ import redis
 from sinkstream.settings import Settings, load_settings
 from state_store.connection import redis_from_settings
 from workers.engines.base import Engine
+from workers.engines.invariance import check_batch_invariance
 from workers.heap import HeapTrimmer
 from workers.memory_budget import RssBudget
 from workers.processing.multistream import MultiStreamProcessor
 from workers.processing.processor import StreamProcessor
 from workers.scheduling.scheduler import Enqueue, Scheduler
+
+log = logging.getLogger(__name__)
 
 
 def worker_id() -> str:
@@ -54,9 +58,26 @@ class Runtime:
         return StreamProcessor(self.engine, self.client, self.settings, worker_id())
 
     @cached_property
+    def batch_streams(self) -> int:
+        """Streams per forward in this process: ``batch_streams``, or 1 where ``batch_exact``
+        holds and the loaded engine is not batch-invariant on this machine (checked once)."""
+        wanted = self.settings.batch_streams
+        if wanted <= 1 or not self.settings.batch_exact:
+            return wanted
+        check = check_batch_invariance(self.engine)
+        if check.invariant:
+            log.info("cross-stream batching on (%d streams): %s; checked in %.1fs", wanted,
+                     check.reason, check.seconds)
+            return wanted
+        log.warning("cross-stream batching off: %s. Set SINKSTREAM_BATCH_EXACT=false to batch "
+                    "anyway (a replay after a crash may then differ in the last float bits)",
+                    check.reason)
+        return 1
+
+    @cached_property
     def multistream(self) -> MultiStreamProcessor:
         """Cross-stream batching (``batch_streams`` > 1) around ``processor``."""
-        return MultiStreamProcessor(self.processor, self.settings.batch_streams,
+        return MultiStreamProcessor(self.processor, self.batch_streams,
                                     self.settings.batch_tokens)
 
     @cached_property

@@ -88,10 +88,10 @@ def process_stream(stream_id: str) -> dict[str, Any]:
 
 
 def _process(rt: Runtime, stream_id: str) -> Outcome:
-    """The task's batches: of ``stream_id`` alone, or (``batch_streams`` > 1) together with
+    """The task's batches: of ``stream_id`` alone, or (``Runtime.batch_streams`` > 1) with
     companions claimed by ``workers/processing/multistream.py``; ``stream_id``'s outcome.
     Companions keep their own scheduling (their queued tasks or the dispatcher)."""
-    if rt.settings.batch_streams <= 1:
+    if rt.batch_streams <= 1:
         return rt.processor.process(stream_id, rt.settings.batch_time_slice_seconds)
     outcomes = rt.multistream.process(stream_id, rt.settings.batch_time_slice_seconds)
     for companion in outcomes[1:]:

@@ -139,6 +139,18 @@ class Engine(abc.ABC, Generic[S]):
         """
         return None
 
+    def batch_variance(self) -> str | None:
+        """Why this engine's batched feeds cannot equal its solo ones bit for bit, whatever the
+        machine (None: nothing in its design; ``workers/engines/invariance.py`` then checks
+        the machine's kernels)."""
+        return None
+
+    def scaled_down(self) -> Engine[S]:
+        """This engine with its smallest window that still takes every path of a feed (sinks,
+        eviction, re-rotation): the same model, forward and chunk size, for quick
+        self-checks. An engine without a window returns itself."""
+        return self
+
     @abc.abstractmethod
     def score(self, state: S, token_ids: Sequence[int]) -> list[float]:
         """Log-probability of each of ``token_ids`` given the state and the tokens before it."""

@@ -109,13 +109,21 @@ def random_kills(
         wait_until(lambda: all_caught_up(client, workload.streams), 180,
                    f"every stream to catch up (seed {seed})", pool.logs)
         report.verdict.add(verify(client, reference, workload))
-        report.notes = {"mid-batch kills": mid, "seed": seed}
+        report.notes = {"mid-batch kills": mid, "seed": seed,
+                        "batching workers": batching_workers(pool)}
     finally:
         done.set()
         pool.close()
         server.stop(hard=True)
     report.seconds = time.monotonic() - started
     return report
+
+
+def batching_workers(pool: WorkerPool) -> int:
+    """Workers that checked batch invariance on start and fed streams in shared forwards
+    (their log says so; the default ``batch_streams`` is above 1)."""
+    return sum("cross-stream batching on" in w.log.read_text(errors="replace")
+               for w in pool.workers)
 
 
 # ----- Redis restarts and a long outage -----------------------------------------------------------

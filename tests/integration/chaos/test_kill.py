@@ -1,5 +1,7 @@
 """kill -9 of workers at seeded random moments, three workers at once: nothing lost, nothing
 applied twice, every published summary readable (see ``tests/integration/chaos/common.py::verify``).
+The workers batch streams (the default): each committed state is still bit-identical to the
+stream fed alone in one uninterrupted pass.
 
 The deterministic fault points (after_load / after_feed / before_commit / chunks_written) are
 covered one by one in ``tests/integration/pipeline/test_pipeline.py``; here the moments are random.
@@ -21,3 +23,4 @@ def test_random_kill9_three_workers_loses_nothing(tmp_path: Path) -> None:
     assert report.trials == KILLS
     assert report.verdict.ok, report.verdict.describe()
     assert report.verdict.summaries > 0
+    assert report.notes["batching workers"] > 0

@@ -167,6 +167,10 @@ def batched_forward(
         xx, new[3 * i + 2] = _cmix(xx, stacked[3 * i + 2], z, ffn)
         x = x + xx
     last = F.layer_norm(x[:, -1, :], (C,), weight=z["ln_out.weight"], bias=z["ln_out.bias"])
-    logits = last @ z["head.weight"]  # [B, V]
+    # Row by row, as the package computes its one row: a [B, C] x [C, V] product would take
+    # another BLAS kernel for B = 1 (a matrix-vector product) than for B > 1, so a stream's
+    # logits would depend on how many neighbours it was fed with.
+    head = z["head.weight"]
+    logits = torch.stack([row @ head for row in last])  # [B, V]
     rows = [[t[b].clone() for t in new] for b in range(B)]
     return logits, rows

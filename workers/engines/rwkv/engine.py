@@ -214,6 +214,8 @@ class RWKVEngine(Engine[RWKVState]):
         return RWKVState(tokens_seen=0, pending=[], tensors=fresh.tensors, logits=fresh.logits)
 
     def _feed_one(self, state: RWKVState, token_ids: Sequence[int]) -> RWKVState:
+        """``state`` after ``token_ids`` through the package's own forward, one chunk at a time
+        (the configurations the batched forward does not reproduce)."""
         tokens = self._check_ids(token_ids, "feed")
         chunks, rest = aligned_chunks(state.pending, tokens, self.chunk_tokens)
         tensors, logits = state.tensors, state.logits
@@ -229,23 +231,26 @@ class RWKVEngine(Engine[RWKVState]):
     def feed_batch(
         self, states: Sequence[RWKVState], token_lists: Sequence[Sequence[int]]
     ) -> list[RWKVState]:
-        """Feed several streams; result i equals ``feed(states[i], token_lists[i])`` to fp32
-        rounding (~1e-6 on logits), not bit for bit, when rows are batched.
+        """Feed several streams; result i is bit-identical to ``feed(states[i], token_lists[i])``
+        whatever else is in the batch, so a stream fed in batches and replayed alone after a
+        crash commits the same state.
 
         The ``rwkv`` package has no batch dimension. For RWKV-7 on CPU (the package's Python
-        path) round r feeds the r-th chunk of every stream that has one in a single batched
-        forward (:func:`workers.engines.rwkv.batched.batched_forward`: the package's formulas
-        over stacked ``[B, ...]`` states, its rank-1 wkv update applied in O(N^2) instead of
-        an O(N^3) matmul); it rounds differently from the package (~1e-6 relative).
-        A round with one row, a single-stream ``feed``, and every other configuration (v4-v6,
-        CUDA kernels, DeepEmbed) use the package forward, so solo feeding stays bit-identical
-        to the package and replays of a stream fed alone are unchanged. A stream fed batched
-        and replayed alone after a crash matches only to that rounding, which is why workers
-        batch streams only when ``batch_streams`` > 1 (``workers/processing/multistream.py``).
+        path) every chunk, a lone stream's included, goes through
+        :func:`workers.engines.rwkv.batched.batched_forward` (the package's formulas over
+        stacked ``[B, ...]`` states, its rank-1 wkv update applied in O(N^2) instead of an
+        O(N^3) matmul): round r feeds the r-th chunk of every stream that has one in a single
+        forward. A row's arithmetic does not depend on its neighbours: every op is row-wise
+        except the matmuls, whose rows over ``B * T`` inputs round like those over ``T`` on the
+        CPU BLAS for T >= 64 (``workers/engines/invariance.py`` checks it on the running
+        machine). It rounds differently from the package's own forward (~1e-6 relative), which
+        ``generate``/``score`` still use (nothing they compute is committed).
+        Every other configuration (v4-v6, CUDA kernels, DeepEmbed) feeds each stream alone
+        through the package: invariant too, just not batched.
         """
         if len(states) != len(token_lists):
             raise ValueError(f"{len(states)} states but {len(token_lists)} token lists")
-        if len(states) < 2 or not self._batched_ok():
+        if not self._batched_ok():
             return [self._feed_one(s, t) for s, t in zip(states, token_lists, strict=True)]
         plans = [
             aligned_chunks(s.pending, self._check_ids(t, "feed"), self.chunk_tokens)
@@ -256,10 +261,6 @@ class RWKVEngine(Engine[RWKVState]):
         rounds = max((len(chunks) for chunks, _ in plans), default=0)
         for r in range(rounds):
             rows = [i for i, (chunks, _) in enumerate(plans) if len(chunks) > r]
-            if len(rows) == 1:
-                i = rows[0]
-                logits[i], tensors[i] = self._forward(plans[i][0][r], tensors[i])
-                continue
             out, new = batched_forward(
                 self._model, [plans[i][0][r] for i in rows], [tensors[i] for i in rows]
             )

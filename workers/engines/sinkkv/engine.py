@@ -403,9 +403,7 @@ class SinkKVEngine(Engine[SinkKVState]):
     def _widened(self, extra: int) -> SinkKVEngine:
         """This engine with ``extra`` more recent slots, for one ``generate`` call.
 
-        A shallow copy: it shares the model, tokenizer and lock, and only has its own window
-        policy and a rotary table long enough for the wider slots (cached per size), so
-        concurrent feeds on this engine are unaffected.
+        Its rotary table is long enough for the wider slots (cached per size).
         """
         if extra == 0:
             return self
@@ -417,10 +415,22 @@ class SinkKVEngine(Engine[SinkKVState]):
         tables: dict[int, LayerRotary] = self.__dict__.setdefault("_wide_rotary", {})
         if size not in tables:
             tables[size] = self._layer_rotary(self.window.capacity + size + self.chunk_tokens)
-        wide = copy.copy(self)
-        wide.window = SinkWindow(self.window.sink, self.window.recent + size)
-        wide.rotary = tables[size]
-        return wide
+        return self._with_recent(self.window.recent + size, tables[size])
+
+    def _with_recent(self, recent: int, rotary: LayerRotary) -> SinkKVEngine:
+        """A shallow copy with ``recent`` recent slots and ``rotary`` (covering them): it
+        shares the model, tokenizer and lock, so feeds on this engine are unaffected."""
+        other = copy.copy(self)
+        other.window = SinkWindow(self.window.sink, recent)
+        other.rotary = rotary
+        return other
+
+    def scaled_down(self) -> SinkKVEngine:
+        """Two chunks of recent slots: a stream evicts and re-rotates from its third chunk."""
+        return self._with_recent(min(self.window.recent, 2 * self.chunk_tokens), self.rotary)
+
+    def batch_variance(self) -> str | None:
+        return self.family.family.batch_variance
 
     def score(self, state: SinkKVState, token_ids: Sequence[int]) -> list[float]:
         """Log-probabilities; the first token of a stream that has seen nothing has none (NaN)."""

@@ -127,7 +127,15 @@ class Family:
     #: kwargs passed down (the ragged multi-row path needs both); else a batch runs one
     #: forward per cache length, through the model's own attention
     ragged_batches: bool = True
+    #: why a batched feed cannot round like a solo one, whatever the machine (None: nothing
+    #: in the architecture; the kernels are checked at run time)
+    batch_variance: str | None = None
 
+
+#: mixture-of-experts layers multiply each expert's weights by the tokens routed to it across
+#: the whole batch, so the shape of that matmul, and its rounding, depends on the neighbours
+_MOE = ("a mixture of experts: each expert's matmul runs over the tokens the whole batch "
+        "routed to it, so its rounding depends on the other streams in the batch")
 
 FAMILIES: tuple[Family, ...] = (
     Family("llama", ("llama", "mistral", "qwen2", "qwen3")),
@@ -140,7 +148,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("gemma3", ("gemma3_text",), logits_softcap="final_logit_softcapping",
            rope_tables=_layer_type_tables),
     # learned sink logits per head (``s_aux``), yarn RoPE, sliding/full layers
-    Family("gpt-oss", ("gpt_oss",)),
+    Family("gpt-oss", ("gpt_oss",), batch_variance=_MOE),
     Family("cohere", ("cohere",), logits_scale="logit_scale", interleaved=True),
     Family("cohere2", ("cohere2",), logits_scale="logit_scale", interleaved=True,
            rope_tables=_global_nope),
