@@ -107,7 +107,8 @@ class Engine(abc.ABC, Generic[S]):
 
     @abc.abstractmethod
     def feed_batch(self, states: Sequence[S], token_lists: Sequence[Sequence[int]]) -> list[S]:
-        """Feed several streams at once; result i equals ``feed(states[i], token_lists[i])``."""
+        """Feed several streams at once; result i equals ``feed(states[i], token_lists[i])``,
+        bit for bit unless ``batch_variance`` says why not (``workers/engines/invariance.py``)."""
 
     @abc.abstractmethod
     def generate(

@@ -1,7 +1,7 @@
 """Cross-stream batching: several streams' batches in one forward, each committed on its own.
 
-Opt-in (``batch_streams`` > 1). A task for stream X takes X's lease as usual, then claims up to
-``batch_streams - 1`` other runnable streams, oldest first, from the ``RUNNABLE`` set (leases
+On by default (``batch_streams`` 16; 1 turns it off). A task for stream X takes X's lease as
+usual, then claims up to ``batch_streams - 1`` other runnable streams, oldest first, from the ``RUNNABLE`` set (leases
 taken without waiting; a stream leased elsewhere, parked as failed or with nothing to read is
 skipped), until their batches add up to ``batch_tokens``. The batches go through the engine's
 ``feed_batch`` in one forward; then every stream runs the same steps as a solo batch
@@ -14,12 +14,11 @@ skipped), until their batches add up to ``batch_tokens``. The batches go through
   every stream at its own last commit, from which any worker replays it;
 * hot cache: loads and commits go through the processor's cache, as for a solo batch.
 
-The trade-off, and why this is off by default: a batched forward rounds differently from a
-solo one (sink-KV: another attention kernel per row group; RWKV: the batched re-implementation
-of the package's forward), so a stream fed in a batch matches the same stream fed alone only to
-~1e-6 (fp32 logits), not bit for bit. With batching off, a stream's state after N entries is
-bit-identical whichever worker replays it; with it on, a replay after a crash can differ from
-the lost attempt in the last float bits (never in which entries were applied).
+Replays stay bit-identical: a stream fed in a batch commits the same bits as the stream fed
+alone, whatever its neighbours (the engines round a row alike in and out of a batch; see
+``workers/engines/invariance.py``). The worker checks this once with its own model and kernels
+(``Runtime.batch_streams``) and feeds solo where it does not hold (``batch_exact``), so a
+replay after a crash commits exactly the state the lost attempt would have.
 
 Scheduling stays per stream. A claimed stream keeps its ``scheduled`` flag and its queued task
 (which later finds less or nothing to do); streams still holding input are moved to the back

@@ -197,8 +197,11 @@ class SinkKVEngine(Engine[SinkKVState]):
 
         One row runs the model exactly as configured (its own attention function and mask).
         Several rows run with ``_ragged_attention`` (each row attends at its own cache length,
-        no padding): the same maths, rounded differently (~1e-6 on fp32 logits), so a stream
-        fed in a batch matches it fed alone to that tolerance, not bit for bit.
+        no padding), one SDPA call per group of equal length: per row the same kernel and
+        reduction order as the model's own SDPA call, and the matmuls round a row alike over
+        ``B * T`` rows as over ``T``, so a stream fed in a batch commits the same bits as fed
+        alone (``workers/engines/invariance.py`` checks it on the running machine; families
+        where it does not hold say so in ``Family.batch_variance``).
         """
         B, T = len(windows), len(pieces[0])
         if any(len(p) != T for p in pieces):
