@@ -10,9 +10,12 @@ the work itself, whatever other jobs do to wall time):
 * ``sequential``: ``[engine.feed(s, c) for s, c in zip(states, chunks)]``.
 
 ``tok_s`` = N * 64 / the fastest of the interleaved repetitions (medians in the JSON);
-``speedup`` = batched tok/s / sequential tok/s.
+``speedup`` = batched tok/s / sequential tok/s; ``bit_identical``: every batched state equals
+the sequential one byte for byte (exported as a commit stores it), in every repetition.
 Engines: ``tiny-llama`` through sink-KV (S=4, R=1020) and ``tiny-rwkv`` (RWKV-7, 2x128)
-through the RWKV engine (batched via :mod:`workers.engines.rwkv.batched`). Headline keys:
+through the RWKV engine (batched via :mod:`workers.engines.rwkv.batched`; since issue #23 a lone
+stream takes that forward too, with one row), and the real default model (SmolLM2-135M,
+N = 1, 4, 16, fewer repetitions: ``speedup_16_sinkkv_default_model``). Headline keys:
 ``speedup_16_sinkkv``, ``speedup_16_rwkv`` and ``speedup_16`` (the smaller of the two).
 
 Worker level (rows with ``level = worker``): M streams of QMSum turns published to a private
@@ -44,6 +47,8 @@ def cpu_timed(fn: Any) -> tuple[float, Any]:
 
 CHUNK = 64
 STREAMS = (1, 4, 16, 64)
+#: streams per round for the real default model
+REAL_STREAMS = (1, 4, 16)
 
 
 def _measure(engine: Any, n: int, reps: int, seed: int) -> dict[str, Any]:
@@ -56,33 +61,38 @@ def _measure(engine: Any, n: int, reps: int, seed: int) -> dict[str, Any]:
         [[rng.randrange(1, vocab) for _ in range(CHUNK)] for _ in range(n)] for _ in range(reps + 1)
     ]
 
-    def batched(c: list[list[int]]) -> None:
-        engine.feed_batch(states, c)
+    def batched(c: list[list[int]]) -> list[Any]:
+        return list(engine.feed_batch(states, c))
 
-    def sequential(c: list[list[int]]) -> None:
-        for s, t in zip(states, c, strict=True):
-            engine.feed(s, t)
+    def sequential(c: list[list[int]]) -> list[Any]:
+        return [engine.feed(s, t) for s, t in zip(states, c, strict=True)]
 
     batched(chunks[0])  # warm-up
     sequential(chunks[0])
     times: dict[str, list[float]] = {"batched": [], "sequential": []}
+    identical = True
     for r in range(reps):
         c = chunks[r + 1]
         order = (batched, sequential) if r % 2 == 0 else (sequential, batched)
+        fed: dict[str, list[Any]] = {}
         for fn in order:
-            seconds, _ = cpu_timed(functools.partial(fn, c))
+            seconds, fed[fn.__name__] = cpu_timed(functools.partial(fn, c))
             times[fn.__name__].append(seconds)
+        identical &= all(engine.export_state(a) == engine.export_state(b)
+                         for a, b in zip(fed["batched"], fed["sequential"], strict=True))
     tokens = n * CHUNK
     b_tps = tokens / min(times["batched"])
     s_tps = tokens / min(times["sequential"])
     return {
         "engine": engine.kind,
+        "model": engine.model_name,
         "streams": n,
         "reps": reps,
         "batched_tok_s": b_tps,
         "sequential_tok_s": s_tps,
         "speedup": b_tps / s_tps,
         "median_speedup": median(times["sequential"]) / median(times["batched"]),
+        "bit_identical": identical,
     }
 
 
@@ -173,12 +183,19 @@ def run(quick: bool) -> BenchResult:
         engine = load_engine(settings, spec)
         for n in STREAMS:
             rows.append(_measure(engine, n, reps if n < 64 else max(2, reps - 2), seed=n))
+    # the real default model (SmolLM2-135M, the default dtype): fewer streams and repetitions,
+    # a 16-stream round takes seconds
+    real = load_engine(settings)
+    for n in REAL_STREAMS:
+        rows.append(_measure(real, n, 2 if quick else 3, seed=n))
     for r in rows:
         r["level"] = "engine"
     for spec in ("tiny-llama", "tiny-rwkv"):
         engine = load_engine(settings, spec)
         rows.append(_worker_level(engine, spec, 16, 8 if quick else 16, 2 if quick else 3))
-    by = {(r["engine"], r["streams"]): r["speedup"] for r in rows if r["level"] == "engine"}
+    tiny = [r for r in rows if r["level"] == "engine" and r["model"] != real.model_name]
+    by = {(r["engine"], r["streams"]): r["speedup"] for r in tiny}
+    by_real = {r["streams"]: r["speedup"] for r in rows if r.get("model") == real.model_name}
     worker = {r["engine"]: r["speedup"] for r in rows if r["level"] == "worker"}
     return BenchResult(
         title=f"feed_batch vs one stream at a time, {CHUNK}-token chunks, tiny-llama (sink-KV) "
@@ -190,6 +207,9 @@ def run(quick: bool) -> BenchResult:
             "speedup_16_rwkv": by[("rwkv", 16)],
             "speedup_64_sinkkv": by[("sinkkv", 64)],
             "speedup_64_rwkv": by[("rwkv", 64)],
+            f"speedup_16_{real.kind}_default_model": by_real[16],
+            "default_model": real.model_name,
+            "bit_identical": all(r["bit_identical"] for r in rows if r["level"] == "engine"),
             "worker_ratio_16_sinkkv": worker["sinkkv"],
             "worker_ratio_16_rwkv": worker["rwkv"],
             "threads": threads(),
