@@ -163,6 +163,7 @@ def _start_background(sender: Any = None, **_: Any) -> None:
         if pool is not None and "solo" in type(pool).__module__:
             # load the model (and create its metric series at zero) before the first task
             rt.processor  # noqa: B018
+            rt.batch_streams  # noqa: B018  (the batch-invariance check, once, before ready)
             _warm_up_embedder(rt)
             # the models, modules and Celery's objects live as long as the process: out of
             # the collector's sight, a full collection no longer walks them mid-batch

@@ -49,7 +49,9 @@ def demo_cmd(
     env = {**os.environ, "SINKSTREAM_REDIS_URL": server.url, "SINKSTREAM_BROKER_URL": server.url,
            "SINKSTREAM_MODEL": model or cfg.model, "SINKSTREAM_METRICS_PORT": str(metrics_port),
            "SINKSTREAM_SUMMARY_EVERY_TOKENS": str(summary_every),
-           "SINKSTREAM_DISPATCH_INTERVAL_SECONDS": "0.1"}
+           "SINKSTREAM_DISPATCH_INTERVAL_SECONDS": "0.1",
+           # one stream: nothing to batch it with, so no batch-invariance check at start
+           "SINKSTREAM_BATCH_STREAMS": "1"}
     worker: subprocess.Popen[bytes] | None = None
     try:
         server.start()

@@ -56,14 +56,15 @@ def check_batch_invariance(engine: Engine[Any], seed: int = 0) -> InvarianceChec
     def tokens(n: int) -> list[int]:
         return [rng.randrange(1, vocab) for _ in range(n)]
 
-    # fed before the check: nothing, a partial window, one past its eviction
-    histories = [tokens(n) for n in (0, c + 5, 3 * c + 2)]
-    news = [tokens(n) for n in (2 * c + 1, c, c + 3)]
+    # fed before the check: nothing, a partial window, one past its eviction (the scaled-down
+    # window holds S + 2c); then a chunk each, the first stream's with a pending remainder
+    histories = [tokens(n) for n in (0, c, 3 * c)]
+    news = [tokens(n) for n in (c + 1, c, c)]
     starts = [probe.feed(probe.new_state(), h) for h in histories]
     alone = [_snapshot(probe, probe.feed(s, t)) for s, t in zip(starts, news, strict=True)]
     together = probe.feed_batch(starts, news)
     # other neighbours (a fresh stream) and the rows in another order
-    extra = tokens(2 * c)
+    extra = tokens(c)
     order = [2, 0, 1]
     regrouped = probe.feed_batch([probe.new_state(), *[starts[i] for i in order]],
                                  [extra, *[news[i] for i in order]])[1:]

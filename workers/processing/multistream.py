@@ -1,11 +1,12 @@
 """Cross-stream batching: several streams' batches in one forward, each committed on its own.
 
 On by default (``batch_streams`` 16; 1 turns it off). A task for stream X takes X's lease as
-usual, then claims up to ``batch_streams - 1`` other runnable streams, oldest first, from the ``RUNNABLE`` set (leases
-taken without waiting; a stream leased elsewhere, parked as failed or with nothing to read is
-skipped), until their batches add up to ``batch_tokens``. The batches go through the engine's
-``feed_batch`` in one forward; then every stream runs the same steps as a solo batch
-(``StreamProcessor.finish``: summaries, memory, the commit fenced by *its own* lease). So:
+usual, then claims up to ``batch_streams - 1`` other runnable streams, oldest first, from the
+``RUNNABLE`` set (leases taken without waiting; a stream leased elsewhere, parked as failed or
+with nothing to read is skipped), until their batches add up to ``batch_tokens``. The batches
+go through the engine's ``feed_batch`` in one forward; then every stream runs the same steps as
+a solo batch (``StreamProcessor.finish``: summaries, memory, the commit fenced by *its own*
+lease). So:
 
 * per-stream order: each stream is read after its committed entry id and fed in order, under
   its own lease, one batch at a time;
