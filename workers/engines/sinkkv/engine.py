@@ -329,11 +329,10 @@ class SinkKVEngine(Engine[SinkKVState]):
         return self.family.logits(hidden.to(self.device)).float()
 
     def _check_tokens(self, tokens: Sequence[int]) -> None:
-        for t in tokens:
-            if not 0 <= int(t) < self.vocab_size:
-                raise ValueError(
-                    f"token id {t} outside the model's vocabulary [0, {self.vocab_size})"
-                )
+        if tokens and not (0 <= min(tokens) and max(tokens) < self.vocab_size):
+            bad = next(t for t in tokens if not 0 <= int(t) < self.vocab_size)
+            raise ValueError(
+                f"token id {bad} outside the model's vocabulary [0, {self.vocab_size})")
 
     # ----- reading the state ---------------------------------------------------------------
     def rotated_keys(self, state: SinkKVState) -> list[torch.Tensor]:
