@@ -554,3 +554,11 @@ def test_bf16_compute_stays_close_to_fp32() -> None:
     assert (got - want).abs().max().item() < 0.2  # bf16 arithmetic, not a position error
     restored = bf16.import_state(_through_bytes(bf16, bf16.export_state(state)))
     assert_states_equal(bf16.feed(restored, tokens[:9]), bf16.feed(state, tokens[:9]))
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_by_value() -> None:
+    engine = make_engine()
+    for bad in (256, -1):
+        with pytest.raises(ValueError, match=f"token id {bad} outside the model's vocabulary"):
+            engine.feed(engine.new_state(), [1, 2, bad, 3])
+    assert engine.feed(engine.new_state(), [0, 255]).tokens_seen == 2
