@@ -85,14 +85,11 @@ class _ForwardWindows:
                 rows.extend(buf.unbind(0))
         # Per row: the first cached index whose slot moved (sinks never move), and per rotary
         # table the rotation from stored to current slot for the moved ones: cos/sin
-        # [n_i - s0_i, D/2] (None: nothing moved).
+        # [n_i - s0_i, D/2] (None: nothing moved), kept per slot pattern (a steady stream
+        # repeats one: ``LayerRotary.moved``).
         self.rotary = rotary
-        self.first_moved: list[int] = []
-        self.cos_sin: list[list[tuple[torch.Tensor, torch.Tensor]] | None] = []
-        for w in windows:
-            s0, rotations = _moved_rotations(rotary, w, dev)
-            self.first_moved.append(s0)
-            self.cos_sin.append(rotations)
+        self.moved = [rotary.moved(w.slots, dev, memo=True) for w in windows]
+        self.first_moved: list[int] = [m.first for m in self.moved]
         longest_moved = max(n - s0 for n, s0 in zip(self.lengths, self.first_moved, strict=True))
         self.scratch = (  # fp32 rotation output when the model computes in bf16/fp16
             torch.empty(H, longest_moved, D, dtype=torch.float32, device=dev)
@@ -133,16 +130,17 @@ class _ForwardWindows:
         n, s0 = self.lengths[i], self.first_moved[i]
         dst = self.row_keys[i]  # [H_kv, n + T, D]
         dst[:, :s0].copy_(stored_k[:, :s0])  # not moved: exactly as stored
-        rotations = self.cos_sin[i]
-        if rotations is not None:  # moved: one fp32 rotation from the stored slot
+        moved = self.moved[i]
+        if moved.halves is not None:  # moved: one fp32 rotation from the stored slot
             table = self.rotary.table_of[layer]
-            cos, sin = rotations[table]
+            cos, sin = moved.halves[table]
+            whole = moved.cos_whole[table] if moved.cos_whole is not None else None
             rotate = self.rotary.tables[table].rotate_into
             if self.scratch is None:
-                rotate(stored_k[:, s0:], cos, sin, dst[:, s0:n])
+                rotate(stored_k[:, s0:], cos, sin, dst[:, s0:n], whole)
             else:
                 tmp = self.scratch[:, : n - s0]
-                rotate(stored_k[:, s0:], cos, sin, tmp)
+                rotate(stored_k[:, s0:], cos, sin, tmp, whole)
                 dst[:, s0:n].copy_(tmp)
         self.row_values[i][:, :n].copy_(stored_v)
 
@@ -191,13 +189,10 @@ def _moved_rotations(
     slot), and per rotary table the fp32 ``cos, sin`` ``[n - s0, D/2]`` rotating indices s0..
     from their stored to their current slot (None when nothing moved). Keys below s0 (the
     sinks, at least) are used exactly as stored; from s0 on every key goes through one
-    rotation, a zero one for a key that did not move."""
-    moved = (w.slots != torch.arange(w.length)).nonzero()
-    s0 = int(moved[0, 0]) if len(moved) else w.length
-    if s0 == w.length:
-        return s0, None
-    stored, current = w.slots[s0:].to(device), torch.arange(s0, w.length).to(device)
-    return s0, [table.cos_sin(stored, current) for table in rotary.tables]
+    rotation, a zero one for a key that did not move (``LayerRotary.moved``, not kept: a
+    generate step's pattern never repeats)."""
+    moved = rotary.moved(w.slots, device)
+    return moved.first, moved.halves
 
 
 # ----- the attention function of a multi-row forward -------------------------------------------
