@@ -175,12 +175,13 @@ class MultiStreamProcessor:
                 continue
             budget -= h.tokens
 
-    def _prepare(self, h: _Held, count: bool = True) -> None:
+    def _prepare(self, h: _Held, count: bool = True, token_cap: int | None = None) -> None:
         """Load ``h``'s state and read its next batch (``h.prepared`` None when there is none).
-        ``count``: whether an idle/failed outcome is counted (not for companion probes)."""
+        ``count``: whether an idle/failed outcome is counted (not for companion probes);
+        ``token_cap``: the most tokens the batch may take (``StreamProcessor.prepare``)."""
         h.prepared = None
         try:
-            prepared = self.p.prepare(h.claim)
+            prepared = self.p.prepare(h.claim, token_cap)
         except LeaseLostError as exc:
             h.add(Outcome(h.stream_id, "lost", reason=str(exc)))
             return
@@ -207,9 +208,10 @@ class MultiStreamProcessor:
         forward, whatever the batches' lengths), so short and long batches share forwards
         instead of short ones idling while the longest finishes. A batch fully fed commits
         at once (``StreamProcessor.finish``: fenced by its own lease), and its stream reads
-        its next batch: fed from the next step on before ``deadline``, afterwards only when
-        it ends by ``horizon`` (the last step of the batches already started), so a call
-        lasts no longer than its longest batch once the time slice is over.
+        its next batch: fed from the next step on before ``deadline``; afterwards cut to the
+        tokens that end by ``horizon`` (the last step of the batches started before it), so
+        the forwards stay full until then, and a call outlasts its longest batch by at most
+        one entry (a batch takes at least one) once the time slice is over.
         """
         flying: list[_Feeding] = []
         step = horizon = 0
@@ -230,18 +232,19 @@ class MultiStreamProcessor:
                     finished.append(self._leave(h, held))
                     continue
                 before = time.monotonic() < deadline
-                if not before and step >= horizon:
-                    continue  # nothing could end by the horizon: the stream waits its turn
-                self._prepare(h)
+                cap = None
+                if not before:  # only a batch that ends by the horizon: cut to the room left
+                    cap = (horizon - step) * self.p.engine.chunk_tokens - len(f.state.pending)
+                    if cap <= 0:
+                        continue  # no room: the stream waits for its next call
+                self._prepare(h, token_cap=cap)
                 if h.prepared is None:
                     if not h.continues:
                         finished.append(self._leave(h, held))
                     continue
-                nxt = self._start(h, step)
-                if before or nxt.end <= horizon:
-                    flying.append(nxt)
-                    horizon = max(horizon, nxt.end)
-                # else: read but not fed (the call ends first); released with the others
+                flying.append(self._start(h, step))
+                if before:  # after the deadline the horizon stays: an entry longer than the
+                    horizon = max(horizon, flying[-1].end)  # room left runs past it, once
 
     def _start(self, h: _Held, step: int) -> _Feeding:
         assert h.prepared is not None
