@@ -234,9 +234,10 @@ class MultiStreamProcessor:
                 before = time.monotonic() < deadline
                 cap = None
                 if not before:  # only a batch that ends by the horizon: cut to the room left
-                    cap = (horizon - step) * self.p.engine.chunk_tokens - len(f.state.pending)
-                    if cap <= 0:
+                    room = horizon - step  # steps: the last one also takes a partial chunk
+                    if room <= 0:
                         continue  # no room: the stream waits for its next call
+                    cap = (room + 1) * self.p.engine.chunk_tokens - len(f.state.pending) - 1
                 self._prepare(h, token_cap=cap)
                 if h.prepared is None:
                     if not h.continues:
