@@ -121,10 +121,10 @@ class MultiStreamProcessor:
         batches, as ``StreamProcessor.process`` returns them). The held streams are fed chunk
         by chunk, one forward per step for every stream with a batch in flight (``_run``); a
         stream whose batch is fed commits at once and starts its next batch in the same
-        forwards while ``time_slice_s`` has not run out, or afterwards when that batch ends
-        no later than the longest batch already in flight. A stream leaves as soon as it is
-        caught up (its lease is released at once).
-        """
+        forwards: a whole one while ``time_slice_s`` has not run out, afterwards one cut to
+        end with the longest batch already in flight. A stream leaves as soon as it is
+        caught up (its lease is released at once). ``max_tokens`` bounds the first batches
+        of the streams claimed together; a forward holds at most one chunk per stream."""
         first = self.p.claim(stream_id)
         if isinstance(first, Outcome):
             return [first]
