@@ -3,10 +3,12 @@
 On by default (``batch_streams`` 16; 1 turns it off). A task for stream X takes X's lease as
 usual, then claims up to ``batch_streams - 1`` other runnable streams, oldest first, from the
 ``RUNNABLE`` set (leases taken without waiting; a stream leased elsewhere, parked as failed or
-with nothing to read is skipped), until their batches add up to ``batch_tokens``. The batches
-go through the engine's ``feed_batch`` in one forward; then every stream runs the same steps as
-a solo batch (``StreamProcessor.finish``: summaries, memory, the commit fenced by *its own*
-lease). So:
+with nothing to read is skipped), until their first batches add up to ``batch_tokens``. The
+held streams are fed chunk by chunk, one forward per step holding the next chunk of every
+stream with a batch in flight; a stream whose batch is fed runs the same steps as a solo batch
+(``StreamProcessor.finish``: summaries, memory, the commit fenced by *its own* lease) and its
+next batch joins the following step, so forwards stay full while long batches run (``process``
+says how refills are cut to the time slice). So:
 
 * per-stream order: each stream is read after its committed entry id and fed in order, under
   its own lease, one batch at a time;
@@ -86,6 +88,23 @@ class _Held:
         return len(self.prepared.batch.tokens) if self.prepared is not None else 0
 
 
+@dataclass
+class _Feeding:
+    """A batch in flight: the state after the tokens fed so far (``pos`` of them)."""
+
+    held: _Held
+    prepared: Prepared
+    state: EngineState
+    #: the step after which the batch is fed (its last forward)
+    end: int
+    pos: int = 0
+    feed_s: float = 0.0
+
+    @property
+    def fed(self) -> bool:
+        return self.pos >= len(self.prepared.batch.tokens)
+
+
 class MultiStreamProcessor:
     """Feeds up to ``max_streams`` streams per forward; composes a ``StreamProcessor``."""
 
@@ -100,11 +119,14 @@ class MultiStreamProcessor:
     def process(self, stream_id: str, time_slice_s: float = 0.0) -> list[Outcome]:
         """Apply batches of ``stream_id`` and of the companions claimed with it.
 
-        Returns one outcome per stream touched, ``stream_id``'s first (totals over the rounds,
-        as ``StreamProcessor.process`` returns them). Rounds repeat while some held stream has
-        input left and ``time_slice_s`` has not run out; a stream leaves the round as soon as
-        it is caught up (its lease is released at once).
-        """
+        Returns one outcome per stream touched, ``stream_id``'s first (totals over its
+        batches, as ``StreamProcessor.process`` returns them). The held streams are fed chunk
+        by chunk, one forward per step for every stream with a batch in flight (``_run``); a
+        stream whose batch is fed commits at once and starts its next batch in the same
+        forwards: a whole one while ``time_slice_s`` has not run out, afterwards one cut to
+        end with the longest batch already in flight. A stream leaves as soon as it is
+        caught up (its lease is released at once). ``max_tokens`` bounds the first batches
+        of the streams claimed together; a forward holds at most one chunk per stream."""
         first = self.p.claim(stream_id)
         if isinstance(first, Outcome):
             return [first]
@@ -115,15 +137,7 @@ class MultiStreamProcessor:
             if held[0].prepared is not None and self.max_streams > 1:
                 self._claim_companions(held, self.max_tokens - held[0].tokens)
             order = [h.stream_id for h in held]  # outcomes come back in claim order
-            deadline = time.monotonic() + time_slice_s
-            while True:
-                self._round([h for h in held if h.prepared is not None])
-                for h in [h for h in held if not h.continues]:
-                    finished.append(self._leave(h, held))
-                if not held or time.monotonic() >= deadline:
-                    break
-                for h in held:
-                    self._prepare(h)
+            self._run(held, finished, time.monotonic() + time_slice_s)
             for h in list(held):
                 finished.append(self._leave(h, held))
         finally:
@@ -163,12 +177,13 @@ class MultiStreamProcessor:
                 continue
             budget -= h.tokens
 
-    def _prepare(self, h: _Held, count: bool = True) -> None:
+    def _prepare(self, h: _Held, count: bool = True, token_cap: int | None = None) -> None:
         """Load ``h``'s state and read its next batch (``h.prepared`` None when there is none).
-        ``count``: whether an idle/failed outcome is counted (not for companion probes)."""
+        ``count``: whether an idle/failed outcome is counted (not for companion probes);
+        ``token_cap``: the most tokens the batch may take (``StreamProcessor.prepare``)."""
         h.prepared = None
         try:
-            prepared = self.p.prepare(h.claim)
+            prepared = self.p.prepare(h.claim, token_cap)
         except LeaseLostError as exc:
             h.add(Outcome(h.stream_id, "lost", reason=str(exc)))
             return
@@ -187,43 +202,96 @@ class MultiStreamProcessor:
                 and h.outcome.status in ("idle", "failed"):
             self._forget(h.stream_id)
 
-    # ----- one batched round -------------------------------------------------------------------
-    def _round(self, ready: Sequence[_Held]) -> None:
-        """One forward for every stream in ``ready``, then each stream's own fenced commit."""
-        if not ready:
-            return
-        rows = [h for h in ready if h.tokens]
-        started = time.perf_counter()
-        fed = self._feed(rows)
-        feed_s = time.perf_counter() - started
-        if rows:
-            log.debug("batched forward: %d streams, %d tokens, %.3fs", len(rows),
-                      sum(h.tokens for h in rows), feed_s)
-        new_states = {id(h): s for h, s in zip(rows, fed, strict=True)}
-        for h in ready:
-            assert h.prepared is not None
-            new_state = new_states.get(id(h), h.prepared.loaded.state)
-            try:
-                outcome = self.p.finish(h.claim, h.prepared, new_state,
-                                        feed_s / max(1, len(rows)))
-            except LeaseLostError as exc:  # this stream only: the others still commit
-                outcome = Outcome(h.stream_id, "lost", reason=str(exc))
-            self.p.observer.batch_done(h.stream_id, outcome.status)
-            h.add(outcome)
-            h.prepared = None
+    # ----- feeding, one chunk per stream per forward ----------------------------------------
+    def _run(self, held: list[_Held], finished: list[Outcome], deadline: float) -> None:
+        """Feed every prepared stream of ``held`` until no batch is in flight.
 
-    def _feed(self, rows: Sequence[_Held]) -> list[EngineState]:
-        prepared = [h.prepared for h in rows if h.prepared is not None]
-        if not prepared:
-            return []
-        if len(prepared) == 1:  # one stream: the solo path, bit-identical replays
-            return [self.p.feed(prepared[0])[0]]
+        Each step feeds every in-flight batch up to its stream's next chunk boundary (one
+        forward, whatever the batches' lengths), so short and long batches share forwards
+        instead of short ones idling while the longest finishes. A batch fully fed commits
+        at once (``StreamProcessor.finish``: fenced by its own lease), and its stream reads
+        its next batch: fed from the next step on before ``deadline``; afterwards cut to the
+        tokens that end by ``horizon`` (the last step of the batches started before it), so
+        the forwards stay full until then, and a call outlasts its longest batch by at most
+        one entry (a batch takes at least one) once the time slice is over.
+        """
+        flying: list[_Feeding] = []
+        step = horizon = 0
+        for h in held:
+            if h.prepared is not None:
+                flying.append(self._start(h, step))
+                horizon = max(horizon, flying[-1].end)
+        while flying:
+            rows = [f for f in flying if not f.fed]
+            if rows:
+                self._step(rows)
+                step += 1
+            for f in [f for f in flying if f.fed]:
+                flying.remove(f)
+                h = f.held
+                self._finish(f)
+                if not h.continues:
+                    finished.append(self._leave(h, held))
+                    continue
+                before = time.monotonic() < deadline
+                cap = None
+                if not before:  # only a batch that ends by the horizon: cut to the room left
+                    room = horizon - step  # steps: the last one also takes a partial chunk
+                    if room <= 0:
+                        continue  # no room: the stream waits for its next call
+                    cap = (room + 1) * self.p.engine.chunk_tokens - len(f.state.pending) - 1
+                self._prepare(h, token_cap=cap)
+                if h.prepared is None:
+                    if not h.continues:
+                        finished.append(self._leave(h, held))
+                    continue
+                flying.append(self._start(h, step))
+                if before:  # after the deadline the horizon stays: an entry longer than the
+                    horizon = max(horizon, flying[-1].end)  # room left runs past it, once
+
+    def _start(self, h: _Held, step: int) -> _Feeding:
+        assert h.prepared is not None
+        state, tokens = h.prepared.loaded.state, h.prepared.batch.tokens
+        steps = 0 if not tokens else max(1, (len(state.pending) + len(tokens))
+                                          // self.p.engine.chunk_tokens)
+        return _Feeding(h, h.prepared, state, end=step + steps)
+
+    def _step(self, rows: Sequence[_Feeding]) -> None:
+        """One forward: each row's tokens up to its next chunk boundary (a batch's last piece
+        also takes the tokens after it that fill no chunk: they wait as ``pending``)."""
+        chunk = self.p.engine.chunk_tokens
+        pieces = []
+        for f in rows:
+            tokens = f.prepared.batch.tokens
+            end = f.pos + chunk - len(f.state.pending)
+            if len(tokens) - end < chunk:
+                end = len(tokens)
+            pieces.append(tokens[f.pos:end])
         started = time.perf_counter()
-        fed = list(self.p.engine.feed_batch([p.loaded.state for p in prepared],
-                                            [p.batch.tokens for p in prepared]))
-        self.p.observer.fed(sum(len(p.batch.tokens) for p in prepared),
-                            time.perf_counter() - started)
-        return fed
+        if len(rows) == 1:  # one stream: the solo path, bit-identical replays
+            states = [self.p.engine.feed(rows[0].state, pieces[0])]
+        else:
+            states = list(self.p.engine.feed_batch([f.state for f in rows], pieces))
+        seconds = time.perf_counter() - started
+        self.p.observer.fed(sum(len(p) for p in pieces), seconds)
+        for f, state, piece in zip(rows, states, pieces, strict=True):
+            f.state = state
+            f.pos += len(piece)
+            f.feed_s += seconds / len(rows)
+        if len(rows) > 1:
+            log.debug("batched forward: %d streams, %d tokens, %.3fs", len(rows),
+                      sum(len(p) for p in pieces), seconds)
+
+    def _finish(self, f: _Feeding) -> None:
+        """The fed batch's own fenced commit; a stale or lost lease drops only this stream's."""
+        h = f.held
+        try:
+            outcome = self.p.finish(h.claim, f.prepared, f.state, f.feed_s)
+        except LeaseLostError as exc:  # this stream only: the others still commit
+            outcome = Outcome(h.stream_id, "lost", reason=str(exc))
+        self.p.observer.batch_done(h.stream_id, outcome.status)
+        h.add(outcome)
+        h.prepared = None
 
     # ----- leaving -----------------------------------------------------------------------------
     def _leave(self, h: _Held, held: list[_Held]) -> Outcome:

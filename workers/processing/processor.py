@@ -266,9 +266,10 @@ class StreamProcessor:
         except TRANSIENT_ERRORS:
             self._unreleased[stream_id] = stale
 
-    def prepare(self, claim: Claim) -> Prepared | Outcome:
+    def prepare(self, claim: Claim, token_cap: int | None = None) -> Prepared | Outcome:
         """The committed state and the next batch after it; or the outcome when there is
-        nothing to feed ("idle", or "failed" for a state that cannot be used).
+        nothing to feed ("idle", or "failed" for a state that cannot be used). ``token_cap``
+        bounds the batch's tokens further (it still takes at least one entry).
 
         One round trip reads the batch (and the memory head); the first batch of a claim
         starts from the head read with it, a later one reads the head in the same trip. A
@@ -311,9 +312,11 @@ class StreamProcessor:
         if logs.has_logs and logs.applied != after:
             raise LeaseLostError(f"stream {stream_id!r}: logs at {logs.applied}, expected "
                                  f"{after}")
+        cap = self.reader.rolling_cap(loaded.state.tokens_seen)
+        if token_cap is not None:
+            cap = token_cap if cap is None else min(cap, token_cap)
         batch = self.reader.parse(entries, at_stream_start=loaded.state.tokens_seen == 0,
-                                  token_cap=self.reader.rolling_cap(loaded.state.tokens_seen),
-                                  stream_kind=logs.kind)
+                                  token_cap=cap, stream_kind=logs.kind)
         if batch is None:
             return Outcome(stream_id, "idle", version=loaded.version, cache_hit=loaded.cache_hit)
         try:

@@ -249,3 +249,53 @@ def test_worker_killed_mid_batched_round_resumes_each_stream_from_its_own_commit
     engine = load_engine(settings)
     for stream in STREAMS:
         _assert_equal_to_solo(engine, client, stream)
+
+
+def test_a_stream_fed_early_refills_its_row_within_the_longest_batch(
+    setup: tuple[StreamProcessor, MultiStreamProcessor, redis.Redis], qmsum_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Forwards stay full: a companion whose batch is fed while a longer one is still in
+    flight commits it and feeds its next batch (cut to the steps left) in the same forwards;
+    the call lasts no longer than the longest batch, and both streams equal solo feeding bit
+    for bit."""
+    processor, multi, client = setup
+    engine = processor.engine
+    text = " ".join(t.text for t in read_file(sorted(qmsum_dir.glob("*.json"))[0], "qmsum"))
+    producer = Producer(client, settings=processor.settings)
+    producer.publish_many("long", [(text[:1500], "A", None)])  # one entry: one long batch
+    producer.publish_many("short", [(text[i * 50:(i + 1) * 50], "B", None) for i in range(12)])
+    client.delete(RUNNABLE)
+    client.zadd(RUNNABLE, {"short": 1})
+    long_tokens = entry_tokens(engine, valid_entries(client, "long"), at_stream_start=True)
+    steps: list[int] = []  # rows per step (one feed or feed_batch call each)
+    feed, feed_batch = engine.feed, engine.feed_batch
+    inside = [False]  # an engine's feed may call its own feed_batch: one step, not two
+
+    def counted_feed(state: Any, tokens: Any) -> Any:
+        steps.append(1)
+        inside[0] = True
+        try:
+            return feed(state, tokens)
+        finally:
+            inside[0] = False
+
+    def counted_batch(states: Any, token_lists: Any) -> Any:
+        if not inside[0]:
+            steps.append(len(states))
+        return feed_batch(states, token_lists)
+
+    monkeypatch.setattr(engine, "feed", counted_feed)
+    monkeypatch.setattr(engine, "feed_batch", counted_batch)
+
+    outcomes = multi.process("long", 0.0)
+
+    assert [(o.stream_id, o.status) for o in outcomes] == [("long", "applied"),
+                                                          ("short", "applied")]
+    # short's first batch took 6 entries (max_batch_entries); the rest came in the same call
+    assert outcomes[1].entries == 12 and caught_up(client, "short")
+    assert StateStore(client).version("short") >= 2
+    assert len(steps) <= len(long_tokens) // engine.chunk_tokens + 1  # the longest batch
+    assert steps[0] == 2 and sum(steps) > len(steps) + 1  # short shared several forwards
+    for stream in ("long", "short"):
+        _assert_equal_to_solo(engine, client, stream)
