@@ -23,6 +23,7 @@ Choices that matter for correctness, not taste:
 
 from __future__ import annotations
 
+import logging
 import ssl
 import threading
 from typing import Any
@@ -31,8 +32,45 @@ from celery import Celery
 
 from sinkstream.settings import Settings, load_settings
 
+_log = logging.getLogger(__name__)
+
 #: Seconds the Redis broker waits before redelivering an unacknowledged task.
 VISIBILITY_TIMEOUT_S = 4 * 3600
+
+
+def _survive_restore_without_redis() -> None:
+    """Keep a worker alive when kombu closes a Redis channel whose server is gone.
+
+    On a lost broker connection kombu closes the channel, and closing re-queues the worker's
+    unacknowledged messages. With Redis down that re-queue cannot run: kombu raises
+    ``AttributeError`` on ``conninfo.hostname`` (or a ``ConnectionError``), outside the errors
+    Celery expects there, and the worker exits with "Unrecoverable error" (celery/kombu #582,
+    #970). It happens when acks failed just before (the chaos outage test hit it whenever
+    Redis died right after a few acks; batching makes more short tasks, so more acks).
+    Skipping the re-queue loses nothing: the messages stay in the broker's unacked hash, which
+    any consumer restores after ``VISIBILITY_TIMEOUT_S``; a message whose ack failed had
+    already run; and every task is a hint the dispatcher re-issues once its stream's
+    ``scheduled`` flag lapses. A re-queue on a healthy connection (a normal shutdown) still
+    runs as before.
+    """
+    from kombu.transport import redis as kombu_redis
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    qos = kombu_redis.QoS
+    if getattr(qos.restore_unacked, "_sinkstream", False):
+        return
+    restore = qos.restore_unacked
+
+    def restore_unacked(self: Any, client: Any = None) -> None:
+        try:
+            restore(self, client)
+        except (AttributeError, RedisConnectionError) as exc:
+            _log.warning("broker connection lost: %d unacknowledged task message(s) stay in "
+                         "the broker's unacked set (%s: %s)", len(self._delivered),
+                         type(exc).__name__, exc)
+
+    restore_unacked._sinkstream = True  # type: ignore[attr-defined]
+    setattr(qos, "restore_unacked", restore_unacked)  # noqa: B010  (a method, on purpose)
 
 
 def _ssl_options(settings: Settings, url: str) -> dict[str, Any] | None:
@@ -110,6 +148,8 @@ def create_app(settings: Settings, *, register_tasks: bool = True) -> Celery:
         app.conf.broker_use_ssl = ssl_options
     if register_tasks:
         from workers import tasks
+
+        _survive_restore_without_redis()
 
         tasks.register(app, settings.broker_queue)
     return app
