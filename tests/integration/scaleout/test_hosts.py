@@ -48,7 +48,10 @@ def test_a_host_cut_off_mid_run_hands_its_streams_to_the_others(
         try:
             client = server.client()
             url = f"redis://{net.gateway}:{server.port}/0"
-            env = worker_env(url, tmp_path)
+            # one stream per task: the hand-over under test needs streams spread over the
+            # hosts, and with cross-stream batching the first ready host takes every stream of
+            # this small workload as its companions and finishes it alone
+            env = worker_env(url, tmp_path, SINKSTREAM_BATCH_STREAMS="1")
             settings = settings_from_env(env)
             producer = Producer(client, settings=settings)
             for sid in streams:
