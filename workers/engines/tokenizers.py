@@ -81,3 +81,28 @@ class HFTokenizer:
                 messages, add_generation_prompt=add_generation_prompt, tokenize=False
             )
         )
+
+
+def adapt_tokenizer(tokenizer: Any) -> Any:
+    """Wrap a transformers tokenizer; pass anything else with encode/decode through."""
+    try:
+        from transformers import PreTrainedTokenizerBase
+    except ImportError:  # pragma: no cover
+        return tokenizer
+    return HFTokenizer(tokenizer) if isinstance(tokenizer, PreTrainedTokenizerBase) else tokenizer
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
+    """Every end-of-sequence id the tokenizer, the generation config or the model config names."""
+    ids: set[int] = set()
+    sources = [
+        getattr(tokenizer, "eos_token_ids", None),
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+        getattr(model.config, "eos_token_id", None),
+    ]
+    for source in sources:
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple, set)):
+            ids.update(int(i) for i in source if isinstance(i, int))
+    return tuple(sorted(ids))

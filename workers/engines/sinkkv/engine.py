@@ -56,7 +56,7 @@ from workers.engines.sinkkv.state import (
 from workers.engines.sinkkv.support import check_supported, model_fingerprint
 from workers.engines.sinkkv.window import SinkWindow, _append_evicted
 from workers.engines.tensor_bytes import dtype_name, torch_dtype
-from workers.engines.tokenizers import HFTokenizer
+from workers.engines.tokenizers import adapt_tokenizer, eos_token_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -102,7 +102,7 @@ class SinkKVEngine(Engine[SinkKVState]):
         if not self.storage_dtype.is_floating_point:
             raise ValueError(f"storage dtype must be a float type, got {self.storage_dtype}")
 
-        self.tokenizer = _adapt_tokenizer(tokenizer)
+        self.tokenizer = adapt_tokenizer(tokenizer)
         config = self.model.config
         #: the model's pieces per its family's layout (``families.py``); ``Module.to`` moves
         #: them in place, so they are still the model's own
@@ -118,7 +118,7 @@ class SinkKVEngine(Engine[SinkKVState]):
         self.vocab_size = int(self.family.embeddings.num_embeddings)
         self.rope_type = self.family.rope_type()
         self.rotary = self._layer_rotary(self.window.capacity + chunk_tokens)
-        self.eos_token_ids = _eos_ids(self.model, self.tokenizer)
+        self.eos_token_ids = eos_token_ids(self.model, self.tokenizer)
         self._fingerprint: str | None = None
         #: held around every model call: a multi-row forward switches the model's attention
         #: implementation for its duration, which no other call may see
@@ -482,27 +482,3 @@ def _pieces(tokens: Sequence[int], size: int) -> Iterator[list[int]]:
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch_dtype(dtype.removeprefix("torch."))
-
-
-def _adapt_tokenizer(tokenizer: Any) -> Any:
-    """Wrap a transformers tokenizer; pass anything else with encode/decode through."""
-    try:
-        from transformers import PreTrainedTokenizerBase
-    except ImportError:  # pragma: no cover
-        return tokenizer
-    return HFTokenizer(tokenizer) if isinstance(tokenizer, PreTrainedTokenizerBase) else tokenizer
-
-
-def _eos_ids(model: PreTrainedModel, tokenizer: Any) -> tuple[int, ...]:
-    ids: set[int] = set()
-    sources = [
-        getattr(tokenizer, "eos_token_ids", None),
-        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-        getattr(model.config, "eos_token_id", None),
-    ]
-    for source in sources:
-        if isinstance(source, int):
-            ids.add(source)
-        elif isinstance(source, (list, tuple, set)):
-            ids.update(int(i) for i in source if isinstance(i, int))
-    return tuple(sorted(ids))
