@@ -47,11 +47,20 @@ def _all_heads(config: Any) -> int:
 
 
 def _falcon_kv_heads(config: Any) -> int:
-    """Falcon caches keys per query head with the new decoder architecture (it broadcasts its
-    kv groups before the cache), one shared head when multi-query, else one per head."""
-    if config.new_decoder_architecture or not config.multi_query:
-        return int(config.num_attention_heads)
-    return 1
+    """How many key heads Falcon hands its cache: one shared head when multi-query (the old
+    decoder architecture), one per query head with neither option, and with the new decoder
+    architecture ``num_kv_heads`` groups, except in transformers before 5.25, whose
+    ``FalconAttention._split_heads`` broadcast each group to its query heads before the cache."""
+    if config.new_decoder_architecture:
+        return int(config.num_attention_heads if _falcon_broadcasts_kv_groups()
+                   else config.num_kv_heads)
+    return 1 if config.multi_query else int(config.num_attention_heads)
+
+
+def _falcon_broadcasts_kv_groups() -> bool:
+    from transformers.models.falcon import modeling_falcon
+
+    return hasattr(modeling_falcon.FalconAttention, "_split_heads")
 
 
 def _one_table(rotary: Any, config: Any, n_layers: int) -> tuple[Any, ...]:
@@ -139,8 +148,8 @@ _MOE = ("a mixture of experts: each expert's matmul runs over the tokens the who
 
 #: measured: Falcon's multi-query and ALiBi attention (computed inline, not through the
 #: attention interface) rounds rows of a fresh stream differently in a group of two (~1e-6)
-_FALCON = ("Falcon computes attention inline, and its multi-query and ALiBi attention rounds "
-           "a row differently beside other rows")
+_FALCON = ("Falcon's multi-query and ALiBi attention rounds a row differently beside other "
+           "rows (measured with transformers 5.23)")
 
 FAMILIES: tuple[Family, ...] = (
     Family("llama", ("llama", "mistral", "qwen2", "qwen3")),
