@@ -4,8 +4,9 @@ A private redis-server, one ``sinkstream worker`` subprocess (tiny model, rollin
 no hot cache so state loads happen), ``sinkstream exporter``, and ``prometheus`` with the
 project's recording and alerting rules, all on loopback. The run publishes a short meeting
 with a malformed entry (dead letter) and an end-of-stream marker (final summary), a stream
-with a corrupt state (failure), and a stream whose task is "lost" (its scheduled flag never
-expires, so its input stays unapplied: lag). Then each panel's PromQL must parse and return
+with a corrupt state (failure), and a stream held by a hung worker (its lease outlives the
+test, so neither its own task nor another task's batch may claim it: its input stays unapplied,
+lag). Then each panel's PromQL must parse and return
 data; GPU panels may be empty only where no CUDA device was initialised.
 
 Set DASHBOARD_VALUES_JSON=/path.json to keep the values Prometheus returned.
@@ -141,8 +142,9 @@ def _publish(client: redis.Redis, env: dict[str, str]) -> None:
                                             state=b"SNKSTATE but not really a state"))
     LeaseManager(client).release(lease)
     producer.publish_many("broken", [("hello", "A", None)])
-    # a "lost task": the scheduled flag never expires, so nobody picks the stream up -> lag
-    client.set(StreamKeys.of("stuck").scheduled, "1")
+    # a hung worker holds "stuck" (a lease that outlives the test): no task, and no batching
+    # worker looking for companions, may claim it, so its input stays unapplied -> lag
+    assert LeaseManager(client).acquire("stuck", "hung-worker", 3600) is not None
     producer.publish_many("stuck", [(f"waiting {i}", "D", None) for i in range(3)])
     # the meeting, with one malformed entry (no text: dead letter), then end of stream
     producer.publish_many("meeting", [(text, who, None) for who, text in TURNS[:5]])
