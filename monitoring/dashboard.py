@@ -59,9 +59,13 @@ def _quantiles(metric: str, selector: str, by: str = "") -> list[Target]:
 
 ROWS: list[tuple[str, list[Panel]]] = [
     ("Throughput", [
-        Panel("Workers up", [Target(f"count(up{{{WORKERS}}} == 1)", "workers")], kind="stat",
-              width=4, height=5,
-              description="Worker processes Prometheus scrapes successfully (one per GPU)."),
+        Panel("Workers up", [Target(f"count(up{{{WORKERS}}} == 1)", "workers"),
+                             Target("max(sinkstream_workers_live)", "live in Redis")],
+              kind="stat", width=4, height=5,
+              description="Worker processes Prometheus scrapes successfully (one per GPU), "
+                          "and task slots with a live heartbeat in Redis (what cross-stream "
+                          "batching shares the runnable streams among); fewer scraped than "
+                          "live: Prometheus misses some workers."),
         Panel("Tokens / s (1m, recorded)",
               [Target('sum by (model) (model:sinkstream_tokens_fed:rate1m{model=~"$model"})',
                       "{{model}}")], kind="stat", width=4, height=5,

@@ -21,6 +21,8 @@ Series (all gauges unless noted; no stream label unless ``--top-k`` is given):
 * ``sinkstream_state_stored_bytes`` — encoded state bytes stored in Redis, all streams
 * ``sinkstream_dead_letter_entries`` — entries held in dead-letter streams, all streams
 * ``sinkstream_streams_registered`` — size of the stream registry
+* ``sinkstream_workers_live`` — task slots of the workers whose heartbeat has not expired
+  (``state_store/presence.py``; what cross-stream batching shares the runnable streams among)
 * ``sinkstream_redis_memory_used_bytes``, ``sinkstream_redis_memory_max_bytes`` (0 = no
   limit), ``sinkstream_redis_info{maxmemory_policy}`` — from ``INFO memory`` when allowed
 * ``sinkstream_exporter_redis_up`` (1/0), ``sinkstream_exporter_last_success_timestamp_seconds``,
@@ -141,6 +143,9 @@ def _snapshot_families(snap: LagSnapshot) -> Iterator[Metric]:
                  snap.registry_size)
     yield _gauge("sinkstream_exporter_streams_scanned", "Streams read in the last pass",
                  snap.scanned)
+    yield _gauge("sinkstream_workers_live",
+                 "Task slots of the workers whose heartbeat in Redis has not expired",
+                 snap.live_workers)
     yield _gauge("sinkstream_input_lag_entries",
                  "Input entries not yet applied, over all non-failed streams",
                  snap.pending_entries)

@@ -24,7 +24,7 @@ from typing import Any
 
 import redis
 
-from sinkstream.contracts.keys import STREAMS_REGISTRY, StreamKeys
+from sinkstream.contracts.keys import STREAMS_REGISTRY, WORKERS, StreamKeys
 from sinkstream.ids import InvalidStreamId, entry_id_ms, validate_stream_id
 from state_store.replies import as_text
 from state_store.scripts import STREAM_LAG, run_script_each
@@ -63,6 +63,7 @@ class LagSnapshot:
     dead_letters: int = 0
     scanned: int = 0
     registry_size: int = 0
+    live_workers: int = 0  # task slots whose heartbeat has not expired (state_store/presence.py)
     top: list[StreamLag] = field(default_factory=list)
 
     def add(self, lag: StreamLag) -> None:
@@ -117,7 +118,8 @@ class LagReader:
         seconds, micros = self.client.time()
         now = float(seconds) + float(micros) / 1e6
         ids, size = self.stream_ids()
-        snapshot = LagSnapshot(taken_at=now, registry_size=size)
+        live = int(self.client.zcount(WORKERS, int(now * 1000), "+inf"))
+        snapshot = LagSnapshot(taken_at=now, registry_size=size, live_workers=live)
         lags: list[StreamLag] = []
         for start in range(0, len(ids), self.batch_size):
             for lag in self.read_batch(ids[start : start + self.batch_size], now):

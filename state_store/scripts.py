@@ -42,6 +42,8 @@ STATE_CLEANUP = _load("state_cleanup")
 #: Dispatcher leadership and the per-stream "needs a task?" check (workers/scheduling/).
 DISPATCHER_LEAD = _load("dispatcher_lead")
 NEEDS_WORK = _load("needs_work")
+#: Worker heartbeats and the count of live task slots (state_store/presence.py).
+WORKER_PRESENCE = _load("worker_presence")
 #: Input lag and status of one stream, read-only (monitoring/lag.py).
 STREAM_LAG = _load("stream_lag")
 #: Embeddings of retrieval chunks, written once beside their chunks (workers/memory/vectors.py).

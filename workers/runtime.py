@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -19,6 +19,7 @@ import redis
 
 from sinkstream.settings import Settings, load_settings
 from state_store.connection import redis_from_settings
+from state_store.presence import Heartbeat, WorkerPresence
 from workers.engines.base import Engine
 from workers.engines.invariance import check_batch_invariance
 from workers.heap import HeapTrimmer
@@ -38,6 +39,7 @@ def worker_id() -> str:
 class Runtime:
     settings: Settings
     enqueue: Enqueue
+    heartbeat: Heartbeat | None = field(default=None, init=False)
 
     @cached_property
     def client(self) -> redis.Redis:
@@ -78,7 +80,25 @@ class Runtime:
     def multistream(self) -> MultiStreamProcessor:
         """Cross-stream batching (``batch_streams`` > 1) around ``processor``."""
         return MultiStreamProcessor(self.processor, self.batch_streams,
-                                    self.settings.batch_tokens)
+                                    self.settings.batch_tokens,
+                                    live_workers=self.live_workers)
+
+    def start_heartbeat(self, slots: int = 1) -> Heartbeat:
+        """Join the live workers with ``slots`` task slots (the worker, once ready), until
+        ``heartbeat.stop()``; batching shares the runnable streams among them."""
+        self.heartbeat = Heartbeat(WorkerPresence(self.client, worker_id(), slots)).start()
+        return self.heartbeat
+
+    def live_workers(self) -> int:
+        """Live task slots of every worker: the heartbeat's last count in the process that
+        beats; elsewhere (a forked pool's child, a process that never joined) read from Redis,
+        0 when it cannot be read (a task then acts as if alone)."""
+        if self.heartbeat is not None and self.heartbeat.beating:
+            return self.heartbeat.live
+        try:
+            return WorkerPresence(self.client, worker_id()).live()
+        except redis.RedisError:
+            return 0
 
     @cached_property
     def scheduler(self) -> Scheduler:

@@ -173,6 +173,8 @@ def _start_background(sender: Any = None, **_: Any) -> None:
             if budget is not None:
                 rt.heap_trimmer.maybe_trim()  # start-up garbage goes before the baseline
                 budget.start()
+        # join the live workers: batching leaves each its share of the runnable streams
+        rt.start_heartbeat(slots=max(1, int(getattr(pool, "limit", None) or 1)))
         # only now: an answering /metrics means "ready" (the demo and probes rely on it)
         start_metrics_server(rt.settings.metrics_host, rt.settings.metrics_port)
     except Exception:
@@ -223,3 +225,6 @@ def _queue_backlog() -> int:
 def _stop_background(**_: Any) -> None:
     if _dispatcher is not None:
         _dispatcher.stop()
+    heartbeat = runtime().heartbeat
+    if heartbeat is not None:  # leave now: the other workers' shares grow at once
+        heartbeat.stop()

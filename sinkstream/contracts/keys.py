@@ -20,6 +20,9 @@ STREAMS_REGISTRY = f"{PREFIX}:streams"
 RUNNABLE = f"{PREFIX}:runnable"
 #: String: the worker whose dispatcher currently polls the registry (with a TTL).
 DISPATCHER_LEADER = f"{PREFIX}:dispatcher"
+#: Live workers: a sorted set, member = ``<worker id>#<task slot>``, score = when its heartbeat
+#: expires (server ms). Cross-stream batching shares the runnable streams among them.
+WORKERS = f"{PREFIX}:workers"
 #: Pub/sub channel (not a key): producers PUBLISH a stream id after appending to it, so the
 #: leading dispatcher schedules that stream at once rather than at its next full pass.
 WAKE_CHANNEL = f"{PREFIX}:wake"

@@ -23,6 +23,10 @@ alone, whatever its neighbours (the engines round a row alike in and out of a ba
 (``Runtime.batch_streams``) and feeds solo where it does not hold (``batch_exact``), so a
 replay after a crash commits exactly the state the lost attempt would have.
 
+With other workers live (``state_store/presence.py``), a task holds at most its even share of
+the runnable streams (``share``), so a small workload spreads over the workers; each task
+looks again, with the workers live then, when its time slice ends.
+
 Scheduling stays per stream. A claimed stream keeps its ``scheduled`` flag and its queued task
 (which later finds less or nothing to do); streams still holding input are moved to the back
 of ``RUNNABLE`` (round-robin, so no runnable stream starves behind the busiest ones) and
@@ -36,7 +40,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,12 +112,16 @@ class _Feeding:
 class MultiStreamProcessor:
     """Feeds up to ``max_streams`` streams per forward; composes a ``StreamProcessor``."""
 
-    def __init__(self, processor: StreamProcessor, max_streams: int, max_tokens: int) -> None:
+    def __init__(self, processor: StreamProcessor, max_streams: int, max_tokens: int,
+                 live_workers: Callable[[], int] | None = None) -> None:
+        """``live_workers``: the live task slots of every worker (``state_store/presence.py``);
+        None, or a count of at most 1, lets every task hold ``max_streams`` streams."""
         if max_streams < 1 or max_tokens < 1:
             raise ValueError("max_streams and max_tokens must be >= 1")
         self.p = processor
         self.max_streams = max_streams
         self.max_tokens = max_tokens
+        self.live_workers = live_workers
         self.companion_id = processor.worker_id + COMPANION_SUFFIX
 
     def process(self, stream_id: str, time_slice_s: float = 0.0) -> list[Outcome]:
@@ -147,14 +155,28 @@ class MultiStreamProcessor:
         return sorted(finished, key=lambda o: claimed.get(o.stream_id, len(claimed)))
 
     # ----- claiming ----------------------------------------------------------------------------
+    def share(self) -> int:
+        """How many streams one task may hold: ``max_streams``, or with other workers live,
+        an even share of the runnable streams among the live task slots (rounded up). So a
+        small workload spreads over the workers instead of gathering on the one that took the
+        first task, and a large one still fills every forward."""
+        workers = self.live_workers() if self.live_workers is not None else 0
+        if workers <= 1:
+            return self.max_streams
+        runnable = int(self.p.client.zcard(RUNNABLE))
+        return max(1, min(self.max_streams, -(-runnable // workers)))
+
     def _claim_companions(self, held: list[_Held], budget: int) -> None:
-        """Claim runnable streams, oldest first, until ``max_streams`` are held or their
+        """Claim runnable streams, oldest first, until this task's ``share`` is held or their
         batches would pass the token budget. Never waits for a lease."""
-        wanted = self.max_streams - len(held)
+        limit = self.share()
+        wanted = limit - len(held)
+        if wanted <= 0:
+            return
         members: Any = self.p.client.zrange(RUNNABLE, 0, wanted * _SCAN_FACTOR - 1)
         taken = {h.stream_id for h in held}
         for member in members:
-            if len(held) >= self.max_streams or budget <= 0:
+            if len(held) >= limit or budget <= 0:
                 return
             sid = as_text(member, "replace")
             try:

@@ -225,6 +225,7 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
 
         values = {(p["panel"], t["refId"]): t for p in record["panels"] for t in p["targets"]}
         assert values[("Workers up", "A")]["values"][0]["value"] == 1
+        assert values[("Workers up", "B")]["values"][0]["value"] == 1  # its heartbeat
         assert values[("Tokens fed / s", "A")]["values"][0]["value"] > 0
         assert values[("Unapplied input", "A")]["values"][0]["value"] == 3
         assert values[("Oldest unapplied entry age", "A")]["values"][0]["value"] > 0

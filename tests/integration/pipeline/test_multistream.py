@@ -199,6 +199,53 @@ def test_one_stream_per_forward_is_the_bit_identical_solo_path(
 # ----- real worker processes -------------------------------------------------------------------
 
 
+def test_with_other_workers_live_a_task_holds_its_even_share_of_the_runnable_streams(
+    setup: tuple[StreamProcessor, MultiStreamProcessor, redis.Redis],
+) -> None:
+    processor, _, client = setup
+    live = 1
+    multi = MultiStreamProcessor(processor, 4, 100_000, live_workers=lambda: live)
+    assert client.zcard(RUNNABLE) == 5
+    assert multi.share() == 4  # alone: a whole forward
+    live = 2
+    assert multi.share() == 3  # five runnable streams over two workers, rounded up
+    outcomes = multi.process("s0", 0.0)
+    assert len(outcomes) == 3
+    live = 5
+    assert [o.stream_id for o in multi.process("s1", 0.0)] == ["s1"]  # one stream each
+
+
+def test_idle_workers_share_a_small_workload_instead_of_one_taking_it_whole(
+    redis_server: RedisServer, tmp_path: Path, qmsum_dir: Path
+) -> None:
+    env = _env(redis_server.url, tmp_path, "tiny-llama", SINKSTREAM_BATCH_STREAMS="16")
+    pool = WorkerPool(env, tmp_path)
+    client = redis_server.client()
+    try:
+        for name in ("a", "b", "c"):
+            pool.start(name)
+        wait_until(lambda: all(" ready." in w.log.read_text() for w in pool.workers), 120,
+                   "three workers to be ready", pool.logs)
+        # the whole workload runnable at once: scheduling held back (each stream's flag set
+        # as if a task were queued) while it is published, then released for the next pass
+        flags = [StreamKeys.of(s).scheduled for s in STREAMS]
+        for flag in flags:
+            client.set(flag, "1")
+        _publish(client, qmsum_dir, settings_from_env(env))
+        client.delete(*flags)
+        wait_until(lambda: all(caught_up(client, s) for s in STREAMS), 240,
+                   "the workers to apply every stream", pool.logs)
+    finally:
+        pool.close()
+    # five streams, three live workers: a task holds at most two, so no worker applies the
+    # workload alone (without shares, the first task claimed all five as its companions)
+    applied = [w.log.read_text().count(" entries, ") for w in pool.workers]
+    assert sum(n > 0 for n in applied) >= 2, (applied, pool.logs())
+    engine = load_engine(settings_from_env(env))
+    for stream in STREAMS:
+        _assert_equal_to_solo(engine, client, stream)
+
+
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-rwkv"])
 def test_workers_with_batching_commit_every_stream_as_if_fed_alone(
     redis_server: RedisServer, tmp_path: Path, qmsum_dir: Path, model: str

@@ -17,11 +17,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from monitoring.exporter import LagExporter
+from monitoring.exporter import LagExporter, render_once
 from monitoring.lag import LagReader
 from sinkstream.cli.localredis import RedisServer, free_port
 from sinkstream.contracts.keys import STREAMS_REGISTRY, StreamKeys
 from state_store.lease import LeaseManager
+from state_store.presence import WorkerPresence
 from state_store.store import CommitRequest, StateStore
 from tests.integration.pipeline.harness import ROOT
 
@@ -221,3 +222,12 @@ def test_lag_on_a_redis_cluster(tmp_path: Any) -> None:
         assert _parse(exporter)["sinkstream_input_lag_entries"][0].value == 74
     finally:
         cluster.stop()
+
+
+def test_live_workers_are_the_unexpired_heartbeats(r: redis.Redis) -> None:
+    assert LagReader(r).read().live_workers == 0
+    WorkerPresence(r, "gpu-host-1", slots=2).beat()
+    WorkerPresence(r, "gone", ttl_s=0.05).beat()
+    time.sleep(0.1)
+    assert LagReader(r).read().live_workers == 2
+    assert b"sinkstream_workers_live 2.0" in render_once(r)
