@@ -49,8 +49,9 @@ def test_a_host_cut_off_mid_run_hands_its_streams_to_the_others(
             client = server.client()
             url = f"redis://{net.gateway}:{server.port}/0"
             # one stream per task: the hand-over under test needs streams spread over the
-            # hosts, and with cross-stream batching the first ready host takes every stream of
-            # this small workload as its companions and finishes it alone
+            # hosts; with cross-stream batching the first host ready, alone among the live
+            # workers until the others' first heartbeats, takes every stream of this small
+            # backlog as its companions and finishes it in its first time slice
             env = worker_env(url, tmp_path, SINKSTREAM_BATCH_STREAMS="1")
             settings = settings_from_env(env)
             producer = Producer(client, settings=settings)
