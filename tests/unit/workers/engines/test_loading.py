@@ -8,6 +8,7 @@ import re
 import time
 from pathlib import Path
 
+import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
@@ -216,7 +217,11 @@ def test_saved_local_directory_loads_offline(
     assert not (tmp_path / "cache").exists()  # local directories are used in place
 
 
-def test_hub_id_failure_says_how_to_use_a_local_directory(tmp_path: Path) -> None:
+def test_hub_id_failure_says_how_to_use_a_local_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # offline mode fails the way an unreachable hub does, without ~20 s of connection retries
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelLoadError, match="hub") as info:
         load_hf_model("no-such-org-xyz/no-such-model", tmp_path)
     assert "local directory" in str(info.value)
