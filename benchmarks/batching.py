@@ -24,6 +24,10 @@ Worker level (rows with ``level = worker``): M streams of QMSum turns published 
 others as companions: the whole per-batch path (lease, load from the hot cache, read, feed,
 fenced commit with state encoding), no summaries. Wall seconds (Redis is another process),
 the faster of interleaved repetitions; ``ratio`` = multi tok/s / solo tok/s.
+
+Budget sweep (rows with ``level = budget``): the default model through ``MultiStreamProcessor``
+with the worker's default batch limits and time slice on a 16-stream backlog, once per
+``batch_tokens`` in ``BUDGETS``: tokens/s and seconds per task (``budget_<N>_tok_s_default_model``).
 """
 
 from __future__ import annotations
@@ -129,7 +133,7 @@ def _worker_level(engine: Any, spec: str, streams: int, turns: int, reps: int) -
                     # applied input is trimmed: remember where each stream ends
                     ends = {sid: _last_id(client, sid) for sid in sids}
                     proc = StreamProcessor(engine, client, settings, f"bench-{side}")
-                    multi = MultiStreamProcessor(proc, streams, 1_000_000)
+                    multi = MultiStreamProcessor(proc, streams, settings.batch_tokens)
                     started = time.perf_counter()
                     pending = list(sids)
                     while pending:
@@ -156,6 +160,76 @@ def _worker_level(engine: Any, spec: str, streams: int, turns: int, reps: int) -
         "speedup": multi_tps / solo_tps,
         "median_speedup": median(times["solo"]) / median(times["multi"]),
     }
+
+
+#: ``batch_tokens`` values tried by the budget sweep: 0 is the default (auto: one time slice
+#: of this worker's measured feed speed), the others fixed budgets
+BUDGETS = (0, 2048, 8192, 32768)
+
+
+def _budget_sweep(engine: Any, streams: int, turns: int) -> list[dict[str, Any]]:
+    """The worker's defaults on a backlog, for each ``batch_tokens`` in ``BUDGETS``: M streams
+    of ``turns`` QMSum turns each, drained by ``MultiStreamProcessor`` (``batch_streams`` = M)
+    with the default per-stream batch limits (``max_batch_entries``, ``max_batch_tokens``) and
+    the default time slice, so the budget binds: a stream's first batch is a whole
+    ``max_batch_tokens``. Per budget: tokens/s, tasks run, and seconds per task (how long a
+    task holds its streams before the next task may take them)."""
+    import tempfile
+    from pathlib import Path
+
+    from benchmarks.common import qmsum_text
+    from producer.publisher import Producer
+    from sinkstream.cli.localredis import RedisServer
+    from workers.processing.multistream import MultiStreamProcessor
+    from workers.processing.processor import StreamProcessor
+
+    settings = bench_settings(summary_every_tokens=0, summary_memory=False, retrieval="off",
+                              metrics_port=0)
+    lines = [ln for ln in qmsum_text(3).splitlines() if ln.strip()]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        server = RedisServer(Path(tmp) / "redis").start()
+        try:
+            client = server.client()
+            for budget in BUDGETS:
+                client.flushall()
+                producer = Producer(client, settings=settings)
+                proc = StreamProcessor(engine, client, settings, "bench-budget")
+                multi = MultiStreamProcessor(proc, streams, budget)
+                if not budget:  # auto: speed measured as in a running worker, not cold
+                    multi.process(_warm_stream(producer, lines), 0.0)
+                sids = [f"budget{budget}-{i}" for i in range(streams)]
+                for i, sid in enumerate(sids):
+                    start = (i * 37) % max(1, len(lines) - turns)
+                    producer.publish_many(sid, lines[start : start + turns])
+                ends = {sid: _last_id(client, sid) for sid in sids}
+                task_s: list[float] = []
+                started = time.perf_counter()
+                pending = list(sids)
+                while pending:
+                    t0 = time.perf_counter()
+                    multi.process(pending[0], settings.batch_time_slice_seconds)
+                    task_s.append(time.perf_counter() - t0)
+                    pending = [s for s in sids if _committed(proc, s) != ends[s]]
+                seconds = time.perf_counter() - started
+                tokens = sum(proc.committed_state(s)[0].tokens_seen for s in sids)
+                rows.append({
+                    "level": "budget", "engine": engine.kind, "model": engine.model_name,
+                    "streams": streams, "batch_tokens": budget or "auto",
+                    "default": budget == settings.batch_tokens, "tokens": tokens,
+                    "tok_s": tokens / seconds, "tasks": len(task_s),
+                    "task_s_median": median(task_s), "task_s_max": max(task_s),
+                })
+        finally:
+            server.stop(hard=True)
+    return rows
+
+
+def _warm_stream(producer: Any, lines: list[str]) -> str:
+    """A short stream of its own, fed once before the auto-budget run's streams are published:
+    a worker that has run for a while knows its feed speed; the run measures that state."""
+    producer.publish_many("budget-warm-up", lines[:4])
+    return "budget-warm-up"
 
 
 def _last_id(client: Any, stream: str) -> str:
@@ -193,6 +267,7 @@ def run(quick: bool) -> BenchResult:
     for spec in ("tiny-llama", "tiny-rwkv"):
         engine = load_engine(settings, spec)
         rows.append(_worker_level(engine, spec, 16, 8 if quick else 16, 2 if quick else 3))
+    rows += _budget_sweep(real, 16, 16 if quick else 48)
     tiny = [r for r in rows if r["level"] == "engine" and r["model"] != real.model_name]
     by = {(r["engine"], r["streams"]): r["speedup"] for r in tiny}
     by_real = {r["streams"]: r["speedup"] for r in rows if r.get("model") == real.model_name}
@@ -212,6 +287,8 @@ def run(quick: bool) -> BenchResult:
             "bit_identical": all(r["bit_identical"] for r in rows if r["level"] == "engine"),
             "worker_ratio_16_sinkkv": worker["sinkkv"],
             "worker_ratio_16_rwkv": worker["rwkv"],
+            **{f"budget_{r['batch_tokens']}_tok_s_default_model": r["tok_s"]
+               for r in rows if r["level"] == "budget"},
             "threads": threads(),
         },
     )

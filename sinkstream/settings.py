@@ -332,9 +332,13 @@ class Settings(BaseSettings):
                           "false batches anyway, where a replay may differ in the last float "
                           "bits (mixture-of-experts models, some BLAS builds)")
     batch_tokens: int = Field(
-        8192, ge=1, le=1_000_000,
-        description="token budget of one cross-stream forward (batch_streams > 1): no more "
-                    "streams are claimed once their batches add up to this")
+        0, ge=0, le=1_000_000,
+        description="token budget of the batches one task claims together (batch_streams > "
+                    "1): no more streams are claimed once their batches add up to this. 0 "
+                    "(auto): what this worker feeds in batch_time_slice_seconds at its measured "
+                    "speed, at least max_batch_tokens (8192 before its first forward), so a "
+                    "fast model gathers many streams per task and a slow one does not hold "
+                    "them for long. Measured in benchmarks/README.md (batching, budget)")
 
     # --- metrics -----------------------------------------------------------------------
     metrics_host: str = Field("127.0.0.1", description="bind address of /metrics")

@@ -59,14 +59,11 @@ class WorkerPresence:
 
 
 class Heartbeat:
-    """Background thread: ``presence.beat()`` every third of its TTL, until ``stop``.
-
-    ``live`` is the count the last beat returned, read without a round trip (0 before the
-    first beat or while Redis is unreachable: callers then act as if alone)."""
+    """Background thread: ``presence.beat()`` every third of its TTL, until ``stop``. The
+    first beat runs in ``start``, so a worker counts as live from then on."""
 
     def __init__(self, presence: WorkerPresence) -> None:
         self.presence = presence
-        self.live = 0
         self._refused = False  # the last beat was refused (logged once per refusal spell)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sinkstream-heartbeat",
@@ -98,17 +95,15 @@ class Heartbeat:
 
     def _beat(self) -> None:
         try:
-            self.live = self.presence.beat()
+            self.presence.beat()
             self._refused = False
         except TRANSIENT_ERRORS as exc:
-            self.live = 0
             log.debug("heartbeat: Redis unavailable (%s); retrying in %.1fs", exc,
                       self.presence.ttl_ms / 3000)
         except redis.RedisError as exc:  # e.g. NOREPLICAS, or NOPERM from an older ACL
-            self.live = 0
             if not self._refused:
                 self._refused = True
                 hint = (" (give the worker's ACL user the commands in deploy/redis/acl.conf)"
                         if isinstance(exc, redis.exceptions.NoPermissionError) else "")
-                log.warning("heartbeat: Redis refused it: %s; until one succeeds, batching "
-                            "acts as if this worker were alone%s", exc, hint)
+                log.warning("heartbeat: Redis refused it: %s; until one succeeds, the other "
+                            "workers do not count this one when they share streams%s", exc, hint)

@@ -90,11 +90,8 @@ class Runtime:
         return self.heartbeat
 
     def live_workers(self) -> int:
-        """Live task slots of every worker: the heartbeat's last count in the process that
-        beats; elsewhere (a forked pool's child, a process that never joined) read from Redis,
-        0 when it cannot be read (a task then acts as if alone)."""
-        if self.heartbeat is not None and self.heartbeat.beating:
-            return self.heartbeat.live
+        """Live task slots of every worker, read when a task asks (a worker that joined a
+        moment ago counts at once); 0 when Redis cannot say (a task then acts as if alone)."""
         try:
             return WorkerPresence(self.client, worker_id()).live()
         except redis.RedisError:

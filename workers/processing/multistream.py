@@ -3,7 +3,8 @@
 On by default (``batch_streams`` 16; 1 turns it off). A task for stream X takes X's lease as
 usual, then claims up to ``batch_streams - 1`` other runnable streams, oldest first, from the
 ``RUNNABLE`` set (leases taken without waiting; a stream leased elsewhere, parked as failed or
-with nothing to read is skipped), until their first batches add up to ``batch_tokens``. The
+with nothing to read is skipped), until their first batches add up to ``batch_tokens`` (by
+default what this worker feeds in one time slice, measured: ``budget``). The
 held streams are fed chunk by chunk, one forward per step holding the next chunk of every
 stream with a batch in flight; a stream whose batch is fed runs the same steps as a solo batch
 (``StreamProcessor.finish``: summaries, memory, the commit fenced by *its own* lease) and its
@@ -58,6 +59,10 @@ log = logging.getLogger(__name__)
 COMPANION_SUFFIX = "+batch"
 #: how many RUNNABLE members are looked at per companion wanted (busy ones are skipped)
 _SCAN_FACTOR = 4
+#: the automatic token budget before this worker has timed a forward
+AUTO_FIRST_TOKENS = 8192
+#: each forward's weight in the feed speed decays by this per later forward
+_RATE_DECAY = 0.8
 
 
 def companion_holder(lease_value: str | None) -> bool:
@@ -114,15 +119,39 @@ class MultiStreamProcessor:
 
     def __init__(self, processor: StreamProcessor, max_streams: int, max_tokens: int,
                  live_workers: Callable[[], int] | None = None) -> None:
-        """``live_workers``: the live task slots of every worker (``state_store/presence.py``);
-        None, or a count of at most 1, lets every task hold ``max_streams`` streams."""
-        if max_streams < 1 or max_tokens < 1:
-            raise ValueError("max_streams and max_tokens must be >= 1")
+        """``max_tokens``: the token budget of the first batches claimed together, 0 for
+        ``budget`` to size it by this worker's measured speed; ``live_workers``: the live task
+        slots of every worker (``state_store/presence.py``); None, or a count of at most 1,
+        lets every task hold ``max_streams`` streams."""
+        if max_streams < 1 or max_tokens < 0:
+            raise ValueError("max_streams must be >= 1 and max_tokens >= 0")
         self.p = processor
         self.max_streams = max_streams
         self.max_tokens = max_tokens
         self.live_workers = live_workers
         self.companion_id = processor.worker_id + COMPANION_SUFFIX
+        #: decayed sums of tokens fed and feed seconds: their ratio is the recent feed speed
+        self._fed_tokens = 0.0
+        self._fed_seconds = 0.0
+
+    def budget(self, time_slice_s: float) -> int:
+        """Tokens the first batches of one task's streams may add up to: ``max_tokens``, or
+        (0, auto) what this worker feeds in ``time_slice_s`` at its recent speed, and at least
+        one stream's whole batch (``max_batch_tokens``); ``AUTO_FIRST_TOKENS`` until a forward
+        has been timed. On a GPU the time slice binds: a task gathers as many streams as it
+        feeds in one slice. On a CPU the floor binds: the budget barely changes tokens/s there
+        while a larger one holds streams far longer (benchmarks/README.md, batching)."""
+        if self.max_tokens:
+            return self.max_tokens
+        if self._fed_seconds <= 0 or time_slice_s <= 0:
+            return AUTO_FIRST_TOKENS
+        rate = self._fed_tokens / self._fed_seconds
+        return max(self.p.settings.max_batch_tokens, int(rate * time_slice_s))
+
+    def _timed(self, tokens: int, seconds: float) -> None:
+        """One forward's tokens and seconds into the feed speed (older forwards decay)."""
+        self._fed_tokens = self._fed_tokens * _RATE_DECAY + tokens
+        self._fed_seconds = self._fed_seconds * _RATE_DECAY + seconds
 
     def process(self, stream_id: str, time_slice_s: float = 0.0) -> list[Outcome]:
         """Apply batches of ``stream_id`` and of the companions claimed with it.
@@ -143,7 +172,7 @@ class MultiStreamProcessor:
         try:
             self._prepare(held[0])
             if held[0].prepared is not None and self.max_streams > 1:
-                self._claim_companions(held, self.max_tokens - held[0].tokens)
+                self._claim_companions(held, self.budget(time_slice_s) - held[0].tokens)
             order = [h.stream_id for h in held]  # outcomes come back in claim order
             self._run(held, finished, time.monotonic() + time_slice_s)
             for h in list(held):
@@ -296,6 +325,7 @@ class MultiStreamProcessor:
             states = list(self.p.engine.feed_batch([f.state for f in rows], pieces))
         seconds = time.perf_counter() - started
         self.p.observer.fed(sum(len(p) for p in pieces), seconds)
+        self._timed(sum(len(p) for p in pieces), seconds)
         for f, state, piece in zip(rows, states, pieces, strict=True):
             f.state = state
             f.pos += len(piece)

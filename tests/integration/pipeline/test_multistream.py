@@ -37,7 +37,12 @@ from workers.engines.base import Engine, EngineState
 from workers.engines.loading import load_engine
 from workers.engines.sinkkv.segments import whole_snapshot
 from workers.processing.batches import entry_tokens
-from workers.processing.multistream import COMPANION_SUFFIX, MultiStreamProcessor, companion_holder
+from workers.processing.multistream import (
+    AUTO_FIRST_TOKENS,
+    COMPANION_SUFFIX,
+    MultiStreamProcessor,
+    companion_holder,
+)
 from workers.processing.processor import StreamProcessor
 
 #: stream -> (first turn, number of turns) of the QMSum meeting: uneven lengths and offsets
@@ -213,6 +218,19 @@ def test_with_other_workers_live_a_task_holds_its_even_share_of_the_runnable_str
     assert len(outcomes) == 3
     live = 5
     assert [o.stream_id for o in multi.process("s1", 0.0)] == ["s1"]  # one stream each
+
+
+def test_the_automatic_budget_is_one_time_slice_of_the_measured_feed_speed(
+    setup: tuple[StreamProcessor, MultiStreamProcessor, redis.Redis],
+) -> None:
+    processor, _, client = setup
+    assert MultiStreamProcessor(processor, 4, 123).budget(1.0) == 123  # a fixed budget
+    auto = MultiStreamProcessor(processor, 4, 0)
+    assert auto.budget(1.0) == AUTO_FIRST_TOKENS  # no forward timed yet
+    auto.process("s0", 0.0)
+    floor = processor.settings.max_batch_tokens
+    assert auto.budget(1e-9) == floor  # at least one stream's whole batch
+    assert auto.budget(1000.0) > auto.budget(10.0) > floor  # tokens fed per time slice
 
 
 def test_idle_workers_share_a_small_workload_instead_of_one_taking_it_whole(
