@@ -33,7 +33,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import msgpack
 from drain3.drain import Drain, LogCluster, Node
@@ -74,10 +74,10 @@ class MiningConfig:
                 f"word={self.word_penalty};max={self.max_templates};masks={self.masking.name}")
 
 
-@dataclass(frozen=True, slots=True)
-class Mined:
+class Mined(NamedTuple):
     """Where one message went: its template's id and text, and whether the template is new
-    (``created``), was generalised by it (``changed``) or already matched (``none``)."""
+    (``created``), was generalised by it (``changed``) or already matched (``none``). (A named
+    tuple: one is made per line, and a frozen dataclass costs several times as much.)"""
 
     template_id: int
     template: str

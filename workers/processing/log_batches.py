@@ -101,9 +101,10 @@ class LogFolder:
                 counts.append(len(piece))
                 fed_pieces.append(piece)
                 continue
-            record = parse_line(entry.text, entry_time(entry))
+            reference = entry_time(entry)
+            record = parse_line(entry.text, reference)
             mined = miner.add(record.message)
-            when = record.ts if record.ts is not None else entry_time(entry)
+            when = record.ts if record.ts is not None else reference
             table.add(mined.template_id, mined.template, record.level, when, entry.id,
                       record.message)
             key = record.level or "none"
