@@ -175,6 +175,10 @@ _KEY_RANKS: dict[str, tuple[int, int]] = {
 _DOTTED: tuple[tuple[tuple[str, str], ...], ...] = tuple(
     tuple((head, tail) for head, _, tail in (k.partition(".") for k in keys) if tail)
     for keys in _FIELD_KEYS)
+#: the fields that have dotted keys, with them
+_DOTTED_FIELDS = tuple((field, dotted) for field, dotted in enumerate(_DOTTED) if dotted)
+#: a rank past every key of each field: not found
+_NO_RANK = tuple(len(keys) for keys in _FIELD_KEYS)
 
 
 def _fields(data: dict[str, Any]) -> list[Any]:
@@ -183,14 +187,16 @@ def _fields(data: dict[str, Any]) -> list[Any]:
     down, else None. One pass over the record's keys (a record has a few; the key tuples
     hold 36 names, looked up one by one this took ~2 us a line)."""
     found: list[Any] = [None, None, None, None]
-    ranks = [len(keys) for keys in _FIELD_KEYS]
+    ranks = list(_NO_RANK)
     for key, value in data.items():
         hit = _KEY_RANKS.get(key)
-        if hit is not None and hit[1] < ranks[hit[0]]:
-            found[hit[0]] = value
-            ranks[hit[0]] = hit[1]
-    for field, dotted in enumerate(_DOTTED):
-        if ranks[field] == len(_FIELD_KEYS[field]):
+        if hit is not None:
+            field, rank = hit
+            if rank < ranks[field]:
+                found[field] = value
+                ranks[field] = rank
+    for field, dotted in _DOTTED_FIELDS:
+        if ranks[field] == _NO_RANK[field]:
             found[field] = _dotted(data, dotted)
     return found
 

@@ -6,6 +6,8 @@ import datetime as dt
 import random
 from typing import Any
 
+import pytest
+
 from sinkstream.contracts.entries import InputEntry, Rejected, parse_entry
 from workers.logs import parse
 from workers.logs.parse import level_of, parse_line, time_of
@@ -105,3 +107,15 @@ def test_fields_in_one_pass_are_the_first_keys_present() -> None:
         for name in rng.sample(names, rng.randint(0, 6)):
             data[name] = rng.choice([name + "-v", 3, None, {"level": "warn", "logger": "a"}])
         assert parse._fields(data) == [_first_key(data, keys) for keys in parse._FIELD_KEYS]
+
+
+@pytest.mark.parametrize("text", [b"plain line", "caf\u00e9 \u2603".encode(), b"", b"\xff\xfe",
+                                  b"x" * 64, b"x" * 65, b" "])
+def test_a_text_only_entry_parses_as_the_field_loop_does(text: bytes) -> None:
+    fast = parse_entry(b"1-0", {b"text": text}, max_text_bytes=64)
+    # an ignored field takes the field loop
+    looped = parse_entry(b"1-0", {b"text": text, b"other": b"1"}, max_text_bytes=64)
+    if isinstance(looped, Rejected):
+        assert isinstance(fast, Rejected) and fast.reason == looped.reason
+    else:
+        assert fast == looped
