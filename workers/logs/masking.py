@@ -118,18 +118,17 @@ class Masker:
         text = _PADDING.sub(" ", message) if ".." in message else message
         if "=" in text:
             text = _KEY_VALUE.sub(r"\1= \2", text)
-        tokens = text.split()
         seen = self._seen
-        out: list[str | None] = list(map(seen.get, tokens))  # one C loop for the remembered
-        if None in out:
-            for index, masked in enumerate(out):
-                if masked is None:
-                    token = tokens[index]
-                    out[index] = masked = self.mask_token(token)
-                    if len(seen) >= self._memory:
-                        seen.clear()
-                    seen[token] = masked
-        return " ".join(out)  # type: ignore[arg-type]  # no None is left
+        out = []
+        for token in text.split():
+            masked = seen.get(token)
+            if masked is None:
+                masked = self.mask_token(token)
+                if len(seen) >= self._memory:
+                    seen.clear()
+                seen[token] = masked
+            out.append(masked)
+        return " ".join(out)
 
     def mask_token(self, token: str) -> str:
         """One whitespace-free ``token`` masked as :meth:`mask_whole` masks it, running only
