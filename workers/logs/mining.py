@@ -112,6 +112,13 @@ class _Drain(Drain):
             same += params
         return same / len(seq1), params
 
+    def create_template(self, seq1: Sequence[str], seq2: Sequence[str]) -> list[str]:
+        """Drain's merge of a line (``seq1``) into a template (``seq2``); a line equal to the
+        template (most lines, as above) leaves it as it is without the token loop."""
+        if tuple(seq1) == seq2:
+            return list(seq2)
+        return super().create_template(seq1, seq2)
+
 
 class Miner:
     """One stream's template miner: masks and mines messages, encodes and decodes itself."""

@@ -100,6 +100,8 @@ def parse_line(line: str, reference_ts: float | None = None) -> LogRecord:
 def level_of(value: Any) -> Level | None:
     """A level from a word (``"WARNING"``, ``"[err]"``) or a number (syslog severity 0..7, or
     Python/bunyan numbers: 10 debug .. 50 fatal)."""
+    if isinstance(value, str):  # first: the common case (and never a bool or a number)
+        return LEVEL_WORDS.get(value.strip("[]():<>").lower())
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float) and math.isfinite(value):
@@ -110,8 +112,6 @@ def level_of(value: Any) -> Level | None:
             if number < bound:
                 return level  # type: ignore[return-value]
         return "fatal"
-    if isinstance(value, str):
-        return LEVEL_WORDS.get(value.strip("[]():<>").lower())
     return None
 
 
@@ -155,12 +155,13 @@ def _json_record(text: str, reference_ts: float | None) -> LogRecord | None:
     if not isinstance(data, dict):
         return None
     message, level, when, logger = _fields(data)
-    if not isinstance(message, str) or not message.strip():
+    stripped = message.strip() if isinstance(message, str) else ""
+    if not stripped:
         # no message field: the object itself is the message, keys sorted for stable templates
-        message = " ".join(f"{k}={data[k]}" for k in sorted(data) if not isinstance(
-            data[k], dict | list))
-    ts = time_of(when)
-    return LogRecord(message.strip() or text, level_of(level),
+        stripped = " ".join(f"{k}={data[k]}" for k in sorted(data) if not isinstance(
+            data[k], dict | list)).strip()
+    ts = time_of(when) if when is not None else None
+    return LogRecord(stripped or text, level_of(level),
                      ts if ts is not None else reference_ts,
                      logger if isinstance(logger, str) and logger else None, "json")
 

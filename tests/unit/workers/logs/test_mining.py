@@ -84,3 +84,14 @@ def test_an_equal_line_scores_as_the_token_loop_does() -> None:
             same = drain.get_seq_distance(template, line, include)
             # the same tokens as a list: the general loop
             assert same == drain.get_seq_distance(list(template), line, include)
+
+
+def test_an_equal_line_merges_as_the_token_loop_does() -> None:
+    from drain3.drain import Drain
+
+    from workers.logs.mining import _Drain
+
+    ours, theirs = _Drain(depth=5, sim_th=0.6), Drain(depth=5, sim_th=0.6)
+    for line, template in [(["a", "b"], ("a", "b")), (["a", "c"], ("a", "b")),
+                           (["<*>", "x"], ("<*>", "x")), ([], ())]:
+        assert ours.create_template(line, template) == theirs.create_template(line, template)
