@@ -73,6 +73,12 @@ _HINTS: dict[str, tuple[frozenset[str] | None, bool]] = {
 }
 
 
+def _split_key_value(match: re.Match[str]) -> str:
+    """``k=v`` -> ``k= v``: a function, not the template ``\\1= \\2``, which Python 3.11
+    expands in Python for every match (2.5x slower on a Linux auth line)."""
+    return match[1] + "= " + match[2]
+
+
 @dataclass(frozen=True)
 class Masking:
     """A masking configuration; ``name`` goes into the miner's fingerprint, so a state mined
@@ -117,7 +123,7 @@ class Masker:
         """``message`` masked, its tokens joined by single spaces."""
         text = _PADDING.sub(" ", message) if ".." in message else message
         if "=" in text:
-            text = _KEY_VALUE.sub(r"\1= \2", text)
+            text = _KEY_VALUE.sub(_split_key_value, text)
         seen = self._seen
         out = []
         for token in text.split():
