@@ -65,8 +65,11 @@ def feed_line(record: LogRecord, template: str) -> str:
     return f"{(record.level or 'log').upper()} {template}"
 
 
-#: committed (miner, table) pairs a worker keeps decoded (see ``LogFolder.remember``)
+#: committed (miner, table) pairs a worker keeps decoded (see ``LogFolder.remember``), and
+#: their encoded bytes at most: decoded, a pair takes ~9x its bytes (a stream at the
+#: 5,000-template bound: ~1 MB encoded, ~9 MB decoded), outside the hot cache's budget
 WARM_LOGS = 16
+WARM_LOGS_BYTES = 2 << 20
 
 
 class LogFolder:
@@ -75,13 +78,14 @@ class LogFolder:
 
     def __init__(self, engine: Engine[Any], mining: MiningConfig | None = None,
                  bursts: BurstConfig | None = None, feed: str = "templates",
-                 warm: int = WARM_LOGS) -> None:
+                 warm: int = WARM_LOGS, warm_bytes: int = WARM_LOGS_BYTES) -> None:
         self.engine = engine
         #: "templates": a new template is fed as one line; "none": log lines feed nothing
         self.feed = feed
         self.mining = mining or MiningConfig()
         self.bursts = bursts or BurstConfig()
-        self.warm = warm
+        self.warm, self.warm_bytes = warm, warm_bytes
+        self._warm_nbytes = 0
         #: (miner bytes, table bytes) committed -> the objects they encode, not in use
         self._warm: OrderedDict[tuple[bytes, bytes], tuple[Miner, Table]] = OrderedDict()
 
@@ -93,16 +97,26 @@ class LogFolder:
         an object is handed out once (``_load`` pops it), so a batch that fails half-way
         can never leave a mutated object behind under an unchanged key."""
         miner, table = fields.get(MINER_FIELD), fields.get(TABLE_FIELD)
-        if not isinstance(miner, bytes) or not isinstance(table, bytes) or self.warm <= 0:
+        if not isinstance(miner, bytes) or not isinstance(table, bytes) or self.warm <= 0 \
+                or len(miner) + len(table) > self.warm_bytes:
             return
-        self._warm[(miner, table)] = (update.miner, update.table)
-        while len(self._warm) > self.warm:
-            self._warm.popitem(last=False)
+        key = (miner, table)
+        if self._warm.pop(key, None) is None:
+            self._warm_nbytes += len(miner) + len(table)
+        self._warm[key] = (update.miner, update.table)
+        while len(self._warm) > self.warm or self._warm_nbytes > self.warm_bytes:
+            self._forget(next(iter(self._warm)))
+
+    def _forget(self, key: tuple[bytes, bytes]) -> tuple[Miner, Table] | None:
+        pair = self._warm.pop(key, None)
+        if pair is not None:
+            self._warm_nbytes -= len(key[0]) + len(key[1])
+        return pair
 
     def _load(self, head: LogsHead) -> tuple[Miner, Table]:
         """The head's miner and table to mutate: remembered, else decoded."""
         if head.miner is not None and head.table is not None:
-            warm = self._warm.pop((head.miner, head.table), None)
+            warm = self._forget((head.miner, head.table))
             if warm is not None:
                 return warm
         return head.load(self.mining, self.bursts)

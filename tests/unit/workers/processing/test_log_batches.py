@@ -193,3 +193,23 @@ def test_only_the_exact_committed_bytes_find_remembered_objects() -> None:
     assert folder._load(other)[0] is not update.miner  # handed out once, then decoded
     folder.remember(update, {"miner": miner})  # no table committed: nothing kept
     assert not folder._warm
+
+
+def test_remembered_pairs_are_bounded_by_their_bytes() -> None:
+    from sinkstream.contracts.kinds import LOG
+    from workers.processing.log_batches import LogFolder
+
+    folder = LogFolder(None, feed="none")  # type: ignore[arg-type]
+    updates = []
+    for start in range(0, 21, 7):  # three streams' first batches: three different pairs
+        _, update = folder.fold(logs_head.LogsHead(LOG), _log_batch(LINES[start:start + 7], 0))
+        assert update is not None
+        updates.append(update)
+    sizes = [len(u.fields["miner"]) + len(u.fields["table"]) for u in updates]
+    folder.warm_bytes = sizes[1] + sizes[2]
+    for update in updates:
+        folder.remember(update, update.fields)
+    assert len(folder._warm) == 2 and folder._warm_nbytes == sizes[1] + sizes[2]  # oldest out
+    folder.warm_bytes = min(sizes) - 1  # a pair over the bound is not kept at all
+    folder.remember(updates[0], updates[0].fields)
+    assert len(folder._warm) == 2
