@@ -58,6 +58,25 @@ _KEY_VALUE = re.compile(r"(\w)=(\S)")
 _DIGIT = re.compile(r"\d")
 #: masks that can match text without a digit
 _DIGITLESS = frozenset({"UUID", "MAC", "PATH"})
+#: per default mask: characters one of which every match of it holds, and whether every match
+#: holds a digit. No mask's replacement (``<UUID>``... upper case and brackets) brings in a
+#: character a later mask looks for, so a token lacking them lacks them to the end.
+_HINTS: dict[str, tuple[frozenset[str] | None, bool]] = {
+    "UUID": (frozenset("-"), False),
+    "BLK": (frozenset("_"), True),
+    "IP": (frozenset("."), True),
+    "MAC": (frozenset(":-"), False),
+    "HEX": (frozenset("xX"), True),
+    "DUR": (frozenset("msunh"), True),  # the first letters of the units
+    "PATH": (frozenset("/"), False),
+    "NUM": (None, True),
+}
+
+
+def _split_key_value(match: re.Match[str]) -> str:
+    """``k=v`` -> ``k= v``: a function, not the template ``\\1= \\2``, which Python 3.11
+    expands in Python for every match (2.5x slower on a Linux auth line)."""
+    return match[1] + "= " + match[2]
 
 
 @dataclass(frozen=True)
@@ -96,23 +115,39 @@ class Masker:
         self._wordy = LogMasker([MaskingInstruction(p, name) for p, name in masking.masks
                                  if name in _DIGITLESS], MASK_PREFIX, MASK_SUFFIX)
         self._seen: dict[str, str] = {}
+        hints = _HINTS if masking.masks == MASKS else {}
+        self._steps = [(re.compile(pattern), MASK_PREFIX + name + MASK_SUFFIX,
+                        *hints.get(name, (None, False))) for pattern, name in masking.masks]
 
     def mask(self, message: str) -> str:
         """``message`` masked, its tokens joined by single spaces."""
         text = _PADDING.sub(" ", message) if ".." in message else message
         if "=" in text:
-            text = _KEY_VALUE.sub(r"\1= \2", text)
+            text = _KEY_VALUE.sub(_split_key_value, text)
         seen = self._seen
         out = []
         for token in text.split():
             masked = seen.get(token)
             if masked is None:
-                masked = self.mask_whole(token)
+                masked = self.mask_token(token)
                 if len(seen) >= self._memory:
                     seen.clear()
                 seen[token] = masked
             out.append(masked)
         return " ".join(out)
+
+    def mask_token(self, token: str) -> str:
+        """One whitespace-free ``token`` masked as :meth:`mask_whole` masks it, running only
+        the masks whose necessary characters it holds (``_HINTS``, default masks only): a new
+        token cost ~5 us of eight regex passes, and a 2,000-line sample holds ~10,000 (IPs,
+        block ids, numbers are new on most lines)."""
+        present = set(token)
+        digit = _DIGIT.search(token) is not None
+        for regex, mask, chars, needs_digit in self._steps:
+            if (needs_digit and not digit) or (chars is not None and present.isdisjoint(chars)):
+                continue
+            token = regex.sub(mask, token)
+        return token
 
     def mask_whole(self, text: str) -> str:
         """``text`` masked in one piece, every mask over the whole string (the reference

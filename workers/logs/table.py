@@ -118,16 +118,26 @@ class Table:
         key = level or "none"
         stats.levels[key] = stats.levels.get(key, 0) + 1
         self.levels[key] = self.levels.get(key, 0) + 1
-        stats.first_ts = min(stats.first_ts, ts)
-        stats.last_ts = max(stats.last_ts, ts)
+        # comparisons rather than min()/max() (same results, a call less each: once a line)
+        if ts < stats.first_ts:
+            stats.first_ts = ts
+        if ts > stats.last_ts:
+            stats.last_ts = ts
         stats.last_entry = entry_id
         bucket = math.floor(ts / self.config.bucket_s)
-        cell = stats.buckets.setdefault(bucket, [0, ts, ts])
-        cell[0] += 1
-        cell[1], cell[2] = min(cell[1], ts), max(cell[2], ts)
-        self.first_bucket = bucket if self.first_bucket is None else min(self.first_bucket,
-                                                                         bucket)
-        self.last_bucket = bucket if self.last_bucket is None else max(self.last_bucket, bucket)
+        cell = stats.buckets.get(bucket)
+        if cell is None:
+            stats.buckets[bucket] = [1, ts, ts]
+        else:
+            cell[0] += 1
+            if ts < cell[1]:
+                cell[1] = ts
+            if ts > cell[2]:
+                cell[2] = ts
+        if self.first_bucket is None or bucket < self.first_bucket:
+            self.first_bucket = bucket
+        if self.last_bucket is None or bucket > self.last_bucket:
+            self.last_bucket = bucket
         self._touched.add((template_id, bucket))
 
     def close_batch(self) -> list[Incident]:

@@ -75,6 +75,8 @@ def fold(previous: Sequence[Moment], turns: Iterable[TranscriptLine], keep: int)
     """The best ``keep`` of ``previous`` and ``turns``, in stream order."""
     candidates = list(previous)
     for turn in turns:
+        if not turn.line:  # a log line (its text is in the template table): scores 0
+            continue
         text = _spoken(turn)
         points = score(text)
         if points > 0:

@@ -376,6 +376,7 @@ class StreamProcessor:
         save_s = time.perf_counter() - started
         claim.committed = batch.last_id
         if prepared.logs is not None:
+            self.logs.remember(prepared.logs, logs_fields or {})
             self.observer.logs_committed(prepared.logs.levels, len(prepared.logs.new_templates),
                                          len(prepared.logs.new_incidents))
         if memory is not None and memory.evicted:

@@ -52,3 +52,28 @@ def test_a_full_token_memory_starts_over_with_the_same_results() -> None:
     for line in EDGES * 3:
         assert small.mask(line) == big.mask(line)
     assert len(small._seen) <= 4 < len(big._seen)
+
+
+TOKENS = ["12345", "003a90fc", "core.2275", "12h", "3.5s", "12ms", "7us", "0x1f", "0X1F",
+          "12:34", "blk_-42", "a1", "(uid=0)", "1/2", "10.0.0.1:80,", "٣٤", "１２", "²",
+          "deadbeef-dead-beef-dead-beefdeadbeef", "aa:bb:cc:dd:ee:ff", "/var/log", "word",
+          "WORD:", "a-b", "x", "-", "<NUM>", "12min", "4hours", "5n", "9_9", "1e5", "10%"]
+
+
+@pytest.mark.parametrize("token", TOKENS)
+def test_token_shortcuts_mask_as_the_masks_do(token: str) -> None:
+    masker = Masker(Masking())
+    assert masker.mask_token(token) == masker.mask_whole(token)
+
+
+@pytest.mark.skipif(not LOGHUB.is_dir(), reason=f"LogHub samples not at {LOGHUB}")
+def test_token_shortcuts_hold_on_every_loghub_token() -> None:
+    masker = Masker(Masking())
+    tokens = {t for system in load_systems(LOGHUB) for line in system.contents
+              for t in re.sub(r"(\w)=(\S)", r"\1= \2", re.sub(r"\.{2,}", " ", line)).split()}
+    assert [t for t in tokens if masker.mask_token(t) != masker.mask_whole(t)] == []
+
+
+def test_other_masks_take_no_shortcut() -> None:
+    masker = Masker(Masking(masks=((r"\d+", "N"),), name="digits"))
+    assert masker.mask_token("ab12") == "ab<N>"

@@ -72,3 +72,26 @@ def test_a_full_miner_counts_the_unmatched_as_other() -> None:
     assert miner.add("zeta eta theta iota").template_id == OTHER_ID
     assert miner.add("alpha beta gamma").template_id != OTHER_ID
     assert len(miner.templates) == 2
+
+
+def test_an_equal_line_scores_as_the_token_loop_does() -> None:
+    from workers.logs.mining import _Drain
+
+    drain = _Drain(depth=5, sim_th=0.6)
+    for template in [("a", "<*>", "b"), ("<*>", "<*>"), ("x",), ("A", "<NUM>", "<*>", "c")]:
+        for include in (False, True):
+            line = list(template)
+            same = drain.get_seq_distance(template, line, include)
+            # the same tokens as a list: the general loop
+            assert same == drain.get_seq_distance(list(template), line, include)
+
+
+def test_an_equal_line_merges_as_the_token_loop_does() -> None:
+    from drain3.drain import Drain
+
+    from workers.logs.mining import _Drain
+
+    ours, theirs = _Drain(depth=5, sim_th=0.6), Drain(depth=5, sim_th=0.6)
+    for line, template in [(["a", "b"], ("a", "b")), (["a", "c"], ("a", "b")),
+                           (["<*>", "x"], ("<*>", "x")), ([], ())]:
+        assert ours.create_template(line, template) == theirs.create_template(line, template)

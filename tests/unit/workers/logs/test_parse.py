@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import random
+from typing import Any
+
+import pytest
 
 from sinkstream.contracts.entries import InputEntry, Rejected, parse_entry
+from workers.logs import parse
 from workers.logs.parse import level_of, parse_line, time_of
 
 REF = dt.datetime(2024, 3, 5, 12, 0, tzinfo=dt.timezone.utc).timestamp()
@@ -74,3 +79,43 @@ def test_a_stream_kind_nobody_knows_is_read_as_a_meeting() -> None:
     assert parse("s", [b"log", [None, None, None]]).kind == "log"
     odd = parse("s", [b"audio", [b"m", b"t", b"1-0"]])
     assert odd.kind is None and odd.has_logs and odd.applied == "1-0"
+
+
+def _first_key(data: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    """The reference: the first of ``keys`` present, else the first dotted one one level down."""
+    for key in keys:
+        if key in data:
+            return data[key]
+    for key in keys:
+        head, _, tail = key.partition(".")
+        inner = data.get(head)
+        if tail and isinstance(inner, dict) and tail in inner:
+            return inner[tail]
+    return None
+
+
+def test_each_key_name_belongs_to_one_field() -> None:
+    names = [k for keys in parse._FIELD_KEYS for k in keys]
+    assert len(names) == len(set(names))
+
+
+def test_fields_in_one_pass_are_the_first_keys_present() -> None:
+    rng = random.Random(7)
+    names = [k for keys in parse._FIELD_KEYS for k in keys] + ["other", "log", "x.y"]
+    for _ in range(3000):
+        data: dict[str, Any] = {}
+        for name in rng.sample(names, rng.randint(0, 6)):
+            data[name] = rng.choice([name + "-v", 3, None, {"level": "warn", "logger": "a"}])
+        assert parse._fields(data) == [_first_key(data, keys) for keys in parse._FIELD_KEYS]
+
+
+@pytest.mark.parametrize("text", [b"plain line", "caf\u00e9 \u2603".encode(), b"", b"\xff\xfe",
+                                  b"x" * 64, b"x" * 65, b" "])
+def test_a_text_only_entry_parses_as_the_field_loop_does(text: bytes) -> None:
+    fast = parse_entry(b"1-0", {b"text": text}, max_text_bytes=64)
+    # an ignored field takes the field loop
+    looped = parse_entry(b"1-0", {b"text": text, b"other": b"1"}, max_text_bytes=64)
+    if isinstance(looped, Rejected):
+        assert isinstance(fast, Rejected) and fast.reason == looped.reason
+    else:
+        assert fast == looped

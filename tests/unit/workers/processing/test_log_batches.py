@@ -145,3 +145,71 @@ def test_cli_publishes_a_log_file_and_prints_its_template_table(
     assert "DataXceiver error on <BLK>" in table.output and "Receiving" not in table.output
     rows = runner.invoke(app, ["logs", "tail", "--json"])
     assert [json.loads(line)["count"] for line in rows.output.splitlines()] == [32, 8, 5]
+
+
+def _log_batch(lines: list[str], start: int) -> Any:
+    from sinkstream.contracts.entries import InputEntry
+    from workers.processing.batches import Batch
+
+    entries = [InputEntry(f"1700000000000-{start + i}", line) for i, line in enumerate(lines)]
+    return Batch(entries, [], [], entries[-1].id, False, False, counts=[0] * len(entries))
+
+
+def test_a_remembered_miner_and_table_fold_as_decoded_ones() -> None:
+    from sinkstream.contracts.kinds import LOG
+    from workers.processing.log_batches import LogFolder
+
+    def fold_all(folder: LogFolder, remember: bool) -> list[dict[str, bytes | str]]:
+        head, out = logs_head.LogsHead(LOG), []
+        for start in range(0, len(LINES), 7):
+            _, update = folder.fold(head, _log_batch(LINES[start:start + 7], start))
+            assert update is not None
+            if remember:
+                folder.remember(update, update.fields)
+            out.append(update.fields)
+            head = logs_head.LogsHead(LOG, update.fields["miner"],  # type: ignore[arg-type]
+                                      update.fields["table"],  # type: ignore[arg-type]
+                                      str(update.fields["applied"]))
+        return out
+
+    warm = LogFolder(None, feed="none")  # type: ignore[arg-type]  # feeds nothing
+    assert fold_all(warm, True) == fold_all(LogFolder(None, warm=0, feed="none"),  # type: ignore[arg-type]
+                                            False)
+    assert len(warm._warm) == 1  # each batch took the last one's objects and left its own
+
+
+def test_only_the_exact_committed_bytes_find_remembered_objects() -> None:
+    from sinkstream.contracts.kinds import LOG
+    from workers.processing.log_batches import LogFolder
+
+    folder = LogFolder(None, feed="none", warm=2)  # type: ignore[arg-type]
+    _, update = folder.fold(logs_head.LogsHead(LOG), _log_batch(LINES[:5], 0))
+    assert update is not None
+    miner, table = update.fields["miner"], update.fields["table"]
+    assert isinstance(miner, bytes) and isinstance(table, bytes)
+    folder.remember(update, update.fields)
+    other = logs_head.LogsHead(LOG, miner, table + b"", "x")  # equal bytes, another object
+    assert folder._load(other)[0] is update.miner
+    assert folder._load(other)[0] is not update.miner  # handed out once, then decoded
+    folder.remember(update, {"miner": miner})  # no table committed: nothing kept
+    assert not folder._warm
+
+
+def test_remembered_pairs_are_bounded_by_their_bytes() -> None:
+    from sinkstream.contracts.kinds import LOG
+    from workers.processing.log_batches import LogFolder
+
+    folder = LogFolder(None, feed="none")  # type: ignore[arg-type]
+    updates = []
+    for start in range(0, 21, 7):  # three streams' first batches: three different pairs
+        _, update = folder.fold(logs_head.LogsHead(LOG), _log_batch(LINES[start:start + 7], 0))
+        assert update is not None
+        updates.append(update)
+    sizes = [len(u.fields["miner"]) + len(u.fields["table"]) for u in updates]
+    folder.warm_bytes = sizes[1] + sizes[2]
+    for update in updates:
+        folder.remember(update, update.fields)
+    assert len(folder._warm) == 2 and folder._warm_nbytes == sizes[1] + sizes[2]  # oldest out
+    folder.warm_bytes = min(sizes) - 1  # a pair over the bound is not kept at all
+    folder.remember(updates[0], updates[0].fields)
+    assert len(folder._warm) == 2
