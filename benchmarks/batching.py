@@ -270,7 +270,8 @@ def run(quick: bool) -> BenchResult:
     rows += _budget_sweep(real, 16, 16 if quick else 48)
     tiny = [r for r in rows if r["level"] == "engine" and r["model"] != real.model_name]
     by = {(r["engine"], r["streams"]): r["speedup"] for r in tiny}
-    by_real = {r["streams"]: r["speedup"] for r in rows if r.get("model") == real.model_name}
+    by_real = {r["streams"]: r["speedup"] for r in rows
+               if r["level"] == "engine" and r["model"] == real.model_name}
     worker = {r["engine"]: r["speedup"] for r in rows if r["level"] == "worker"}
     return BenchResult(
         title=f"feed_batch vs one stream at a time, {CHUNK}-token chunks, tiny-llama (sink-KV) "

@@ -336,9 +336,9 @@ class Settings(BaseSettings):
         description="token budget of the batches one task claims together (batch_streams > "
                     "1): no more streams are claimed once their batches add up to this. 0 "
                     "(auto): what this worker feeds in batch_time_slice_seconds at its measured "
-                    "speed, at least max_batch_tokens (8192 before its first forward), so a "
-                    "fast model gathers many streams per task and a slow one does not hold "
-                    "them for long. Measured in benchmarks/README.md (batching, budget)")
+                    "speed, at least 8192 (where tokens/s stopped growing on a 2-core CPU with "
+                    "SmolLM2), so a fast model, e.g. on a GPU, gathers more streams per task. "
+                    "Measured in benchmarks/README.md (batching, budget)")
 
     # --- metrics -----------------------------------------------------------------------
     metrics_host: str = Field("127.0.0.1", description="bind address of /metrics")

@@ -59,8 +59,10 @@ log = logging.getLogger(__name__)
 COMPANION_SUFFIX = "+batch"
 #: how many RUNNABLE members are looked at per companion wanted (busy ones are skipped)
 _SCAN_FACTOR = 4
-#: the automatic token budget before this worker has timed a forward
-AUTO_FIRST_TOKENS = 8192
+#: the automatic token budget's floor, and the budget before this worker has timed a
+#: forward: on a 2-core CPU with SmolLM2 the smallest budget that drains a 16-stream backlog at
+#: full speed (2,048 loses a fifth; 32,768 gains nothing and holds streams 2-3x longer)
+AUTO_MIN_TOKENS = 8192
 #: each forward's weight in the feed speed decays by this per later forward
 _RATE_DECAY = 0.8
 
@@ -136,17 +138,17 @@ class MultiStreamProcessor:
 
     def budget(self, time_slice_s: float) -> int:
         """Tokens the first batches of one task's streams may add up to: ``max_tokens``, or
-        (0, auto) what this worker feeds in ``time_slice_s`` at its recent speed, and at least
-        one stream's whole batch (``max_batch_tokens``); ``AUTO_FIRST_TOKENS`` until a forward
-        has been timed. On a GPU the time slice binds: a task gathers as many streams as it
-        feeds in one slice. On a CPU the floor binds: the budget barely changes tokens/s there
-        while a larger one holds streams far longer (benchmarks/README.md, batching)."""
+        (0, auto) what this worker feeds in ``time_slice_s`` at its recent speed, at least
+        ``AUTO_MIN_TOKENS`` (also the budget until a forward has been timed). On a CPU the
+        floor binds (it is where tokens/s stopped growing there, benchmarks/README.md,
+        batching); a model fed faster than that per time slice, e.g. on a GPU, gathers as
+        many streams as it feeds in one slice."""
         if self.max_tokens:
             return self.max_tokens
         if self._fed_seconds <= 0 or time_slice_s <= 0:
-            return AUTO_FIRST_TOKENS
+            return AUTO_MIN_TOKENS
         rate = self._fed_tokens / self._fed_seconds
-        return max(self.p.settings.max_batch_tokens, int(rate * time_slice_s))
+        return max(AUTO_MIN_TOKENS, int(rate * time_slice_s))
 
     def _timed(self, tokens: int, seconds: float) -> None:
         """One forward's tokens and seconds into the feed speed (older forwards decay)."""

@@ -38,7 +38,7 @@ from workers.engines.loading import load_engine
 from workers.engines.sinkkv.segments import whole_snapshot
 from workers.processing.batches import entry_tokens
 from workers.processing.multistream import (
-    AUTO_FIRST_TOKENS,
+    AUTO_MIN_TOKENS,
     COMPANION_SUFFIX,
     MultiStreamProcessor,
     companion_holder,
@@ -226,11 +226,10 @@ def test_the_automatic_budget_is_one_time_slice_of_the_measured_feed_speed(
     processor, _, client = setup
     assert MultiStreamProcessor(processor, 4, 123).budget(1.0) == 123  # a fixed budget
     auto = MultiStreamProcessor(processor, 4, 0)
-    assert auto.budget(1.0) == AUTO_FIRST_TOKENS  # no forward timed yet
+    assert auto.budget(1.0) == AUTO_MIN_TOKENS  # no forward timed yet
     auto.process("s0", 0.0)
-    floor = processor.settings.max_batch_tokens
-    assert auto.budget(1e-9) == floor  # at least one stream's whole batch
-    assert auto.budget(1000.0) > auto.budget(10.0) > floor  # tokens fed per time slice
+    assert auto.budget(1e-9) == AUTO_MIN_TOKENS  # the floor
+    assert auto.budget(1000.0) > auto.budget(10.0) > AUTO_MIN_TOKENS  # tokens per time slice
 
 
 def test_idle_workers_share_a_small_workload_instead_of_one_taking_it_whole(
