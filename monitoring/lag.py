@@ -24,8 +24,9 @@ from typing import Any
 
 import redis
 
-from sinkstream.contracts.keys import STREAMS_REGISTRY, WORKERS, StreamKeys
+from sinkstream.contracts.keys import STREAMS_REGISTRY, StreamKeys
 from sinkstream.ids import InvalidStreamId, entry_id_ms, validate_stream_id
+from state_store.presence import live_slots
 from state_store.replies import as_text
 from state_store.scripts import STREAM_LAG, run_script_each
 
@@ -118,7 +119,7 @@ class LagReader:
         seconds, micros = self.client.time()
         now = float(seconds) + float(micros) / 1e6
         ids, size = self.stream_ids()
-        live = int(self.client.zcount(WORKERS, int(now * 1000), "+inf"))
+        live = live_slots(self.client, int(now * 1000))
         snapshot = LagSnapshot(taken_at=now, registry_size=size, live_workers=live)
         lags: list[StreamLag] = []
         for start in range(0, len(ids), self.batch_size):

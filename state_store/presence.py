@@ -58,6 +58,15 @@ class WorkerPresence:
         return int(self._script(keys=[WORKERS], args=[worker_id, ttl_ms, self.slots]))
 
 
+def live_slots(client: redis.Redis, now_ms: int | None = None) -> int:
+    """Live task slots, read-only (a monitoring user may lack write access): members whose
+    heartbeat expires after ``now_ms``, the server's clock by default."""
+    if now_ms is None:
+        seconds, micros = client.time()
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+    return int(client.zcount(WORKERS, now_ms, "+inf"))
+
+
 class Heartbeat:
     """Background thread: ``presence.beat()`` every third of its TTL, until ``stop``. The
     first beat runs in ``start``, so a worker counts as live from then on."""

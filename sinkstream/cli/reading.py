@@ -197,3 +197,17 @@ def status_cmd(
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
     console.print(table)
+    console.print(_workers_line(client))
+
+
+def _workers_line(client: redis.Redis) -> str:
+    """How many worker task slots have a live heartbeat: 0 means nothing applies new input."""
+    from state_store.presence import live_slots
+
+    try:
+        live = live_slots(client)
+    except redis.RedisError as exc:
+        return f"live workers: unknown ({exc})"
+    if live == 0:
+        return "live workers: none (start one with `sinkstream worker`)"
+    return f"live workers: {live} task slot{'s' if live != 1 else ''}"

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 from typer.testing import CliRunner
 
 from producer.publisher import Producer
@@ -16,7 +17,9 @@ from producer.registry import describe_streams, list_streams
 from sinkstream.cli import app as cli
 from sinkstream.cli import common as cli_common
 from sinkstream.cli.localredis import RedisServer
+from sinkstream.cli.reading import _workers_line
 from sinkstream.contracts.keys import StreamKeys
+from state_store.presence import WorkerPresence, live_slots
 from tests.integration.pipeline.harness import (
     WorkerPool,
     settings_from_env,
@@ -69,3 +72,10 @@ def test_a_finished_trimmed_stream_reports_applied_entries_time_and_end(
     got = json.loads(status.output)
     assert got["applied_entries"] == TURNS + 1 and got["ended"] is True
     assert got["last_entry"].startswith(time.strftime("%Y-%m-%d", time.gmtime(written)))
+    # the table also says whether any worker is there to apply new input
+    before = live_slots(client)  # the worker that applied the stream, while its beats last
+    WorkerPresence(client, "gpu-1", slots=2).beat()
+    assert f"live workers: {before + 2} task slots" in \
+        runner.invoke(cli.app, ["status", "done"]).output
+    empty = redis.Redis(port=redis_server.port, db=1)  # a database no worker has joined
+    assert _workers_line(empty) == "live workers: none (start one with `sinkstream worker`)"
