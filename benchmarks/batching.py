@@ -34,7 +34,11 @@ from __future__ import annotations
 
 import functools
 import random
+import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from benchmarks.common import bench_settings, median, threads
@@ -102,12 +106,6 @@ def _measure(engine: Any, n: int, reps: int, seed: int) -> dict[str, Any]:
 
 def _worker_level(engine: Any, spec: str, streams: int, turns: int, reps: int) -> dict[str, Any]:
     """M streams through the worker's per-stream path vs the cross-stream path, one Redis."""
-    import tempfile
-    from pathlib import Path
-
-    from benchmarks.common import qmsum_text
-    from producer.publisher import Producer
-    from sinkstream.cli.localredis import RedisServer
     from workers.processing.multistream import MultiStreamProcessor
     from workers.processing.processor import StreamProcessor
 
@@ -115,40 +113,20 @@ def _worker_level(engine: Any, spec: str, streams: int, turns: int, reps: int) -
         sink_tokens=4, recent_tokens=1020, chunk_tokens=CHUNK, summary_every_tokens=0,
         summary_memory=False, retrieval="off", max_batch_entries=4, max_batch_tokens=2048,
         metrics_port=0)
-    lines = [ln for ln in qmsum_text(3).splitlines() if ln.strip()]
     times: dict[str, list[float]] = {"solo": [], "multi": []}
     tokens = 0
-    with tempfile.TemporaryDirectory() as tmp:
-        server = RedisServer(Path(tmp) / "redis").start()
-        try:
-            client = server.client()
-            for rep in range(reps):
-                for side in (("solo", "multi") if rep % 2 == 0 else ("multi", "solo")):
-                    client.flushall()
-                    producer = Producer(client, settings=settings)
-                    sids = [f"{side}{rep}-{i}" for i in range(streams)]
-                    for i, sid in enumerate(sids):
-                        start = (i * 37) % max(1, len(lines) - turns)
-                        producer.publish_many(sid, lines[start : start + turns])
-                    # applied input is trimmed: remember where each stream ends
-                    ends = {sid: _last_id(client, sid) for sid in sids}
-                    proc = StreamProcessor(engine, client, settings, f"bench-{side}")
-                    multi = MultiStreamProcessor(proc, streams, settings.batch_tokens)
-                    started = time.perf_counter()
-                    pending = list(sids)
-                    while pending:
-                        if side == "solo":
-                            outcomes = [proc.process(sid) for sid in pending]
-                        else:
-                            outcomes = multi.process(pending[0])
-                        bad = [o for o in outcomes if o.status not in ("applied", "idle")]
-                        if bad:
-                            raise RuntimeError(f"benchmark streams failed: {bad[:3]}")
-                        pending = [s for s in sids if _committed(proc, s) != ends[s]]
-                    times[side].append(time.perf_counter() - started)
-                    tokens = sum(proc.committed_state(s)[0].tokens_seen for s in sids)
-        finally:
-            server.stop(hard=True)
+    with _private_redis() as client:
+        for rep in range(reps):
+            for side in (("solo", "multi") if rep % 2 == 0 else ("multi", "solo")):
+                client.flushall()
+                sids, ends = _publish_backlog(client, settings, f"{side}{rep}", streams, turns)
+                proc = StreamProcessor(engine, client, settings, f"bench-{side}")
+                multi = MultiStreamProcessor(proc, streams, settings.batch_tokens)
+                task = (functools.partial(_solo_task, proc) if side == "solo"
+                        else functools.partial(_multi_task, multi, 0.0))
+                seconds, _ = _drain(proc, ends, task)
+                times[side].append(seconds)
+                tokens = sum(proc.committed_state(s)[0].tokens_seen for s in sids)
     solo_tps, multi_tps = tokens / min(times["solo"]), tokens / min(times["multi"])
     return {
         "level": "worker",
@@ -174,62 +152,89 @@ def _budget_sweep(engine: Any, streams: int, turns: int) -> list[dict[str, Any]]
     the default time slice, so the budget binds: a stream's first batch is a whole
     ``max_batch_tokens``. Per budget: tokens/s, tasks run, and seconds per task (how long a
     task holds its streams before the next task may take them)."""
-    import tempfile
-    from pathlib import Path
-
-    from benchmarks.common import qmsum_text
-    from producer.publisher import Producer
-    from sinkstream.cli.localredis import RedisServer
     from workers.processing.multistream import MultiStreamProcessor
     from workers.processing.processor import StreamProcessor
 
     settings = bench_settings(summary_every_tokens=0, summary_memory=False, retrieval="off",
                               metrics_port=0)
-    lines = [ln for ln in qmsum_text(3).splitlines() if ln.strip()]
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        server = RedisServer(Path(tmp) / "redis").start()
-        try:
-            client = server.client()
-            for budget in BUDGETS:
-                client.flushall()
-                producer = Producer(client, settings=settings)
-                proc = StreamProcessor(engine, client, settings, "bench-budget")
-                multi = MultiStreamProcessor(proc, streams, budget)
-                if not budget:  # auto: speed measured as in a running worker, not cold
-                    multi.process(_warm_stream(producer, lines), 0.0)
-                sids = [f"budget{budget}-{i}" for i in range(streams)]
-                for i, sid in enumerate(sids):
-                    start = (i * 37) % max(1, len(lines) - turns)
-                    producer.publish_many(sid, lines[start : start + turns])
-                ends = {sid: _last_id(client, sid) for sid in sids}
-                task_s: list[float] = []
-                started = time.perf_counter()
-                pending = list(sids)
-                while pending:
-                    t0 = time.perf_counter()
-                    multi.process(pending[0], settings.batch_time_slice_seconds)
-                    task_s.append(time.perf_counter() - t0)
-                    pending = [s for s in sids if _committed(proc, s) != ends[s]]
-                seconds = time.perf_counter() - started
-                tokens = sum(proc.committed_state(s)[0].tokens_seen for s in sids)
-                rows.append({
-                    "level": "budget", "engine": engine.kind, "model": engine.model_name,
-                    "streams": streams, "batch_tokens": budget or "auto",
-                    "default": budget == settings.batch_tokens, "tokens": tokens,
-                    "tok_s": tokens / seconds, "tasks": len(task_s),
-                    "task_s_median": median(task_s), "task_s_max": max(task_s),
-                })
-        finally:
-            server.stop(hard=True)
+    with _private_redis() as client:
+        for budget in BUDGETS:
+            client.flushall()
+            proc = StreamProcessor(engine, client, settings, "bench-budget")
+            multi = MultiStreamProcessor(proc, streams, budget)
+            if not budget:  # auto: speed measured as in a running worker, not cold
+                warm, _ = _publish_backlog(client, settings, "budget-warm-up", 1, 4)
+                multi.process(warm[0], 0.0)
+            sids, ends = _publish_backlog(client, settings, f"budget{budget}", streams, turns)
+            seconds, task_s = _drain(proc, ends, functools.partial(
+                _multi_task, multi, settings.batch_time_slice_seconds))
+            tokens = sum(proc.committed_state(s)[0].tokens_seen for s in sids)
+            rows.append({
+                "level": "budget", "engine": engine.kind, "model": engine.model_name,
+                "streams": streams, "batch_tokens": budget or "auto",
+                "default": budget == settings.batch_tokens, "tokens": tokens,
+                "tok_s": tokens / seconds, "tasks": len(task_s),
+                "task_s_median": median(task_s), "task_s_max": max(task_s),
+            })
     return rows
 
 
-def _warm_stream(producer: Any, lines: list[str]) -> str:
-    """A short stream of its own, fed once before the auto-budget run's streams are published:
-    a worker that has run for a while knows its feed speed; the run measures that state."""
-    producer.publish_many("budget-warm-up", lines[:4])
-    return "budget-warm-up"
+@contextmanager
+def _private_redis() -> Iterator[Any]:
+    """A client of a private redis-server in a temporary folder, stopped afterwards."""
+    from sinkstream.cli.localredis import RedisServer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server = RedisServer(Path(tmp) / "redis").start()
+        try:
+            yield server.client()
+        finally:
+            server.stop(hard=True)
+
+
+def _publish_backlog(client: Any, settings: Any, prefix: str, streams: int, turns: int
+                     ) -> tuple[list[str], dict[str, str]]:
+    """``streams`` streams of ``turns`` QMSum turns each, from staggered offsets; their ids and
+    where each ends (applied input is trimmed, so the end is remembered before feeding)."""
+    from benchmarks.common import qmsum_text
+    from producer.publisher import Producer
+
+    lines = [ln for ln in qmsum_text(3).splitlines() if ln.strip()]
+    producer = Producer(client, settings=settings)
+    sids = [f"{prefix}-{i}" for i in range(streams)]
+    for i, sid in enumerate(sids):
+        start = (i * 37) % max(1, len(lines) - turns)
+        producer.publish_many(sid, lines[start : start + turns])
+    return sids, {sid: _last_id(client, sid) for sid in sids}
+
+
+def _solo_task(proc: Any, pending: list[str]) -> list[Any]:
+    """One batch of every pending stream, one stream per task (``batch_streams`` = 1)."""
+    return [proc.process(sid) for sid in pending]
+
+
+def _multi_task(multi: Any, time_slice_s: float, pending: list[str]) -> list[Any]:
+    """One task for the oldest pending stream, with the others claimed as companions."""
+    return list(multi.process(pending[0], time_slice_s))
+
+
+def _drain(proc: Any, ends: dict[str, str], task: Callable[[list[str]], Sequence[Any]]
+           ) -> tuple[float, list[float]]:
+    """Run ``task`` on the streams not yet committed to their ends until none is left; the
+    wall seconds in all and per task. A failed stream stops the benchmark."""
+    task_s: list[float] = []
+    started = time.perf_counter()
+    pending = list(ends)
+    while pending:
+        t0 = time.perf_counter()
+        outcomes = task(pending)
+        task_s.append(time.perf_counter() - t0)
+        bad = [o for o in outcomes if o.status not in ("applied", "idle")]
+        if bad:
+            raise RuntimeError(f"benchmark streams failed: {bad[:3]}")
+        pending = [s for s in ends if _committed(proc, s) != ends[s]]
+    return time.perf_counter() - started, task_s
 
 
 def _last_id(client: Any, stream: str) -> str:
