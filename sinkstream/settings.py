@@ -323,8 +323,9 @@ class Settings(BaseSettings):
         description="most streams a worker feeds in one forward: a task for one stream also "
                     "claims up to this many minus one other runnable streams (oldest first, "
                     "leases taken without waiting), feeds their batches together and commits "
-                    "each stream on its own. 1 = off. Default from benchmarks/README.md "
-                    "(batching)")
+                    "each stream on its own. 1 = off. The worker feeds fewer where their "
+                    "states (four full states per stream) would not fit in half of "
+                    "hot_cache_bytes. Default from benchmarks/README.md (batching)")
     batch_exact: bool = Field(
         True, description="batch streams only where the worker has checked, on start with its "
                           "own model and kernels, that a stream fed in a batch commits the "

@@ -15,6 +15,12 @@ comes back it raises the limit by half of it per check, up to the budget.
 The cache yields to the rest of the worker, never the other way round: a cache miss costs a
 state load from Redis, an out-of-memory kill costs the worker.
 
+A batched task holds several streams' states at once, each about three times over until its
+commit: 16 SmolLM2 streams with full windows peaked at 2.1 GiB. So with batching the worker
+caps the streams per forward to what fits in half of the budget (``Runtime.flight_streams``)
+and keeps that much free of states (``reserve_bytes``): the cache has given way before a
+batched forward, not after its peak.
+
 Off Linux (no ``/proc``) it reads the current RSS through psutil, without peaks.
 """
 
@@ -75,7 +81,12 @@ class RssBudget:
         read_current: Callable[[], int] = current_rss,
         interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        reserve_bytes: int = 0,
     ) -> None:
+        """``reserve_bytes``: room kept free of states for the streams one task holds in
+        flight when batching (``MultiStreamProcessor.reserve_bytes``), so the cache has given
+        way before a batched forward, not after its peak. A peak measured during a flight
+        counts it twice (as growth, and reserved): the cache errs on the small side."""
         self.cache = cache
         self.budget_bytes = budget_bytes
         self.interval_s = interval_s
@@ -86,6 +97,7 @@ class RssBudget:
         self._read_current = read_current
         self._peaks = True
         self._warned = False
+        self.reserve_bytes = reserve_bytes
         self.baseline: int | None = None
         #: RSS growth over the baseline seen by the last check (peak since the one before)
         self.growth = 0
@@ -98,6 +110,9 @@ class RssBudget:
         the whole model as growth outside the cache (issue 18)."""
         self.baseline = self._read_current() - self.cache.nbytes
         self._peaks = self._reset_peak()
+        if self.reserve_bytes:  # room for the first batched task, before any peak is seen
+            self.cache.set_limit(min(self.cache.limit_bytes,
+                                     self.budget_bytes - self.reserve_bytes))
         log.info("memory budget: RSS baseline %.1f MiB, states may add %.1f MiB%s",
                  self.baseline / 2**20, self.budget_bytes / 2**20,
                  "" if self._peaks else " (current RSS only: peaks are not readable here)")
@@ -124,20 +139,24 @@ class RssBudget:
             self._reset_peak()
         self.growth = rss - self.baseline
         limit = self.cache.limit_bytes
-        # what the cache cannot see: the peak's growth less the states it holds now
-        target = self.budget_bytes - max(0, self.growth - self.cache.nbytes)
+        # what the cache cannot see: the peak's growth less the states it holds now; and the
+        # reserve stays free for the streams of the next batched task
+        outside = max(0, self.growth - self.cache.nbytes)
+        target = self.budget_bytes - outside - self.reserve_bytes
         if target < limit:
             limit = self.cache.set_limit(target)
             log.debug("memory budget: RSS growth %.1f MiB, %.1f MiB of it outside the hot "
-                      "cache: cache limit %.1f MiB", self.growth / 2**20,
-                      (self.budget_bytes - target) / 2**20, limit / 2**20)
+                      "cache, %.1f MiB kept for flights: cache limit %.1f MiB",
+                      self.growth / 2**20, outside / 2**20, self.reserve_bytes / 2**20,
+                      limit / 2**20)
             if limit == 0 and not self._warned:
                 self._warned = True
                 log.warning("memory budget: the worker's memory outside the hot cache grew "
-                            "%.1f MiB past its ready baseline, more than hot_cache_bytes "
+                            "%.1f MiB past its ready baseline (and %.1f MiB is kept for the "
+                            "streams a batched task holds), more than hot_cache_bytes "
                             "(%.1f MiB) allows: no states are kept in memory and every batch "
                             "loads its state from Redis. Raise hot_cache_bytes or lower "
-                            "max_batch_tokens", (self.budget_bytes - target) / 2**20,
+                            "max_batch_tokens", outside / 2**20, self.reserve_bytes / 2**20,
                             self.budget_bytes / 2**20)
         elif target > limit:  # room came back: take half of it per check (no flapping)
             limit = self.cache.set_limit(limit + (target - limit + 1) // 2)

@@ -24,7 +24,7 @@ from workers.engines.base import Engine
 from workers.engines.invariance import check_batch_invariance
 from workers.heap import HeapTrimmer
 from workers.memory_budget import RssBudget
-from workers.processing.multistream import MultiStreamProcessor
+from workers.processing.multistream import FLIGHT_COPIES, MultiStreamProcessor, streams_within
 from workers.processing.processor import StreamProcessor
 from workers.scheduling.scheduler import Enqueue, Scheduler
 
@@ -61,9 +61,10 @@ class Runtime:
 
     @cached_property
     def batch_streams(self) -> int:
-        """Streams per forward in this process: ``batch_streams``, or 1 where ``batch_exact``
-        holds and the loaded engine is not batch-invariant on this machine (checked once)."""
-        wanted = self.settings.batch_streams
+        """Streams per forward in this process: ``batch_streams``, at most as many as fit in
+        half of ``hot_cache_bytes`` (``flight_streams``), and 1 where ``batch_exact`` holds and
+        the loaded engine is not batch-invariant on this machine (checked once)."""
+        wanted = self.flight_streams(self.settings.batch_streams)
         if wanted <= 1 or not self.settings.batch_exact:
             return wanted
         check = check_batch_invariance(self.engine)
@@ -76,12 +77,41 @@ class Runtime:
                     check.reason)
         return 1
 
+    def flight_streams(self, wanted: int) -> int:
+        """``wanted``, lowered so the states of one task's streams in flight fit in half of
+        ``hot_cache_bytes``, the memory budget for states: a task holds every stream's state
+        several times over until its commit (``FLIGHT_COPIES``), which the hot cache cannot
+        see; the other half is for the cache, which gives way to the rest of the worker
+        (``workers/memory_budget.py``). Without this, 16 streams of SmolLM2 with full windows
+        took 2.1 GiB of RSS past the 512 MiB default budget."""
+        if wanted <= 1:
+            return wanted
+        state = self.full_state_bytes
+        fit = streams_within(self.settings.hot_cache_bytes // 2, state)
+        if fit >= wanted:
+            return wanted
+        log.warning("cross-stream batching: %d stream%s per forward, not %d: %d in flight hold "
+                    "about %.0f MiB (%d x %.1f MiB, each stream's largest state), and half of "
+                    "hot_cache_bytes (%.0f MiB of %.0f) is for them. Raise hot_cache_bytes to "
+                    "batch more", fit, "" if fit == 1 else "s", wanted, wanted,
+                    wanted * FLIGHT_COPIES * state / 2**20, FLIGHT_COPIES, state / 2**20,
+                    self.settings.hot_cache_bytes / 2**21, self.settings.hot_cache_bytes / 2**20)
+        return fit
+
     @cached_property
     def multistream(self) -> MultiStreamProcessor:
         """Cross-stream batching (``batch_streams`` > 1) around ``processor``."""
         return MultiStreamProcessor(self.processor, self.batch_streams,
                                     self.settings.batch_tokens,
-                                    live_workers=self.live_workers)
+                                    live_workers=self.live_workers,
+                                    state_bytes=self.full_state_bytes)
+
+    @cached_property
+    def full_state_bytes(self) -> int:
+        """Bytes of one stream's state at its largest (a full window) with this engine."""
+        from workers.engines.loading import full_state_nbytes
+
+        return full_state_nbytes(self.engine)
 
     def start_heartbeat(self, slots: int = 1) -> Heartbeat:
         """Join the live workers with ``slots`` task slots (the worker, once ready), until
@@ -112,7 +142,9 @@ class Runtime:
         takes its baseline after its first task."""
         if not (self.settings.hot_cache_bounds_rss and self.settings.device == "cpu"):
             return None
-        return RssBudget(self.processor.cache, self.settings.hot_cache_bytes)
+        reserve = self.multistream.reserve_bytes if self.batch_streams > 1 else 0
+        return RssBudget(self.processor.cache, self.settings.hot_cache_bytes,
+                         reserve_bytes=reserve)
 
 
 _runtime: Runtime | None = None

@@ -65,6 +65,12 @@ _SCAN_FACTOR = 4
 AUTO_MIN_TOKENS = 8192
 #: each forward's weight in the feed speed decays by this per later forward
 _RATE_DECAY = 0.8
+#: what a stream in flight holds, in states at their largest (a full window): the state its
+#: batch started from (kept until its commit), the state after the last forward, the one the
+#: next forward builds, and the forward's own copies of its keys and values. Measured as peak
+#: RSS growth per stream of a task whose streams all had full windows, loaded from Redis:
+#: SmolLM2-135M 2.7x at 4 streams, 3.0x at 16 (2.1 GiB); tiny-llama 2.2x and 3.5x
+FLIGHT_COPIES = 4
 
 
 def companion_holder(lease_value: str | None) -> bool:
@@ -116,15 +122,23 @@ class _Feeding:
         return self.pos >= len(self.prepared.batch.tokens)
 
 
+def streams_within(memory_bytes: int, state_bytes: int) -> int:
+    """How many streams one task may feed together so that, each counted at ``FLIGHT_COPIES``
+    times its largest state (``state_bytes``), they fit in ``memory_bytes``; at least one (a
+    lone stream is fed whatever its size, as before batching)."""
+    return max(1, memory_bytes // max(1, FLIGHT_COPIES * state_bytes))
+
+
 class MultiStreamProcessor:
     """Feeds up to ``max_streams`` streams per forward; composes a ``StreamProcessor``."""
 
     def __init__(self, processor: StreamProcessor, max_streams: int, max_tokens: int,
-                 live_workers: Callable[[], int] | None = None) -> None:
+                 live_workers: Callable[[], int] | None = None, state_bytes: int = 0) -> None:
         """``max_tokens``: the token budget of the first batches claimed together, 0 for
         ``budget`` to size it by this worker's measured speed; ``live_workers``: the live task
         slots of every worker (``state_store/presence.py``); None, or a count of at most 1,
-        lets every task hold ``max_streams`` streams."""
+        lets every task hold ``max_streams`` streams; ``state_bytes``: a stream's largest
+        state, the unit of the memory a stream in flight holds (``reserve_bytes``)."""
         if max_streams < 1 or max_tokens < 0:
             raise ValueError("max_streams must be >= 1 and max_tokens >= 0")
         self.p = processor
@@ -135,6 +149,14 @@ class MultiStreamProcessor:
         #: decayed sums of tokens fed and feed seconds: their ratio is the recent feed speed
         self._fed_tokens = 0.0
         self._fed_seconds = 0.0
+        #: what one stream in a batched forward holds (estimated: FLIGHT_COPIES states)
+        self.row_bytes = FLIGHT_COPIES * state_bytes
+
+    @property
+    def reserve_bytes(self) -> int:
+        """What a task's streams in flight may hold at most (0 without batching): the room
+        the memory budget keeps free of cached states (``workers/memory_budget.py``)."""
+        return self.max_streams * self.row_bytes if self.max_streams > 1 else 0
 
     def budget(self, time_slice_s: float) -> int:
         """Tokens the first batches of one task's streams may add up to: ``max_tokens``, or

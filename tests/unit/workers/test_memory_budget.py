@@ -105,6 +105,30 @@ def test_within_the_budget_nothing_is_evicted() -> None:
     assert cache.limit_bytes == 9 * MiB + MiB // 2 and cache.nbytes == 9 * MiB
 
 
+def test_a_batching_worker_keeps_its_flight_reserve_free_of_states() -> None:
+    cache: HotStateCache[object] = HotStateCache(budget_bytes=16 * MiB)
+    proc = FakeProcess(rss=100 * MiB)
+    budget = RssBudget(cache, cache.budget_bytes, read_peak=proc.read_peak,
+                       reset_peak=proc.reset, read_current=lambda: proc.rss,
+                       reserve_bytes=6 * MiB)
+    budget.start()
+    assert cache.limit_bytes == 10 * MiB  # before any batched task has run
+    _fill(cache, 12)
+    assert cache.nbytes == 10 * MiB
+    proc.rss += 10 * MiB + 2 * MiB  # the states, and 2 MiB of the first batches
+    budget.check()
+    assert cache.limit_bytes == 8 * MiB  # the other memory and the reserve come first
+    proc.rss -= 2 * MiB  # the two states it evicted are freed
+    proc.peak = proc.rss + 6 * MiB  # a batched task's 6 MiB of streams came and went
+    budget.check()
+    # that flight counts as growth and again as the reserve: the cache errs on the small side
+    assert cache.limit_bytes == 16 * MiB - (2 + 6) * MiB - 6 * MiB
+    proc.rss = 100 * MiB + cache.nbytes + 2 * MiB  # evicted states freed; quiet again:
+    for _ in range(30):  # the room comes back, never into the reserve
+        budget.check()
+    assert cache.limit_bytes == 8 * MiB
+
+
 def test_the_first_check_takes_the_baseline_without_the_cache_held() -> None:
     cache: HotStateCache[object] = HotStateCache(budget_bytes=10 * MiB)
     _fill(cache, 2)

@@ -139,6 +139,29 @@ def test_the_worker_batches_only_where_the_check_holds(caplog: pytest.LogCapture
     assert _runtime(make_engine("gpt-oss"), batch_streams=1).batch_streams == 1
 
 
+
+def test_the_streams_per_forward_fit_in_half_the_memory_budget(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from workers.engines.loading import full_state_nbytes
+    from workers.processing.multistream import FLIGHT_COPIES, streams_within
+
+    engine = make_engine("llama")
+    flight = FLIGHT_COPIES * full_state_nbytes(engine)  # one stream in a batched forward
+    assert streams_within(10 * flight, flight // FLIGHT_COPIES) == 10
+    assert streams_within(flight - 1, flight // FLIGHT_COPIES) == 1  # never fewer than one
+    with caplog.at_level(logging.WARNING, logger="workers.runtime"):
+        rt = _runtime(engine, hot_cache_bytes=2 * 5 * flight)
+        assert rt.batch_streams == 5
+    assert "5 streams per forward, not 16" in caplog.text
+    assert "Raise hot_cache_bytes" in caplog.text
+    assert rt.multistream.reserve_bytes == 5 * flight
+    budget = rt.memory_budget
+    assert budget is not None and budget.reserve_bytes == 5 * flight
+    assert _runtime(engine, hot_cache_bytes=2 * 16 * flight).batch_streams == 16
+    assert _runtime(engine, hot_cache_bytes=flight).batch_streams == 1
+    solo = _runtime(engine, hot_cache_bytes=flight)
+    assert solo.memory_budget is not None and solo.memory_budget.reserve_bytes == 0
+
 if __name__ == "__main__":  # the bf16 RWKV check's child process
     torch.set_num_threads(1)
     print("identical" if _rwkv_rounds_match(Path(sys.argv[1]), "cpu bf16") else "different")
