@@ -90,12 +90,12 @@ class Runtime:
         fit = streams_within(self.settings.hot_cache_bytes // 2, state)
         if fit >= wanted:
             return wanted
-        log.warning("cross-stream batching: %d stream%s per forward, not %d: %d in flight hold "
-                    "about %.0f MiB (%d x %.1f MiB, each stream's largest state), and half of "
-                    "hot_cache_bytes (%.0f MiB of %.0f) is for them. Raise hot_cache_bytes to "
-                    "batch more", fit, "" if fit == 1 else "s", wanted, wanted,
-                    wanted * FLIGHT_COPIES * state / 2**20, FLIGHT_COPIES, state / 2**20,
-                    self.settings.hot_cache_bytes / 2**21, self.settings.hot_cache_bytes / 2**20)
+        log.info("cross-stream batching: %d stream%s per forward, not %d: %d in flight hold "
+                 "about %.0f MiB (%d x %.1f MiB, each stream's largest state), and half of "
+                 "hot_cache_bytes (%.0f MiB of %.0f) is for them. Raise hot_cache_bytes to "
+                 "batch more", fit, "" if fit == 1 else "s", wanted, wanted,
+                 wanted * FLIGHT_COPIES * state / 2**20, FLIGHT_COPIES, state / 2**20,
+                 self.settings.hot_cache_bytes / 2**21, self.settings.hot_cache_bytes / 2**20)
         return fit
 
     @cached_property

@@ -149,7 +149,7 @@ def test_the_streams_per_forward_fit_in_half_the_memory_budget(
     flight = FLIGHT_COPIES * full_state_nbytes(engine)  # one stream in a batched forward
     assert streams_within(10 * flight, flight // FLIGHT_COPIES) == 10
     assert streams_within(flight - 1, flight // FLIGHT_COPIES) == 1  # never fewer than one
-    with caplog.at_level(logging.WARNING, logger="workers.runtime"):
+    with caplog.at_level(logging.INFO, logger="workers.runtime"):
         rt = _runtime(engine, hot_cache_bytes=2 * 5 * flight)
         assert rt.batch_streams == 5
     assert "5 streams per forward, not 16" in caplog.text
