@@ -9,7 +9,8 @@ held streams are fed chunk by chunk, one forward per step holding the next chunk
 stream with a batch in flight; a stream whose batch is fed runs the same steps as a solo batch
 (``StreamProcessor.finish``: summaries, memory, the commit fenced by *its own* lease) and its
 next batch joins the following step, so forwards stay full while long batches run (``process``
-says how refills are cut to the time slice). So:
+says how refills are cut to the time slice); a stream that catches up within the time slice
+leaves, and another runnable stream is claimed into its row (``_refill``). So:
 
 * per-stream order: each stream is read after its committed entry id and fed in order, under
   its own lease, one batch at a time;
@@ -195,10 +196,11 @@ class MultiStreamProcessor:
         finished: list[Outcome] = []
         try:
             self._prepare(held[0])
+            budget = self.budget(time_slice_s)
             if held[0].prepared is not None and self.max_streams > 1:
-                self._claim_companions(held, self.budget(time_slice_s) - held[0].tokens)
+                self._claim_companions(held, budget - held[0].tokens)
             order = [h.stream_id for h in held]  # outcomes come back in claim order
-            self._run(held, finished, time.monotonic() + time_slice_s)
+            self._run(held, finished, time.monotonic() + time_slice_s, budget)
             for h in list(held):
                 finished.append(self._leave(h, held))
         finally:
@@ -278,7 +280,8 @@ class MultiStreamProcessor:
             self._forget(h.stream_id)
 
     # ----- feeding, one chunk per stream per forward ----------------------------------------
-    def _run(self, held: list[_Held], finished: list[Outcome], deadline: float) -> None:
+    def _run(self, held: list[_Held], finished: list[Outcome], deadline: float,
+             budget: int = 0) -> None:
         """Feed every prepared stream of ``held`` until no batch is in flight.
 
         Each step feeds every in-flight batch up to its stream's next chunk boundary (one
@@ -289,6 +292,11 @@ class MultiStreamProcessor:
         tokens that end by ``horizon`` (the last step of the batches started before it), so
         the forwards stay full until then, and a call outlasts its longest batch by at most
         one entry (a batch takes at least one) once the time slice is over.
+
+        A stream that leaves before ``deadline`` (caught up) frees its row for another
+        runnable stream, claimed as the first companions were, within what is left of
+        ``budget`` (``_refill``): with more runnable streams than a forward holds, forwards
+        stay full instead of thinning out to the longest batch.
         """
         flying: list[_Feeding] = []
         step = horizon = 0
@@ -301,6 +309,7 @@ class MultiStreamProcessor:
             if rows:
                 self._step(rows)
                 step += 1
+            streams = len(held)
             for f in [f for f in flying if f.fed]:
                 flying.remove(f)
                 h = f.held
@@ -323,6 +332,22 @@ class MultiStreamProcessor:
                 flying.append(self._start(h, step))
                 if before:  # after the deadline the horizon stays: an entry longer than the
                     horizon = max(horizon, flying[-1].end)  # room left runs past it, once
+            if len(held) < streams and budget and time.monotonic() < deadline:
+                for f in self._refill(held, flying, budget, step):
+                    flying.append(f)
+                    horizon = max(horizon, f.end)
+
+    def _refill(self, held: list[_Held], flying: Sequence[_Feeding], budget: int,
+                step: int) -> list[_Feeding]:
+        """Claim runnable streams for the rows streams that left have freed, while the
+        tokens still to feed leave room in ``budget``; their first batches, ready to join
+        the next forward."""
+        left = budget - sum(len(f.prepared.batch.tokens) - f.pos for f in flying)
+        if left <= 0:
+            return []
+        before = len(held)
+        self._claim_companions(held, left)
+        return [self._start(h, step) for h in held[before:] if h.prepared is not None]
 
     def _start(self, h: _Held, step: int) -> _Feeding:
         assert h.prepared is not None

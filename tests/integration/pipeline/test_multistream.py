@@ -363,3 +363,32 @@ def test_a_stream_fed_early_refills_its_row_within_the_longest_batch(
     assert steps[0] == 2 and sum(steps) > len(steps) + 1  # short shared several forwards
     for stream in ("long", "short"):
         _assert_equal_to_solo(engine, client, stream)
+
+
+def test_a_stream_caught_up_within_the_time_slice_frees_its_row_for_another_runnable_one(
+    setup: tuple[StreamProcessor, MultiStreamProcessor, redis.Redis],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With more runnable streams than a forward holds, a stream that catches up before the
+    time slice ends leaves, and a waiting stream takes its row in the same call: one task
+    drains all five streams two rows at a time, each bit-identical to solo feeding."""
+    processor, _, client = setup
+    multi = MultiStreamProcessor(processor, 2, 100_000)
+    rows: list[int] = []
+    feed_batch = processor.engine.feed_batch
+
+    def counted_batch(states: Any, token_lists: Any) -> Any:
+        rows.append(len(states))
+        return feed_batch(states, token_lists)
+
+    monkeypatch.setattr(processor.engine, "feed_batch", counted_batch)
+    outcomes = multi.process("s3", 60.0)
+    assert [o.stream_id for o in outcomes][:2] == ["s3", "s0"]  # claimed first, oldest next
+    assert sorted(o.stream_id for o in outcomes) == sorted(STREAMS)
+    assert all(o.status == "applied" for o in outcomes), outcomes
+    assert max(rows) == 2 and rows.count(2) > len(rows) // 2  # rows refilled, not thinned
+    for stream in STREAMS:
+        assert caught_up(client, stream)
+        _assert_equal_to_solo(processor.engine, client, stream)
+    assert client.zcard(RUNNABLE) == 0
+    assert all(LeaseManager(client).holder(s) is None for s in STREAMS)
