@@ -23,7 +23,10 @@ Worker level (rows with ``level = worker``): M streams of QMSum turns published 
 (round-robin), ``multi`` with ``MultiStreamProcessor`` (``batch_streams`` = M) claiming the
 others as companions: the whole per-batch path (lease, load from the hot cache, read, feed,
 fenced commit with state encoding), no summaries. Wall seconds (Redis is another process),
-the faster of interleaved repetitions; ``ratio`` = multi tok/s / solo tok/s.
+the faster of interleaved repetitions; ``ratio`` = multi tok/s / solo tok/s. Rows with ``level
+= worker_live``: the worker's defaults (batch limits, ``batch_streams``, time slice, for solo
+tasks too) on 64 streams of 4 turns, more streams than a forward holds, as many live streams
+look between two tasks (``worker_ratio_live_64_*``).
 
 Budget sweep (rows with ``level = budget``): the default model through ``MultiStreamProcessor``
 with the worker's default batch limits and time slice on a 16-stream backlog, once per
@@ -104,15 +107,22 @@ def _measure(engine: Any, n: int, reps: int, seed: int) -> dict[str, Any]:
     }
 
 
-def _worker_level(engine: Any, spec: str, streams: int, turns: int, reps: int) -> dict[str, Any]:
-    """M streams through the worker's per-stream path vs the cross-stream path, one Redis."""
+def _worker_level(engine: Any, spec: str, streams: int, turns: int, reps: int,
+                  live: bool = False) -> dict[str, Any]:
+    """M streams through the worker's per-stream path vs the cross-stream path, one Redis.
+
+    ``live``: the worker's defaults (batch limits, ``batch_streams``, time slice) on many
+    short streams, as live streams look between two tasks; otherwise one batch of 4 entries
+    per stream per task, every stream in one forward."""
     from workers.processing.multistream import MultiStreamProcessor
     from workers.processing.processor import StreamProcessor
 
+    limits = {} if live else {"max_batch_entries": 4, "max_batch_tokens": 2048,
+                              "batch_time_slice_seconds": 0.0, "batch_streams": streams}
     settings = bench_settings(
         sink_tokens=4, recent_tokens=1020, chunk_tokens=CHUNK, summary_every_tokens=0,
-        summary_memory=False, retrieval="off", max_batch_entries=4, max_batch_tokens=2048,
-        metrics_port=0)
+        summary_memory=False, retrieval="off", metrics_port=0, **limits)
+    time_slice = settings.batch_time_slice_seconds
     times: dict[str, list[float]] = {"solo": [], "multi": []}
     tokens = 0
     with _private_redis() as client:
@@ -121,17 +131,19 @@ def _worker_level(engine: Any, spec: str, streams: int, turns: int, reps: int) -
                 client.flushall()
                 sids, ends = _publish_backlog(client, settings, f"{side}{rep}", streams, turns)
                 proc = StreamProcessor(engine, client, settings, f"bench-{side}")
-                multi = MultiStreamProcessor(proc, streams, settings.batch_tokens)
-                task = (functools.partial(_solo_task, proc) if side == "solo"
-                        else functools.partial(_multi_task, multi, 0.0))
+                multi = MultiStreamProcessor(proc, settings.batch_streams, settings.batch_tokens)
+                task = (functools.partial(_solo_task, proc, time_slice) if side == "solo"
+                        else functools.partial(_multi_task, multi, time_slice))
                 seconds, _ = _drain(proc, ends, task)
                 times[side].append(seconds)
                 tokens = sum(proc.committed_state(s)[0].tokens_seen for s in sids)
     solo_tps, multi_tps = tokens / min(times["solo"]), tokens / min(times["multi"])
     return {
-        "level": "worker",
+        "level": "worker_live" if live else "worker",
         "engine": engine.kind,
         "streams": streams,
+        "batch_streams": settings.batch_streams,
+        "time_slice_s": time_slice,
         "reps": reps,
         "batched_tok_s": multi_tps,
         "sequential_tok_s": solo_tps,
@@ -209,9 +221,9 @@ def _publish_backlog(client: Any, settings: Any, prefix: str, streams: int, turn
     return sids, {sid: _last_id(client, sid) for sid in sids}
 
 
-def _solo_task(proc: Any, pending: list[str]) -> list[Any]:
-    """One batch of every pending stream, one stream per task (``batch_streams`` = 1)."""
-    return [proc.process(sid) for sid in pending]
+def _solo_task(proc: Any, time_slice_s: float, pending: list[str]) -> list[Any]:
+    """A task for every pending stream, one stream per task (``batch_streams`` = 1)."""
+    return [proc.process(sid, time_slice_s) for sid in pending]
 
 
 def _multi_task(multi: Any, time_slice_s: float, pending: list[str]) -> list[Any]:
@@ -272,12 +284,14 @@ def run(quick: bool) -> BenchResult:
     for spec in ("tiny-llama", "tiny-rwkv"):
         engine = load_engine(settings, spec)
         rows.append(_worker_level(engine, spec, 16, 8 if quick else 16, 2 if quick else 3))
+        rows.append(_worker_level(engine, spec, 64, 4, 2 if quick else 3, live=True))
     rows += _budget_sweep(real, 16, 16 if quick else 48)
     tiny = [r for r in rows if r["level"] == "engine" and r["model"] != real.model_name]
     by = {(r["engine"], r["streams"]): r["speedup"] for r in tiny}
     by_real = {r["streams"]: r["speedup"] for r in rows
                if r["level"] == "engine" and r["model"] == real.model_name}
     worker = {r["engine"]: r["speedup"] for r in rows if r["level"] == "worker"}
+    live = {r["engine"]: r["speedup"] for r in rows if r["level"] == "worker_live"}
     return BenchResult(
         title=f"feed_batch vs one stream at a time, {CHUNK}-token chunks, tiny-llama (sink-KV) "
         f"and tiny-rwkv7, {threads()} threads",
@@ -293,6 +307,8 @@ def run(quick: bool) -> BenchResult:
             "bit_identical": all(r["bit_identical"] for r in rows if r["level"] == "engine"),
             "worker_ratio_16_sinkkv": worker["sinkkv"],
             "worker_ratio_16_rwkv": worker["rwkv"],
+            "worker_ratio_live_64_sinkkv": live["sinkkv"],
+            "worker_ratio_live_64_rwkv": live["rwkv"],
             **{f"budget_{r['batch_tokens']}_tok_s_default_model": r["tok_s"]
                for r in rows if r["level"] == "budget"},
             "threads": threads(),
