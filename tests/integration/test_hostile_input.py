@@ -32,7 +32,6 @@ from tests.integration.chaos.common import (
     all_caught_up,
     chaos_env,
     log_lines,
-    wait_ready,
 )
 from tests.integration.chaos.scenarios import stream_burst
 from tests.integration.pipeline.harness import (
@@ -40,6 +39,7 @@ from tests.integration.pipeline.harness import (
     Worker,
     WorkerPool,
     settings_from_env,
+    wait_ready,
     wait_until,
 )
 from tests.integration.pipeline.harness import worker_env as harness_env

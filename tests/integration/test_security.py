@@ -34,12 +34,12 @@ from tests.integration.chaos.common import (
     make_workload,
     publish,
     verify,
-    wait_ready,
 )
 from tests.integration.pipeline.harness import (
     ROOT,
     WorkerPool,
     settings_from_env,
+    wait_ready,
     wait_until,
     worker_env,
 )

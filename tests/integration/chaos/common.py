@@ -45,9 +45,7 @@ from state_store.store import StateStore
 from tests.integration.pipeline.harness import (
     ROOT,
     Worker,
-    WorkerPool,
     settings_from_env,
-    wait_until,
 )
 from workers.engines.base import Engine
 from workers.engines.sinkkv.segments import whole_snapshot
@@ -296,16 +294,6 @@ def total_versions(client: redis.Redis, streams: Iterable[str]) -> int:
 
 
 # ----- workers and logs --------------------------------------------------------------------------
-def is_ready(worker: Worker) -> bool:
-    return worker.proc.poll() is None and worker.log.exists() and b" ready." in \
-        worker.log.read_bytes()
-
-
-def wait_ready(pool: WorkerPool, workers: Sequence[Worker], timeout: float = 120) -> None:
-    wait_until(lambda: all(is_ready(w) for w in workers), timeout, "workers to be ready",
-               pool.logs)
-
-
 def mid_task(worker: Worker) -> bool:
     """True if the worker's log shows a task received and not yet finished (a mid-batch kill)."""
     lines = [ln for ln in worker.log.read_text(errors="replace").splitlines()

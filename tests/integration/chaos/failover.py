@@ -38,10 +38,15 @@ from tests.integration.chaos.common import (
     make_workload,
     settings_for,
     verify,
-    wait_ready,
 )
 from tests.integration.chaos.scenarios import Report
-from tests.integration.pipeline.harness import Worker, WorkerPool, wait_until, worker_env
+from tests.integration.pipeline.harness import (
+    Worker,
+    WorkerPool,
+    wait_ready,
+    wait_until,
+    worker_env,
+)
 
 #: the test harness's fast-failover overrides; removed so the defaults apply
 _TIMING_OVERRIDES = ("SINKSTREAM_LEASE_SECONDS", "SINKSTREAM_SCHEDULE_TTL_SECONDS",

@@ -25,7 +25,6 @@ from tests.integration.chaos.common import (
     all_caught_up,
     chaos_env,
     feed_live,
-    is_ready,
     log_lines,
     make_workload,
     mid_task,
@@ -34,11 +33,17 @@ from tests.integration.chaos.common import (
     total_versions,
     verify,
     wait_for,
-    wait_ready,
     workload_spec,
 )
 from tests.integration.chaos.common import stop as stop_proc
-from tests.integration.pipeline.harness import Worker, WorkerPool, wait_until, worker_env
+from tests.integration.pipeline.harness import (
+    Worker,
+    WorkerPool,
+    is_ready,
+    wait_ready,
+    wait_until,
+    worker_env,
+)
 
 
 @dataclass

@@ -24,9 +24,8 @@ from tests.integration.chaos.common import (
     publish,
     settings_for,
     verify,
-    wait_ready,
 )
-from tests.integration.pipeline.harness import WorkerPool, meta, wait_until, worker_env
+from tests.integration.pipeline.harness import WorkerPool, meta, wait_ready, wait_until, worker_env
 from workers.app import create_app
 
 DUPLICATES = 6

@@ -34,8 +34,8 @@ from tests.integration.chaos.common import (
     publish,
     settings_for,
 )
-from tests.integration.chaos.common import wait_ready as wait_workers_ready
 from tests.integration.pipeline.harness import WorkerPool, wait_until, worker_env
+from tests.integration.pipeline.harness import wait_ready as wait_workers_ready
 
 STREAMS = 200
 MiB = 1 << 20

@@ -13,7 +13,7 @@ from pathlib import Path
 from producer.publisher import Producer
 from sinkstream.cli.localredis import RedisServer
 from sinkstream.contracts.keys import StreamKeys
-from tests.integration.chaos.common import chaos_seed, make_workload, publish, wait_ready
+from tests.integration.chaos.common import chaos_seed, make_workload, publish
 from tests.integration.chaos.failover import default_env, holder_kills
 from tests.integration.pipeline.harness import (
     WorkerPool,
@@ -23,6 +23,7 @@ from tests.integration.pipeline.harness import (
     reference_tensors,
     settings_from_env,
     valid_entries,
+    wait_ready,
     wait_until,
 )
 

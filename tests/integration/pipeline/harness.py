@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,6 +124,18 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{on_timeout()}")
+
+
+def is_ready(worker: Worker) -> bool:
+    """The worker logged Celery's "ready" line: it has joined the live workers (heartbeat)
+    and consumes tasks."""
+    return worker.proc.poll() is None and worker.log.exists() and b" ready." in \
+        worker.log.read_bytes()
+
+
+def wait_ready(pool: WorkerPool, workers: Sequence[Worker], timeout: float = 120) -> None:
+    wait_until(lambda: all(is_ready(w) for w in workers), timeout, "workers to be ready",
+               pool.logs)
 
 
 def last_input_id(client: redis.Redis, stream: str) -> str:

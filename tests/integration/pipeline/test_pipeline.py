@@ -28,6 +28,7 @@ from tests.integration.pipeline.harness import (
     reference_tensors,
     settings_from_env,
     valid_entries,
+    wait_ready,
     wait_until,
     worker_env,
 )
@@ -117,15 +118,18 @@ def test_paused_worker_commit_is_refused(
 
 
 def test_two_workers_twenty_streams_all_in_order(pool: WorkerPool) -> None:
+    """Two live workers share twenty streams (each task holds its even share of the runnable
+    ones) and every stream commits as if fed alone. The streams are published once both are
+    ready: a worker alone at the start takes a whole time slice's worth, and these twenty
+    drain within one."""
     client = redis.Redis.from_url(pool.env["SINKSTREAM_REDIS_URL"])
     producer = Producer(client, settings=settings_from_env(pool.env))
     streams = [f"call-{i:02d}" for i in range(20)]
+    wait_ready(pool, [pool.start("one"), pool.start("two")])
     for n, stream in enumerate(streams):
         producer.publish_many(
             stream, [(f"turn {t} of call {n}: the customer asks about invoice {n * 7 + t}",
                       "Agent" if t % 2 else "Caller", None) for t in range(8 + n % 5)])
-    pool.start("one")
-    pool.start("two")
     wait_until(lambda: all(caught_up(client, s) for s in streams), 240,
                "both workers to finish 20 streams", pool.logs)
     pool.close()
