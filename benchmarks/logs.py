@@ -29,6 +29,15 @@ masking + miner alone in-process: what the pipeline adds on top of mining),
 ``read_decode_lines_per_s`` (reading the lines back from Redis in worker-sized batches and
 decoding their JSON, nothing else) and ``throughput_ratio_ceiling`` (Drain3 alone / that
 floor: the best ``throughput_ratio`` any Python worker could reach before it mines a line).
+
+4. **A grown stream** (``--grown N``, default 4,000, below the miner's bound of 5,000 so the
+   LogHub lines still make their own templates; 1,000 with ``--quick``): a log stream first
+   mines N synthetic templates (seeded, worked untimed), then the same LogHub lines as above
+   are published onto it and timed, next to the same lines on a fresh stream in the same run.
+   What a long-lived stream pays per batch for the size of its miner and table:
+   ``grown_lines_per_s``, ``fresh_lines_per_s``, ``grown_slowdown`` (fresh / grown), and the
+   bytes Redis received and sent per batch on each (``INFO stats``:
+   ``grown_in_bytes_per_batch``, ``grown_out_bytes_per_batch``, ``fresh_...``).
 """
 
 from __future__ import annotations
@@ -67,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the worker's log_feed: what a log stream feeds the model")
     parser.add_argument("--narrative", action="store_true",
                         help="let the log notes' narrative run the model (notes_prose)")
+    parser.add_argument("--grown", type=int, default=None, metavar="N",
+                        help="templates the grown stream mines first (default 4,000; 1,000 "
+                             "with --quick; 0 skips it)")
 
 
 def load_systems(folder: Path, limit: int | None = None) -> list[System]:
@@ -193,8 +205,68 @@ class Pipeline:
             raise RuntimeError(f"{stream}: read {read} lines back, published {lines}")
         return seconds
 
+    @property
+    def batches(self) -> int:
+        """Log batches committed so far."""
+        return int(self.processor().batches)
+
+    def net_bytes(self) -> tuple[int, int]:
+        """Bytes Redis has received and sent so far (``INFO stats``)."""
+        info: Any = self.server.client().info("stats")
+        return int(info["total_net_input_bytes"]), int(info["total_net_output_bytes"])
+
     def close(self) -> None:
         self.server.stop(hard=True)
+
+
+def synthetic_templates(count: int, seed: int = 0) -> list[str]:
+    """``count`` lines of distinct templates shaped like service logs: a component, a verb,
+    an object, then 1-7 more words, all letters (nothing a mask takes for a variable), so
+    Drain's tree spreads them as it spreads real templates."""
+    import random
+
+    rng = random.Random(seed)
+
+    def words(n: int) -> list[str]:
+        return ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(4, 9)))
+                for _ in range(n)]
+
+    components, verbs, objects, tail = words(40), words(40), words(60), words(2000)
+    seen: set[tuple[str, ...]] = set()
+    lines: list[str] = []
+    while len(lines) < count:
+        line = (rng.choice(components), rng.choice(verbs), rng.choice(objects),
+                *rng.sample(tail, rng.randint(1, 7)))
+        if line not in seen:
+            seen.add(line)
+            lines.append(" ".join(line))
+    return lines
+
+
+def grown(pipeline: Pipeline, systems: Sequence[System], templates: int) -> dict[str, Any]:
+    """The systems' lines timed on a stream grown to ``templates`` templates first, and on a
+    fresh one, in one run (see the module docstring, 4.)."""
+    lines = System("all", [c for s in systems for c in s.contents], [],
+                   [lv for s in systems for lv in s.levels])
+    grown_stream, fresh_stream = STREAM_PREFIX + "grown", STREAM_PREFIX + "fresh"
+    warm = synthetic_templates(templates)
+    pipeline.publish(grown_stream, System("warm", warm, [], [""] * len(warm)))
+    _, warm_s = pipeline.run(grown_stream)
+    grown_templates = len(pipeline.processor().logs_templates(grown_stream))
+    out: dict[str, Any] = {"grown_templates": grown_templates,
+                           "grown_warmup_lines_per_s": round(len(warm) / warm_s)}
+    for name, stream in (("fresh", fresh_stream), ("grown", grown_stream)):
+        pipeline.publish(stream, lines)
+        before = pipeline.net_bytes()
+        batches_before = pipeline.batches
+        _, seconds = pipeline.run(stream)
+        after = pipeline.net_bytes()
+        batches = max(1, pipeline.batches - batches_before)
+        out[f"{name}_lines_per_s"] = round(len(lines.contents) / seconds)
+        out[f"{name}_in_bytes_per_batch"] = round((after[0] - before[0]) / batches)
+        out[f"{name}_out_bytes_per_batch"] = round((after[1] - before[1]) / batches)
+    out["grown_slowdown"] = round(out["fresh_lines_per_s"] / out["grown_lines_per_s"], 2)
+    return out
 
 
 def _recording_processor(redis_url: str, assignments: dict[str, int], **overrides: Any) -> Any:
@@ -208,11 +280,21 @@ def _recording_processor(redis_url: str, assignments: dict[str, int], **override
                               summary_every_tokens=0, retrieval="off", **overrides)
 
     class Recording(StreamProcessor):
+        batches = 0
+
         def finish(self, claim: Any, prepared: Any, new_state: Any, feed_s: float) -> Any:
             outcome = super().finish(claim, prepared, new_state, feed_s)
             if outcome.status == "applied" and prepared.logs is not None:
                 assignments.update(prepared.logs.assignments)
+                Recording.batches += 1
             return outcome
+
+        def logs_templates(self, stream: str) -> dict[int, str]:
+            from workers.logs import head as logs_head
+
+            miner, _ = logs_head.read(self.client, stream).load(self.logs.mining,
+                                                                self.logs.bursts)
+            return miner.templates
 
     engine = load_engine(settings)
     return Recording(engine, redis_from_settings(settings), settings, "logbench")
@@ -222,6 +304,8 @@ def run(quick: bool, options: argparse.Namespace | None = None) -> BenchResult:
     folder = options.data if options is not None else DATA_DIR / "loghub"
     feed = options.feed if options is not None else "none"
     narrative = bool(options.narrative) if options is not None else False
+    grow = options.grown if options is not None and options.grown is not None else \
+        (1000 if quick else 4000)
     systems = load_systems(Path(folder), limit=1000 if quick else None)
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
@@ -251,6 +335,7 @@ def run(quick: bool, options: argparse.Namespace | None = None) -> BenchResult:
                 totals["drain_s"] += raw_s
                 totals["ours_s"] += ours_s
                 totals["floor_s"] += floor_s
+            at_scale = grown(pipeline, systems, grow) if grow > 0 else {}
         finally:
             pipeline.close()
     accs = [summary[f"grouping_accuracy.{s.name}"] for s in systems]
@@ -267,6 +352,7 @@ def run(quick: bool, options: argparse.Namespace | None = None) -> BenchResult:
         "throughput_ratio_vs_our_miner": round(totals["ours_s"] / totals["pipe_s"], 3),
         "read_decode_lines_per_s": round(totals["lines"] / totals["floor_s"]),
         "throughput_ratio_ceiling": round(totals["drain_s"] / totals["floor_s"], 3),
+        **at_scale,
         **summary,
     }
     return BenchResult("log template grouping: pipeline vs raw Drain3 0.9.11 (defaults)", rows,

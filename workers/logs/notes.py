@@ -133,12 +133,14 @@ def fact_lines(table: Table) -> list[str]:
     return facts
 
 
-def template_rows(table: Table) -> list[dict[str, object]]:
-    """The template table as rows (``sinkstream logs``, output items)."""
+def template_rows(table: Table, limit: int | None = None) -> list[dict[str, object]]:
+    """The template table as rows, most frequent first (``sinkstream logs``, output items):
+    all of them, or the first ``limit``."""
     return [{"id": s.template_id, "template": s.template, "count": s.count,
              "level": s.level or "", "first": when(s.first_ts), "last": when(s.last_ts),
              "first_entry": s.first_entry, "last_entry": s.last_entry}
-            for s in sorted(table.templates.values(), key=lambda s: (-s.count, s.template_id))]
+            for s in sorted(table.templates.values(),
+                            key=lambda s: (-s.count, s.template_id))[:limit]]
 
 
 def _section(title: str, rows: Sequence[str], empty: str) -> str:

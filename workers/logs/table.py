@@ -4,7 +4,15 @@ per-minute history, and the bursts (incidents) found in it.
 Everything here is a pure function of the lines applied, in order, and their times (the line's
 own time, else its entry's): the table is committed with the state in the batch's fenced
 commit, so after a crash or a move the next worker continues from exactly the committed table,
-and a replay of the same entries gives a bit-identical one (``encode`` is deterministic).
+and a replay of the same entries gives a bit-identical one (the encoding is deterministic).
+
+Stored as fields of the stream's logs hash, so that a batch writes what it changed
+(``take_changes``): ``table:head`` (line and level counts, the notes cursor, the bucket range
+and the incidents) and one ``table:t:<id>`` per template, rewritten by the batches whose
+lines it counted. A template keeps the ``history_buckets`` before its own latest bucket (so
+a template no batch touches is never rewritten, and the rows do not depend on where batches
+were cut); a baseline looks back at most that far. The first format, one ``table`` blob, is still
+read (``decode``).
 
 Bursts. Lines are counted per template in buckets of ``bucket_s`` seconds of log time. When a
 batch adds lines to a bucket, that bucket is a burst if it holds at least ``min_count`` lines
@@ -19,6 +27,7 @@ arrive.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,11 +35,16 @@ import msgpack
 
 from workers.logs.parse import LEVELS, PROBLEM_LEVELS
 
-FORMAT_VERSION = 1
+#: the format of ``table:head`` and the fields beside it; 1 was the single ``table`` blob
+FORMAT_VERSION = 2
+LEGACY_VERSION = 1
+HEAD_FIELD = "table:head"
+TEMPLATE_PREFIX = "table:t:"
 #: characters kept of a template's first message (the example line the notes quote)
 EXAMPLE_CHARS = 300
 #: incidents kept per stream (the oldest go first)
 MAX_INCIDENTS = 200
+_SEVERE_FIRST = LEVELS[::-1]
 
 
 class TableStateError(ValueError):
@@ -67,12 +81,15 @@ class TemplateStats:
     @property
     def level(self) -> str | None:
         """The most severe level its lines had (None: none had one)."""
-        present = [lv for lv in LEVELS if self.levels.get(lv)]
-        return present[-1] if present else None
+        for lv in _SEVERE_FIRST:
+            if self.levels.get(lv):
+                return lv
+        return None
 
     @property
     def problem(self) -> bool:
-        return self.level in PROBLEM_LEVELS
+        """Whether any of its lines was a warning or worse (notes list it as a problem)."""
+        return any(self.levels.get(lv) for lv in PROBLEM_LEVELS)
 
 
 @dataclass(frozen=True)
@@ -101,8 +118,10 @@ class Table:
     last_bucket: int | None = None
     #: the line count the last published log notes covered ("new since the last update")
     notes_cursor: int = 0
-    #: (template id, bucket) touched since ``take_touched`` (not persisted)
+    #: (template id, bucket) counted since ``close_batch`` (not persisted)
     _touched: set[tuple[int, int]] = field(default_factory=set)
+    #: templates counted since ``take_changes`` (their fields are rewritten)
+    _changed: set[int] = field(default_factory=set)
 
     def add(self, template_id: int, template: str, level: str | None, ts: float,
             entry_id: str, message: str) -> None:
@@ -139,6 +158,7 @@ class Table:
         if self.last_bucket is None or bucket > self.last_bucket:
             self.last_bucket = bucket
         self._touched.add((template_id, bucket))
+        self._changed.add(template_id)
 
     def close_batch(self) -> list[Incident]:
         """Find the bursts among the buckets this batch touched, fold them into incidents,
@@ -148,8 +168,8 @@ class Table:
             if self._is_burst(self.templates[template_id], bucket):
                 if self._fold(template_id, bucket):
                     new.append(self.incidents[-1])
+        self._prune({template_id for template_id, _ in self._touched})
         self._touched.clear()
-        self._prune()
         return new
 
     def baseline(self, stats: TemplateStats, bucket: int) -> float | None:
@@ -191,14 +211,15 @@ class Table:
         return Incident(stats.template_id, start, end, int(sum(c[0] for c in cells)),
                         min(c[1] for c in cells), max(c[2] for c in cells), baseline)
 
-    def _prune(self) -> None:
-        if self.last_bucket is None:
-            return
-        oldest = self.last_bucket - self.config.history_buckets
-        for stats in self.templates.values():
-            stale = [b for b in stats.buckets if b < oldest]
-            for b in stale:
-                del stats.buckets[b]
+    def _prune(self, template_ids: set[int]) -> None:
+        """Drop the history of ``template_ids`` older than the window before each one's own
+        latest bucket: a function of the template's own lines, so the rows stored do not
+        depend on where batches were cut (a template no batch touches keeps its rows)."""
+        for template_id in template_ids:
+            buckets = self.templates[template_id].buckets
+            oldest = max(buckets) - self.config.history_buckets
+            for b in [b for b in buckets if b < oldest]:
+                del buckets[b]
 
     # ----- views -------------------------------------------------------------------------------
     def top(self, n: int) -> list[TemplateStats]:
@@ -212,47 +233,89 @@ class Table:
                       key=lambda s: (-rank[s.level or "debug"], -s.count, s.template_id))
 
     # ----- state -------------------------------------------------------------------------------
-    def encode(self) -> bytes:
-        templates = [[s.template_id, s.template, s.count, s.levels, s.first_ts, s.last_ts,
-                      s.first_entry, s.last_entry, s.example,
-                      [[b, *cell] for b, cell in sorted(s.buckets.items())], s.first_line]
-                     for s in self.templates.values()]
+    def head(self) -> bytes:
+        """``table:head``: everything but the templates."""
         incidents = [[i.template_id, i.start_bucket, i.end_bucket, i.count, i.first_ts,
                       i.last_ts, i.baseline] for i in self.incidents]
-        return msgpack.packb({"v": FORMAT_VERSION, "t": templates, "i": incidents,
-                              "n": self.lines, "l": self.levels, "c": self.notes_cursor,
+        return msgpack.packb({"v": FORMAT_VERSION, "i": incidents, "n": self.lines,
+                              "l": self.levels, "c": self.notes_cursor,
                               "b": [self.first_bucket, self.last_bucket]}, use_bin_type=True)
 
+    def take_changes(self) -> dict[str, bytes]:
+        """The hash fields changed since the last call (the head always), and forget them:
+        what a batch's commit writes."""
+        fields = {HEAD_FIELD: self.head()}
+        for template_id in sorted(self._changed):
+            s = self.templates[template_id]
+            fields[f"{TEMPLATE_PREFIX}{template_id}"] = msgpack.packb(
+                [s.template, s.count, s.levels, s.first_ts, s.last_ts, s.first_entry,
+                 s.last_entry, s.example, [[b, *cell] for b, cell in sorted(s.buckets.items())],
+                 s.first_line], use_bin_type=True)
+        self._changed.clear()
+        return fields
+
     @classmethod
-    def decode(cls, data: bytes, config: BurstConfig | None = None) -> Table:
+    def from_fields(cls, fields: Mapping[str, bytes], config: BurstConfig | None = None) -> Table:
+        """The table from its hash fields (other fields of the hash are ignored);
+        TableStateError if they are not a table of this format."""
         table = cls(config or BurstConfig())
+        head = fields.get(HEAD_FIELD)
+        if head is None:
+            raise TableStateError(f"template table has no {HEAD_FIELD!r}")
         try:
-            raw = msgpack.unpackb(data, raw=False, strict_map_key=False)
+            raw = msgpack.unpackb(head, raw=False, strict_map_key=False)
             if not isinstance(raw, dict) or raw.get("v") != FORMAT_VERSION:
                 raise TableStateError("template table has another format version")
-            for row in raw["t"]:
-                stats = TemplateStats(int(row[0]), str(row[1]), int(row[2]),
-                                      _counts(row[3]), float(row[4]), float(row[5]),
-                                      str(row[6]), str(row[7]), str(row[8]))
-                stats.buckets = {int(c[0]): [float(c[1]), float(c[2]), float(c[3])]
-                                 for c in row[9]}
-                stats.first_line = int(row[10])
-                for cell in stats.buckets.values():
-                    cell[0] = int(cell[0])
-                table.templates[stats.template_id] = stats
-            table.incidents = [Incident(int(i[0]), int(i[1]), int(i[2]), int(i[3]),
-                                        float(i[4]), float(i[5]), float(i[6]))
-                               for i in raw["i"]]
-            table.lines, table.levels = int(raw["n"]), _counts(raw["l"])
-            table.notes_cursor = int(raw["c"])
-            first, last = raw["b"]
-            table.first_bucket = None if first is None else int(first)
-            table.last_bucket = None if last is None else int(last)
+            table._read_head(raw)
+            rows = [(int(name[len(TEMPLATE_PREFIX):]),
+                     msgpack.unpackb(value, raw=False, strict_map_key=False))
+                    for name, value in fields.items() if name.startswith(TEMPLATE_PREFIX)]
+            stats = [_stats(template_id, row) for template_id, row in rows]
+            for s in sorted(stats, key=lambda s: s.first_line):  # in the order first counted
+                table.templates[s.template_id] = s
         except (KeyError, IndexError, TypeError, ValueError, msgpack.UnpackException) as exc:
             if isinstance(exc, TableStateError):
                 raise
             raise TableStateError(f"template table is malformed ({exc})") from None
         return table
+
+    @classmethod
+    def decode(cls, data: bytes, config: BurstConfig | None = None) -> Table:
+        """A table of the first format (one ``table`` blob), read so that streams counted
+        before the fields keep their counts; its next commit writes every field."""
+        table = cls(config or BurstConfig())
+        try:
+            raw = msgpack.unpackb(data, raw=False, strict_map_key=False)
+            if not isinstance(raw, dict) or raw.get("v") != LEGACY_VERSION:
+                raise TableStateError("template table has another format version")
+            for row in raw["t"]:
+                stats = _stats(int(row[0]), row[1:])
+                table.templates[stats.template_id] = stats
+            table._read_head(raw)
+        except (KeyError, IndexError, TypeError, ValueError, msgpack.UnpackException) as exc:
+            if isinstance(exc, TableStateError):
+                raise
+            raise TableStateError(f"template table is malformed ({exc})") from None
+        table._changed.update(table.templates)
+        return table
+
+    def _read_head(self, raw: dict[Any, Any]) -> None:
+        self.incidents = [Incident(int(i[0]), int(i[1]), int(i[2]), int(i[3]), float(i[4]),
+                                   float(i[5]), float(i[6])) for i in raw["i"]]
+        self.lines, self.levels = int(raw["n"]), _counts(raw["l"])
+        self.notes_cursor = int(raw["c"])
+        first, last = raw["b"]
+        self.first_bucket = None if first is None else int(first)
+        self.last_bucket = None if last is None else int(last)
+
+
+def _stats(template_id: int, row: Any) -> TemplateStats:
+    """One template's stats from its stored row (without its id)."""
+    stats = TemplateStats(template_id, str(row[0]), int(row[1]), _counts(row[2]),
+                          float(row[3]), float(row[4]), str(row[5]), str(row[6]), str(row[7]))
+    stats.buckets = {int(c[0]): [int(c[1]), float(c[2]), float(c[3])] for c in row[8]}
+    stats.first_line = int(row[9])
+    return stats
 
 
 def _counts(raw: Any) -> dict[str, int]:

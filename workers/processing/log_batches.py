@@ -22,9 +22,11 @@ from sinkstream.contracts.entries import InputEntry
 from sinkstream.contracts.kinds import LOG, StreamKind, effective_kind
 from sinkstream.ids import parse_entry_id
 from workers.engines.base import Engine
-from workers.logs.head import APPLIED_FIELD, MINER_FIELD, TABLE_FIELD, LogsHead
+from workers.logs.head import APPLIED_FIELD, LEGACY_FIELDS, LogsHead
+from workers.logs.mining import HEAD_FIELD as MINER_HEAD
 from workers.logs.mining import Miner, MiningConfig
 from workers.logs.parse import LogRecord, parse_line
+from workers.logs.table import HEAD_FIELD as TABLE_HEAD
 from workers.logs.table import BurstConfig, Incident, Table
 from workers.processing.batches import Batch, turn_tokens
 
@@ -32,7 +34,7 @@ from workers.processing.batches import Batch, turn_tokens
 @dataclass(frozen=True)
 class LogUpdate:
     """What one batch did to its stream's logs: the miner and table after it, the hash fields
-    its commit sets, and what metrics and notes report about it."""
+    its commit sets (and deletes), and what metrics and notes report about it."""
 
     miner: Miner
     table: Table
@@ -46,6 +48,8 @@ class LogUpdate:
     assignments: list[tuple[str, int]]
     #: the stream's lines before this batch (the log notes' cadence)
     lines_before: int
+    #: fields the commit deletes: the first format's blobs, replaced by the fields
+    delete: tuple[str, ...] = ()
 
 
 def is_log(entry: InputEntry, stream_kind: StreamKind | None) -> bool:
@@ -65,11 +69,14 @@ def feed_line(record: LogRecord, template: str) -> str:
     return f"{(record.level or 'log').upper()} {template}"
 
 
-#: committed (miner, table) pairs a worker keeps decoded (see ``LogFolder.remember``), and
-#: their encoded bytes at most: decoded, a pair takes ~9x its bytes (a stream at the
-#: 5,000-template bound: ~1 MB encoded, ~9 MB decoded), outside the hot cache's budget
+#: committed (miner, table) pairs a worker keeps decoded (see ``LogFolder.remember``), and the
+#: templates they may hold together: decoded, a template takes ~2 KB (a stream at the
+#: 5,000-template bound: ~9 MB), outside the hot cache's budget
 WARM_LOGS = 16
-WARM_LOGS_BYTES = 2 << 20
+WARM_LOGS_TEMPLATES = 10_000
+
+#: what names a committed miner and table: stream, last entry covered, miner and table heads
+_WarmKey = tuple[str, str, bytes, bytes]
 
 
 class LogFolder:
@@ -78,61 +85,67 @@ class LogFolder:
 
     def __init__(self, engine: Engine[Any], mining: MiningConfig | None = None,
                  bursts: BurstConfig | None = None, feed: str = "templates",
-                 warm: int = WARM_LOGS, warm_bytes: int = WARM_LOGS_BYTES) -> None:
+                 warm: int = WARM_LOGS, warm_templates: int = WARM_LOGS_TEMPLATES) -> None:
         self.engine = engine
         #: "templates": a new template is fed as one line; "none": log lines feed nothing
         self.feed = feed
         self.mining = mining or MiningConfig()
         self.bursts = bursts or BurstConfig()
-        self.warm, self.warm_bytes = warm, warm_bytes
-        self._warm_nbytes = 0
-        #: (miner bytes, table bytes) committed -> the objects they encode, not in use
-        self._warm: OrderedDict[tuple[bytes, bytes], tuple[Miner, Table]] = OrderedDict()
+        self.warm, self.warm_templates = warm, warm_templates
+        self._warm_count = 0
+        #: what a commit left -> the objects it encodes, not in use
+        self._warm: OrderedDict[_WarmKey, tuple[Miner, Table]] = OrderedDict()
 
-    def remember(self, update: LogUpdate, fields: dict[str, bytes | str]) -> None:
-        """After ``fields`` were committed: keep ``update``'s miner and table for the next
-        batch that starts from exactly those bytes, so it need not decode them (~1.5 us a
-        line of a 256-line batch, and more as a miner grows). Keyed by the committed bytes
-        themselves, so a head written by anyone else, or not at all, is decoded as before;
-        an object is handed out once (``_load`` pops it), so a batch that fails half-way
-        can never leave a mutated object behind under an unchanged key."""
-        miner, table = fields.get(MINER_FIELD), fields.get(TABLE_FIELD)
-        if not isinstance(miner, bytes) or not isinstance(table, bytes) or self.warm <= 0 \
-                or len(miner) + len(table) > self.warm_bytes:
+    def remember(self, stream_id: str, update: LogUpdate,
+                 fields: dict[str, bytes | str]) -> None:
+        """After ``fields`` were committed: keep ``update``'s miner and table for the
+        stream's next batch, so it need neither read the whole hash nor decode it (~100 ms
+        at 5,000 templates). Keyed by the stream, the entry they cover and both heads as
+        committed, so a head written by anyone else, or not at all, is read and decoded as
+        before; an object is handed out once (``_load`` pops it), so a batch that fails
+        half-way can never leave a mutated object behind under an unchanged key."""
+        key = _key(stream_id, fields)
+        size = len(update.table.templates)
+        if key is None or self.warm <= 0 or size > self.warm_templates:
             return
-        key = (miner, table)
         if self._warm.pop(key, None) is None:
-            self._warm_nbytes += len(miner) + len(table)
+            self._warm_count += size
         self._warm[key] = (update.miner, update.table)
-        while len(self._warm) > self.warm or self._warm_nbytes > self.warm_bytes:
+        while len(self._warm) > self.warm or self._warm_count > self.warm_templates:
             self._forget(next(iter(self._warm)))
 
-    def _forget(self, key: tuple[bytes, bytes]) -> tuple[Miner, Table] | None:
+    def holds(self, stream_id: str, head: LogsHead) -> bool:
+        """Whether ``head``'s miner and table are remembered (no need to read them)."""
+        return _head_key(stream_id, head) in self._warm
+
+    def _forget(self, key: _WarmKey) -> tuple[Miner, Table] | None:
         pair = self._warm.pop(key, None)
         if pair is not None:
-            self._warm_nbytes -= len(key[0]) + len(key[1])
+            self._warm_count -= len(pair[1].templates)
         return pair
 
-    def _load(self, head: LogsHead) -> tuple[Miner, Table]:
+    def _load(self, stream_id: str, head: LogsHead) -> tuple[Miner, Table]:
         """The head's miner and table to mutate: remembered, else decoded."""
-        if head.miner is not None and head.table is not None:
-            warm = self._forget((head.miner, head.table))
-            if warm is not None:
-                return warm
+        key = _head_key(stream_id, head)
+        warm = self._forget(key) if key is not None else None
+        if warm is not None:
+            return warm
         return head.load(self.mining, self.bursts)
 
-    def fold(self, head: LogsHead, batch: Batch) -> tuple[Batch, LogUpdate | None]:
+    def fold(self, stream_id: str, head: LogsHead,
+             batch: Batch) -> tuple[Batch, LogUpdate | None]:
         """``batch`` as the model feeds it, and the logs update (None: a stream with no log
-        lines, in this batch or before). Raises MinerStateError / TableStateError for a
+        lines, in this batch or before). ``head`` must be ``complete`` unless its miner and
+        table are remembered (``holds``). Raises MinerStateError / TableStateError for a
         committed miner or table that cannot be read."""
         logs = [is_log(e, head.kind) for e in batch.entries]
         if not any(logs):
             if not head.has_logs:
                 return batch, None
-            miner, table = head.load(self.mining, self.bursts)
-            return batch, LogUpdate(miner, table, {APPLIED_FIELD: batch.last_id}, {}, [], [],
-                                    [], table.lines)
-        miner, table = self._load(head)
+            miner, table = self._load(stream_id, head)
+            return batch, LogUpdate(miner, table, _changes(miner, table, batch.last_id), {},
+                                    [], [], [], table.lines, _deleted(head))
+        miner, table = self._load(stream_id, head)
         lines_before = table.lines
         pieces = _pieces(batch)
         fed_pieces = [pieces[0]]
@@ -170,12 +183,34 @@ class LogFolder:
                 fed_pieces.append([])
         incidents = table.close_batch()
         tokens = [t for piece in fed_pieces for t in piece]
-        fields: dict[str, bytes | str] = {MINER_FIELD: miner.encode(),
-                                          TABLE_FIELD: table.encode(),
-                                          APPLIED_FIELD: batch.last_id}
         folded = replace(batch, entries=entries, tokens=tokens, counts=counts)
-        return folded, LogUpdate(miner, table, fields, levels, created, incidents, assignments,
-                                 lines_before)
+        return folded, LogUpdate(miner, table, _changes(miner, table, batch.last_id), levels,
+                                 created, incidents, assignments, lines_before, _deleted(head))
+
+
+def _changes(miner: Miner, table: Table, last_id: str) -> dict[str, bytes | str]:
+    """The logs hash fields a batch's commit sets: what it changed, and where it ends."""
+    return {**miner.take_changes(), **table.take_changes(), APPLIED_FIELD: last_id}
+
+
+def _deleted(head: LogsHead) -> tuple[str, ...]:
+    """The first format's blobs go once the fields replace them."""
+    return LEGACY_FIELDS if head.legacy is not None else ()
+
+
+def _key(stream_id: str, fields: dict[str, bytes | str]) -> _WarmKey | None:
+    applied = fields.get(APPLIED_FIELD)
+    miner, table = fields.get(MINER_HEAD), fields.get(TABLE_HEAD)
+    if not isinstance(applied, str) or not isinstance(miner, bytes) \
+            or not isinstance(table, bytes):
+        return None
+    return stream_id, applied, miner, table
+
+
+def _head_key(stream_id: str, head: LogsHead) -> _WarmKey | None:
+    if head.applied is None or head.miner is None or head.table is None:
+        return None
+    return stream_id, head.applied, head.miner, head.table
 
 
 def _pieces(batch: Batch) -> list[list[int]]:

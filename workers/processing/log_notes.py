@@ -18,7 +18,6 @@ from sinkstream.contracts.outputs import OutputEntry, SummaryKind, make_output
 from sinkstream.settings import Settings
 from workers.engines.base import Engine, EngineState
 from workers.logs import notes as log_notes
-from workers.logs.head import TABLE_FIELD
 from workers.logs.table import Table
 from workers.notes import guard
 from workers.processing.log_batches import LogUpdate
@@ -35,7 +34,7 @@ NARRATIVE_SENTENCES = 2
 @dataclass(frozen=True)
 class LogPublished:
     """What a log batch publishes, and its logs hash fields after it (the notes cursor moves
-    when notes are published, so the table is re-encoded)."""
+    when notes are published, so the table's head is re-encoded)."""
 
     entries: list[OutputEntry]
     fields: dict[str, bytes | str]
@@ -68,7 +67,7 @@ class LogNotesWriter:
             return LogPublished([], update.fields)
         entry = self.notes(update.table, state, last_id, kind)
         update.table.notes_cursor = update.table.lines
-        fields = {**update.fields, TABLE_FIELD: update.table.encode()}
+        fields = {**update.fields, **update.table.take_changes()}
         return LogPublished([entry], fields, None)
 
     def notes(self, table: Table, state: EngineState, covers: str,
@@ -77,7 +76,7 @@ class LogNotesWriter:
         narrative = self.narrative(table, state) if prose_on(self.settings) else ""
         return make_output(kind, log_notes.render(table, narrative), covers, state.tokens_seen,
                            self.engine.model_name, request,
-                           items=log_notes.template_rows(table)[:log_notes.MAX_ROWS])
+                           items=log_notes.template_rows(table, log_notes.MAX_ROWS))
 
     def narrative(self, table: Table, state: EngineState) -> str:
         """Two guarded sentences from the table's facts ("" when the guard kept none)."""

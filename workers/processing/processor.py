@@ -85,6 +85,8 @@ class Changes:
     vocab: dict[str, int]
     #: the logs hash fields (miner, table, applied) of a stream with log lines
     logs: dict[str, bytes | str] | None = None
+    #: logs hash fields deleted (the first format's blobs, once replaced)
+    logs_delete: tuple[str, ...] = ()
 
     def updates(self, keys: StreamKeys) -> list[HashUpdate]:
         memory_set: dict[str, FieldValue] = {**(self.memory.set if self.memory else {}),
@@ -95,8 +97,8 @@ class Changes:
             out.append(HashUpdate(keys.memory, memory_set, memory_delete))
         if self.vocab:
             out.append(HashUpdate(keys.vocab, dict(self.vocab)))
-        if self.logs:
-            out.append(HashUpdate(keys.logs, dict(self.logs)))
+        if self.logs or self.logs_delete:
+            out.append(HashUpdate(keys.logs, dict(self.logs or {}), self.logs_delete))
         return out
 
 
@@ -320,7 +322,12 @@ class StreamProcessor:
         if batch is None:
             return Outcome(stream_id, "idle", version=loaded.version, cache_hit=loaded.cache_hit)
         try:
-            batch, logs_update = self.logs.fold(logs, batch)
+            if not logs.complete and not self.logs.holds(stream_id, logs):
+                logs = logs_head.read_fields(self.client, stream_id, logs)  # another worker's
+                if logs.applied != after:
+                    raise LeaseLostError(f"stream {stream_id!r}: logs at {logs.applied}, "
+                                         f"expected {after}")
+            batch, logs_update = self.logs.fold(stream_id, logs, batch)
         except (MinerStateError, TableStateError) as exc:
             return self._fail(stream_id, f"stream {stream_id!r}: logs unreadable: {exc}")
         memory = parse_memory_head(stream_id, memory_head) if self.memory.enabled else None
@@ -358,7 +365,7 @@ class StreamProcessor:
         memory = self.memory.plan(prepared.memory, lines, published.prose, batch.last_id,
                                   moments, new_state)
         changes = Changes(memory, published.notes.fields(prepared.notes), fields_of(lines),
-                          logs_fields)
+                          logs_fields, logs.delete if logs is not None else ())
         claim.keeper.check()
         # deliberately after the last lease check: a paused worker that resumes here must be
         # stopped by the commit's fencing check, not by luck
@@ -376,7 +383,7 @@ class StreamProcessor:
         save_s = time.perf_counter() - started
         claim.committed = batch.last_id
         if prepared.logs is not None:
-            self.logs.remember(prepared.logs, logs_fields or {})
+            self.logs.remember(stream_id, prepared.logs, logs_fields or {})
             self.observer.logs_committed(prepared.logs.levels, len(prepared.logs.new_templates),
                                          len(prepared.logs.new_incidents))
         if memory is not None and memory.evicted:

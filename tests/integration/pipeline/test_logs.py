@@ -90,9 +90,8 @@ def test_a_worker_killed_mid_batch_leaves_a_bit_identical_template_table(
         pass
     killed = client.hgetall(StreamKeys.of("hdfs").logs)
     straight = client.hgetall(StreamKeys.of("reference").logs)
-    assert killed[b"miner"] == straight[b"miner"]
-    assert killed[b"table"] == straight[b"table"]
-    assert killed[b"applied"] == straight[b"applied"] == f"1700000000000-{LINES}".encode()
+    assert killed == straight and b"miner:head" in killed  # every miner and table field
+    assert killed[b"applied"] == f"1700000000000-{LINES}".encode()
     # the log notes each run published cover the same entries with the same text
     def notes(stream: str) -> list[tuple[str, str]]:
         outs = client.xrange(StreamKeys.of(stream).output)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 
+from tests.unit.workers.logs.first_format import miner_blob
 from workers.logs.masking import Masking
 from workers.logs.mining import Miner, MinerStateError, MiningConfig
 
@@ -35,32 +36,73 @@ def test_masks_and_grouping() -> None:
     assert ids[8] == ids[9], "durations and UUIDs are variables"
 
 
+def _commit(miner: Miner, stored: dict[str, bytes]) -> dict[str, bytes]:
+    """What a batch's commit does to the logs hash: set the fields the miner changed."""
+    stored.update(miner.take_changes())
+    return stored
+
+
 def test_state_round_trip_mines_identically() -> None:
     straight, resumed = Miner(), Miner()
+    kept_straight: dict[str, bytes] = {}
+    kept: dict[str, bytes] = {}
     for line in LINES[:5]:
         straight.add(line)
         resumed.add(line)
-    resumed = Miner.decode(resumed.encode())
-    assert resumed.encode() == straight.encode()
+    _commit(straight, kept_straight)
+    resumed = Miner.from_fields(_commit(resumed, kept))
+    assert kept == kept_straight
     tail_a = [straight.add(line) for line in LINES[5:] * 2]
     tail_b = [resumed.add(line) for line in LINES[5:] * 2]
-    assert tail_a == tail_b and resumed.encode() == straight.encode()
+    assert tail_a == tail_b
+    assert _commit(resumed, kept) == _commit(straight, kept_straight)
     assert resumed.match(LINES[1]) == straight.match(LINES[1]) is not None
 
 
+def test_a_batch_writes_only_the_clusters_it_matched() -> None:
+    miner = Miner()
+    mined = [miner.add(line) for line in LINES]
+    first = miner.take_changes()
+    assert {f"miner:c:{m.template_id}" for m in mined} < set(first)
+    assert any(name.startswith("miner:tree:") for name in first)
+    again = miner.add(LINES[1])  # an existing template: its size, and the counter's head
+    assert set(miner.take_changes()) == {"miner:head", f"miner:c:{again.template_id}"}
+    assert miner.take_changes() == {"miner:head": first["miner:head"]}
+
+
+def test_a_first_format_miner_is_read_and_written_whole_as_fields() -> None:
+    straight = Miner()
+    for line in LINES[:5]:
+        straight.add(line)
+    old = Miner.decode(miner_blob(straight))
+    kept = _commit(straight, {})
+    assert old.take_changes() == kept
+    assert [old.add(line) for line in LINES[5:]] == [straight.add(line) for line in LINES[5:]]
+
+
 def test_foreign_or_corrupt_states_are_refused() -> None:
-    blob = Miner().encode()
+    fields = Miner().take_changes()
     with pytest.raises(MinerStateError, match="mined as"):
-        Miner.decode(blob, MiningConfig(sim_th=0.4))
+        Miner.from_fields(fields, MiningConfig(sim_th=0.4))
     with pytest.raises(MinerStateError):
-        Miner.decode(b"\xc1garbage")
+        Miner.from_fields({"miner:head": b"\xc1garbage"})
+    with pytest.raises(MinerStateError, match="no 'miner:head'"):
+        Miner.from_fields({})
+    with pytest.raises(MinerStateError, match="malformed"):
+        Miner.from_fields({**fields, "miner:c:x": msgpack.packb([["a"], 1])})
     deep: list[object] = [[], {}]
     for _ in range(50):
         deep = [[], {"x": deep}]
-    hostile = msgpack.packb({"v": 1, "fp": MiningConfig().fingerprint, "n": 0, "c": [],
-                             "t": deep})
     with pytest.raises(MinerStateError, match="malformed"):
-        Miner.decode(hostile)
+        Miner.from_fields({**fields, "miner:tree:3": msgpack.packb([[], ["x"]]),
+                           "miner:tree:3:x": msgpack.packb(deep)})
+    with pytest.raises(MinerStateError, match="malformed"):  # a child without its subtree
+        Miner.from_fields({**fields, "miner:tree:3": msgpack.packb([[], ["x"]])})
+    with pytest.raises(MinerStateError, match="malformed"):
+        Miner.decode(msgpack.packb({"v": 1, "fp": MiningConfig().fingerprint, "n": 0,
+                                    "c": [], "t": deep}))
+    with pytest.raises(MinerStateError, match="another format"):
+        Miner.decode(fields["miner:head"])
 
 
 def test_a_full_miner_counts_the_unmatched_as_other() -> None:

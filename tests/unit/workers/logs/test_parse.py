@@ -76,8 +76,8 @@ def test_entries_carry_a_kind() -> None:
 def test_a_stream_kind_nobody_knows_is_read_as_a_meeting() -> None:
     from workers.logs.head import parse
 
-    assert parse("s", [b"log", [None, None, None]]).kind == "log"
-    odd = parse("s", [b"audio", [b"m", b"t", b"1-0"]])
+    assert parse("s", [b"log", [None] * 5]).kind == "log"
+    odd = parse("s", [b"audio", [b"1-0", b"m", b"t", None, None]])
     assert odd.kind is None and odd.has_logs and odd.applied == "1-0"
 
 

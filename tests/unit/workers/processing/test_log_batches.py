@@ -14,6 +14,7 @@ from sinkstream.cli.localredis import RedisServer
 from sinkstream.contracts.keys import StreamKeys
 from sinkstream.settings import Settings
 from state_store.connection import redis_from_settings
+from tests.unit.workers.logs.first_format import miner_blob, table_blob
 from workers.engines.base import Engine
 from workers.logs import head as logs_head
 from workers.logs.mining import Miner
@@ -104,8 +105,25 @@ def test_any_cut_and_any_resume_give_identical_bytes(
     _drain(_processor(engine, redis_server, batch=7), "resumed")
     straight = client.hgetall(StreamKeys.of("straight").logs)
     resumed = client.hgetall(StreamKeys.of("resumed").logs)
-    assert straight[b"miner"] == resumed[b"miner"]
-    assert straight[b"table"] == resumed[b"table"]
+    assert straight == resumed and b"miner:head" in straight
+
+
+def test_a_stream_mined_in_the_first_format_continues_and_is_rewritten_as_fields(
+        engine: Engine[Any], redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    _publish(redis_server, "straight")
+    _drain(_processor(engine, redis_server, batch=45), "straight")
+    _publish(redis_server, "old")
+    _drain(_processor(engine, redis_server, batch=9), "old", batches=2)
+    # what a worker of the first format would have left: the same miner and table, as blobs
+    key = StreamKeys.of("old").logs
+    miner, table = logs_head.read(client, "old").load(Miner().config, Table().config)
+    applied = client.hget(key, "applied")
+    client.delete(key)
+    client.hset(key, mapping={"miner": miner_blob(miner), "table": table_blob(table),
+                              "applied": applied})
+    _drain(_processor(engine, redis_server, batch=9), "old")  # a worker of this format
+    assert client.hgetall(key) == client.hgetall(StreamKeys.of("straight").logs)
 
 
 def test_a_corrupt_miner_parks_the_stream_with_a_reason(
@@ -114,8 +132,18 @@ def test_a_corrupt_miner_parks_the_stream_with_a_reason(
     proc = _processor(engine, redis_server, batch=8)
     proc.process("broken")
     client = redis_server.client()
-    client.hset(StreamKeys.of("broken").logs, "miner", b"\x93not a miner")
+    client.hset(StreamKeys.of("broken").logs, "miner:head", b"\x93not a miner")
     outcome = proc.process("broken")
+    assert outcome.status == "failed" and "logs unreadable" in outcome.reason
+
+
+def test_a_corrupt_template_field_parks_the_stream_on_a_worker_that_reads_it(
+        engine: Engine[Any], redis_server: RedisServer) -> None:
+    _publish(redis_server, "broken")
+    _processor(engine, redis_server, batch=8).process("broken")
+    client = redis_server.client()
+    client.hset(StreamKeys.of("broken").logs, "table:t:1", b"\x93not a row")
+    outcome = _processor(engine, redis_server, batch=9).process("broken")  # a cold worker
     assert outcome.status == "failed" and "logs unreadable" in outcome.reason
 
 
@@ -160,16 +188,19 @@ def test_a_remembered_miner_and_table_fold_as_decoded_ones() -> None:
     from workers.processing.log_batches import LogFolder
 
     def fold_all(folder: LogFolder, remember: bool) -> list[dict[str, bytes | str]]:
+        stored: dict[str, bytes] = {}
         head, out = logs_head.LogsHead(LOG), []
         for start in range(0, len(LINES), 7):
-            _, update = folder.fold(head, _log_batch(LINES[start:start + 7], start))
+            _, update = folder.fold("s", head, _log_batch(LINES[start:start + 7], start))
             assert update is not None
             if remember:
-                folder.remember(update, update.fields)
+                folder.remember("s", update, update.fields)
             out.append(update.fields)
-            head = logs_head.LogsHead(LOG, update.fields["miner"],  # type: ignore[arg-type]
-                                      update.fields["table"],  # type: ignore[arg-type]
-                                      str(update.fields["applied"]))
+            stored.update({k: v.encode() if isinstance(v, str) else v
+                           for k, v in update.fields.items()})
+            head = logs_head.with_fields(LOG, stored)
+            if remember:  # what a batch reads: the heads only, not the whole hash
+                head = logs_head.LogsHead(LOG, head.applied, head.miner, head.table)
         return out
 
     warm = LogFolder(None, feed="none")  # type: ignore[arg-type]  # feeds nothing
@@ -178,38 +209,46 @@ def test_a_remembered_miner_and_table_fold_as_decoded_ones() -> None:
     assert len(warm._warm) == 1  # each batch took the last one's objects and left its own
 
 
-def test_only_the_exact_committed_bytes_find_remembered_objects() -> None:
+def _committed_head(update: Any) -> Any:
+    from sinkstream.contracts.kinds import LOG
+
+    return logs_head.LogsHead(LOG, str(update.fields["applied"]), update.fields["miner:head"],
+                              update.fields["table:head"])
+
+
+def test_only_the_stream_and_heads_committed_find_remembered_objects() -> None:
     from sinkstream.contracts.kinds import LOG
     from workers.processing.log_batches import LogFolder
 
     folder = LogFolder(None, feed="none", warm=2)  # type: ignore[arg-type]
-    _, update = folder.fold(logs_head.LogsHead(LOG), _log_batch(LINES[:5], 0))
+    _, update = folder.fold("s", logs_head.LogsHead(LOG), _log_batch(LINES[:5], 0))
     assert update is not None
-    miner, table = update.fields["miner"], update.fields["table"]
-    assert isinstance(miner, bytes) and isinstance(table, bytes)
-    folder.remember(update, update.fields)
-    other = logs_head.LogsHead(LOG, miner, table + b"", "x")  # equal bytes, another object
-    assert folder._load(other)[0] is update.miner
-    assert folder._load(other)[0] is not update.miner  # handed out once, then decoded
-    folder.remember(update, {"miner": miner})  # no table committed: nothing kept
+    folder.remember("s", update, update.fields)
+    head = _committed_head(update)
+    assert folder.holds("s", head) and not folder.holds("t", head)
+    assert folder._load("s", head)[0] is update.miner
+    assert not folder.holds("s", head)  # handed out once, then read and decoded
+    folder.remember("s", update, {k: v for k, v in update.fields.items()
+                                  if k != "table:head"})  # no table committed: nothing kept
     assert not folder._warm
 
 
-def test_remembered_pairs_are_bounded_by_their_bytes() -> None:
+def test_remembered_pairs_are_bounded_by_their_templates() -> None:
     from sinkstream.contracts.kinds import LOG
     from workers.processing.log_batches import LogFolder
 
     folder = LogFolder(None, feed="none")  # type: ignore[arg-type]
     updates = []
     for start in range(0, 21, 7):  # three streams' first batches: three different pairs
-        _, update = folder.fold(logs_head.LogsHead(LOG), _log_batch(LINES[start:start + 7], 0))
+        _, update = folder.fold(f"s{start}", logs_head.LogsHead(LOG),
+                                _log_batch(LINES[start:start + 7], 0))
         assert update is not None
-        updates.append(update)
-    sizes = [len(u.fields["miner"]) + len(u.fields["table"]) for u in updates]
-    folder.warm_bytes = sizes[1] + sizes[2]
-    for update in updates:
-        folder.remember(update, update.fields)
-    assert len(folder._warm) == 2 and folder._warm_nbytes == sizes[1] + sizes[2]  # oldest out
-    folder.warm_bytes = min(sizes) - 1  # a pair over the bound is not kept at all
-    folder.remember(updates[0], updates[0].fields)
+        updates.append((f"s{start}", update))
+    sizes = [len(u.table.templates) for _, u in updates]
+    folder.warm_templates = sizes[1] + sizes[2]
+    for stream, update in updates:
+        folder.remember(stream, update, update.fields)
+    assert len(folder._warm) == 2 and folder._warm_count == sizes[1] + sizes[2]  # oldest out
+    folder.warm_templates = min(sizes) - 1  # a pair over the bound is not kept at all
+    folder.remember(*updates[0], updates[0][1].fields)
     assert len(folder._warm) == 2
