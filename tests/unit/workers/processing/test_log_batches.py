@@ -77,7 +77,7 @@ def test_lines_are_mined_counted_and_committed_with_the_state(
     _drain(proc, "app-logs")
     client = redis_server.client()
     head = logs_head.read(client, "app-logs")
-    state = client.hgetall(StreamKeys.of("app-logs").state)
+    state: dict[bytes, bytes] = client.hgetall(StreamKeys.of("app-logs").state)  # type: ignore[assignment]
     assert head.kind == "log" and head.applied == state[b"last_entry_id"].decode()
     miner, table = head.load(proc.logs.mining, proc.logs.bursts)
     assert table.lines == len(LINES)
@@ -94,36 +94,40 @@ def test_lines_are_mined_counted_and_committed_with_the_state(
     assert isinstance(miner, Miner) and isinstance(table, Table)
 
 
+def _straight(engine: Engine[Any], server: RedisServer) -> dict[bytes, bytes]:
+    """The logs hash of every line worked in one batch: what any cut must commit."""
+    _publish(server, "straight")
+    _drain(_processor(engine, server, batch=45), "straight")
+    return server.client().hgetall(StreamKeys.of("straight").logs)  # type: ignore[return-value]
+
+
 def test_any_cut_and_any_resume_give_identical_bytes(
         engine: Engine[Any], redis_server: RedisServer) -> None:
-    client = redis_server.client()
-    _publish(redis_server, "straight")
-    _drain(_processor(engine, redis_server, batch=45), "straight")
+    straight = _straight(engine, redis_server)
     _publish(redis_server, "resumed")
     _drain(_processor(engine, redis_server, batch=3), "resumed", batches=4)
     # another worker, cold, picks the stream up where the commits left it
     _drain(_processor(engine, redis_server, batch=7), "resumed")
-    straight = client.hgetall(StreamKeys.of("straight").logs)
-    resumed = client.hgetall(StreamKeys.of("resumed").logs)
+    resumed = redis_server.client().hgetall(StreamKeys.of("resumed").logs)
     assert straight == resumed and b"miner:head" in straight
 
 
 def test_a_stream_mined_in_the_first_format_continues_and_is_rewritten_as_fields(
         engine: Engine[Any], redis_server: RedisServer) -> None:
     client = redis_server.client()
-    _publish(redis_server, "straight")
-    _drain(_processor(engine, redis_server, batch=45), "straight")
+    straight = _straight(engine, redis_server)
     _publish(redis_server, "old")
     _drain(_processor(engine, redis_server, batch=9), "old", batches=2)
     # what a worker of the first format would have left: the same miner and table, as blobs
     key = StreamKeys.of("old").logs
-    miner, table = logs_head.read(client, "old").load(Miner().config, Table().config)
-    applied = client.hget(key, "applied")
+    head = logs_head.read(client, "old")
+    miner, table = head.load(Miner().config, Table().config)
+    assert head.applied is not None
     client.delete(key)
     client.hset(key, mapping={"miner": miner_blob(miner), "table": table_blob(table),
-                              "applied": applied})
+                              "applied": head.applied})
     _drain(_processor(engine, redis_server, batch=9), "old")  # a worker of this format
-    assert client.hgetall(key) == client.hgetall(StreamKeys.of("straight").logs)
+    assert client.hgetall(key) == straight
 
 
 def test_a_corrupt_miner_parks_the_stream_with_a_reason(
