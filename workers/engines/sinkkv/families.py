@@ -146,11 +146,6 @@ class Family:
 _MOE = ("a mixture of experts: each expert's matmul runs over the tokens the whole batch "
         "routed to it, so its rounding depends on the other streams in the batch")
 
-#: measured: Falcon's multi-query and ALiBi attention (computed inline, not through the
-#: attention interface) rounds rows of a fresh stream differently in a group of two (~1e-6)
-_FALCON = ("Falcon's multi-query and ALiBi attention rounds a row differently beside other "
-           "rows (measured with transformers 5.23)")
-
 FAMILIES: tuple[Family, ...] = (
     Family("llama", ("llama", "mistral", "qwen2", "qwen3")),
     Family("olmo2", ("olmo2",)),
@@ -209,7 +204,6 @@ FAMILIES: tuple[Family, ...] = (
         ragged_batches=False,
         rope_tables=_falcon_tables,
         alibi=True,
-        batch_variance=_FALCON,
     ),
 )
 
