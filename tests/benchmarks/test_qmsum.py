@@ -16,11 +16,20 @@ from pathlib import Path
 import pytest
 
 from benchmarks import qmsum
+from benchmarks._qmsum_harness import EvalConfig, Features, Harness, _variant_overrides
+from benchmarks._qmsum_meetings import (
+    QUICK_MEETINGS,
+    Scorer,
+    Topic,
+    load_meeting,
+    paired,
+    select_files,
+)
 from benchmarks.run import main as run_main
 
 
 def test_rouge_is_one_for_identical_text_and_zero_for_disjoint_text() -> None:
-    scorer = qmsum.Scorer()
+    scorer = Scorer()
     text = "The team agreed on a yellow remote."
     same = scorer.rouge(text, text)
     assert same == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
@@ -30,9 +39,9 @@ def test_rouge_is_one_for_identical_text_and_zero_for_disjoint_text() -> None:
 
 
 def test_a_topic_is_covered_when_half_its_label_content_words_are_in_the_summary() -> None:
-    scorer = qmsum.Scorer()
-    topics = [qmsum.Topic("Discussion about the price of the remote control", [(0, 3)]),
-              qmsum.Topic("Drawing favourite animals", [(4, 9)])]
+    scorer = Scorer()
+    topics = [Topic("Discussion about the price of the remote control", [(0, 3)]),
+              Topic("Drawing favourite animals", [(4, 9)])]
     # label content words: price, remote, control ("discussion", "about", "the" dropped)
     result = scorer.coverage("They set the price of the remote at 25 euros.", topics)
     assert result["topics"] == 2
@@ -43,27 +52,27 @@ def test_a_topic_is_covered_when_half_its_label_content_words_are_in_the_summary
 
 
 def test_paired_comparison_counts_wins_ties_and_losses() -> None:
-    out = qmsum.paired([0.3, 0.2, 0.1], [0.1, 0.2, 0.3])
+    out = paired([0.3, 0.2, 0.1], [0.1, 0.2, 0.3])
     assert out == {"pairs": 3, "mean_diff": pytest.approx(0.0), "wins": 1, "ties": 1,
                    "losses": 1}
 
 
 def test_quick_meetings_are_short_full_meetings_with_queries(qmsum_dir: Path) -> None:
-    files = qmsum.select_files(qmsum_dir, quick=True)
-    assert [f.stem for f in files] == list(qmsum.QUICK_MEETINGS)
+    files = select_files(qmsum_dir, quick=True)
+    assert [f.stem for f in files] == list(QUICK_MEETINGS)
     for file in files:
-        meeting = qmsum.load_meeting(file)
+        meeting = load_meeting(file)
         assert 3000 <= meeting.words <= 5000
         assert len(meeting.queries) >= 5 and meeting.topics and meeting.reference
-    assert len(qmsum.select_files(qmsum_dir, quick=False)) == len(list(qmsum_dir.glob("*.json")))
+    assert len(select_files(qmsum_dir, quick=False)) == len(list(qmsum_dir.glob("*.json")))
     with pytest.raises(FileNotFoundError, match="nope"):
-        qmsum.select_files(qmsum_dir, quick=False, names=["nope"])
+        select_files(qmsum_dir, quick=False, names=["nope"])
 
 
 def test_published_turns_carry_their_transcript_index_for_retrieval_recall(
     qmsum_dir: Path
 ) -> None:
-    meeting = qmsum.load_meeting(qmsum_dir / "ES2006a.json")
+    meeting = load_meeting(qmsum_dir / "ES2006a.json")
     doc = json.loads((qmsum_dir / "ES2006a.json").read_text())["meeting_transcripts"]
     published = meeting.published()
     assert len(published) == len(meeting.turns) == len(meeting.indexes)
@@ -120,19 +129,18 @@ def test_sink_final_from_the_memory_pass_state_equals_its_own_pass(
         qmsum_dir: Path, tmp_path: Path) -> None:
     """(b)'s final summary generated from pass (c)'s committed state is the one a (b) worker
     writes at the end of its own pass: summaries never change the KV state."""
-    meeting = qmsum.load_meeting(qmsum_dir / "ES2006a.json", max_turns=16)
-    cfg = qmsum.EvalConfig(model="tiny-llama", recent_tokens=256, summary_every_tokens=128,
-                           summary_max_new_tokens=8)
-    features = qmsum.Features.detect()
-    harness = qmsum.Harness(cfg, tmp_path, features)
+    meeting = load_meeting(qmsum_dir / "ES2006a.json", max_turns=16)
+    cfg = EvalConfig(model="tiny-llama", recent_tokens=256, summary_every_tokens=128,
+                     summary_max_new_tokens=8)
+    features = Features.detect()
+    harness = Harness(cfg, tmp_path, features)
     try:
         runs = {}
         for variant in ("sink", "memory"):
-            settings = harness.settings(**qmsum._variant_overrides(cfg, variant, features))
+            settings = harness.settings(**_variant_overrides(cfg, variant, features))
             runs[variant] = harness.stream(harness.processor(settings), f"s-{variant}",
                                            meeting.turns, lambda n: None)
-        sink = harness.processor(harness.settings(**qmsum._variant_overrides(cfg, "sink",
-                                                                             features)))
+        sink = harness.processor(harness.settings(**_variant_overrides(cfg, "sink", features)))
         reused = qmsum._final_from(sink, "s-memory")
     finally:
         harness.close()
