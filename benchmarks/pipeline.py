@@ -55,7 +55,6 @@ Threads: ``SINKSTREAM_BENCH_THREADS`` (default 1, the machines are shared) for b
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -64,12 +63,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import DATA_DIR, mid_tiny_llama, scrape_metrics, smollm2_ready
+from benchmarks._pipeline_bare import _bare, _read_streams, _Stream, _torch_threads
+from benchmarks._pipeline_fixtures import Case, _backlog, _cases, _layouts, _settings
+from benchmarks.common import scrape_metrics
 from benchmarks.run import BenchResult
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,219 +77,12 @@ POLL_S = 0.01
 WARMUP_STREAM = "pipebench-warmup"
 
 
-@dataclass
-class Case:
-    """One row: an engine spec (or a builder of a local model dir) and its backlog."""
-
-    name: str
-    spec: str | Callable[[Path], str]
-    streams: int
-    bytes_per_stream: int
-    env: dict[str, str] = field(default_factory=dict)  # extra SINKSTREAM_* for both sides
-    rounds: int = 2  # bare/pipeline alternations, one group of streams each
-    timeout_s: float = 300.0
-
-
-def _layouts() -> tuple[str, str]:
-    """(default state_layout, the other one)."""
-    default = _settings().state_layout
-    return default, "whole" if default == "segments" else "segments"
-
-
-def _layout_env(layout: str) -> dict[str, str]:
-    return {"SINKSTREAM_STATE_LAYOUT": layout}
-
-
-def _cases(quick: bool) -> list[Case]:
-    default, other = _layouts()
-    if quick:
-        return [
-            Case("tiny-llama-mid", _mid_llama_dir, streams=6, bytes_per_stream=2_700, rounds=6,
-                 env=_layout_env(default)),
-            Case(f"tiny-llama-mid, {other}", _mid_llama_dir, streams=6, bytes_per_stream=2_700,
-                 rounds=6, env=_layout_env(other)),
-            Case("tiny-rwkv", "tiny-rwkv", streams=6, bytes_per_stream=2_700, rounds=6),
-        ]
-    cases = [
-        Case("tiny-llama-mid", _mid_llama_dir, streams=8, bytes_per_stream=5_000, rounds=8,
-             env=_layout_env(default)),
-        Case(f"tiny-llama-mid, {other}", _mid_llama_dir, streams=8, bytes_per_stream=5_000,
-             rounds=8, env=_layout_env(other)),
-        Case("tiny-llama", "tiny-llama", streams=8, bytes_per_stream=10_000, rounds=8,
-             env=_layout_env(default)),
-        Case(f"tiny-llama, {other}", "tiny-llama", streams=8, bytes_per_stream=10_000,
-             rounds=8, env=_layout_env(other)),
-        Case("tiny-llama, batch 256 tok", "tiny-llama", streams=6, bytes_per_stream=4_000,
-             rounds=6, env={"SINKSTREAM_MAX_BATCH_TOKENS": "256"}),
-        Case("tiny-rwkv", "tiny-rwkv", streams=8, bytes_per_stream=5_000, rounds=8),
-    ]
-    if smollm2_ready(_settings()):  # ~64 tok/s on one thread: one batch per stream
-        cases.append(Case("smollm2", "smollm2", streams=2, bytes_per_stream=2_400,
-                          timeout_s=600.0))
-    return cases
-
-
-# ----- data --------------------------------------------------------------------------------
-
-
-def _meetings() -> Iterator[list[tuple[str, str | None]]]:
-    """Turns of one meeting after another (QMSum val), else synthetic caption turns."""
-    folder = DATA_DIR / "qmsum" / "val"
-    files = sorted(folder.glob("*.json"))
-    if files:
-        from producer.formats import read_file
-
-        while True:
-            for file in files:
-                yield [(t.text, t.speaker) for t in read_file(file, "qmsum")]
-    import random
-
-    rng = random.Random(0)
-    words = ("we", "should", "ship", "the", "release", "on", "friday", "after", "review",
-             "tests", "are", "green", "budget", "numbers", "look", "fine", "next", "week")
-    speakers = ("Alice", "Bob", "Carol", "Dan")
-    while True:
-        yield [(" ".join(rng.choice(words) for _ in range(rng.randint(3, 30))),
-                rng.choice(speakers)) for _ in range(2000)]
-
-
-def _backlog(streams: int, budget: int) -> list[list[tuple[str, str | None]]]:
-    """``streams`` lists of turns, each about ``budget`` formatted UTF-8 bytes."""
-    from workers.processing.prompts import format_turn
-
-    out = []
-    meetings = _meetings()
-    for _ in range(streams):
-        turns: list[tuple[str, str | None]] = []
-        used = 0
-        while used < budget:
-            for text, speaker in next(meetings):
-                turns.append((text, speaker))
-                used += len(format_turn(text, speaker).encode())
-                if used >= budget:
-                    break
-        out.append(turns)
-    return out
-
-
-# ----- models ------------------------------------------------------------------------------
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map (what the ByteLevel pre-tokenizer emits)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-          *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
-
-
-def _mid_llama_dir(root: Path) -> str:
-    """``benchmarks.common.mid_tiny_llama`` as a local HF directory that the worker can load
-    (``SINKSTREAM_MODEL=<dir>``), with a byte-level fast tokenizer whose ids are exactly the
-    UTF-8 bytes (same ids as the tiny models' ``ByteTokenizer``)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    directory = root / "tiny-llama-mid"
-    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
-    sample = "Grad E: OK , we 're on . héllo 日本\n"
-    if fast.encode(sample, add_special_tokens=False) != list(sample.encode()):
-        raise RuntimeError("byte-level tokenizer does not reproduce UTF-8 bytes")
-    mid_tiny_llama().save_pretrained(directory)
-    fast.save_pretrained(directory)
-    return str(directory)
-
-
-# ----- helpers -----------------------------------------------------------------------------
-
-
-def _settings(**overrides: Any) -> Any:
-    from sinkstream.settings import Settings
-
-    return Settings(**overrides)
-
-
 def _threads() -> int:
     return max(1, int(os.environ.get("SINKSTREAM_BENCH_THREADS", "1")))
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _delta(after: dict[str, float], before: dict[str, float], name: str) -> float:
     return after.get(name, 0.0) - before.get(name, 0.0)
-
-
-@dataclass
-class _Stream:
-    sid: str
-    batches: list[list[int]]  # token ids per batch, cut like StreamProcessor._read_batch
-    entries: int
-
-    @property
-    def tokens(self) -> int:
-        return sum(len(b) for b in self.batches)
-
-
-def _read_streams(client: Any, sids: list[str], engine: Any, settings: Any) -> tuple[
-        list[_Stream], float]:
-    """Entries back from Redis, parsed and tokenized exactly as the worker does, cut into the
-    worker's batches. Returns the streams and the seconds spent tokenizing."""
-    from sinkstream.contracts.entries import Rejected, parse_entry
-    from sinkstream.contracts.keys import StreamKeys
-    from workers.processing.batches import turn_tokens
-
-    limit, budget = settings.max_batch_entries, settings.max_batch_tokens
-    out = []
-    tokenize_s = 0.0
-    for sid in sids:
-        raw = client.xrange(StreamKeys.of(sid).input)
-        parsed = [parse_entry(eid, f, max_text_bytes=settings.max_entry_bytes) for eid, f in raw]
-        batches: list[list[int]] = []
-        i = 0
-        while i < len(parsed):  # mirrors _read_batch: entry limit, token budget, eos stop
-            window = parsed[i : i + limit]
-            tokens: list[int] = []
-            n_entries = used = 0
-            for entry in window:
-                if isinstance(entry, Rejected):
-                    used += 1
-                    continue
-                started = time.perf_counter()
-                ids = turn_tokens(engine, entry)
-                tokenize_s += time.perf_counter() - started
-                if n_entries and len(tokens) + len(ids) > budget:
-                    break
-                n_entries += 1
-                tokens.extend(ids)
-                used += 1
-                if entry.eos:
-                    break
-            if not batches and n_entries:
-                tokens = engine.stream_prefix() + tokens  # as the worker does at stream start
-            batches.append(tokens)
-            i += used
-        out.append(_Stream(sid, batches, sum(not isinstance(p, Rejected) for p in parsed)))
-    return out, tokenize_s
 
 
 def _wait_worker(port: int, proc: subprocess.Popen[bytes], log_path: Path, client: Any,
@@ -333,23 +125,6 @@ def _proc_cpu(pid: int) -> float:
     """User + system CPU seconds of a process (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _bare(engine: Any, streams: list[_Stream], threads: int) -> tuple[
-        float, float, dict[str, Any]]:
-    """Feed every stream's batches round-robin (like re-enqueued tasks taking turns).
-    Returns (wall seconds inside engine.feed, CPU seconds of it, final states)."""
-    with _torch_threads(threads):
-        states = {s.sid: engine.new_state() for s in streams}
-        wall = cpu = 0.0
-        for r in range(max(len(s.batches) for s in streams)):
-            for s in streams:
-                if r < len(s.batches) and s.batches[r]:
-                    started, cpu_started = time.perf_counter(), time.process_time()
-                    states[s.sid] = engine.feed(states[s.sid], s.batches[r])
-                    wall += time.perf_counter() - started
-                    cpu += time.process_time() - cpu_started
-    return wall, cpu, states
 
 
 # ----- one row -----------------------------------------------------------------------------
