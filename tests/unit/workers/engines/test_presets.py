@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.workers.engines.test_loading import write_tiny_gguf
+from tests.unit.workers.engines.conftest import write_tiny_gguf
 from workers.engines import loading
 from workers.engines.loading import (
     ChunkedGGUF,
