@@ -1,8 +1,10 @@
 """The beginning and the end of a batch on Redis, one round trip each.
 
 ``claim`` takes a stream for a task: it refreshes the stream's scheduled flag, refuses a parked
-stream, takes the lease with a new fencing token and reads the state head the batch starts
-from and commits against (``batch_claim.lua``). ``release`` gives the stream back and settles
+stream or one with nothing to read (without a lease: the commonest task under cross-stream
+batching is a stream's own task finding it fed already as a companion), takes the lease with
+a new fencing token and reads the state head the batch starts from and commits against
+(``batch_claim.lua``). ``release`` gives the stream back and settles
 its scheduled flag: kept for the next task when input is left, dropped when the stream is
 caught up, and set again at once when input arrived meanwhile (``batch_release.lua``).
 
@@ -61,10 +63,11 @@ class Claimed:
 
 @dataclass(frozen=True)
 class Refused:
-    """A stream not taken: ``busy`` (``detail``: the holder's lease value) or ``failed``
-    (``detail``: why it is parked)."""
+    """A stream not taken: ``busy`` (``detail``: the holder's lease value), ``failed``
+    (``detail``: why it is parked) or ``idle`` (nothing to read after its committed entry:
+    no lease taken, the task's own flag dropped)."""
 
-    status: Literal["busy", "failed"]
+    status: Literal["busy", "failed", "idle"]
     detail: str
 
 
@@ -89,11 +92,15 @@ class Claims:
         started = time.monotonic()
         reply = self._claim(
             keys=[keys.lease, keys.fence, keys.meta, keys.state, keys.state_pending,
-                  keys.scheduled],
+                  keys.scheduled, keys.input],
             args=[worker_id, ttl_ms(lease_s), 0 if flag_ttl_s is None else ttl_ms(flag_ttl_s)])
         status = as_text(reply[0])
+        if status == "failed":
+            return Refused("failed", as_text(reply[1]))
+        if status == "idle":
+            return Refused("idle", "")
         if status != "ok":
-            return Refused("failed" if status == "failed" else "busy", as_text(reply[1]))
+            return Refused("busy", as_text(reply[1]))
         token, previous, *fields, members = reply[1:]
         lease = Lease(stream_id=keys.stream_id, worker_id=worker_id, token=int(token),
                       ttl_s=lease_s, previous_holder=as_text(previous),

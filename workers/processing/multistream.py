@@ -243,7 +243,7 @@ class MultiStreamProcessor:
             taken.add(sid)
             claim = self.p.claim(sid, self.companion_id)
             if isinstance(claim, Outcome):
-                if claim.status == "failed":  # parked: not runnable until someone resets it
+                if claim.status in ("failed", "idle"):  # parked, or caught up: not runnable
                     self._forget(sid)
                 continue  # busy elsewhere: its holder carries on
             h = _Held(claim)

@@ -216,7 +216,9 @@ class StreamProcessor:
     # ----- the steps ---------------------------------------------------------------------------
     def claim(self, stream_id: str, holder: str | None = None) -> Claim | Outcome:
         """The stream's lease with a keeper renewing it, and the state head, in one round trip;
-        or why not: "failed" (parked) or "busy" (leased elsewhere). Never waits.
+        or why not: "failed" (parked), "busy" (leased elsewhere) or "idle" (nothing to read:
+        no lease taken, and the task's own scheduled flag settled as a caught-up release
+        settles it). Never waits.
 
         Without ``holder`` this is the task's own stream: the claim refreshes its scheduled
         flag and ``release`` settles it. With one (a companion of another stream's task) the
@@ -227,6 +229,8 @@ class StreamProcessor:
         got = self.claims.claim(stream_id, holder or self.worker_id, lease_s,
                                 running_flag_ttl(lease_s) if own else None)
         if isinstance(got, Refused):
+            if got.status == "idle" and own:  # counted as a batch that found nothing
+                self.observer.batch_done(stream_id, "idle")
             reason = got.detail if got.status == "failed" else ""
             return Outcome(stream_id, got.status, reason=reason)
         lease = got.lease

@@ -24,6 +24,12 @@ def claims(r: redis.Redis) -> Claims:
     return Claims(r)
 
 
+@pytest.fixture(autouse=True)
+def unread(r: redis.Redis) -> str:
+    """One input entry after the committed state (none yet): a claim has work to take."""
+    return str(r.xadd(KEYS.input, {"text": "hello"}).decode())  # type: ignore[union-attr]
+
+
 def _claim(claims: Claims, lease_s: float, own: bool = True, worker: str = "w1") -> Claimed:
     got = claims.claim(SID, worker, lease_s, running_flag_ttl(lease_s) if own else None)
     assert isinstance(got, Claimed), got
@@ -122,12 +128,36 @@ def test_release_settles_the_flag(
 
 
 def test_release_done_drops_the_flag_of_a_caught_up_stream(
-    r: redis.Redis, claims: Claims
+    r: redis.Redis, claims: Claims, unread: str
 ) -> None:
     r.set(KEYS.scheduled, "1", px=60_000)
     claimed = _claim(claims, 5.0)
+    r.hset(KEYS.state, "last_entry_id", unread)  # the batch applied it
     assert not claims.release(claimed.lease, "done", QUEUED_TTL_S)
     assert not r.exists(KEYS.scheduled)
+
+
+def test_a_caught_up_stream_is_refused_as_idle_without_a_lease(
+    r: redis.Redis, claims: Claims, unread: str
+) -> None:
+    r.hset(KEYS.state, "last_entry_id", unread)
+    r.set(KEYS.scheduled, "1", px=60_000)
+    assert claims.claim(SID, "w1", 5.0, None) == Refused("idle", "")  # a companion probe
+    assert r.exists(KEYS.scheduled), "a companion leaves the flag to the stream's own task"
+    assert claims.claim(SID, "w1", 5.0, running_flag_ttl(5.0)) == Refused("idle", "")
+    assert not r.exists(KEYS.scheduled), "settled as a caught-up release settles it"
+    assert not r.exists(KEYS.lease) and not r.exists(KEYS.fence)
+    r.xadd(KEYS.input, {"text": "more"})  # new input: claimed again
+    assert isinstance(_claim(claims, 5.0), Claimed)
+
+
+def test_a_stream_without_input_is_idle_and_a_foreign_input_key_is_claimed(
+    r: redis.Redis, claims: Claims
+) -> None:
+    r.delete(KEYS.input)
+    assert claims.claim(SID, "w1", 5.0, running_flag_ttl(5.0)) == Refused("idle", "")
+    r.set(KEYS.input, "not a stream")  # claimed: the batch's read parks the stream, by name
+    assert isinstance(_claim(claims, 5.0), Claimed)
 
 
 def test_a_parked_stream_is_refused_and_its_flag_cleared(r: redis.Redis, claims: Claims) -> None:
