@@ -25,7 +25,9 @@ Phases, all on the same streams and workers:
    fell behind as the streams grew.)
 2. ``calibrate`` — again one entry to every stream at once; entries/s to apply them all is the
    workers' capacity when each task carries one entry of one stream (the steady regime).
-3. ``steady`` — ``SUSTAIN`` x capacity entries/s for ``duration`` seconds, then drain.
+3. ``steady`` — ``SUSTAIN`` x capacity entries/s for ``duration`` seconds, then drain
+   (``SINKSTREAM_SCALE_STEADY_RATE`` sets the rate instead: to compare latencies of two
+   configurations at one load, since each calibrates its own capacity).
 4. ``overload`` — ``OVERLOAD`` x capacity entries/s: above what one-entry tasks sustain, so
    backlogs build (each task then carries several entries) and lag grows; then drain.
 
@@ -215,7 +217,8 @@ def run(quick: bool) -> BenchResult:
         load["after_calibration"] = _load_avg()
 
         # --- steady and overload: producer processes at a fixed aggregate rate --------------
-        rates = {"steady": SUSTAIN * capacity, "overload": OVERLOAD * capacity}
+        steady_rate = float(os.environ.get("SINKSTREAM_SCALE_STEADY_RATE", "0") or 0)
+        rates = {"steady": steady_rate or SUSTAIN * capacity, "overload": OVERLOAD * capacity}
         seconds = {"steady": size.steady_s, "overload": size.overload_s}
         for name in ("steady", "overload"):
             mon.phase = name
