@@ -9,6 +9,7 @@ these; the CLI, the gateway and any Redis client read them.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 from collections.abc import Sequence
@@ -64,8 +65,16 @@ class Source:
         return f"{where}, {', '.join(self.speakers)}" if self.speakers else where
 
 
+#: a time this far from 0 is a wall-clock time (seconds since 1970: log lines, captions with
+#: absolute times), not an offset into a recording; about 10 years
+_EPOCH_FROM_S = 315_360_000
+
+
 def clock(seconds: float) -> str:
-    """``m:ss`` or ``h:mm:ss`` (timestamps of entries are seconds)."""
+    """``m:ss`` or ``h:mm:ss`` for an offset into a recording (timestamps of entries are
+    seconds); ``YYYY-MM-DD HH:MM:SS`` UTC for a wall-clock time (e.g. a log line's)."""
+    if abs(seconds) >= _EPOCH_FROM_S:
+        return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     whole = int(seconds)
     h, m, s = whole // 3600, whole // 60 % 60, whole % 60
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

@@ -26,13 +26,22 @@ _PROBLEM_WORDS = frozenset({"error", "fail", "failure", "failed", "fails", "cras
                             "incident", "issue", "wrong"})
 
 
+#: endings dropped after a plural -s, when at least four letters are left: an operator asks
+#: about "deletions" of what the log calls "Deleting block", or what "started"/"starting"
+_ENDINGS = ("ing", "ion", "ed")
+
+
 def _stem(word: str) -> str:
-    return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") \
-        else word
+    if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
+        word = word[:-1]
+    for ending in _ENDINGS:
+        if word.endswith(ending) and len(word) - len(ending) >= 4:
+            return word[:-len(ending)]
+    return word
 
 
 def words(text: str) -> set[str]:
-    """Lower-case content words of ``text``, plural -s dropped."""
+    """Lower-case content words of ``text``, plural -s and -ing/-ion/-ed endings dropped."""
     return {_stem(w) for w in _WORD.findall(text.lower()) if w not in _STOP}
 
 

@@ -68,3 +68,14 @@ def test_questions_find_their_templates() -> None:
     assert [s.template_id for s, _ in relevant(table, "when did the disk errors start?")] == [2]
     assert [s.template_id for s, _ in relevant(table, "any heartbeats?")][0] == 1
     assert relevant(table, "what is the weather like") == []
+
+
+def test_a_question_finds_a_template_by_another_form_of_its_words() -> None:
+    from workers.logs.search import relevant
+
+    table = Table()
+    table.add(1, "dfs.FSDataset: Deleting block <BLK> file <PATH>", "info", T0, "1-0", "x")
+    table.add(2, "dfs.DataNode: Receiving block <BLK> src: /<IP>", "info", T0, "1-1", "y")
+    table.add(2, "dfs.DataNode: Receiving block <BLK> src: /<IP>", "info", T0, "1-2", "y")
+    assert relevant(table, "when did the block deletions start?")[0][0].template_id == 1
+    assert relevant(table, "what was received?")[0][0].template_id == 2

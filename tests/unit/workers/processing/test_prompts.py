@@ -90,6 +90,13 @@ def test_sources_travel_as_a_json_field_of_the_output_entry() -> None:
     assert Source.from_dict(raw[0]) == quoted and Source.from_dict(raw[1]).quote == ""
 
 
+def test_a_source_labels_an_offset_as_a_clock_and_a_wall_time_as_a_utc_date() -> None:
+    meeting = Source(("1-0", "1-1"), ("Olga",), (12.0, 3725.0))
+    assert meeting.label() == "0:12-1:02:05, Olga"
+    logs = Source(("1-0", "1-1"), (), (1_700_000_000.0, 1_700_000_061.5))
+    assert logs.label() == "2023-11-14 22:13:20-2023-11-14 22:14:21"
+
+
 def test_memory_settings_defaults_and_bounds() -> None:
     s = Settings()
     assert (s.summary_memory, s.retrieval, s.embedding_model) == (True, "embedding",
