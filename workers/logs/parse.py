@@ -58,6 +58,14 @@ _LEVEL_SCAN = 6
 _ISO_TIME = re.compile(
     r"^\[?(\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:[.,]\d{1,9})?(?:Z|[+-]\d{2}:?\d{2})?)\]?"
     r"(?:\s+|$)")
+#: other times a plain line commonly starts with (the year's century is 2000 where it has two
+#: digits): log4j's ``yy/MM/dd HH:mm:ss`` (Spark), ``yyMMdd HHmmss`` (Hadoop HDFS), and the
+#: Apache error log's bracketed ``[Www Mmm dd HH:MM:SS yyyy]``; each group is
+#: (year, month, day, hour, minute, second)
+_SLASH_TIME = re.compile(r"^(\d{2})/(\d{2})/(\d{2}) (\d{2}):(\d{2}):(\d{2})(?:\s+|$)")
+_COMPACT_TIME = re.compile(r"^(\d{2})(\d{2})(\d{2}) (\d{2})(\d{2})(\d{2})(?:\s+|$)")
+_ASCTIME = re.compile(r"^\[?(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) ([A-Z][a-z]{2}) {1,2}(\d{1,2}) "
+                      r"(\d{2}):(\d{2}):(\d{2}) (\d{4})\]?(?:\s+|$)")
 _RFC5424 = re.compile(
     r"^<(\d{1,3})>1 (\S+) (\S+) (\S+) (\S+) (\S+) (-|(?:\[.*?\])+)\s?(.*)$", re.S)
 _RFC3164 = re.compile(
@@ -250,18 +258,41 @@ def _syslog_time(month: int, day: int, hh: int, mm: int, ss: int,
 
 
 def _plain_record(text: str, reference_ts: float | None) -> LogRecord:
-    ts: float | None = None
-    rest = text
-    match = _ISO_TIME.match(text)
-    if match:
-        ts = _iso_time(match.group(1))
-        rest = text[match.end():]
+    ts, end = _leading_time(text)
+    rest = text[end:]
     tokens = rest.split(maxsplit=_LEVEL_SCAN)
     level, at = _plain_level(tokens[:_LEVEL_SCAN])
     if level is not None and at + 1 < len(tokens):
         rest = rest.split(maxsplit=at + 1)[-1]
     return LogRecord(rest.strip() or text, level, ts if ts is not None else reference_ts,
                      None, "plain")
+
+
+def _leading_time(text: str) -> tuple[float | None, int]:
+    """The time a plain line starts with (ISO 8601, or one of the forms above) and where it
+    ends; (None, 0) when it starts with none, or with a date that does not exist."""
+    if match := _ISO_TIME.match(text):
+        return _iso_time(match.group(1)), match.end()
+    if text[:1].isdigit():
+        match = _SLASH_TIME.match(text) or _COMPACT_TIME.match(text)
+        if match:
+            yy, mo, d, h, mi, sec = (int(g) for g in match.groups())
+            return _utc(match.end(), 2000 + yy, mo, d, h, mi, sec)
+    elif (match := _ASCTIME.match(text)) and match.group(1) in _MONTHS:
+        name, *numbers = match.groups()
+        d, h, mi, sec, year = (int(g) for g in numbers)
+        return _utc(match.end(), year, _MONTHS[name], d, h, mi, sec)
+    return None, 0
+
+
+def _utc(end: int, year: int, month: int, day: int, hour: int, minute: int,
+         second: int) -> tuple[float | None, int]:
+    """(the UTC time, ``end``), or (None, 0) for a date that does not exist."""
+    try:
+        when = dt.datetime(year, month, day, hour, minute, second, tzinfo=dt.timezone.utc)
+    except ValueError:
+        return None, 0
+    return when.timestamp(), end
 
 
 def _plain_level(tokens: list[str]) -> tuple[Level | None, int]:

@@ -58,6 +58,22 @@ def test_plain_lines_find_time_and_level_words() -> None:
     assert parse_line("[warn] low memory").level == "warn"
 
 
+def test_plain_lines_take_the_common_log4j_hdfs_and_apache_times() -> None:
+    hdfs = parse_line("081109 203615 148 INFO dfs.DataNode$PacketResponder: Received block", REF)
+    assert hdfs.ts == dt.datetime(2008, 11, 9, 20, 36, 15, tzinfo=dt.timezone.utc).timestamp()
+    assert (hdfs.level, hdfs.message) == ("info", "dfs.DataNode$PacketResponder: Received block")
+    spark = parse_line("17/06/09 20:10:40 INFO executor.Executor: Running task 0.0", REF)
+    assert spark.ts == dt.datetime(2017, 6, 9, 20, 10, 40, tzinfo=dt.timezone.utc).timestamp()
+    assert (spark.level, spark.message) == ("info", "executor.Executor: Running task 0.0")
+    apache = parse_line("[Sun Dec 04 04:47:44 2005] [error] mod_jk child workerEnv in error "
+                        "state 6", REF)
+    assert apache.ts == dt.datetime(2005, 12, 4, 4, 47, 44, tzinfo=dt.timezone.utc).timestamp()
+    assert apache.level == "error"
+    # digits that are no date are the line's own words, and its time is the entry's
+    odd = parse_line("123456 999999 rows copied", REF)
+    assert (odd.ts, odd.message) == (REF, "123456 999999 rows copied")
+
+
 def test_levels_and_times_from_odd_values() -> None:
     assert [level_of(v) for v in ("E", "err", "[CRIT]", 3, 20, True, None)] == [
         None, "error", "fatal", "error", "info", None, None]
