@@ -29,8 +29,8 @@ def _load(name: str, *fragments: str) -> str:
 #: Idempotent, length-capped append of input entries (producer/publisher.py).
 PRODUCER_APPEND = _load("producer_append")
 #: The start and end of a batch: lease + flag + head, and release + flag (state_store/claims.py).
-BATCH_CLAIM = _load("batch_claim", "lease_take")
-BATCH_RELEASE = _load("batch_release")
+BATCH_CLAIM = _load("batch_claim", "lease_take", "unread")
+BATCH_RELEASE = _load("batch_release", "unread")
 #: Per-stream leases with fencing tokens (state_store/lease.py).
 LEASE_ACQUIRE = _load("lease_acquire", "lease_take")
 LEASE_RENEW = _load("lease_renew")
@@ -41,7 +41,7 @@ STATE_COMMIT = _load("state_commit")
 STATE_CLEANUP = _load("state_cleanup")
 #: Dispatcher leadership and the per-stream "needs a task?" check (workers/scheduling/).
 DISPATCHER_LEAD = _load("dispatcher_lead")
-NEEDS_WORK = _load("needs_work")
+NEEDS_WORK = _load("needs_work", "unread")
 #: Worker heartbeats and the count of live task slots (state_store/presence.py).
 WORKER_PRESENCE = _load("worker_presence")
 #: Input lag and status of one stream, read-only (monitoring/lag.py).

@@ -27,7 +27,7 @@
 --    lease expired without a release: a takeover (counted in meta.leases_taken_over).
 --   {'busy', current lease value}: another worker holds the stream.
 --   {'idle', ''}: nobody holds the stream and its input holds nothing after the committed
---    last_entry_id (an exclusive XRANGE, as needs_work.lua): no lease is taken, and the
+--    last_entry_id (has_unread, unread.lua): no lease is taken, and the
 --    task's own flag is dropped, as a caught-up release drops it (atomically here, so input
 --    arriving later finds no flag and is scheduled anew). Most such tasks are a stream's own
 --    queued task that found it already fed as another task's companion: this answers them
@@ -43,12 +43,8 @@ end
 if own then redis.call('PEXPIRE', KEYS[6], ARGV[3]) end
 local held = redis.call('GET', KEYS[1])
 if held then return {'busy', held} end
-local committed = redis.call('HGET', KEYS[4], 'last_entry_id')
-local start = '-'
-if committed and committed ~= '' then start = '(' .. committed end
 local input = redis.call('TYPE', KEYS[7])['ok']
-if input == 'none' or (input == 'stream'
-    and #redis.call('XRANGE', KEYS[7], start, '+', 'COUNT', 1) == 0) then
+if input == 'none' or (input == 'stream' and not has_unread(KEYS[7], KEYS[4])) then
   if own then redis.call('DEL', KEYS[6]) end
   return {'idle', ''}
 end

@@ -41,10 +41,7 @@ if ARGV[2] == 'continue' then
 end
 redis.call('DEL', KEYS[3])
 if redis.call('HGET', KEYS[2], 'status') == 'failed' then return {released, 0} end
-local committed = redis.call('HGET', KEYS[5], 'last_entry_id')
-local start = '-'
-if committed and committed ~= '' then start = '(' .. committed end
 if redis.call('TYPE', KEYS[4])['ok'] ~= 'stream' then return {released, 0} end
-if #redis.call('XRANGE', KEYS[4], start, '+', 'COUNT', 1) == 0 then return {released, 0} end
+if not has_unread(KEYS[4], KEYS[5]) then return {released, 0} end
 if redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[3]) then return {released, 1} end
 return {released, 0}

@@ -9,13 +9,10 @@
 -- KEYS[4]  meta hash
 -- ARGV     none
 --
--- Reply: 1 when the input holds an entry after the committed last_entry_id (an exclusive
--- XRANGE: no id parsing) and the stream is neither scheduled nor failed, else 0. An input key
--- that is not a stream is a WRONGTYPE error for that stream alone.
+-- Reply: 1 when the input holds an entry after the committed last_entry_id (has_unread,
+-- unread.lua) and the stream is neither scheduled nor failed, else 0. An input key that is
+-- not a stream is a WRONGTYPE error for that stream alone.
 if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
 if redis.call('HGET', KEYS[4], 'status') == 'failed' then return 0 end
-local committed = redis.call('HGET', KEYS[2], 'last_entry_id')
-local start = '-'
-if committed and committed ~= '' then start = '(' .. committed end
-if #redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', 1) > 0 then return 1 end
+if has_unread(KEYS[1], KEYS[2]) then return 1 end
 return 0

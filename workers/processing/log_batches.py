@@ -199,12 +199,13 @@ def _deleted(head: LogsHead) -> tuple[str, ...]:
 
 
 def _key(stream_id: str, fields: dict[str, bytes | str]) -> _WarmKey | None:
+    """The key of what ``fields`` committed: the head the stream's next batch reads."""
     applied = fields.get(APPLIED_FIELD)
     miner, table = fields.get(MINER_HEAD), fields.get(TABLE_HEAD)
     if not isinstance(applied, str) or not isinstance(miner, bytes) \
             or not isinstance(table, bytes):
         return None
-    return stream_id, applied, miner, table
+    return _head_key(stream_id, LogsHead(applied=applied, miner=miner, table=table))
 
 
 def _head_key(stream_id: str, head: LogsHead) -> _WarmKey | None:
