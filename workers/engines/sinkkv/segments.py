@@ -105,8 +105,33 @@ class _Geometry:
         return SinkWindow(self.sink, self.recent).positions(processed)
 
     def segment_ids(self, processed: int) -> list[int]:
-        pos = self.positions(processed)
-        return sorted({int(p) for p in torch.unique(pos // self.chunk)})
+        """Sorted ids of the segments the window overlaps: each kept run ``[a, b)`` of stream
+        positions overlaps segments ``a // C .. (b - 1) // C``."""
+        ids: set[int] = set()
+        for a, b in SinkWindow(self.sink, self.recent).kept(processed):
+            if b > a:
+                ids.update(range(a // self.chunk, (b - 1) // self.chunk + 1))
+        return sorted(ids)
+
+    def span(self, processed: int, seg: int) -> tuple[int, list[tuple[int, int]]]:
+        """Where segment ``seg`` sits in the window after ``processed`` tokens: its first
+        cache index and its runs of stream positions ``[a, b)``, in order. Cache indices
+        follow stream positions in order, so a segment (an interval of positions) is one run
+        of cache indices: the first index, then as many as the runs hold."""
+        lo, hi = seg * self.chunk, (seg + 1) * self.chunk
+        first: int | None = None
+        index = 0
+        runs: list[tuple[int, int]] = []
+        for a, b in SinkWindow(self.sink, self.recent).kept(processed):
+            start, stop = max(a, lo), min(b, hi)
+            if start < stop:
+                if first is None:
+                    first = index + start - a
+                runs.append((start, stop))
+            index += b - a
+        if first is None:
+            raise ValueError(f"segment {seg} is not in the window")
+        return first, runs
 
 
 def positions(engine: SinkKVEngine, processed: int) -> torch.Tensor:
@@ -171,19 +196,18 @@ def header_of(engine: SinkKVEngine, state: SinkKVState) -> StateSnapshot:
 
 
 def segment_of(engine: SinkKVEngine, state: SinkKVState, seg: int) -> StateSnapshot:
-    """Segment ``seg`` cut from ``state`` (its tokens the state still holds)."""
-    pos = positions(engine, _processed(state))
-    index = torch.nonzero(pos // engine.chunk_tokens == seg).flatten()
-    if index.numel() == 0:
-        raise ValueError(f"segment {seg} is not in the window")
+    """Segment ``seg`` cut from ``state`` (its tokens the state still holds): one run of
+    cache indices (``_Geometry.span``), so each tensor is a slice, copied once."""
+    first, runs = _Geometry.of(engine).span(_processed(state), seg)
+    n = sum(b - a for a, b in runs)
+    pos = torch.cat([torch.arange(a, b, dtype=torch.long) for a, b in runs])  # [n]
     tensors: dict[str, RawTensor] = {
-        "pos": to_raw(pos.index_select(0, index)),
-        "slots": to_raw(state.slots.index_select(0, index.to(state.slots.device))),
+        "pos": to_raw(pos),
+        "slots": to_raw(state.slots.narrow(0, first, n)),
     }
     for layer, (k, v) in enumerate(zip(state.keys, state.values, strict=True)):
-        dev_index = index.to(k.device)
-        tensors[f"keys.{layer}"] = to_raw(k.index_select(1, dev_index).contiguous())
-        tensors[f"values.{layer}"] = to_raw(v.index_select(1, dev_index).contiguous())
+        tensors[f"keys.{layer}"] = to_raw(k.narrow(1, first, n))
+        tensors[f"values.{layer}"] = to_raw(v.narrow(1, first, n))
     return StateSnapshot(tensors=tensors, scalars={"segment": seg})
 
 
