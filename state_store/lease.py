@@ -12,7 +12,10 @@ restarts.
 while the model computes: torch releases the GIL in its kernels) and raises a flag as soon as
 it is lost, so the worker can stop early instead of finding out at commit time. Leases are
 short (``lease_seconds``, 5 s by default) so that a dead holder's streams move within seconds;
-a live holder, however slow its batch, keeps renewing every third of the lease.
+a live holder, however slow its batch, keeps renewing every third of the lease. The keepers of
+one ``LeaseManager`` share one thread (``Renewer``): a worker holding a task's streams as
+companions holds dozens of leases, most for a few milliseconds, and a thread started and
+joined per lease cost more than the renewals it made.
 
 A lease taken for a task's own stream carries ``flag_ttl_s``: each renewal extends the
 stream's ``scheduled`` flag with the lease (``lease_renew.lua``), so the flag of a running task
@@ -21,8 +24,12 @@ lapses about when its lease does and the dispatcher re-schedules a dead holder's
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -74,6 +81,8 @@ class LeaseManager:
         self._acquire = client.register_script(scripts.LEASE_ACQUIRE)
         self._renew = client.register_script(scripts.LEASE_RENEW)
         self._release = client.register_script(scripts.LEASE_RELEASE)
+        #: the thread that renews every ``LeaseKeeper`` of this manager
+        self.renewer = Renewer()
 
     def acquire(self, stream_id: str, worker_id: str, ttl_s: float) -> Lease | None:
         """Take the stream if nobody holds it; None if another lease is live."""
@@ -126,13 +135,16 @@ class LeaseManager:
 
 
 class LeaseKeeper:
-    """Renew a lease every ``ttl/3`` from a daemon thread while a batch runs.
+    """Renew a lease every ``ttl/3`` (from the manager's ``Renewer`` thread) while a batch runs.
 
     ``lost`` is set as soon as a renewal says the lease is gone, or when Redis errors have kept
     it from renewing until the lease's local deadline passed. ``check()`` also trusts the local
     deadline alone, because a renewal can hang in the client's connection retries (redis-py
     retries with backoff for seconds) while the lease runs out. Call ``keeper.check()`` between
     steps of a long batch; the commit's fencing check is the final guard either way.
+
+    Invariant: once ``stop()`` returns, the lease is never renewed again (a renewal in flight
+    finishes first), so a release that follows is the last word on the lease.
     """
 
     def __init__(
@@ -144,13 +156,11 @@ class LeaseKeeper:
         self.lost = threading.Event()
         self.renewals = 0
         self.last_error: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name=f"lease-keeper-{lease.stream_id}", daemon=True
-        )
+        self.stopped = False
+        self._renewing = threading.Lock()  # held while a renewal of this lease runs
 
     def __enter__(self) -> LeaseKeeper:
-        self._thread.start()
+        self.manager.renewer.keep(self)
         return self
 
     def __exit__(
@@ -162,9 +172,9 @@ class LeaseKeeper:
         self.stop()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        self.stopped = True
+        with self._renewing:  # wait out a renewal in flight
+            pass
 
     def check(self) -> None:
         """Raise LeaseLostError if the lease is lost or its local deadline has passed."""
@@ -175,18 +185,88 @@ class LeaseKeeper:
                 f"stream {self.lease.stream_id!r}: lease {self.lease.value} lost"
             )
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+    def renew(self) -> bool:
+        """One renewal (the ``Renewer`` calls it when due); whether to renew again."""
+        with self._renewing:
+            if self.stopped:
+                return False
             try:
                 if not self.manager.renew(self.lease):
                     self.lost.set()
-                    return
+                    return False
                 self.renewals += 1
             except redis.RedisError as exc:
                 self.last_error = exc
                 if self.lease.remaining_s() <= 0:
                     self.lost.set()
-                    return
+                    return False
+            return True
+
+
+class Renewer:
+    """One daemon thread renewing each kept lease every ``interval_s``, earliest due first.
+
+    Renewals run one after another: a renewal stuck in connection retries delays the others,
+    which is no worse than before in practice (they share the client and its Redis), and each
+    keeper's local deadline still flags its lease as lost on time. Started on first use, and
+    again in a forked child (a thread does not survive ``fork``).
+    """
+
+    def __init__(self) -> None:
+        self._due: list[tuple[float, int, LeaseKeeper]] = []  # heap of (when, seq, keeper)
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        _renewers.add(self)
+
+    def keep(self, keeper: LeaseKeeper) -> None:
+        """Renew ``keeper``'s lease from now on, every ``keeper.interval_s``, until it stops."""
+        with self._cond:
+            self._push(time.monotonic() + keeper.interval_s, keeper)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="lease-renewer",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _push(self, when: float, keeper: LeaseKeeper) -> None:
+        heapq.heappush(self._due, (when, next(self._seq), keeper))
+
+    def _next(self) -> LeaseKeeper:
+        """Wait for the earliest keeper due that has not stopped, and take it off the heap."""
+        with self._cond:
+            while True:
+                while self._due and self._due[0][2].stopped:
+                    heapq.heappop(self._due)
+                wait = self._due[0][0] - time.monotonic() if self._due else None
+                if wait is not None and wait <= 0:
+                    return heapq.heappop(self._due)[2]
+                self._cond.wait(wait)
+
+    def _run(self) -> None:
+        while True:
+            keeper = self._next()
+            if keeper.renew():
+                with self._cond:
+                    self._push(time.monotonic() + keeper.interval_s, keeper)
+
+    def _after_fork(self) -> None:
+        """In a forked child: no thread, a fresh lock (the parent's may have been held), and
+        none of the parent's leases (the child must never keep them alive)."""
+        self._cond = threading.Condition()
+        self._thread = None
+        self._due = []
+
+
+_renewers: weakref.WeakSet[Renewer] = weakref.WeakSet()
+
+
+def _renewers_after_fork() -> None:
+    for renewer in list(_renewers):
+        renewer._after_fork()
+
+
+os.register_at_fork(after_in_child=_renewers_after_fork)
 
 
 def ttl_ms(ttl_s: float) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 
 import pytest
@@ -158,3 +160,34 @@ def test_keeper_flags_loss_when_redis_is_unreachable_past_the_deadline(
         assert time.monotonic() - started < 1.0
         assert keeper.lost.is_set()
     assert isinstance(keeper.last_error, redis.RedisError)
+
+
+def test_keepers_share_one_renewer_thread_and_stop_for_good(leases: LeaseManager) -> None:
+    held = [leases.acquire(f"s{i}", "w1", 0.3) for i in range(20)]
+    keepers = [LeaseKeeper(leases, lease) for lease in held if lease is not None]
+    threads_before = threading.active_count()
+    for keeper in keepers:
+        keeper.__enter__()
+    assert threading.active_count() <= threads_before + 1  # one renewer, not one per lease
+    time.sleep(0.5)
+    for keeper in keepers[:10]:
+        keeper.stop()
+    stopped_at = [k.renewals for k in keepers[:10]]
+    time.sleep(0.5)  # past the ttl: only the kept half is still held
+    assert [k.renewals for k in keepers[:10]] == stopped_at
+    assert all(leases.holder(f"s{i}") is None for i in range(10))
+    assert all(leases.holder(f"s{i}") == keepers[i].lease.value for i in range(10, 20))
+    assert all(k.renewals >= 3 and not k.lost.is_set() for k in keepers[10:])
+    for keeper in keepers[10:]:
+        keeper.stop()
+
+
+def test_a_forked_child_renews_none_of_the_parents_leases(leases: LeaseManager) -> None:
+    lease = leases.acquire("forked", "w1", 0.3)
+    assert lease is not None
+    with LeaseKeeper(leases, lease):
+        pid = os.fork()
+        if pid == 0:  # the child: a fresh renewer, with nothing to keep
+            os._exit(0 if not leases.renewer._due and leases.renewer._thread is None else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
