@@ -13,6 +13,7 @@ of rows), H query heads, H_kv key/value heads, D head dim.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
 from typing import Any
@@ -96,7 +97,6 @@ class _ForwardWindows:
             if dtype != torch.float32 and longest_moved
             else None
         )
-        self._masks: dict[tuple[int, int | None], torch.Tensor] = {}
         self.new_keys: list[torch.Tensor] = []  # per layer [B, H_kv, T, D], as HF made them
         self.new_values: list[torch.Tensor] = []
 
@@ -149,26 +149,31 @@ class _ForwardWindows:
         return self.sliding[self.current] if self.current < len(self.sliding) else None
 
     def mask(self, n: int, window: int | None = None) -> torch.Tensor:
-        """The additive attention mask ``[T, n + T]`` of rows with ``n`` cached tokens (compute
-        dtype; 0 = attend, -inf = not): every cached token, and the new tokens causally.
-        Shared by all layers of one window. Additive, because SDPA would turn a boolean mask
-        into one on every call.
+        """The additive attention mask ``[T, n + T]`` of rows with ``n`` cached tokens
+        (``_additive_mask``)."""
+        return _additive_mask(self.T, n, window, self.dtype, self.device)
 
-        A sliding layer (``window`` W) sees what Hugging Face's sliding mask lets it see, by
-        slot: query slot q = n + t attends key slot j iff ``q - W < j <= q``, so the sinks too
-        fall out of it once they are W slots back (``masking_utils.sliding_window_overlay``)."""
-        found = self._masks.get((n, window))
-        if found is None:
-            T, dev = self.T, self.device
-            found = torch.zeros(T, n + T, dtype=self.dtype, device=dev)
-            q = torch.arange(n, n + T, device=dev)[:, None]  # [T, 1] query slots
-            j = torch.arange(n + T, device=dev)[None, :]  # [1, n + T] key slots
-            blocked = j > q
-            if window is not None:
-                blocked |= j <= q - window
-            found.masked_fill_(blocked, float("-inf"))
-            self._masks[(n, window)] = found
-        return found
+
+@functools.lru_cache(maxsize=32)
+def _additive_mask(
+    T: int, n: int, window: int | None, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """The additive attention mask ``[T, n + T]`` of rows with ``n`` cached tokens and ``T``
+    new ones (``dtype``; 0 = attend, -inf = not): every cached token, and the new tokens
+    causally. Additive, because SDPA would turn a boolean mask into one on every call. Kept
+    across forwards (a steady batch asks for the same few every time); never modified.
+
+    A sliding layer (``window`` W) sees what Hugging Face's sliding mask lets it see, by
+    slot: query slot q = n + t attends key slot j iff ``q - W < j <= q``, so the sinks too
+    fall out of it once they are W slots back (``masking_utils.sliding_window_overlay``)."""
+    mask = torch.zeros(T, n + T, dtype=dtype, device=device)
+    q = torch.arange(n, n + T, device=device)[:, None]  # [T, 1] query slots
+    j = torch.arange(n + T, device=device)[None, :]  # [1, n + T] key slots
+    blocked = j > q
+    if window is not None:
+        blocked |= j <= q - window
+    mask.masked_fill_(blocked, float("-inf"))
+    return mask
 
 
 def _equal_runs(lengths: Sequence[int]) -> list[tuple[int, int, int]]:

@@ -220,7 +220,12 @@ class SinkKVEngine(Engine[SinkKVState]):
         hidden = self._run_decoder(view, pieces)  # [B, T, E]
         if len(view.new_keys) != self.n_layers:
             raise RuntimeError("the model did not update every cache layer exactly once")
-        return [self._evicted(view, i, hidden[i, -1]) for i in range(B)], hidden
+        # each layer's new keys/values as the window stores them, split into rows once
+        new_k = [k.to(self.storage_dtype).unbind(0) for k in view.new_keys]  # [H_kv, T, D]
+        new_v = [v.to(self.storage_dtype).unbind(0) for v in view.new_values]
+        last = hidden[:, -1].clone().unbind(0)  # [E] per row
+        return [self._evicted(view.windows[i], view.lengths[i], T, [k[i] for k in new_k],
+                              [v[i] for v in new_v], last[i]) for i in range(B)], hidden
 
     def _forward_groups(
         self, windows: Sequence[_Window], pieces: Sequence[Sequence[int]]
@@ -293,23 +298,19 @@ class SinkKVEngine(Engine[SinkKVState]):
         hidden: torch.Tensor = out.last_hidden_state  # [1, 1, E]
         return hidden[0, -1]
 
-    def _evicted(self, view: _ForwardWindows, i: int, last_hidden: torch.Tensor) -> _Window:
-        """Row ``i``'s window after its chunk: the chunk's own keys/values as the model
-        produced them (not the re-rotated copies of the old ones) appended, then evicted."""
-        w, n, T = view.windows[i], view.lengths[i], view.T
+    def _evicted(self, w: _Window, n: int, T: int, k_new: Sequence[torch.Tensor],
+                 v_new: Sequence[torch.Tensor], last_hidden: torch.Tensor) -> _Window:
+        """Window ``w`` (``n`` cached tokens) after a chunk of ``T``: the chunk's own keys and
+        values per layer ``[H_kv, T, D]`` (as the model produced them, not the re-rotated
+        copies of the old ones, in the storage dtype) appended, then evicted."""
         ranges = self.window.kept(n + T)
-        new_slots = torch.arange(n, n + T)  # [T]
-        keys, values = [], []
-        for layer in range(self.n_layers):
-            k_new = view.new_keys[layer][i].to(self.storage_dtype)  # [H_kv, T, D]
-            v_new = view.new_values[layer][i].to(self.storage_dtype)  # [H_kv, T, D]
-            keys.append(_append_evicted(w.keys[layer], k_new, ranges, dim=1))
-            values.append(_append_evicted(w.values[layer], v_new, ranges, dim=1))
         return _Window(
-            keys=tuple(keys),
-            values=tuple(values),
-            slots=_append_evicted(w.slots, new_slots, ranges, dim=0),
-            last_hidden=last_hidden.clone(),  # [E]
+            keys=tuple(_append_evicted(old, new, ranges, dim=1)
+                       for old, new in zip(w.keys, k_new, strict=True)),
+            values=tuple(_append_evicted(old, new, ranges, dim=1)
+                         for old, new in zip(w.values, v_new, strict=True)),
+            slots=_append_evicted(w.slots, torch.arange(n, n + T), ranges, dim=0),
+            last_hidden=last_hidden,  # [E]
         )
 
     def _run(self, window: _Window, tokens: Sequence[int]) -> tuple[_Window, list[torch.Tensor]]:
