@@ -150,10 +150,25 @@ def _view(raw: RawTensor) -> torch.Tensor:
     dtype = torch_dtype(raw.dtype)
     if not raw.data:
         return torch.empty(raw.shape, dtype=dtype)
-    with warnings.catch_warnings():  # torch warns that the bytes are not writable: by design
+    return _frombuffer(raw.data).view(dtype).reshape(raw.shape)
+
+
+_read_only_warned = False
+
+
+def _frombuffer(data: bytes) -> torch.Tensor:
+    """``torch.frombuffer`` of read-only bytes. Torch warns that the bytes are not writable
+    (by design here) once per process (``TORCH_WARN_ONCE``): that first call runs with the
+    warning silenced; the others skip ``catch_warnings``, which cost more than the view (a
+    window of 17 segments takes ~120 views per load)."""
+    global _read_only_warned
+    if _read_only_warned:
+        return torch.frombuffer(data, dtype=torch.uint8)
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        flat = torch.frombuffer(raw.data, dtype=torch.uint8)
-    return flat.view(dtype).reshape(raw.shape)
+        flat = torch.frombuffer(data, dtype=torch.uint8)
+    _read_only_warned = True
+    return flat
 
 
 def _raw_view(tensor: torch.Tensor) -> RawTensor:
@@ -304,11 +319,16 @@ def _kept_parts(
     pos = _view(seg.tensors["pos"]).to(torch.long)  # [n_g]
     if pos.dim() != 1:
         raise StateMismatchError(f"segment {g}: positions are not a vector")
-    # the window is [0, S) and [processed - R, processed): a comparison, not a set lookup
-    kept = (pos < geo.sink) | (pos >= processed - geo.recent)
-    index = torch.nonzero(kept & (pos < processed)).flatten()  # [k]
-    lo, n = (int(index[0]), index.numel()) if index.numel() else (0, 0)
-    contiguous = n == 0 or int(index[-1]) - lo + 1 == n
+    run = _stored_run(pos, geo, processed, g)
+    if run is not None:  # a segment as written (one run of positions): where its kept run sits
+        lo, n = run
+        index, contiguous = None, True
+    else:
+        # the window is [0, S) and [processed - R, processed): a comparison, not a set lookup
+        kept = (pos < geo.sink) | (pos >= processed - geo.recent)
+        index = torch.nonzero(kept & (pos < processed)).flatten()  # [k]
+        lo, n = (int(index[0]), index.numel()) if index.numel() else (0, 0)
+        contiguous = n == 0 or int(index[-1]) - lo + 1 == n
     parts: dict[str, torch.Tensor] = {}
     for name, raw in seg.tensors.items():
         t = _view(raw)
@@ -316,8 +336,32 @@ def _kept_parts(
         if t.dim() <= dim or t.shape[dim] != pos.shape[0]:
             raise StateMismatchError(f"segment {g}: tensor {name} has shape {raw.shape}")
         # kept tokens of a segment are almost always one run: a view, no gather
-        parts[name] = t.narrow(dim, lo, n) if contiguous else t.index_select(dim, index)
+        parts[name] = t.narrow(dim, lo, n) if contiguous or index is None \
+            else t.index_select(dim, index)
     return parts
+
+
+def _stored_run(pos: torch.Tensor, geo: _Geometry, processed: int, g: int
+                ) -> tuple[int, int] | None:
+    """``(first index, count)`` in segment ``g``'s stored tokens of what the window keeps of
+    it, when the segment is one run of positions ``pos[0] ..`` and it keeps one run of them
+    (as a segment is written, and as the window keeps it, but in a corner of segment 0);
+    None otherwise: the caller then compares every position. Not a check of ``pos``: the
+    caller's ``join`` compares the positions taken with the window's."""
+    if not pos.numel():
+        return None
+    p0, n_g = int(pos[0]), pos.shape[0]
+    if int(pos[-1]) - p0 + 1 != n_g:
+        return None
+    try:
+        _, runs = geo.span(processed, g)
+    except ValueError:
+        return None
+    if len(runs) != 1:
+        return None
+    a, b = runs[0]
+    lo = a - p0
+    return (lo, b - a) if 0 <= lo and b - p0 <= n_g else None
 
 
 def _header_geometry(sc: Mapping[str, object]) -> tuple[_Geometry, int, tuple[int, int, str]]:
