@@ -42,9 +42,16 @@ def to_raw(tensor: torch.Tensor) -> RawTensor:
 
 
 def from_raw(raw: RawTensor, device: str | torch.device = "cpu") -> torch.Tensor:
-    """A new tensor owning a copy of ``raw``'s bytes, on ``device``."""
+    """A tensor of ``raw``'s bytes on ``device``: a copy of read-only bytes (what Redis
+    returns), while a writable buffer is taken over as it is. Only a tensor made for the
+    purpose hands one over: ``segments.join`` wraps each freshly concatenated window tensor
+    (a 47 MB SmolLM2 window would otherwise be copied once more per load)."""
     dtype = torch_dtype(raw.dtype)
     if not raw.data:
         return torch.empty(raw.shape, dtype=dtype, device=device)
-    flat = torch.frombuffer(bytearray(raw.data), dtype=torch.uint8)
+    data = raw.data
+    if isinstance(data, memoryview) and not data.readonly:
+        flat = torch.frombuffer(data, dtype=torch.uint8)
+    else:
+        flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     return flat.view(dtype).reshape(raw.shape).to(device)

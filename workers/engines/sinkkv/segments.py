@@ -172,8 +172,9 @@ def _frombuffer(data: bytes) -> torch.Tensor:
 
 
 def _raw_view(tensor: torch.Tensor) -> RawTensor:
-    """``tensor``'s bytes as a RawTensor without a copy (``import_state`` makes the one copy
-    the state keeps); the memoryview keeps the tensor alive."""
+    """``tensor``'s bytes as a RawTensor without a copy: a writable memoryview, which keeps
+    the tensor alive and which ``import_state`` (``from_raw``) takes over as the state's own
+    memory, so pass only a tensor nothing else holds (``join``'s concatenations)."""
     t = tensor.contiguous()
     data = t.view(torch.uint8).reshape(-1).numpy().data if t.numel() else b""
     return RawTensor(dtype_name(t.dtype), tuple(t.shape), cast(bytes, data))
