@@ -212,6 +212,10 @@ class Renewer:
     again in a forked child (a thread does not survive ``fork``).
     """
 
+    #: seconds with no lease to keep after which the thread ends (a manager that held leases
+    #: once, e.g. a CLI command's, does not keep an idle thread for the life of the process)
+    IDLE_EXIT_S = 30.0
+
     def __init__(self) -> None:
         self._due: list[tuple[float, int, LeaseKeeper]] = []  # heap of (when, seq, keeper)
         self._seq = itertools.count()
@@ -232,20 +236,25 @@ class Renewer:
     def _push(self, when: float, keeper: LeaseKeeper) -> None:
         heapq.heappush(self._due, (when, next(self._seq), keeper))
 
-    def _next(self) -> LeaseKeeper:
-        """Wait for the earliest keeper due that has not stopped, and take it off the heap."""
+    def _next(self) -> LeaseKeeper | None:
+        """Wait for the earliest keeper due that has not stopped, and take it off the heap;
+        None (and the thread is done) after ``IDLE_EXIT_S`` with nothing to keep."""
         with self._cond:
             while True:
                 while self._due and self._due[0][2].stopped:
                     heapq.heappop(self._due)
-                wait = self._due[0][0] - time.monotonic() if self._due else None
-                if wait is not None and wait <= 0:
+                if not self._due:
+                    if not self._cond.wait(self.IDLE_EXIT_S) and not self._due:
+                        self._thread = None  # the next ``keep`` starts another
+                        return None
+                    continue
+                wait = self._due[0][0] - time.monotonic()
+                if wait <= 0:
                     return heapq.heappop(self._due)[2]
                 self._cond.wait(wait)
 
     def _run(self) -> None:
-        while True:
-            keeper = self._next()
+        while (keeper := self._next()) is not None:
             if keeper.renew():
                 with self._cond:
                     self._push(time.monotonic() + keeper.interval_s, keeper)

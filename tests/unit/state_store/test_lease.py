@@ -191,3 +191,21 @@ def test_a_forked_child_renews_none_of_the_parents_leases(leases: LeaseManager) 
             os._exit(0 if not leases.renewer._due and leases.renewer._thread is None else 1)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_the_renewer_thread_ends_when_idle_and_starts_again(
+    leases: LeaseManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(leases.renewer, "IDLE_EXIT_S", 0.2)
+    first = leases.acquire("idle-a", "w1", 0.3)
+    assert first is not None
+    with LeaseKeeper(leases, first):
+        time.sleep(0.2)
+    time.sleep(0.5)  # nothing to keep for longer than IDLE_EXIT_S
+    assert leases.renewer._thread is None
+    second = leases.acquire("idle-b", "w1", 0.3)
+    assert second is not None
+    with LeaseKeeper(leases, second) as keeper:
+        time.sleep(0.6)
+        keeper.check()
+    assert keeper.renewals >= 3
