@@ -21,6 +21,9 @@ hot-cache miss costs); fastest of the batches (medians in the JSON). The layouts
 which goes first each batch. ``kv_bytes_per_token`` = K+V bytes of one token over all layers;
 target ``bytes_per_token_incremental`` <= 1.5 x that plus a small per-batch constant.
 
+States are sealed with the ``state_checksum`` digest (``SINKSTREAM_STATE_CHECKSUM``, blake2b
+by default; xxh3 is the faster alternative, named in the title).
+
 Full: SmolLM2-135M fp32 when converted (30 layers x 3 KV heads x 64: 46 KB per token), else
 the mid-size tiny Llama; quick: the mid-size tiny Llama, fewer batches.
 """
@@ -50,8 +53,10 @@ LAYOUTS = ("whole", "segments")
 class _Layout:
     """One stream committed and loaded in one layout, like ``StreamProcessor`` does."""
 
-    def __init__(self, name: str, engine: Any, store: Any, lease: Any) -> None:
+    def __init__(self, name: str, engine: Any, store: Any, lease: Any,
+                 checksum: str = "blake2b") -> None:
         self.name, self.engine, self.store, self.lease = name, engine, store, lease
+        self.checksum = checksum  # ``state_checksum``: the digest each state is sealed with
         self.sid = f"stateio-{name}"
         self.version = 0
         self.segments: list[int] = []
@@ -66,14 +71,15 @@ class _Layout:
         started = time.perf_counter()
         update: SegmentUpdate | None
         if self.name == "segments":
-            encoded = sinkkv_segments.encode(self.engine, state, self.segments, entry)
+            encoded = sinkkv_segments.encode(self.engine, state, self.segments, entry,
+                                             checksum=self.checksum)
             payload = encoded.header
             update = SegmentUpdate(keep=encoded.keep, write=encoded.write)
         else:
             e = self.engine
             payload, update = encode_state(StateEnvelope(
                 e.kind, e.fingerprint, e.params, state.tokens_seen, entry,
-                e.export_state(state))), None
+                e.export_state(state)), checksum=self.checksum), None
         result = self.store.commit(CommitRequest(self.sid, self.lease.token, self.version, entry,
                                                  state=payload, segments=update))
         elapsed = time.perf_counter() - started
@@ -141,7 +147,7 @@ def run(quick: bool) -> BenchResult:
         for name in LAYOUTS:
             lease = leases.acquire(f"stateio-{name}", "bench", 3600)
             assert lease is not None
-            layout = _Layout(name, engine, store, lease)
+            layout = _Layout(name, engine, store, lease, settings.state_checksum)
             layout.commit(state, "1-0")  # the stored state before the timed batches
             layouts.append(layout)
         for b in range(batches):
@@ -184,7 +190,8 @@ def run(quick: bool) -> BenchResult:
     whole, seg = rows
     return BenchResult(
         title=f"state I/O per {CHUNK}-token batch through StateStore.commit, full window "
-        f"S={SINKS} R={RECENT}, {label}, {batches} batches, {threads()} threads",
+        f"S={SINKS} R={RECENT}, {label}, {batches} batches, {threads()} threads, "
+        f"{settings.state_checksum} digests",
         rows=rows,
         summary={
             "bytes_per_token_incremental": seg["bytes_per_new_token"],

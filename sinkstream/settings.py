@@ -316,6 +316,12 @@ class Settings(BaseSettings):
                              "whole. Either layout loads either, so switching needs no "
                              "migration. Default from benchmarks/README.md (state_io): "
                              "segments write 16x fewer bytes, 12x faster, for SmolLM2")
+    state_checksum: Literal["blake2b", "xxh3"] = Field(
+        "blake2b", description="the digest a commit seals each state (or segment) with, "
+                               "against damage: 'xxh3' is ~15x faster than 'blake2b' (a "
+                               "SmolLM2 hot-cache miss 118 -> 62 ms, benchmarks/README.md). "
+                               "Workers read both; builds before this one read only blake2b, "
+                               "so switch to xxh3 once every worker runs this build or later")
 
     # --- cross-stream batching (issue #6): several streams in one forward -------------
     batch_streams: int = Field(

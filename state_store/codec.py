@@ -3,10 +3,11 @@
 Layout (all integers big-endian)::
 
     magic          8 bytes   b"SNKSTATE"
-    format version u16       FORMAT_VERSION
+    format version u16       1 (FORMAT_VERSION) or 2 (XXH3_VERSION): which digest follows
     flags          u16       0 (reserved: a future compression flag bumps the format)
     payload length u64       bytes that follow the header
-    digest         16 bytes  blake2b-128 over the 20 header bytes above plus the payload
+    digest         16 bytes  over the 20 header bytes above plus the payload: blake2b-128
+                             (version 1) or xxh3-128 (version 2)
     payload        msgpack map: engine, fingerprint, params, tokens_seen, last_entry_id,
                    scalars, tensors = [[name, dtype, [dims...], raw bytes], ...]
 
@@ -17,6 +18,13 @@ guards: the total size against ``max_bytes``, the declared payload length agains
 present, the digest over everything, and only then msgpack with explicit container limits.
 Every failure is a :class:`StateError` subclass whose message names the stream when the
 caller passes ``stream_id``.
+
+The digest is a checksum against damage (a truncated write, a bug, a key written by hand),
+not a signature: whoever can write the key can write a matching digest. blake2b-128 runs at
+~0.75 GB/s here, 60 ms of a 47 MB SmolLM2 window's ~95 ms load; xxh3-128 (``xxhash``) does
+the same job ~15x faster. This build reads both and writes ``checksum`` (``state_checksum``,
+blake2b by default): a worker of an earlier build reads only version 1, so a deployment
+switches to xxh3 once every worker runs a build that reads it.
 """
 
 from __future__ import annotations
@@ -30,11 +38,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+import xxhash
 
 from state_store.tensors import DTYPE_SIZES, RawTensor, StateSnapshot
 
 MAGIC = b"SNKSTATE"
+#: the format with a blake2b-128 digest, and the one with an xxh3-128 digest (same layout)
 FORMAT_VERSION = 1
+XXH3_VERSION = 2
+#: ``state_checksum`` names -> the format version a state is written in
+CHECKSUMS = {"blake2b": FORMAT_VERSION, "xxh3": XXH3_VERSION}
 DIGEST_SIZE = 16
 _PREFIX = struct.Struct(">8sHHQ")  # magic, format version, flags, payload length
 HEADER_SIZE = _PREFIX.size + DIGEST_SIZE
@@ -103,15 +116,21 @@ class StateEnvelope:
     snapshot: StateSnapshot = field(repr=False)
 
 
-def encode_state(envelope: StateEnvelope, *, max_bytes: int | None = None) -> bytes:
-    """Serialise ``envelope``; raise StateTooLargeError past ``max_bytes`` (None: no limit)."""
+def encode_state(
+    envelope: StateEnvelope, *, max_bytes: int | None = None, checksum: str = "blake2b"
+) -> bytes:
+    """Serialise ``envelope`` with the ``checksum`` digest ("blake2b" or "xxh3"); raise
+    StateTooLargeError past ``max_bytes`` (None: no limit)."""
+    version = CHECKSUMS.get(checksum)
+    if version is None:
+        raise ValueError(f"unknown state checksum {checksum!r} (one of {sorted(CHECKSUMS)})")
     _check_envelope_fields(envelope)
     payload = _pack_payload(envelope)
     if max_bytes is not None and HEADER_SIZE + len(payload) > max_bytes:
         raise StateTooLargeError(
             f"encoded state is {HEADER_SIZE + len(payload)} bytes, limit is {max_bytes}"
         )
-    return seal(payload)
+    return seal(payload, format_version=version)
 
 
 def seal(payload: bytes, *, format_version: int = FORMAT_VERSION, flags: int = 0) -> bytes:
@@ -121,7 +140,7 @@ def seal(payload: bytes, *, format_version: int = FORMAT_VERSION, flags: int = 0
     :func:`encode_state`.
     """
     prefix = _PREFIX.pack(MAGIC, format_version, flags, len(payload))
-    return b"".join((prefix, _digest(prefix, payload), payload))
+    return b"".join((prefix, _digest(prefix, payload, format_version), payload))
 
 
 def decode_state(
@@ -229,8 +248,11 @@ def _normalise(value: dict[str, Any]) -> dict[str, Any]:
     return msgpack.unpackb(packed, raw=False)
 
 
-def _digest(prefix: bytes | memoryview, payload: bytes | memoryview) -> bytes:
-    h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+def _digest(prefix: bytes | memoryview, payload: bytes | memoryview, version: int) -> bytes:
+    """The 16-byte digest of format ``version`` (xxh3-128 for ``XXH3_VERSION``, else
+    blake2b-128) over the header prefix and the payload."""
+    h = xxhash.xxh3_128() if version == XXH3_VERSION else \
+        hashlib.blake2b(digest_size=DIGEST_SIZE)
     h.update(prefix)
     h.update(payload)
     return h.digest()
@@ -261,9 +283,10 @@ def _open_header(view: memoryview, stream_id: str | None, max_bytes: int) -> mem
         raise StateFormatError(
             f"not a sinkstream state (magic {magic!r}, expected {MAGIC!r})", stream_id=stream_id
         )
-    if version != FORMAT_VERSION:
+    if version not in (FORMAT_VERSION, XXH3_VERSION):
         raise StateFormatError(
-            f"state format version {version} is not supported (this build reads {FORMAT_VERSION})",
+            f"state format version {version} is not supported (this build reads "
+            f"{FORMAT_VERSION} and {XXH3_VERSION})",
             stream_id=stream_id,
         )
     if flags != 0:
@@ -281,7 +304,7 @@ def _open_header(view: memoryview, stream_id: str | None, max_bytes: int) -> mem
         )
     payload = view[HEADER_SIZE:]
     stored = bytes(view[_PREFIX.size : HEADER_SIZE])
-    computed = _digest(view[: _PREFIX.size], payload)
+    computed = _digest(view[: _PREFIX.size], payload, version)
     if stored != computed:
         raise StateCorruptError(
             f"state checksum mismatch (stored {stored.hex()}, computed {computed.hex()})",

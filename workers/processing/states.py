@@ -101,7 +101,7 @@ class StateRepository:
         if self.settings.state_layout == "segments" and segments.supports(self.engine):
             encoded = segments.encode(
                 self.engine, new_state, loaded.segments, last_entry_id,  # type: ignore[arg-type]
-                max_bytes=self.settings.max_state_bytes,
+                max_bytes=self.settings.max_state_bytes, checksum=self.settings.state_checksum,
             )
             return encoded.header, SegmentUpdate(keep=encoded.keep, write=encoded.write)
         return encode_state(
@@ -110,7 +110,7 @@ class StateRepository:
                 params=self.engine.params, tokens_seen=new_state.tokens_seen,
                 last_entry_id=last_entry_id, snapshot=self.engine.export_state(new_state),
             ),
-            max_bytes=self.settings.max_state_bytes,
+            max_bytes=self.settings.max_state_bytes, checksum=self.settings.state_checksum,
         ), None
 
     def remember(self, stream_id: str, version: int, state: EngineState,

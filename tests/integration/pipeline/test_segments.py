@@ -21,7 +21,7 @@ from producer.publisher import Producer
 from sinkstream.cli.localredis import RedisServer
 from sinkstream.contracts.keys import StreamKeys
 from sinkstream.settings import Settings
-from state_store.codec import decode_state
+from state_store.codec import CHECKSUMS, decode_state
 from state_store.store import StateStore
 from tests.integration.pipeline.harness import (
     WorkerPool,
@@ -159,6 +159,30 @@ def test_switching_layouts_continues_the_stream(
             assert StateStore(client).head("switch").segments == {}
         direct = _direct(engine, client, "switch")
         assert _tensors(engine, _committed(client, engine, "switch")) == _tensors(engine, direct)
+
+
+def test_switching_state_checksums_continues_the_stream(
+    redis_server: RedisServer, tmp_path: Path, qmsum_dir: Path
+) -> None:
+    """A deployment that switches ``state_checksum`` to xxh3 (and back): every worker of this
+    build reads both digests, in both layouts, and the stream continues bit for bit."""
+    client = redis_server.client()
+    steps = [("segments", "blake2b"), ("segments", "xxh3"), ("whole", "xxh3"),
+             ("segments", "xxh3"), ("segments", "blake2b")]
+    engine = load_engine(_settings(redis_server.url, tmp_path, "segments"))
+    assert isinstance(engine, SinkKVEngine)
+    producer = Producer(client, settings=_settings(redis_server.url, tmp_path, "segments"))
+    keys = StreamKeys.of("digests")
+    for step, (layout, checksum) in enumerate(steps):
+        settings = settings_from_env(worker_env(
+            redis_server.url, tmp_path, SINKSTREAM_STATE_LAYOUT=layout,
+            SINKSTREAM_STATE_CHECKSUM=checksum, **FAST))
+        producer.publish_many("digests", _turns(qmsum_dir, 10 * step, 10 * step + 10))
+        assert _drain(_processor(engine, client, settings, f"w-{step}"), "digests") >= 1
+        header = cast(bytes, client.hget(keys.state, "data"))
+        assert int.from_bytes(header[8:10], "big") == CHECKSUMS[checksum]
+        direct = _direct(engine, client, "digests")
+        assert _tensors(engine, _committed(client, engine, "digests")) == _tensors(engine, direct)
 
 
 def test_missing_or_corrupt_segment_is_refused_by_name(

@@ -15,6 +15,7 @@ from state_store.codec import (
     FORMAT_VERSION,
     HEADER_SIZE,
     MAGIC,
+    XXH3_VERSION,
     ForeignStateError,
     StateCorruptError,
     StateEnvelope,
@@ -100,6 +101,30 @@ def test_truncated_states_are_corrupt(encoded: bytes) -> None:
             decode_state(encoded[:size], stream_id="standup")
 
 
+def test_blake2b_stays_the_default_and_xxh3_reads_back_the_same(encoded: bytes) -> None:
+    """Builds before xxh3 read only version 1: it stays what a state is written in unless a
+    deployment asks for xxh3; either reads back to the same envelope."""
+    assert struct.unpack_from(">H", encoded, len(MAGIC))[0] == FORMAT_VERSION
+    fast = encode_state(make_envelope(), checksum="xxh3")
+    assert struct.unpack_from(">H", fast, len(MAGIC))[0] == XXH3_VERSION
+    assert fast[HEADER_SIZE:] == encoded[HEADER_SIZE:]  # the same payload, another digest
+    assert fast[len(MAGIC) + 12 : HEADER_SIZE] != encoded[len(MAGIC) + 12 : HEADER_SIZE]
+    assert decode_state(fast) == decode_state(encoded) == make_envelope()
+    with pytest.raises(ValueError, match="unknown state checksum 'md5'"):
+        encode_state(make_envelope(), checksum="md5")
+
+
+def test_a_flipped_bit_fails_the_xxh3_digest_too() -> None:
+    fast = bytearray(encode_state(make_envelope(), checksum="xxh3"))
+    fast[len(fast) - 10] ^= 0x10
+    with pytest.raises(StateCorruptError, match="checksum mismatch"):
+        decode_state(bytes(fast), stream_id="standup")
+    version_swapped = bytearray(encode_state(make_envelope(), checksum="xxh3"))
+    struct.pack_into(">H", version_swapped, len(MAGIC), FORMAT_VERSION)  # read as blake2b
+    with pytest.raises(StateCorruptError, match="checksum mismatch"):
+        decode_state(bytes(version_swapped))
+
+
 def test_trailing_bytes_are_corrupt(encoded: bytes) -> None:
     with pytest.raises(StateCorruptError, match="trailing"):
         decode_state(encoded + b"\x00")
@@ -122,8 +147,8 @@ def test_foreign_bytes_are_a_format_error() -> None:
 
 def test_other_format_version_is_a_format_error(encoded: bytes) -> None:
     payload = encoded[HEADER_SIZE:]
-    with pytest.raises(StateFormatError, match=f"version {FORMAT_VERSION + 1} is not supported"):
-        decode_state(seal(payload, format_version=FORMAT_VERSION + 1))
+    with pytest.raises(StateFormatError, match=f"version {XXH3_VERSION + 1} is not supported"):
+        decode_state(seal(payload, format_version=XXH3_VERSION + 1))
     with pytest.raises(StateFormatError, match="flags"):
         decode_state(seal(payload, flags=1))
 

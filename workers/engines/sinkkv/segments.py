@@ -419,18 +419,21 @@ def encode(
     last_entry_id: str | None,
     *,
     max_bytes: int | None = None,
+    checksum: str = "blake2b",
 ) -> EncodedSegments:
     """The header bytes and the segments that turn stored segments ``stored`` into ``state``:
-    only segments not stored yet are encoded (the bytes a commit writes)."""
+    only segments not stored yet are encoded (the bytes a commit writes), each sealed with
+    the ``checksum`` digest (``state_store.codec.encode_state``)."""
     if max_bytes is not None and engine.state_nbytes(state) > max_bytes:
         raise StateTooLargeError(
             f"state is {engine.state_nbytes(state)} bytes of tensors, limit is {max_bytes}"
         )
     p = plan(engine, state, stored)
     header = encode_state(_wrap(engine, p.header, state.tokens_seen, last_entry_id),
-                          max_bytes=max_bytes)
+                          max_bytes=max_bytes, checksum=checksum)
     write = {
-        g: encode_state(_wrap(engine, seg, state.tokens_seen, None), max_bytes=max_bytes)
+        g: encode_state(_wrap(engine, seg, state.tokens_seen, None), max_bytes=max_bytes,
+                        checksum=checksum)
         for g, seg in p.write.items()
     }
     return EncodedSegments(header=header, keep=tuple(p.keep), write=write)
