@@ -308,20 +308,14 @@ class Settings(BaseSettings):
 
     # --- state persistence layout (issue #6): incremental sink-KV segments --------------
     state_layout: Literal["whole", "segments"] = Field(
-        "segments", description="'segments' stores a sink-KV window as immutable per-chunk "
-                             "segments, so a commit writes only the new tokens' K/V (plus a "
-                             "small header) and deletes evicted segments; 'whole' rewrites the "
-                             "window every batch. Sink-KV only (and recent_tokens >= "
-                             "chunk_tokens): RWKV states are small and fixed-size and stay "
-                             "whole. Either layout loads either, so switching needs no "
-                             "migration. Default from benchmarks/README.md (state_io): "
-                             "segments write 16x fewer bytes, 12x faster, for SmolLM2")
+        "segments", description="'segments' (sink-KV, recent_tokens >= chunk_tokens) stores "
+        "the window as immutable per-chunk segments: a commit writes the new tokens' K/V and a "
+        "small header, 16x fewer bytes than 'whole' for SmolLM2 (benchmarks/README.md, "
+        "state_io). Either layout loads either; RWKV states stay whole")
     state_checksum: Literal["blake2b", "xxh3"] = Field(
-        "blake2b", description="the digest a commit seals each state (or segment) with, "
-                               "against damage: 'xxh3' is ~15x faster than 'blake2b' (a "
-                               "SmolLM2 hot-cache miss 118 -> 62 ms, benchmarks/README.md). "
-                               "Workers read both; builds before this one read only blake2b, "
-                               "so switch to xxh3 once every worker runs this build or later")
+        "blake2b", description="the digest states are sealed with: 'xxh3' is ~15x faster (a "
+        "SmolLM2 hot-cache miss 118 -> 62 ms). Builds before this one read only blake2b: "
+        "switch once every worker runs this build or later (docs/operations.md, Upgrades)")
 
     # --- cross-stream batching (issue #6): several streams in one forward -------------
     batch_streams: int = Field(
