@@ -248,13 +248,10 @@ def _syslog_time(month: int, day: int, hh: int, mm: int, ss: int,
     before when that would put the line more than a day after its reference."""
     year = dt.datetime.fromtimestamp(reference_ts, dt.timezone.utc).year \
         if reference_ts is not None else 1970
-    try:
-        when = dt.datetime(year, month, day, hh, mm, ss, tzinfo=dt.timezone.utc)
-    except ValueError:
-        return None
-    if reference_ts is not None and when.timestamp() > reference_ts + 86400:
-        when = when.replace(year=year - 1)
-    return when.timestamp()
+    ts = _utc(year, month, day, hh, mm, ss)
+    if ts is not None and reference_ts is not None and ts > reference_ts + 86400:
+        return dt.datetime.fromtimestamp(ts, dt.timezone.utc).replace(year=year - 1).timestamp()
+    return ts
 
 
 def _plain_record(text: str, reference_ts: float | None) -> LogRecord:
@@ -277,22 +274,27 @@ def _leading_time(text: str) -> tuple[float | None, int]:
         match = _SLASH_TIME.match(text) or _COMPACT_TIME.match(text)
         if match:
             yy, mo, d, h, mi, sec = (int(g) for g in match.groups())
-            return _utc(match.end(), 2000 + yy, mo, d, h, mi, sec)
+            return _ending(_utc(2000 + yy, mo, d, h, mi, sec), match.end())
     elif (match := _ASCTIME.match(text)) and match.group(1) in _MONTHS:
         name, *numbers = match.groups()
         d, h, mi, sec, year = (int(g) for g in numbers)
-        return _utc(match.end(), year, _MONTHS[name], d, h, mi, sec)
+        return _ending(_utc(year, _MONTHS[name], d, h, mi, sec), match.end())
     return None, 0
 
 
-def _utc(end: int, year: int, month: int, day: int, hour: int, minute: int,
-         second: int) -> tuple[float | None, int]:
-    """(the UTC time, ``end``), or (None, 0) for a date that does not exist."""
+def _ending(ts: float | None, end: int) -> tuple[float | None, int]:
+    """(``ts``, ``end``) for a time that exists, else (None, 0): the line starts with none."""
+    return (ts, end) if ts is not None else (None, 0)
+
+
+def _utc(year: int, month: int, day: int, hour: int, minute: int, second: int
+         ) -> float | None:
+    """The UTC time of these fields, None for a date that does not exist (Feb 30)."""
     try:
         when = dt.datetime(year, month, day, hour, minute, second, tzinfo=dt.timezone.utc)
     except ValueError:
-        return None, 0
-    return when.timestamp(), end
+        return None
+    return when.timestamp()
 
 
 def _plain_level(tokens: list[str]) -> tuple[Level | None, int]:
