@@ -100,15 +100,19 @@ class _Geometry:
     def of(cls, engine: SinkKVEngine) -> _Geometry:
         return cls(engine.window.sink, engine.window.recent, engine.chunk_tokens)
 
+    @property
+    def window(self) -> SinkWindow:
+        return SinkWindow(self.sink, self.recent)
+
     def positions(self, processed: int) -> torch.Tensor:
         """Stream position of every cache index: int64 ``[L]`` (``SinkWindow.positions``)."""
-        return SinkWindow(self.sink, self.recent).positions(processed)
+        return self.window.positions(processed)
 
     def segment_ids(self, processed: int) -> list[int]:
         """Sorted ids of the segments the window overlaps: each kept run ``[a, b)`` of stream
         positions overlaps segments ``a // C .. (b - 1) // C``."""
         ids: set[int] = set()
-        for a, b in SinkWindow(self.sink, self.recent).kept(processed):
+        for a, b in self.window.kept(processed):
             if b > a:
                 ids.update(range(a // self.chunk, (b - 1) // self.chunk + 1))
         return sorted(ids)
@@ -122,7 +126,7 @@ class _Geometry:
         first: int | None = None
         index = 0
         runs: list[tuple[int, int]] = []
-        for a, b in SinkWindow(self.sink, self.recent).kept(processed):
+        for a, b in self.window.kept(processed):
             start, stop = max(a, lo), min(b, hi)
             if start < stop:
                 if first is None:
@@ -320,16 +324,7 @@ def _kept_parts(
     pos = _view(seg.tensors["pos"]).to(torch.long)  # [n_g]
     if pos.dim() != 1:
         raise StateMismatchError(f"segment {g}: positions are not a vector")
-    run = _stored_run(pos, geo, processed, g)
-    if run is not None:  # a segment as written (one run of positions): where its kept run sits
-        lo, n = run
-        index, contiguous = None, True
-    else:
-        # the window is [0, S) and [processed - R, processed): a comparison, not a set lookup
-        kept = (pos < geo.sink) | (pos >= processed - geo.recent)
-        index = torch.nonzero(kept & (pos < processed)).flatten()  # [k]
-        lo, n = (int(index[0]), index.numel()) if index.numel() else (0, 0)
-        contiguous = n == 0 or int(index[-1]) - lo + 1 == n
+    cut = _stored_run(pos, geo, processed, g) or _kept_index(pos, geo, processed)
     parts: dict[str, torch.Tensor] = {}
     for name, raw in seg.tensors.items():
         t = _view(raw)
@@ -337,9 +332,22 @@ def _kept_parts(
         if t.dim() <= dim or t.shape[dim] != pos.shape[0]:
             raise StateMismatchError(f"segment {g}: tensor {name} has shape {raw.shape}")
         # kept tokens of a segment are almost always one run: a view, no gather
-        parts[name] = t.narrow(dim, lo, n) if contiguous or index is None \
-            else t.index_select(dim, index)
+        parts[name] = t.narrow(dim, *cut) if isinstance(cut, tuple) \
+            else t.index_select(dim, cut)
     return parts
+
+
+def _kept_index(pos: torch.Tensor, geo: _Geometry, processed: int
+                ) -> tuple[int, int] | torch.Tensor:
+    """What the window keeps of stored positions ``pos``, compared one by one: ``(first,
+    count)`` when it is one run, else the indices ``[k]``. The window is ``[0, S)`` and
+    ``[processed - R, processed)``: a comparison, not a set lookup."""
+    kept = (pos < geo.sink) | (pos >= processed - geo.recent)
+    index = torch.nonzero(kept & (pos < processed)).flatten()  # [k]
+    if not index.numel():
+        return 0, 0
+    lo, n = int(index[0]), index.numel()
+    return (lo, n) if int(index[-1]) - lo + 1 == n else index
 
 
 def _stored_run(pos: torch.Tensor, geo: _Geometry, processed: int, g: int
