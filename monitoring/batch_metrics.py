@@ -21,6 +21,15 @@ class BatchMetrics:
         self.labels = {"engine": engine, "model": model}
         metrics.init_worker(engine, model, device=device, dtype=dtype)
 
+    @classmethod
+    def of_engine(cls, engine: Any, device: str, dtype: str) -> BatchMetrics:
+        """Labelled with ``engine``'s kind, model and the dtype it computes in (a ``dtype``
+        setting of "auto" names none): sink-KV engines call it ``compute_dtype``, RWKV
+        engines ``dtype``."""
+        computes = getattr(engine, "compute_dtype", None) or getattr(engine, "dtype", None) \
+            or dtype
+        return cls(engine.kind, engine.model_name, device, str(computes).removeprefix("torch."))
+
     def batch_done(self, stream_id: str, status: str) -> None:
         metrics.BATCHES.labels(outcome=status).inc()
         if status == "applied":

@@ -40,6 +40,7 @@ from typing import Any
 import msgpack
 import xxhash
 
+from sinkstream.contracts.formats import NewerFormatError, is_newer, newer_message
 from state_store.tensors import DTYPE_SIZES, RawTensor, StateSnapshot
 
 MAGIC = b"SNKSTATE"
@@ -48,6 +49,8 @@ FORMAT_VERSION = 1
 XXH3_VERSION = 2
 #: ``state_checksum`` names -> the format version a state is written in
 CHECKSUMS = {"blake2b": FORMAT_VERSION, "xxh3": XXH3_VERSION}
+#: the newest format this build reads; a later one is an upgraded worker's (``StateTooNewError``)
+NEWEST_VERSION = XXH3_VERSION
 DIGEST_SIZE = 16
 _PREFIX = struct.Struct(">8sHHQ")  # magic, format version, flags, payload length
 HEADER_SIZE = _PREFIX.size + DIGEST_SIZE
@@ -83,6 +86,14 @@ class StateCorruptError(StateError):
 
 class StateFormatError(StateError):
     """Not our state at all (foreign magic) or a format version/flags this build cannot read."""
+
+
+class StateTooNewError(StateFormatError, NewerFormatError):
+    """A format version newer than this build reads: an upgraded worker wrote it."""
+
+    def __init__(self, version: int, *, stream_id: str | None = None) -> None:
+        self.version, self.newest = version, NEWEST_VERSION
+        super().__init__(newer_message("state", version, NEWEST_VERSION), stream_id=stream_id)
 
 
 class StateTooLargeError(StateError):
@@ -174,6 +185,8 @@ def decode_segment(
     the same checks (each segment carries its own digest), errors name the segment too."""
     try:
         return decode_state(data, stream_id=stream_id, max_bytes=max_bytes)
+    except StateTooNewError:
+        raise  # the whole state is an upgraded worker's, whichever segment said so
     except StateError as exc:
         raise type(exc)(f"segment {segment}: {exc.reason}", stream_id=stream_id) from None
 
@@ -283,6 +296,8 @@ def _open_header(view: memoryview, stream_id: str | None, max_bytes: int) -> mem
         raise StateFormatError(
             f"not a sinkstream state (magic {magic!r}, expected {MAGIC!r})", stream_id=stream_id
         )
+    if is_newer(version, NEWEST_VERSION):
+        raise StateTooNewError(version, stream_id=stream_id)
     if version not in (FORMAT_VERSION, XXH3_VERSION):
         raise StateFormatError(
             f"state format version {version} is not supported (this build reads "

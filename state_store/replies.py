@@ -27,3 +27,11 @@ def as_bytes(value: bytes | str | memoryview) -> bytes:
 def text_fields(fields: Mapping[Any, Any], errors: str = "strict") -> dict[str, str]:
     """A hash or stream entry's fields as ``{str: str}``."""
     return {as_text(k, errors): as_text(v, errors) for k, v in fields.items()}
+
+
+def raised(replies: list[Any]) -> list[Any]:
+    """``replies`` of a pipeline run with ``raise_on_error=False``, raising the first error."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies

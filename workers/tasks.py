@@ -196,7 +196,7 @@ def _warm_up_embedder(rt: Runtime) -> None:
     if rt.settings.retrieval != "embedding":
         return
     try:
-        embedder = rt.processor.embedder
+        embedder = rt.processor.answers.embedder
         if embedder is not None:
             embedder.embed(["warm-up"])  # loads the weights and runs one forward
     except Exception:

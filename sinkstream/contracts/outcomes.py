@@ -11,8 +11,9 @@ from typing import Literal, get_args
 #: How one batch of one stream ended:
 #: ``applied`` committed; ``idle`` nothing to read; ``busy`` leased by another worker;
 #: ``failed`` the stream is parked (corrupt or foreign state); ``lost`` the lease ran out
-#: mid-batch; ``stale`` the commit was refused by the fencing check.
-BatchStatus = Literal["applied", "idle", "busy", "failed", "lost", "stale"]
+#: mid-batch; ``stale`` the commit was refused by the fencing check; ``deferred`` a newer
+#: build wrote the stream's state: left for an upgraded worker (``formats``).
+BatchStatus = Literal["applied", "idle", "busy", "failed", "lost", "stale", "deferred"]
 BATCH_STATUSES: tuple[BatchStatus, ...] = get_args(BatchStatus)
 
 #: Why a fenced commit was refused because the caller no longer owns the stream.

@@ -50,6 +50,7 @@ from typing import Any, Literal, NamedTuple
 import msgpack
 from drain3.drain import Drain, LogCluster, Node
 
+from sinkstream.contracts.formats import NewerFormatError, is_newer, newer_message
 from workers.logs.masking import Masking
 
 #: the format of ``miner:head`` and the fields beside it; 1 was the single ``miner`` blob
@@ -71,6 +72,14 @@ OTHER_TEMPLATE = "<other>"
 
 class MinerStateError(ValueError):
     """A stored miner that cannot be used: corrupt, another format, other parameters."""
+
+
+class MinerTooNewError(MinerStateError, NewerFormatError):
+    """A miner stored by a newer build (its head's format version is past ours)."""
+
+    def __init__(self, version: int) -> None:
+        self.version, self.newest = version, FORMAT_VERSION
+        super().__init__(newer_message("log miner", version, FORMAT_VERSION))
 
 
 @dataclass(frozen=True)
@@ -237,6 +246,8 @@ class Miner:
         if head is None:
             raise MinerStateError(f"miner state has no {HEAD_FIELD!r}")
         raw = _unpack(head)
+        if isinstance(raw, dict) and is_newer(raw.get("v"), FORMAT_VERSION):
+            raise MinerTooNewError(raw["v"])
         if not isinstance(raw, dict) or raw.get("v") != FORMAT_VERSION:
             raise MinerStateError("miner state has another format version")
         miner._check_fingerprint(raw)

@@ -33,6 +33,7 @@ from typing import Any
 
 import msgpack
 
+from sinkstream.contracts.formats import NewerFormatError, is_newer, newer_message
 from workers.logs.parse import LEVELS, PROBLEM_LEVELS
 
 #: the format of ``table:head`` and the fields beside it; 1 was the single ``table`` blob
@@ -49,6 +50,14 @@ _SEVERE_FIRST = LEVELS[::-1]
 
 class TableStateError(ValueError):
     """A stored template table that cannot be read."""
+
+
+class TableTooNewError(TableStateError, NewerFormatError):
+    """A table stored by a newer build (its head's format version is past ours)."""
+
+    def __init__(self, version: int) -> None:
+        self.version, self.newest = version, FORMAT_VERSION
+        super().__init__(newer_message("template table", version, FORMAT_VERSION))
 
 
 @dataclass(frozen=True)
@@ -264,6 +273,8 @@ class Table:
             raise TableStateError(f"template table has no {HEAD_FIELD!r}")
         try:
             raw = msgpack.unpackb(head, raw=False, strict_map_key=False)
+            if isinstance(raw, dict) and is_newer(raw.get("v"), FORMAT_VERSION):
+                raise TableTooNewError(raw["v"])
             if not isinstance(raw, dict) or raw.get("v") != FORMAT_VERSION:
                 raise TableStateError("template table has another format version")
             table._read_head(raw)

@@ -276,7 +276,7 @@ class MultiStreamProcessor:
         held.remove(h)
         self.p.release(h.claim)
         if h.prepared is None and h.outcome is not None \
-                and h.outcome.status in ("idle", "failed"):
+                and h.outcome.status in ("idle", "failed", "deferred"):
             self._forget(h.stream_id)
 
     # ----- feeding, one chunk per stream per forward ----------------------------------------
@@ -399,11 +399,10 @@ class MultiStreamProcessor:
         """Release ``h``'s lease and note where the stream stands in ``RUNNABLE``."""
         held.remove(h)
         outcome = h.outcome or Outcome(h.stream_id, "idle")
-        outcome.reschedule = self.p.release(h.claim, "continue" if outcome.continues
-                                            else "done")
+        outcome.reschedule = self.p.release(h.claim, outcome.settle)
         if outcome.continues:
             self._requeue(h.stream_id)
-        elif outcome.status in ("applied", "idle", "failed"):
+        elif outcome.status in ("applied", "idle", "failed", "deferred"):
             self._forget(h.stream_id)
         return outcome
 

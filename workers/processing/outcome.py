@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from sinkstream.contracts.outcomes import BatchStatus
 from sinkstream.contracts.outputs import OutputEntry
+
+#: how a task hands its stream back: ``continue`` (input left: a new task at once), ``done``
+#: (caught up, or parked) or ``defer`` (a newer build wrote it: tried again after a while,
+#: by whichever worker takes it then, so an upgraded one soon)
+Settle = Literal["continue", "done", "defer"]
 
 
 @dataclass
@@ -45,3 +51,10 @@ class Outcome:
     def continues(self) -> bool:
         """Applied, with input left: the stream wants another batch soon."""
         return self.status == "applied" and self.more
+
+    @property
+    def settle(self) -> Settle:
+        """How the stream is handed back after this outcome (``Settle``)."""
+        if self.continues:
+            return "continue"
+        return "defer" if self.status == "deferred" else "done"

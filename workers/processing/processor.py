@@ -5,7 +5,8 @@ benchmarked directly, as a public step API that the single-stream loop (``proces
 multi-stream path (``workers/processing/multistream.py``) both call:
 
 1. ``claim``: the stream's lease with a fencing token (never waits: "busy" or "failed");
-2. ``prepare``: the committed state (hot cache or Redis) and the next batch after it;
+2. ``prepare``: the committed state (hot cache or Redis) and the next batch after it
+   ("deferred": a newer build wrote the state; ``workers/processing/newer.py``);
 3. ``feed``: the engine folds the batch into a new state (copy-on-write, nothing stored yet);
 4. ``finish``: summaries, memory, and the fenced commit of everything the batch produced;
 5. ``release``: the lease goes back (a failed release only delays the stream to its expiry).
@@ -25,6 +26,7 @@ from typing import Any
 
 import redis
 
+from sinkstream.contracts.formats import NewerFormatError
 from sinkstream.contracts.keys import StreamKeys
 from sinkstream.contracts.outputs import OutputEntry
 from sinkstream.faults import checkpoint
@@ -35,6 +37,7 @@ from state_store.connection import TRANSIENT_ERRORS
 from state_store.lease import Lease, LeaseKeeper, LeaseLostError, LeaseManager
 from state_store.reads import parse_head as parse_state_head
 from state_store.reads import request_head as request_state_head
+from state_store.replies import raised
 from state_store.store import (
     CommitRequest,
     FieldValue,
@@ -48,7 +51,6 @@ from workers.engines.base import Engine, EngineError, EngineState
 from workers.logs import head as logs_head
 from workers.logs.mining import MinerStateError
 from workers.logs.table import TableStateError
-from workers.memory.embedder import Embedder
 from workers.memory.persistence import parse_head as parse_memory_head
 from workers.memory.persistence import request_head as request_memory_head
 from workers.memory.records import MemoryHead, MemoryWrite
@@ -62,9 +64,10 @@ from workers.processing.hot_cache import HotStateCache
 from workers.processing.log_batches import LogFolder, LogUpdate
 from workers.processing.log_notes import LogNotesWriter
 from workers.processing.memory_writer import MemoryWriter
+from workers.processing.newer import DEFER_RETRY_S, NewerStreams
 from workers.processing.notes_writer import NotesWriter, Published
 from workers.processing.observer import BatchObserver
-from workers.processing.outcome import Outcome
+from workers.processing.outcome import Outcome, Settle
 from workers.processing.states import Loaded, StateRepository
 from workers.processing.summarizer import Summarizer
 from workers.processing.vectorizer import Vectorizer
@@ -146,12 +149,7 @@ class StreamProcessor:
         if observer is None:
             from monitoring.batch_metrics import BatchMetrics
 
-            # the dtype the engine computes in (a setting of "auto" names none): sink-KV
-            # engines call it compute_dtype, RWKV engines dtype
-            dtype = getattr(engine, "compute_dtype", None) or getattr(engine, "dtype", None) \
-                or settings.dtype
-            observer = BatchMetrics(engine.kind, engine.model_name, settings.device,
-                                    str(dtype).removeprefix("torch."))
+            observer = BatchMetrics.of_engine(engine, settings.device, settings.dtype)
         self.engine = engine
         self.client = client
         self.settings = settings
@@ -172,6 +170,7 @@ class StreamProcessor:
         self.answers = Answerer(engine, client, settings, self.states, self.summarizer,
                                 self.notes)
         self._vectorizer: Vectorizer | None = None
+        self.newer = NewerStreams(settings.max_streams_per_worker)
         #: leases whose release failed (Redis went away): released on the next try, so the
         #: stream does not wait for the lease to expire when Redis comes back
         self._unreleased: dict[str, Lease] = {}
@@ -188,13 +187,13 @@ class StreamProcessor:
         claim = self.claim(stream_id)
         if isinstance(claim, Outcome):
             return claim
-        then: Then = "keep"  # an error propagating leaves the flag to the task's handler
+        then: Then | Settle = "keep"  # an error propagating leaves the flag to the task's handler
         try:
             outcome = self._one(claim)
             deadline = time.monotonic() + time_slice_s
             while outcome.continues and time.monotonic() < deadline:
                 outcome = outcome.then(self._one(claim))
-            then = "continue" if outcome.continues else "done"
+            then = outcome.settle
         finally:
             reschedule = self.release(claim, then)
         outcome.reschedule = reschedule
@@ -241,21 +240,24 @@ class StreamProcessor:
         keeper.__enter__()
         return Claim(stream_id, lease, keeper, own=own, head=got.head)
 
-    def release(self, claim: Claim, then: Then = "keep") -> bool:
-        """Stop renewing, give the lease back and settle the scheduled flag of the task's own
-        stream (``then``; a companion's is left alone); True when the stream must be enqueued
-        again now. ``keep`` on the task's own stream (an error cut the batch short) becomes
-        ``retry``: its flag, which followed the lease, gets the queued TTL back, so an error
-        is retried after ``schedule_ttl_seconds`` rather than right after the lease. If Redis
-        is unreachable the lease is remembered and released on the next try: a failed release
-        never masks the error already propagating, it only delays the stream until then."""
+    def release(self, claim: Claim, then: Then | Settle = "keep") -> bool:
+        """Stop renewing, give the lease back and settle the task's own stream's scheduled
+        flag (``then``; a companion's is left alone); True when the stream must be enqueued
+        again now. ``keep`` on the own stream (an error cut the batch short) becomes
+        ``retry``: the flag gets the queued TTL back, so an error is retried after
+        ``schedule_ttl_seconds``; ``defer`` after ``DEFER_RETRY_S``. If Redis is unreachable
+        the lease is remembered and released on the next try: a failed release never masks
+        the error already propagating."""
         claim.keeper.stop()
+        flag_ttl_s = self.settings.schedule_ttl_seconds
+        if then == "defer":
+            then, flag_ttl_s = "retry", min(flag_ttl_s, DEFER_RETRY_S)
         if not claim.own:
             then = "keep"
         elif then == "keep":
             then = "retry"
         try:
-            return self.claims.release(claim.lease, then, self.settings.schedule_ttl_seconds)
+            return self.claims.release(claim.lease, then, flag_ttl_s)
         except TRANSIENT_ERRORS as exc:
             log.debug("stream %s: lease release failed (%s); retried later",
                       claim.stream_id, exc)
@@ -295,7 +297,7 @@ class StreamProcessor:
             request_memory_head(pipe, stream_id)
         replies = pipe.execute(raise_on_error=False)
         if head is None:
-            head = parse_state_head(stream_id, *_raised(replies[:2]))
+            head = parse_state_head(stream_id, *raised(replies[:2]))
             replies = replies[2:]
         entries, notes_raw = replies[0], replies[1]
         logs_raw = replies[2:2 + logs_head.REPLIES]
@@ -304,9 +306,13 @@ class StreamProcessor:
             # anyone can write the input key: a non-stream there parks this stream only
             return self._fail(stream_id, f"stream {stream_id!r}: input key is not a stream "
                                          f"({entries})")
-        _raised(replies)
+        raised(replies)
+        if (known := self.newer.known(stream_id, head.version)) is not None:
+            return self._defer(stream_id, head.version, known)  # not read again
         try:
             loaded = self.states.load(stream_id, head)
+        except NewerFormatError as exc:  # before StateError: a state's is one of those too
+            return self._defer(stream_id, head.version, str(exc))
         except (StateError, StateReadError, EngineError) as exc:
             return self._fail(stream_id, str(exc))
         if loaded.last_entry_id != after:  # the state moved under the head: never feed it
@@ -332,6 +338,8 @@ class StreamProcessor:
                     raise LeaseLostError(f"stream {stream_id!r}: logs at {logs.applied}, "
                                          f"expected {after}")
             batch, logs_update = self.logs.fold(stream_id, logs, batch)
+        except NewerFormatError as exc:
+            return self._defer(stream_id, head.version, f"stream {stream_id!r}: {exc}")
         except (MinerStateError, TableStateError) as exc:
             return self._fail(stream_id, f"stream {stream_id!r}: logs unreadable: {exc}")
         memory = parse_memory_head(stream_id, memory_head) if self.memory.enabled else None
@@ -441,6 +449,10 @@ class StreamProcessor:
                                 time.perf_counter() - started)
         return result.version, written
 
+    def _defer(self, stream_id: str, version: int, reason: str) -> Outcome:
+        self.newer.met(stream_id, version, reason)  # left for an upgraded worker
+        return Outcome(stream_id, "deferred", reason=reason)
+
     def _fail(self, stream_id: str, reason: str) -> Outcome:
         """Park a stream whose state cannot be used; the others carry on."""
         log.error("stream %s: marked failed: %s", stream_id, reason)
@@ -451,14 +463,10 @@ class StreamProcessor:
 
     # ----- whole-stream memory ---------------------------------------------------------------
     @property
-    def embedder(self) -> Embedder | None:
-        return self.answers.embedder
-
-    @property
     def vectorizer(self) -> Vectorizer | None:
         """The thread embedding committed chunks (made on first use; None without an
         embedding model)."""
-        if self._vectorizer is None and (embedder := self.embedder) is not None:
+        if self._vectorizer is None and (embedder := self.answers.embedder) is not None:
             self._vectorizer = Vectorizer(
                 self.client, embedder, max_streams=self.settings.max_streams_per_worker,
                 on_written=self.observer.vectors_written)
@@ -490,11 +498,3 @@ class StreamProcessor:
         """The latest committed state and the last entry in it (no lease: read only)."""
         loaded = self.states.committed(stream_id)
         return loaded.state, loaded.last_entry_id
-
-
-def _raised(replies: list[Any]) -> list[Any]:
-    """``replies`` of a pipeline run with ``raise_on_error=False``, raising the first error."""
-    for reply in replies:
-        if isinstance(reply, Exception):
-            raise reply
-    return replies

@@ -11,10 +11,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sinkstream.contracts.formats import NewerFormatError
 from state_store.codec import (
     FORMAT_VERSION,
     HEADER_SIZE,
     MAGIC,
+    NEWEST_VERSION,
     XXH3_VERSION,
     ForeignStateError,
     StateCorruptError,
@@ -22,7 +24,9 @@ from state_store.codec import (
     StateError,
     StateFormatError,
     StateTooLargeError,
+    StateTooNewError,
     check_compatible,
+    decode_segment,
     decode_state,
     encode_state,
     seal,
@@ -145,12 +149,24 @@ def test_foreign_bytes_are_a_format_error() -> None:
             decode_state(foreign, stream_id="s1")
 
 
-def test_other_format_version_is_a_format_error(encoded: bytes) -> None:
+def test_a_newer_format_version_is_told_apart_from_a_wrong_one(encoded: bytes) -> None:
+    """A version past ours is an upgraded worker's state (left for one, not parked); 0 or
+    unknown flags are damage or a foreign writer. Both stay format errors to a reader that
+    only reports them."""
     payload = encoded[HEADER_SIZE:]
-    with pytest.raises(StateFormatError, match=f"version {XXH3_VERSION + 1} is not supported"):
-        decode_state(seal(payload, format_version=XXH3_VERSION + 1))
-    with pytest.raises(StateFormatError, match="flags"):
-        decode_state(seal(payload, flags=1))
+    with pytest.raises(StateTooNewError) as info:
+        decode_state(seal(payload, format_version=NEWEST_VERSION + 1), stream_id="standup")
+    assert isinstance(info.value, StateFormatError) and isinstance(info.value, NewerFormatError)
+    assert (info.value.version, info.value.newest) == (NEWEST_VERSION + 1, NEWEST_VERSION)
+    assert str(info.value) == (
+        f"stream 'standup': state is format version {NEWEST_VERSION + 1}, newer than this "
+        f"build reads (up to {NEWEST_VERSION}): a newer sinkstream wrote it; upgrade to read it")
+    with pytest.raises(StateTooNewError):  # a segment says so for the whole state
+        decode_segment(seal(payload, format_version=NEWEST_VERSION + 7), segment=3)
+    for wrong in (seal(payload, format_version=0), seal(payload, flags=1)):
+        with pytest.raises(StateFormatError, match="not supported|flags") as info:
+            decode_state(wrong)
+        assert not isinstance(info.value, NewerFormatError)
 
 
 def test_huge_declared_payload_is_refused_before_reading(encoded: bytes) -> None:

@@ -5,9 +5,17 @@ from __future__ import annotations
 import msgpack
 import pytest
 
+from sinkstream.contracts.formats import NewerFormatError
 from tests.unit.workers.logs.first_format import miner_blob
 from workers.logs.masking import Masking
-from workers.logs.mining import Miner, MinerStateError, MiningConfig
+from workers.logs.mining import (
+    FORMAT_VERSION,
+    HEAD_FIELD,
+    Miner,
+    MinerStateError,
+    MinerTooNewError,
+    MiningConfig,
+)
 
 LINES = [
     "Receiving block blk_-1608999687919862906 src: /10.250.19.102:54106 dest: /10.250.19.102:50010",
@@ -103,6 +111,21 @@ def test_foreign_or_corrupt_states_are_refused() -> None:
                                     "c": [], "t": deep}))
     with pytest.raises(MinerStateError, match="another format"):
         Miner.decode(fields["miner:head"])
+
+
+def test_a_miner_from_a_newer_build_is_told_apart_from_a_corrupt_one() -> None:
+    """Left for an upgraded worker, not parked (``sinkstream.contracts.formats``)."""
+    fields = Miner().take_changes()
+    head = msgpack.unpackb(fields[HEAD_FIELD])
+    newer = {**fields, HEAD_FIELD: msgpack.packb({**head, "v": FORMAT_VERSION + 1})}
+    with pytest.raises(MinerTooNewError, match=f"log miner is format version "
+                                               f"{FORMAT_VERSION + 1}, newer than") as info:
+        Miner.from_fields(newer)
+    assert isinstance(info.value, NewerFormatError)
+    for wrong in (0, "3", True):
+        with pytest.raises(MinerStateError, match="another format") as refused:
+            Miner.from_fields({**fields, HEAD_FIELD: msgpack.packb({**head, "v": wrong})})
+        assert not isinstance(refused.value, NewerFormatError)
 
 
 def test_a_full_miner_counts_the_unmatched_as_other() -> None:

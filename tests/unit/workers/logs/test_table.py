@@ -3,7 +3,18 @@ do not depend on where the batches were cut."""
 
 from __future__ import annotations
 
-from workers.logs.table import BurstConfig, Table
+import msgpack
+import pytest
+
+from sinkstream.contracts.formats import NewerFormatError
+from workers.logs.table import (
+    FORMAT_VERSION,
+    HEAD_FIELD,
+    BurstConfig,
+    Table,
+    TableStateError,
+    TableTooNewError,
+)
 
 T0 = 1_700_000_000.0
 CONFIG = BurstConfig(bucket_s=60, history_buckets=30)
@@ -45,3 +56,15 @@ def test_a_batch_rewrites_only_the_templates_it_counted() -> None:
     table.add(2, "template 2", "warn", T0 + 1, "1-1", "line")
     table.close_batch()
     assert set(table.take_changes()) == {"table:head", "table:t:2"}
+
+
+def test_a_table_from_a_newer_build_is_told_apart_from_a_corrupt_one() -> None:
+    fields = Table(BurstConfig()).take_changes()
+    head = msgpack.unpackb(fields[HEAD_FIELD], strict_map_key=False)
+    newer = {**fields, HEAD_FIELD: msgpack.packb({**head, "v": FORMAT_VERSION + 1})}
+    with pytest.raises(TableTooNewError, match="template table is format version") as info:
+        Table.from_fields(newer)
+    assert isinstance(info.value, NewerFormatError)
+    with pytest.raises(TableStateError, match="another format") as refused:
+        Table.from_fields({**fields, HEAD_FIELD: msgpack.packb({**head, "v": 0})})
+    assert not isinstance(refused.value, NewerFormatError)

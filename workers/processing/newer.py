@@ -1,0 +1,43 @@
+"""Streams a newer build has written, as one worker meets them.
+
+A state (or log miner, or template table) in a format version past what this build reads is
+an upgraded worker's work (``sinkstream.contracts.formats``): the stream is left for one
+(``deferred``), not parked. Tried again every ``DEFER_RETRY_S`` by whichever worker takes it,
+an old worker would read the whole state each time (tens of MB for a real model's window,
+for every such stream, in a fleet rolled back past a format change); so each worker
+remembers the state version it met and, while the stream's committed version stays there,
+defers it from the head alone. Another version means someone committed since: read again.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+
+#: how soon a stream a newer build wrote is tried again (by any worker: during a rolling
+#: upgrade, soon an upgraded one), at most ``schedule_ttl_seconds``
+DEFER_RETRY_S = 15.0
+
+
+class NewerStreams:
+    """Stream id -> (state version, reason) for the streams this worker deferred; at most
+    ``limit`` (the oldest met is forgotten first: it is only read once more)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self._met: dict[str, tuple[int, str]] = {}
+
+    def known(self, stream_id: str, version: int) -> str | None:
+        """Why the stream was deferred, if its committed state is still at ``version``."""
+        met = self._met.get(stream_id)
+        return met[1] if met is not None and met[0] == version else None
+
+    def met(self, stream_id: str, version: int, reason: str) -> None:
+        """Remember a deferral (logged once per stream and state version)."""
+        if self.known(stream_id, version) is None:
+            log.warning("%s; left for an upgraded worker", reason)
+            self._met.pop(stream_id, None)
+            if len(self._met) >= self.limit:
+                del self._met[next(iter(self._met))]
+            self._met[stream_id] = (version, reason)
