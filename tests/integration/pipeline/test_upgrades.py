@@ -11,6 +11,7 @@ the stream's state is one it reads again, it carries on exactly where it was. He
 from __future__ import annotations
 
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,16 @@ from sinkstream.settings import Settings
 from state_store.codec import MAGIC, NEWEST_VERSION
 from state_store.store import StateStore
 from tests.integration.pipeline.harness import (
+    WorkerPool,
+    caught_up,
     committed_tensors,
     last_input_id,
     meta,
     reference_tensors,
     settings_from_env,
     valid_entries,
+    wait_ready,
+    wait_until,
     worker_env,
 )
 from workers.engines.loading import load_engine
@@ -61,14 +66,22 @@ def _drain(proc: StreamProcessor, stream: str) -> None:
 
 
 def _as_newer_build(client: redis.Redis, stream: str) -> bytes:
-    """Rewrite the committed state's format version past ours; the bytes it had."""
+    """The committed state as an upgraded worker's commit would leave it: the format version
+    past ours, the state version one up; the bytes it had."""
     key = StreamKeys.of(stream).state
     good = client.hget(key, "data")
     assert isinstance(good, bytes)
     newer = bytearray(good)
     struct.pack_into(">H", newer, len(MAGIC), NEWEST_VERSION + 1)
     client.hset(key, "data", bytes(newer))
+    client.hincrby(key, "version", 1)
     return good
+
+
+def _as_readable_again(client: redis.Redis, stream: str, good: bytes) -> None:
+    """The next commit in a format this build reads (the state version one up again)."""
+    client.hset(StreamKeys.of(stream).state, "data", good)
+    client.hincrby(StreamKeys.of(stream).state, "version", 1)
 
 
 def _counting_loads(proc: StreamProcessor) -> list[str]:
@@ -92,8 +105,8 @@ def test_a_state_from_a_newer_build_is_deferred_then_continued_exactly(
     _drain(_worker(settings, client, "w1"), "m")
     producer.publish_many("m", TURNS[6:])
     store = StateStore(client)
-    version, applied = store.version("m"), store.info("m")
     good = _as_newer_build(client, "m")
+    version, applied = store.version("m"), store.info("m")
 
     old = _worker(settings, client, "old")
     loads = _counting_loads(old)
@@ -108,10 +121,8 @@ def test_a_state_from_a_newer_build_is_deferred_then_continued_exactly(
     assert old.process("m").status == "deferred"
     assert loads == ["m"]  # the same committed version: deferred from the head alone
 
-    # an upgraded worker's commit would move the version on; here the state goes back to a
-    # format this build reads at a new version, and the old worker carries on exactly
-    client.hset(StreamKeys.of("m").state, "data", good)
-    client.hincrby(StreamKeys.of("m").state, "version", 1)
+    # once the stream's next commit is in a format this build reads, it carries on exactly
+    _as_readable_again(client, "m", good)
     _drain(old, "m")
     assert loads[1:] and set(loads) == {"m"}
     assert store.info("m").last_entry_id == last_input_id(client, "m")
@@ -162,3 +173,33 @@ def test_a_log_miner_from_a_newer_build_is_deferred(
     assert outcome.status == "deferred"
     assert f"log miner is format version {mining.FORMAT_VERSION + 1}" in outcome.reason
     assert StateStore(client).failure("app") is None
+
+
+def test_a_real_worker_defers_and_its_scheduling_brings_the_stream_back(
+    redis_server: RedisServer, pool: WorkerPool
+) -> None:
+    """Through Celery and the dispatcher: the deferred stream's flag lapses (here after the
+    test's 3 s ``schedule_ttl_seconds``), it is tried again, and once its state is one the
+    worker reads, it is caught up exactly; the deferral is logged once, not per retry."""
+    client = redis_server.client()
+    settings = settings_from_env(pool.env)
+    producer = Producer(client, settings=settings)
+    producer.publish_many("m", TURNS[:6])
+    worker = pool.start("old")
+    wait_ready(pool, [worker])
+    wait_until(lambda: caught_up(client, "m"), 120, "the first turns applied", pool.logs)
+    good = _as_newer_build(client, "m")  # (the worker's hot cache holds the version before)
+    version = StateStore(client).version("m")
+    producer.publish_many("m", TURNS[6:])
+    deferred = "left for an upgraded worker"
+    wait_until(lambda: deferred in worker.tail(), 60, "the worker to defer the stream",
+               pool.logs)
+    time.sleep(3 * settings.schedule_ttl_seconds)  # a few retries
+    assert worker.log.read_text().count(deferred) == 1, pool.logs()
+    assert StateStore(client).version("m") == version and not caught_up(client, "m")
+    assert StateStore(client).failure("m") is None
+
+    _as_readable_again(client, "m", good)
+    wait_until(lambda: caught_up(client, "m"), 60, "the stream carried on", pool.logs)
+    assert committed_tensors(client, "m") == reference_tensors(settings,
+                                                               valid_entries(client, "m"))
