@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from sinkstream.cli import demo, gateway, logs, models, publishing, reading, services
+from sinkstream.cli import demo, gateway, logs, models, publishing, reading, repair, services
 from sinkstream.cli.common import state
 
 app = typer.Typer(
@@ -51,6 +51,7 @@ app.command("follow")(reading.follow_cmd)
 app.command("summarize")(reading.summarize_cmd)
 app.command("ask")(reading.ask_cmd)
 app.command("status")(reading.status_cmd)
+app.command("resume")(repair.resume_cmd)
 app.command("logs")(logs.logs_cmd)
 # processes
 app.command("worker")(services.worker_cmd)
