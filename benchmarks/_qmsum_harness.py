@@ -237,5 +237,5 @@ def retrieval_recall(processor: Any, sid: str, question: str,
 
     n, m = len(chunks), len(holding)
     at_random = 1.0 - math.comb(n - m, min(k, n)) / math.comb(n, min(k, n))
-    return {"embedding": found(processor.embedder), "bm25": found(None),
+    return {"embedding": found(processor.answers.embedder), "bm25": found(None),
             "random": at_random, "candidates": n, "holding": m}
