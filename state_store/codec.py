@@ -34,6 +34,7 @@ import math
 import re
 import struct
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -189,6 +190,29 @@ def decode_segment(
         raise  # the whole state is an upgraded worker's, whichever segment said so
     except StateError as exc:
         raise type(exc)(f"segment {segment}: {exc.reason}", stream_id=stream_id) from None
+
+
+def decode_segments(
+    segments: Mapping[int, bytes | bytearray | memoryview],
+    *,
+    stream_id: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    threads: int = 1,
+) -> dict[int, StateEnvelope]:
+    """Every segment of a segmented state through :func:`decode_segment`, on up to
+    ``threads`` threads. Checking the digest is most of a segment's cost and releases the
+    GIL (hashlib and xxhash do for large buffers), so a window's segments are checked side
+    by side on cores a loading worker leaves idle. Raises what decoding them one after
+    another would: the error of the first bad segment, in the mapping's order."""
+    items = list(segments.items())
+    if threads < 2 or len(items) < 2:
+        return {g: decode_segment(data, segment=g, stream_id=stream_id, max_bytes=max_bytes)
+                for g, data in items}
+    with ThreadPoolExecutor(max_workers=min(threads, len(items)),
+                            thread_name_prefix="segment-decode") as pool:
+        futures = [pool.submit(decode_segment, data, segment=g, stream_id=stream_id,
+                               max_bytes=max_bytes) for g, data in items]
+    return {g: future.result() for (g, _), future in zip(items, futures, strict=True)}
 
 
 def check_compatible(

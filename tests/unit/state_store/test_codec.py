@@ -27,6 +27,7 @@ from state_store.codec import (
     StateTooNewError,
     check_compatible,
     decode_segment,
+    decode_segments,
     decode_state,
     encode_state,
     seal,
@@ -324,3 +325,20 @@ def test_check_compatible_names_the_difference(
     assert named in str(info.value)
     assert str(info.value).startswith("stream 'standup': ")
     assert len(info.value.differences) == 1
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_segments_decode_alike_on_any_number_of_threads(threads: int) -> None:
+    """Side by side or one after another: the same envelopes, and the same error, the first
+    bad segment's in the mapping's order, whichever thread met it first."""
+    segments = {g: encode_state(make_envelope(seed=g)) for g in (3, 0, 7, 5)}
+    got = decode_segments(segments, stream_id="s", threads=threads)
+    assert list(got) == [3, 0, 7, 5]
+    assert got == {g: make_envelope(seed=g) for g in segments}
+    damaged = dict(segments)
+    for g in (7, 0):
+        flipped = bytearray(segments[g])
+        flipped[-10] ^= 0x10
+        damaged[g] = bytes(flipped)
+    with pytest.raises(StateCorruptError, match="segment 0: state checksum mismatch"):
+        decode_segments(damaged, stream_id="s", threads=threads)

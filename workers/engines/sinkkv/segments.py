@@ -42,7 +42,7 @@ from state_store.codec import (
     StateEnvelope,
     StateTooLargeError,
     check_compatible,
-    decode_segment,
+    decode_segments,
     decode_state,
     encode_state,
 )
@@ -465,9 +465,9 @@ def decode(
             f"segments hold {total} bytes, limit is {max_bytes}", stream_id=stream_id
         )
     pieces: dict[int, StateSnapshot] = {}
-    for g, data in segments.items():
-        env = decode_segment(data, segment=g, stream_id=stream_id,
-                             **({} if max_bytes is None else {"max_bytes": max_bytes}))
+    envelopes = decode_segments(segments, stream_id=stream_id, threads=torch.get_num_threads(),
+                                **({} if max_bytes is None else {"max_bytes": max_bytes}))
+    for g, env in envelopes.items():
         check_compatible(env, engine.kind, engine.fingerprint, engine.params,
                          stream_id=stream_id)
         if env.snapshot.scalars.get("segment") != g:
@@ -486,8 +486,7 @@ def whole_snapshot(
     envelope = decode_state(data, stream_id=stream_id)
     if not is_segmented(envelope):
         return envelope.snapshot
-    pieces = {g: decode_segment(b, segment=g, stream_id=stream_id).snapshot
-              for g, b in segments.items()}
+    pieces = {g: env.snapshot for g, env in decode_segments(segments, stream_id=stream_id).items()}
     joined = join(envelope.snapshot, pieces)
     return StateSnapshot(
         tensors={k: RawTensor(t.dtype, t.shape, bytes(t.data)) for k, t in joined.tensors.items()},
