@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sinkstream.contracts.formats import NewerFormatError
+from state_store import codec
 from state_store.codec import (
     FORMAT_VERSION,
     HEADER_SIZE,
@@ -328,9 +329,12 @@ def test_check_compatible_names_the_difference(
 
 
 @pytest.mark.parametrize("threads", [1, 2, 4])
-def test_segments_decode_alike_on_any_number_of_threads(threads: int) -> None:
+def test_segments_decode_alike_on_any_number_of_threads(
+    threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Side by side or one after another: the same envelopes, and the same error, the first
     bad segment's in the mapping's order, whichever thread met it first."""
+    monkeypatch.setattr(codec, "SEGMENT_BYTES_PER_THREAD", 1)  # threads even for these
     segments = {g: encode_state(make_envelope(seed=g)) for g in (3, 0, 7, 5)}
     got = decode_segments(segments, stream_id="s", threads=threads)
     assert list(got) == [3, 0, 7, 5]
