@@ -26,7 +26,14 @@ fenced commit with state encoding), no summaries. Wall seconds (Redis is another
 the faster of interleaved repetitions; ``ratio`` = multi tok/s / solo tok/s. Rows with ``level
 = worker_live``: the worker's defaults (batch limits, ``batch_streams``, time slice, for solo
 tasks too) on 64 streams of 4 turns, more streams than a forward holds, as many live streams
-look between two tasks (``worker_ratio_live_64_*``).
+look between two tasks (``worker_ratio_live_64_*``). Rows with ``level = worker_even``: as
+``worker``, but every entry ``EVEN_CHARS`` characters, so all 16 streams are the same length
+(``worker_ratio_even_16_*``). Every worker row also says how much of its ratio the workload
+allows: ``feed_ratio`` (solo / multi seconds in forwards alone: the ratio if nothing but the
+model cost time), ``rows_per_forward`` (chunks fed / forwards) and ``longest_stream_chunks``
+(no schedule needs fewer forwards: QMSum turns vary, so one stream can hold a quarter of all
+chunks and run alone at the end); summary keys ``worker_feed_ratio_16_*`` and
+``worker_rows_per_forward_16_sinkkv``.
 
 Budget sweep (rows with ``level = budget``): the default model through ``MultiStreamProcessor``
 with the worker's default batch limits and time slice on a 16-stream backlog, once per
@@ -46,6 +53,7 @@ from typing import Any
 
 from benchmarks.common import bench_settings, median, threads
 from benchmarks.run import BenchResult
+from workers.processing.observer import NullObserver
 
 
 def cpu_timed(fn: Any) -> tuple[float, Any]:
@@ -57,6 +65,8 @@ def cpu_timed(fn: Any) -> tuple[float, Any]:
 
 
 CHUNK = 64
+#: characters per entry of the worker rows with streams of equal length (~ a QMSum turn)
+EVEN_CHARS = 240
 STREAMS = (1, 4, 16, 64)
 #: streams per round for the real default model
 REAL_STREAMS = (1, 4, 16)
@@ -108,38 +118,47 @@ def _measure(engine: Any, n: int, reps: int, seed: int) -> dict[str, Any]:
 
 
 def _worker_level(engine: Any, spec: str, streams: int, turns: int, reps: int,
-                  live: bool = False) -> dict[str, Any]:
+                  live: bool = False, even: int = 0) -> dict[str, Any]:
     """M streams through the worker's per-stream path vs the cross-stream path, one Redis.
 
     ``live``: the worker's defaults (batch limits, ``batch_streams``, time slice) on many
     short streams, as live streams look between two tasks; otherwise one batch of 4 entries
-    per stream per task, every stream in one forward."""
+    per stream per task, every stream in one forward. ``even``: entries of that many
+    characters (``_publish_backlog``), so every stream has the same length."""
     from workers.processing.multistream import MultiStreamProcessor
     from workers.processing.processor import StreamProcessor
 
     limits = {} if live else {"max_batch_entries": 4, "max_batch_tokens": 2048,
-                              "batch_time_slice_seconds": 0.0, "batch_streams": streams}
+                              "batch_time_slice_seconds": 0.0, "batch_streams": streams,
+                              "batch_tokens": streams * 2048}
     settings = bench_settings(
         sink_tokens=4, recent_tokens=1020, chunk_tokens=CHUNK, summary_every_tokens=0,
         summary_memory=False, retrieval="off", metrics_port=0, **limits)
     time_slice = settings.batch_time_slice_seconds
     times: dict[str, list[float]] = {"solo": [], "multi": []}
-    tokens = 0
+    feeds: dict[str, list[_FeedClock]] = {"solo": [], "multi": []}
+    tokens, chunks = 0, [0]
     with _private_redis() as client:
         for rep in range(reps):
             for side in (("solo", "multi") if rep % 2 == 0 else ("multi", "solo")):
                 client.flushall()
-                sids, ends = _publish_backlog(client, settings, f"{side}{rep}", streams, turns)
-                proc = StreamProcessor(engine, client, settings, f"bench-{side}")
+                sids, ends = _publish_backlog(client, settings, f"{side}{rep}", streams, turns,
+                                              even)
+                clock = _FeedClock()
+                proc = StreamProcessor(engine, client, settings, f"bench-{side}", observer=clock)
                 multi = MultiStreamProcessor(proc, settings.batch_streams, settings.batch_tokens)
                 task = (functools.partial(_solo_task, proc, time_slice) if side == "solo"
                         else functools.partial(_multi_task, multi, time_slice))
                 seconds, _ = _drain(proc, ends, task)
                 times[side].append(seconds)
-                tokens = sum(proc.committed_state(s)[0].tokens_seen for s in sids)
+                feeds[side].append(clock)
+                seen = [proc.committed_state(s)[0].tokens_seen for s in sids]
+                tokens, chunks = sum(seen), [n // engine.chunk_tokens for n in seen]
     solo_tps, multi_tps = tokens / min(times["solo"]), tokens / min(times["multi"])
+    solo_feed = min(c.seconds for c in feeds["solo"])
+    multi_feed = min(feeds["multi"], key=lambda c: c.seconds)
     return {
-        "level": "worker_live" if live else "worker",
+        "level": "worker_live" if live else "worker_even" if even else "worker",
         "engine": engine.kind,
         "streams": streams,
         "batch_streams": settings.batch_streams,
@@ -149,7 +168,26 @@ def _worker_level(engine: Any, spec: str, streams: int, turns: int, reps: int,
         "sequential_tok_s": solo_tps,
         "speedup": multi_tps / solo_tps,
         "median_speedup": median(times["solo"]) / median(times["multi"]),
+        # the model's share alone: what the ratio would be if nothing but the feed cost time
+        "feed_ratio": solo_feed / multi_feed.seconds,
+        "rows_per_forward": sum(chunks) / max(1, multi_feed.forwards),
+        # no schedule needs fewer forwards than the longest stream has chunks
+        "longest_stream_chunks": max(chunks),
+        "chunks": sum(chunks),
     }
+
+
+class _FeedClock(NullObserver):
+    """A batch observer that keeps only the model's time: seconds in forwards, and how many
+    (one ``fed`` per forward in a batched task; one per batch, chunks and all, in a solo
+    one)."""
+
+    def __init__(self) -> None:
+        self.seconds, self.forwards = 0.0, 0
+
+    def fed(self, tokens: int, seconds: float) -> None:
+        self.seconds += seconds
+        self.forwards += 1
 
 
 #: ``batch_tokens`` values tried by the budget sweep: 0 is the default (auto: one time slice
@@ -205,10 +243,12 @@ def _private_redis() -> Iterator[Any]:
             server.stop(hard=True)
 
 
-def _publish_backlog(client: Any, settings: Any, prefix: str, streams: int, turns: int
-                     ) -> tuple[list[str], dict[str, str]]:
+def _publish_backlog(client: Any, settings: Any, prefix: str, streams: int, turns: int,
+                     even: int = 0) -> tuple[list[str], dict[str, str]]:
     """``streams`` streams of ``turns`` QMSum turns each, from staggered offsets; their ids and
-    where each ends (applied input is trimmed, so the end is remembered before feeding)."""
+    where each ends (applied input is trimmed, so the end is remembered before feeding).
+    ``even``: every entry instead ``even`` characters of the meeting's text from the stream's
+    offset on, so that with a byte tokenizer every stream holds the same number of tokens."""
     from benchmarks.common import qmsum_text
     from producer.publisher import Producer
 
@@ -217,7 +257,11 @@ def _publish_backlog(client: Any, settings: Any, prefix: str, streams: int, turn
     sids = [f"{prefix}-{i}" for i in range(streams)]
     for i, sid in enumerate(sids):
         start = (i * 37) % max(1, len(lines) - turns)
-        producer.publish_many(sid, lines[start : start + turns])
+        entries = lines[start : start + turns]
+        if even:
+            text = " ".join(lines[start:]).encode("ascii", "replace").decode()
+            entries = [text[k * even : (k + 1) * even] for k in range(turns)]
+        producer.publish_many(sid, entries)
     return sids, {sid: _last_id(client, sid) for sid in sids}
 
 
@@ -284,6 +328,8 @@ def run(quick: bool) -> BenchResult:
     for spec in ("tiny-llama", "tiny-rwkv"):
         engine = load_engine(settings, spec)
         rows.append(_worker_level(engine, spec, 16, 8 if quick else 16, 2 if quick else 3))
+        rows.append(_worker_level(engine, spec, 16, 8 if quick else 16, 2 if quick else 3,
+                                  even=EVEN_CHARS))
         rows.append(_worker_level(engine, spec, 64, 4, 2 if quick else 3, live=True))
     rows += _budget_sweep(real, 16, 16 if quick else 48)
     tiny = [r for r in rows if r["level"] == "engine" and r["model"] != real.model_name]
@@ -292,6 +338,9 @@ def run(quick: bool) -> BenchResult:
                if r["level"] == "engine" and r["model"] == real.model_name}
     worker = {r["engine"]: r["speedup"] for r in rows if r["level"] == "worker"}
     live = {r["engine"]: r["speedup"] for r in rows if r["level"] == "worker_live"}
+    even = {r["engine"]: r["speedup"] for r in rows if r["level"] == "worker_even"}
+    feed = {r["engine"]: r["feed_ratio"] for r in rows if r["level"] == "worker"}
+    rows_per = {r["engine"]: r["rows_per_forward"] for r in rows if r["level"] == "worker"}
     return BenchResult(
         title=f"feed_batch vs one stream at a time, {CHUNK}-token chunks, tiny-llama (sink-KV) "
         f"and tiny-rwkv7, {threads()} threads",
@@ -307,6 +356,11 @@ def run(quick: bool) -> BenchResult:
             "bit_identical": all(r["bit_identical"] for r in rows if r["level"] == "engine"),
             "worker_ratio_16_sinkkv": worker["sinkkv"],
             "worker_ratio_16_rwkv": worker["rwkv"],
+            "worker_feed_ratio_16_sinkkv": feed["sinkkv"],
+            "worker_feed_ratio_16_rwkv": feed["rwkv"],
+            "worker_rows_per_forward_16_sinkkv": rows_per["sinkkv"],
+            "worker_ratio_even_16_sinkkv": even["sinkkv"],
+            "worker_ratio_even_16_rwkv": even["rwkv"],
             "worker_ratio_live_64_sinkkv": live["sinkkv"],
             "worker_ratio_live_64_rwkv": live["rwkv"],
             **{f"budget_{r['batch_tokens']}_tok_s_default_model": r["tok_s"]
