@@ -15,7 +15,9 @@ the sequential one byte for byte (exported as a commit stores it), in every repe
 Engines: ``tiny-llama`` through sink-KV (S=4, R=1020) and ``tiny-rwkv`` (RWKV-7, 2x128)
 through the RWKV engine (batched via :mod:`workers.engines.rwkv.batched`; since issue #23 a lone
 stream takes that forward too, with one row), and the real default model (SmolLM2-135M,
-N = 1, 4, 16, fewer repetitions: ``speedup_16_sinkkv_default_model``). Headline keys:
+N = 1, 4, 16, fewer repetitions: ``speedup_16_sinkkv_default_model``), and tiny-llama at N = 16
+with full windows (1,024 cached tokens per row, as any stream older than a minute or two: row
+``level = engine_full_window``, ``speedup_16_sinkkv_full_window``). Headline keys:
 ``speedup_16_sinkkv``, ``speedup_16_rwkv`` and ``speedup_16`` (the smaller of the two).
 
 Worker level (rows with ``level = worker``): M streams of QMSum turns published to a private
@@ -70,13 +72,19 @@ EVEN_CHARS = 240
 STREAMS = (1, 4, 16, 64)
 #: streams per round for the real default model
 REAL_STREAMS = (1, 4, 16)
+#: chunks of history of the first stream in a full-window round: past S + R = 1,024 tokens
+FULL_WINDOW_CHUNKS = 18
 
 
-def _measure(engine: Any, n: int, reps: int, seed: int) -> dict[str, Any]:
+def _measure(engine: Any, n: int, reps: int, seed: int, full: bool = False) -> dict[str, Any]:
+    """``full``: histories past the window (S + R = 1,024 cached tokens), as every stream
+    older than a minute or two of speech; else 128-384 cached tokens."""
     rng = random.Random(seed)
     vocab = 256
     # different history lengths per stream (multiples of the chunk: no pending tokens)
-    histories = [[rng.randrange(1, vocab) for _ in range(CHUNK * (2 + i % 5))] for i in range(n)]
+    first = FULL_WINDOW_CHUNKS if full else 2
+    histories = [[rng.randrange(1, vocab) for _ in range(CHUNK * (first + i % 5))]
+                 for i in range(n)]
     states = engine.feed_batch([engine.new_state() for _ in range(n)], histories)
     chunks = [
         [[rng.randrange(1, vocab) for _ in range(CHUNK)] for _ in range(n)] for _ in range(reps + 1)
@@ -323,8 +331,10 @@ def run(quick: bool) -> BenchResult:
     real = load_engine(settings)
     for n in REAL_STREAMS:
         rows.append(_measure(real, n, 2 if quick else 3, seed=n))
+    full_window = _measure(load_engine(settings, "tiny-llama"), 16, reps, seed=16, full=True)
     for r in rows:
         r["level"] = "engine"
+    rows.append({**full_window, "level": "engine_full_window"})
     for spec in ("tiny-llama", "tiny-rwkv"):
         engine = load_engine(settings, spec)
         rows.append(_worker_level(engine, spec, 16, 8 if quick else 16, 2 if quick else 3))
@@ -351,9 +361,11 @@ def run(quick: bool) -> BenchResult:
             "speedup_16_rwkv": by[("rwkv", 16)],
             "speedup_64_sinkkv": by[("sinkkv", 64)],
             "speedup_64_rwkv": by[("rwkv", 64)],
+            "speedup_16_sinkkv_full_window": full_window["speedup"],
             f"speedup_16_{real.kind}_default_model": by_real[16],
             "default_model": real.model_name,
-            "bit_identical": all(r["bit_identical"] for r in rows if r["level"] == "engine"),
+            "bit_identical": all(r["bit_identical"] for r in rows
+                                 if r["level"].startswith("engine")),
             "worker_ratio_16_sinkkv": worker["sinkkv"],
             "worker_ratio_16_rwkv": worker["rwkv"],
             "worker_feed_ratio_16_sinkkv": feed["sinkkv"],
