@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -56,3 +57,18 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def runner(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A Typer ``CliRunner`` for the ``sinkstream`` CLI, pointed at the private Redis, with
+    no settings file and this invocation's settings read afresh."""
+    from typer.testing import CliRunner
+
+    from sinkstream.cli import common as cli_common
+
+    monkeypatch.setenv("SINKSTREAM_REDIS_URL", redis_server.url)
+    monkeypatch.delenv("SINKSTREAM_CONFIG", raising=False)
+    monkeypatch.setattr(cli_common.state, "settings", None)
+    monkeypatch.setattr(cli_common.state, "config", None)
+    return CliRunner()

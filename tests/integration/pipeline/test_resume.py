@@ -11,7 +11,6 @@ from typer.testing import CliRunner
 
 from producer.publisher import Producer
 from sinkstream.cli import app as cli
-from sinkstream.cli import common as cli_common
 from sinkstream.cli.localredis import RedisServer
 from sinkstream.contracts.keys import StreamKeys
 from sinkstream.settings import Settings
@@ -31,16 +30,6 @@ from workers.processing.processor import StreamProcessor
 TURNS = [f"turn {i}: who owns the crash reports in launch week?" for i in range(10)]
 
 
-@pytest.fixture
-def runner(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
-    monkeypatch.setenv("SINKSTREAM_REDIS_URL", redis_server.url)
-    monkeypatch.delenv("SINKSTREAM_CONFIG", raising=False)
-    monkeypatch.setattr(cli_common.state, "settings", None)
-    monkeypatch.setattr(cli_common.state, "config", None)
-    monkeypatch.setenv("COLUMNS", "200")
-    return CliRunner()
-
-
 def _drain(proc: StreamProcessor, stream: str) -> str:
     while (outcome := proc.process(stream)).status == "applied":
         pass
@@ -48,8 +37,10 @@ def _drain(proc: StreamProcessor, stream: str) -> str:
 
 
 def test_resume_puts_a_repaired_stream_back_to_work_and_a_broken_one_is_parked_again(
-    redis_server: RedisServer, tmp_path: Path, runner: CliRunner
+    redis_server: RedisServer, tmp_path: Path, runner: CliRunner,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # the reason on one line
     client: redis.Redis = redis_server.client()
     settings: Settings = settings_from_env(worker_env(redis_server.url, tmp_path,
                                                       SINKSTREAM_RETRIEVAL="off"))

@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 
 from producer.formats import Turn, read_file
 from sinkstream.cli import app as cli
-from sinkstream.cli import common as cli_common
 from sinkstream.cli.localredis import RedisServer, free_port
 from tests.unit.producer.conftest import SAMPLES, entries, turns_of
 from tests.unit.producer.test_formats import VTT_TURNS
@@ -24,15 +23,6 @@ pytestmark = pytest.mark.usefixtures("quiet_retries")
 
 
 # --- CLI -----------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def runner(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
-    monkeypatch.setenv("SINKSTREAM_REDIS_URL", redis_server.url)
-    monkeypatch.delenv("SINKSTREAM_CONFIG", raising=False)
-    monkeypatch.setattr(cli_common.state, "settings", None)
-    monkeypatch.setattr(cli_common.state, "config", None)
-    return CliRunner()
 
 
 def _ok(result: Any) -> None:
