@@ -41,7 +41,7 @@ from typing import Any
 import msgpack
 import xxhash
 
-from sinkstream.contracts.formats import NewerFormatError, is_newer, newer_message
+from sinkstream.contracts.formats import NewerFormatError, is_newer
 from state_store.tensors import DTYPE_SIZES, RawTensor, StateSnapshot
 
 MAGIC = b"SNKSTATE"
@@ -93,8 +93,7 @@ class StateTooNewError(StateFormatError, NewerFormatError):
     """A format version newer than this build reads: an upgraded worker wrote it."""
 
     def __init__(self, version: int, *, stream_id: str | None = None) -> None:
-        self.version, self.newest = version, NEWEST_VERSION
-        super().__init__(newer_message("state", version, NEWEST_VERSION), stream_id=stream_id)
+        super().__init__(self._newer("state", version, NEWEST_VERSION), stream_id=stream_id)
 
 
 class StateTooLargeError(StateError):

@@ -24,11 +24,11 @@ class NewerFormatError(Exception):
     version: int = 0
     newest: int = 0
 
-
-def newer_message(what: str, version: int, newest: int) -> str:
-    """What a ``NewerFormatError`` says: what was found, and what to do about it."""
-    return (f"{what} is format version {version}, newer than this build reads (up to "
-            f"{newest}): a newer sinkstream wrote it; upgrade to read it")
+    def _newer(self, what: str, version: int, newest: int) -> str:
+        """Record ``version`` and ``newest``; the message: what was found, what to do."""
+        self.version, self.newest = version, newest
+        return (f"{what} is format version {version}, newer than this build reads (up to "
+                f"{newest}): a newer sinkstream wrote it; upgrade to read it")
 
 
 def is_newer(version: object, newest: int) -> bool:

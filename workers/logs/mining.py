@@ -50,7 +50,7 @@ from typing import Any, Literal, NamedTuple
 import msgpack
 from drain3.drain import Drain, LogCluster, Node
 
-from sinkstream.contracts.formats import NewerFormatError, is_newer, newer_message
+from sinkstream.contracts.formats import NewerFormatError, is_newer
 from workers.logs.masking import Masking
 
 #: the format of ``miner:head`` and the fields beside it; 1 was the single ``miner`` blob
@@ -78,8 +78,7 @@ class MinerTooNewError(MinerStateError, NewerFormatError):
     """A miner stored by a newer build (its head's format version is past ours)."""
 
     def __init__(self, version: int) -> None:
-        self.version, self.newest = version, FORMAT_VERSION
-        super().__init__(newer_message("log miner", version, FORMAT_VERSION))
+        super().__init__(self._newer("log miner", version, FORMAT_VERSION))
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from typing import Any
 
 import msgpack
 
-from sinkstream.contracts.formats import NewerFormatError, is_newer, newer_message
+from sinkstream.contracts.formats import NewerFormatError, is_newer
 from workers.logs.parse import LEVELS, PROBLEM_LEVELS
 
 #: the format of ``table:head`` and the fields beside it; 1 was the single ``table`` blob
@@ -56,8 +56,7 @@ class TableTooNewError(TableStateError, NewerFormatError):
     """A table stored by a newer build (its head's format version is past ours)."""
 
     def __init__(self, version: int) -> None:
-        self.version, self.newest = version, FORMAT_VERSION
-        super().__init__(newer_message("template table", version, FORMAT_VERSION))
+        super().__init__(self._newer("template table", version, FORMAT_VERSION))
 
 
 @dataclass(frozen=True)
