@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import json
 import tempfile
 import time
@@ -158,6 +159,12 @@ class Pipeline:
                                                    log_feed=self.feed,
                                                    notes_phrasing=self.narrative,
                                                    notes_prose=self.narrative)
+            # as a worker does once its model is loaded (workers/tasks.py): torch's and the
+            # model's objects out of the collector's sight. Unfrozen, a full collection walks
+            # ~400k of them a few times a second while templates are being created (the grown
+            # stream's warm-up ran at half speed, and by chance more or less of it).
+            gc.collect()
+            gc.freeze()
         return self._processor
 
     def publish(self, stream: str, system: System) -> None:

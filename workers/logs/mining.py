@@ -68,6 +68,8 @@ Change = Literal["created", "changed", "none"]
 #: where lines go once a stream holds ``max_templates`` templates and a line matches none
 OTHER_ID = 0
 OTHER_TEMPLATE = "<other>"
+#: masked messages a miner remembers the template of (see ``Miner.add``)
+MATCH_MEMORY = 1 << 13
 
 
 class MinerStateError(ValueError):
@@ -148,7 +150,8 @@ class _Drain(Drain):
 class Miner:
     """One stream's template miner: masks and mines messages; its state as hash fields."""
 
-    def __init__(self, config: MiningConfig | None = None) -> None:
+    def __init__(self, config: MiningConfig | None = None,
+                 match_memory: int = MATCH_MEMORY) -> None:
         self.config = config or MiningConfig()
         self.drain = _Drain(depth=self.config.depth, sim_th=self.config.sim_th,
                             max_children=self.config.max_children)
@@ -159,10 +162,28 @@ class Miner:
         self._changed_clusters: set[int] = set()
         #: (token count, first key or None for the token count's own node)
         self._changed_nodes: set[tuple[str, str | None]] = set()
+        #: masked message -> (its cluster, its template), for messages that matched a
+        #: template and left it as it was, since the last template was created or changed
+        self._matched: dict[str, tuple[LogCluster, str]] = {}
+        self._match_memory = match_memory  # 0: Drain's tree search for every message
 
     def add(self, message: str) -> Mined:
-        """Mine one message (masked first); deterministic given the miner's state."""
+        """Mine one message (masked first); deterministic given the miner's state.
+
+        Drain's answer for a message is a function of its tokens, the prefix tree and the
+        templates; cluster sizes play no part. While no template is created or changed, the
+        tree and the templates stand still, so a masked message seen since then (~9 in 10
+        lines of the LogHub samples) goes to the same cluster, again unchanged: ``_matched``
+        gives it without the tree search (~2 us of ~7 per line). Any creation or change
+        forgets them all, so the result is Drain's, bit for bit; nothing of it is stored.
+        """
         masked = self.masker.mask(message)
+        known = self._matched.get(masked)
+        if known is not None:
+            cluster, template = known
+            cluster.size += 1
+            self._changed_clusters.add(cluster.cluster_id)
+            return Mined(cluster.cluster_id, template, "none")
         if len(self.drain.id_to_cluster) >= self.config.max_templates and \
                 self.drain.tree_search(self.drain.root_node,
                                        self.drain.get_content_as_tokens(masked),
@@ -170,11 +191,18 @@ class Miner:
             return Mined(OTHER_ID, OTHER_TEMPLATE, "none")
         cluster, change = self.drain.add_log_message(masked)
         self._changed_clusters.add(cluster.cluster_id)  # its size, at least
+        template = cluster.get_template()
+        if change == "none":
+            if self._match_memory:
+                if len(self._matched) >= self._match_memory:
+                    self._matched.clear()
+                self._matched[masked] = (cluster, template)
+            return Mined(cluster.cluster_id, template, "none")
+        self._matched.clear()
         if change == "cluster_created":
             self._placed(cluster.log_template_tokens)
-            return Mined(cluster.cluster_id, cluster.get_template(), "created")
-        kind: Change = "changed" if change == "cluster_template_changed" else "none"
-        return Mined(cluster.cluster_id, cluster.get_template(), kind)
+            return Mined(cluster.cluster_id, template, "created")
+        return Mined(cluster.cluster_id, template, "changed")
 
     def template(self, template_id: int) -> str | None:
         cluster = self.drain.id_to_cluster.get(template_id)

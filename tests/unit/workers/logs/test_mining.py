@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from benchmarks.common import DATA_DIR
+from benchmarks.logs import load_systems
 from sinkstream.contracts.formats import NewerFormatError
 from tests.unit.workers.logs.first_format import miner_blob
 from workers.logs.masking import Masking
 from workers.logs.mining import (
     FORMAT_VERSION,
     HEAD_FIELD,
+    MATCH_MEMORY,
     Miner,
     MinerStateError,
     MinerTooNewError,
     MiningConfig,
 )
+
+LOGHUB = DATA_DIR / "loghub"
 
 LINES = [
     "Receiving block blk_-1608999687919862906 src: /10.250.19.102:54106 dest: /10.250.19.102:50010",
@@ -160,3 +167,51 @@ def test_an_equal_line_merges_as_the_token_loop_does() -> None:
     for line, template in [(["a", "b"], ("a", "b")), (["a", "c"], ("a", "b")),
                            (["<*>", "x"], ("<*>", "x")), ([], ())]:
         assert ours.create_template(line, template) == theirs.create_template(line, template)
+
+
+# ----- remembered matches (``Miner._matched``) -------------------------------------------------
+
+
+def _mined_both_ways(lines: list[str], memory: int = MATCH_MEMORY,
+                     commit_every: int = 250) -> None:
+    """``lines`` mined with remembered matches and with Drain's tree search for every one:
+    the same template, text and change for every line, and the same committed fields."""
+    remembering, searching = Miner(match_memory=memory), Miner(match_memory=0)
+    for index, line in enumerate(lines, 1):
+        assert remembering.add(line) == searching.add(line), line
+        if index % commit_every == 0 or index == len(lines):
+            assert remembering.take_changes() == searching.take_changes()
+        assert len(remembering._matched) <= memory
+
+
+@pytest.mark.skipif(not LOGHUB.is_dir(), reason="../shared/data/loghub is absent")
+def test_remembered_matches_mine_the_loghub_samples_as_drain_does() -> None:
+    systems = load_systems(LOGHUB)
+    hits = 0
+    for system in systems:
+        _mined_both_ways(system.contents)
+        miner = Miner()
+        for line in system.contents:
+            seen = miner.masker.mask(line) in miner._matched
+            miner.add(line)
+            hits += seen
+    # most lines are remembered: what makes it worth having
+    assert hits > 0.8 * sum(len(s.contents) for s in systems)
+
+
+def test_a_small_memory_forgets_and_still_mines_as_drain_does() -> None:
+    lines = [f"job {i % 7} moved from NEW to {('RUNNING', 'DONE')[i % 2]} on node"
+             for i in range(60)] + LINES * 3
+    _mined_both_ways(lines, memory=2, commit_every=7)
+
+
+_WORDS = st.sampled_from(["open", "close", "file", "NEW", "DONE", "RUNNING", "x1", "42",
+                          "node", "Node", "ok", "<*>", "a", "b"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(_WORDS, min_size=1, max_size=6).map(" ".join), max_size=80))
+def test_remembered_matches_never_change_what_drain_finds(lines: list[str]) -> None:
+    """A template created or changed can route an earlier message elsewhere: remembered
+    matches are forgotten then, so any sequence mines as Drain alone mines it."""
+    _mined_both_ways(lines, commit_every=5)
