@@ -31,8 +31,10 @@ def demo_cmd(
     summary_every: Annotated[int, typer.Option(help="tokens between rolling summaries")] = 256,
     stream: Annotated[str, typer.Option(help="stream id")] = "demo",
 ) -> None:
-    """Run everything locally: a private Redis, one worker, a transcript replayed live, and
-    summaries printed as they arrive. Ctrl-C stops and cleans up."""
+    """Run everything locally: a transcript replayed live, summaries as they arrive.
+
+    Starts a private Redis and one worker, replays the transcript (the embedded sample by
+    default) and prints the summaries as they arrive. Ctrl-C stops and cleans up."""
     from producer.formats import read_file
     from sinkstream.cli.localredis import RedisServer, free_port
 

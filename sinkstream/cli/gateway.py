@@ -35,8 +35,10 @@ def serve_cmd(
                                              "8080)")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
-    """Serve the HTTP gateway: POST entries and captions, follow notes as Server-Sent
-    Events, ask questions, and the live notes page at /streams/ID (docs/http.md)."""
+    """Serve the HTTP gateway: entries in, notes out, questions, a live notes page.
+
+    POST entries and captions, follow notes as Server-Sent Events, ask questions, and read
+    the live notes page at /streams/ID (docs/http.md)."""
     import uvicorn
 
     from sinkstream.gateway.app import create_app

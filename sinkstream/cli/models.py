@@ -148,8 +148,10 @@ def model_info(
     spec: Annotated[str | None, typer.Argument(help=_SPEC_HELP, show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
-    """Load the model and show its architecture, size, fingerprint and per-stream state bytes
-    at the current settings (sink_tokens, recent_tokens, dtype)."""
+    """Load the model and show its architecture, size, fingerprint and state bytes.
+
+    The per-stream state bytes are those at the current settings (sink_tokens,
+    recent_tokens, dtype)."""
     import json
 
     from workers.engines.base import EngineError

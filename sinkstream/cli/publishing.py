@@ -148,9 +148,10 @@ def _publish_run(
 def streams_cmd(
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="most recent N")] = 100,
 ) -> None:
-    """List known streams (most recently active first): entries waiting in the input,
-    entries applied, the last entry's time, ended? (Applied input is trimmed by default: a
-    finished stream shows 0 waiting and its applied count.)"""
+    """List known streams, most recently active first: waiting, applied, last entry, ended.
+
+    Applied input is trimmed by default, so a finished stream shows 0 waiting and its
+    applied count."""
     import datetime as dt
 
     from rich.table import Table
