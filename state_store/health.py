@@ -1,7 +1,10 @@
-"""Stream health in the ``meta`` hash: parked (failed) streams and refused-commit counters.
+"""Stream health in the ``meta`` hash: parked (failed) and deferred streams, and
+refused-commit counters.
 
 A stream whose state cannot be used (corrupt, foreign) is parked with a reason rather than
-reset or retried in a loop; ``sinkstream status`` shows it and an operator clears it. Refused
+reset or retried in a loop; ``sinkstream status`` shows it and an operator clears it. A stream
+a newer build wrote is deferred (left for an upgraded worker): the mark names the committed
+state version it was met at, so it lapses by itself once anyone commits past it. Refused
 commits are counted by the commit script itself (``commits_refused`` and
 ``commits_refused:<reason>``, reasons from :mod:`sinkstream.contracts.outcomes`).
 """
@@ -9,6 +12,7 @@ commits are counted by the commit script itself (``commits_refused`` and
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import redis
@@ -25,6 +29,26 @@ class Failure:
     failed_at: float
 
 
+@dataclass(frozen=True)
+class Deferral:
+    """Why workers leave a stream to an upgraded one, and since when."""
+
+    reason: str
+    deferred_at: float
+
+    @classmethod
+    def of(cls, meta: Mapping[str, str], version: int) -> Deferral | None:
+        """The deferral in a stream's ``meta`` (decoded), if it still holds: marked at the
+        committed state ``version`` (a commit since means an upgraded worker took it)."""
+        if not meta.get("deferred_reason") or meta.get("deferred_version") != str(version):
+            return None
+        try:
+            at = float(meta.get("deferred_at") or 0.0)
+        except ValueError:
+            at = 0.0
+        return cls(meta["deferred_reason"], at)
+
+
 class StreamHealth:
     """Failure marks and refusal counters of streams."""
 
@@ -39,6 +63,18 @@ class StreamHealth:
                 "status": "failed",
                 "failure_reason": reason[:MAX_FAILURE_REASON],
                 "failed_at": repr(time.time()),
+            },
+        )
+
+    def mark_deferred(self, stream_id: str, version: int, reason: str) -> None:
+        """Note that a worker left the stream, at committed state ``version``, to an
+        upgraded one (``Deferral.of`` reads it back while the version stands)."""
+        self.client.hset(
+            StreamKeys.of(stream_id).meta,
+            mapping={
+                "deferred_reason": reason[:MAX_FAILURE_REASON],
+                "deferred_version": str(version),
+                "deferred_at": repr(time.time()),
             },
         )
 

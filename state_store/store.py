@@ -154,6 +154,11 @@ class StateStore:
         """Park a stream (e.g. corrupt or foreign state); ``sinkstream status`` shows why."""
         self.health.mark_failed(stream_id, reason)
 
+    def mark_deferred(self, stream_id: str, version: int, reason: str) -> None:
+        """Note a stream left to an upgraded worker at committed ``version`` (shown by
+        ``sinkstream status`` until a commit moves the version)."""
+        self.health.mark_deferred(stream_id, version, reason)
+
     def failure(self, stream_id: str) -> Failure | None:
         """The failure recorded by ``mark_failed``, or None if the stream is healthy."""
         return self.health.failure(stream_id)

@@ -141,6 +141,7 @@ def stream_status(client: redis.Redis, stream: str) -> dict[str, Any]:
     finished stream whose input was trimmed still shows them."""
     from monitoring.lag import LagReader
     from producer.registry import describe_streams
+    from state_store.health import Deferral
     from state_store.store import StateStore
 
     keys = stream_keys(stream)
@@ -149,9 +150,10 @@ def stream_status(client: redis.Redis, stream: str) -> dict[str, Any]:
     meta = text_fields(client.hgetall(keys.meta))
     listed = describe_streams(client, [(keys.stream_id, 0.0)])[0]
     last_entry = listed.last_entry_time
+    deferral = Deferral.of(meta, info.version if info else 0)
     return {
         "stream": stream,
-        "status": lag.status,
+        "status": "deferred" if deferral and lag.status != "failed" else lag.status,
         "offset": lag.last_entry_id or "-",
         "applied_entries": listed.applied,
         "last_entry": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(last_entry))
@@ -165,6 +167,8 @@ def stream_status(client: redis.Redis, stream: str) -> dict[str, Any]:
         "last_summary": _ago(meta.get("last_summary_ts")),
         "dead_letters": lag.dead_letters,
         "failure": meta.get("failure_reason", ""),
+        # left by its workers to an upgraded one (a newer build wrote it): why
+        "deferred": deferral.reason if deferral else "",
     }
 
 

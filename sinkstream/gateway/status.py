@@ -15,6 +15,7 @@ from monitoring.lag import LagReader
 from producer.registry import StreamInfo, describe_streams
 from sinkstream.contracts.keys import STREAMS_REGISTRY, StreamKeys
 from sinkstream.gateway.auth import ALL_STREAMS, Principal
+from state_store.health import Deferral
 from state_store.replies import as_text, text_fields
 from state_store.store import StateStore
 
@@ -36,9 +37,10 @@ def stream_status(client: redis.Redis, stream_id: str) -> dict[str, Any]:
     info = StateStore(client).info(stream_id)
     meta = text_fields(client.hgetall(keys.meta), "replace")
     last_summary = meta.get("last_summary_ts")
+    deferral = Deferral.of(meta, info.version if info else 0)
     return {
         "stream": stream_id,
-        "status": lag.status,
+        "status": "deferred" if deferral and lag.status != "failed" else lag.status,
         "offset": lag.last_entry_id,
         "lag_entries": lag.pending,
         "lag_capped": lag.capped,
@@ -49,6 +51,7 @@ def stream_status(client: redis.Redis, stream_id: str) -> dict[str, Any]:
         "last_summary_ts": float(last_summary) if last_summary else None,
         "dead_letters": lag.dead_letters,
         "failure": meta.get("failure_reason") or None,
+        "deferred": deferral.reason if deferral else None,
     }
 
 

@@ -170,7 +170,7 @@ class StreamProcessor:
         self.answers = Answerer(engine, client, settings, self.states, self.summarizer,
                                 self.notes)
         self._vectorizer: Vectorizer | None = None
-        self.newer = NewerStreams(settings.max_streams_per_worker)
+        self.newer = NewerStreams(settings.max_streams_per_worker, self.store.mark_deferred)
         #: leases whose release failed (Redis went away): released on the next try, so the
         #: stream does not wait for the lease to expire when Redis comes back
         self._unreleased: dict[str, Lease] = {}

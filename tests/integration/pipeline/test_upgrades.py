@@ -21,7 +21,9 @@ import redis
 
 from producer.publisher import Producer
 from sinkstream.cli.localredis import RedisServer
+from sinkstream.cli.reading import stream_status
 from sinkstream.contracts.keys import RUNNABLE, StreamKeys
+from sinkstream.gateway.status import stream_status as gateway_status
 from sinkstream.settings import Settings
 from state_store.codec import MAGIC, NEWEST_VERSION
 from state_store.store import StateStore
@@ -120,10 +122,15 @@ def test_a_state_from_a_newer_build_is_deferred_then_continued_exactly(
     assert 0 < flag_ms <= DEFER_RETRY_S * 1000  # retried soon, by whichever worker then
     assert old.process("m").status == "deferred"
     assert loads == ["m"]  # the same committed version: deferred from the head alone
+    for status in (stream_status(client, "m"), gateway_status(client, "m")):
+        assert status["status"] == "deferred"  # what an operator sees, and why
+        assert f"format version {NEWEST_VERSION + 1}" in status["deferred"]
 
     # once the stream's next commit is in a format this build reads, it carries on exactly
     _as_readable_again(client, "m", good)
     _drain(old, "m")
+    assert stream_status(client, "m")["deferred"] == ""  # committed past it: the mark lapsed
+    assert gateway_status(client, "m")["deferred"] is None
     assert loads[1:] and set(loads) == {"m"}
     assert store.info("m").last_entry_id == last_input_id(client, "m")
     assert committed_tensors(client, "m") == reference_tensors(settings,

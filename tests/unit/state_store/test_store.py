@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from sinkstream.contracts.keys import StreamKeys
 from state_store.codec import StateEnvelope, decode_state, encode_state
 from state_store.lease import LeaseManager
 from state_store.store import CommitRequest, StaleCommitError, StateStore
@@ -85,6 +86,23 @@ def test_mark_failed_and_clear(store: StateStore) -> None:
 
 
 # ----- durability ------------------------------------------------------------------------------
+def test_a_deferral_holds_at_the_version_it_was_marked_at(store: StateStore) -> None:
+    from state_store.health import Deferral
+    from state_store.replies import text_fields
+
+    store.mark_deferred(SID, 4, "state is format version 3, newer than this build reads")
+
+    def deferral(version: int) -> Deferral | None:
+        return Deferral.of(text_fields(store.client.hgetall(StreamKeys.of(SID).meta)),
+                           version)
+
+    held = deferral(4)
+    assert held is not None and held.reason.startswith("state is format version 3")
+    assert held.deferred_at > 0
+    assert deferral(5) is None  # a commit since: an upgraded worker carried it on
+    assert store.failure(SID) is None  # deferred is not parked
+
+
 def test_committed_state_and_fence_survive_a_hard_restart(redis_aof_server: RedisServer) -> None:
     client = redis_aof_server.client()
     store, mgr = StateStore(client, chunk_bytes=1000), LeaseManager(client)

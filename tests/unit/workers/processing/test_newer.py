@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import redis
 
 from workers.processing.newer import NewerStreams
 
@@ -32,3 +33,19 @@ def test_it_remembers_at_most_its_limit_oldest_first_out() -> None:
     newer.met("c", 1, "c")
     assert (newer.known("a", 2), newer.known("b", 1), newer.known("c", 1)) == \
         ("a again", None, "c")
+
+
+def test_the_first_meeting_is_marked_on_the_stream_and_a_refused_mark_is_only_logged() -> None:
+    marks: list[tuple[str, int, str]] = []
+    newer = NewerStreams(limit=10, mark=lambda *mark: marks.append(mark))
+    newer.met("m", 7, "newer")
+    newer.met("m", 7, "newer")
+    newer.met("m", 8, "newer still")
+    assert marks == [("m", 7, "newer"), ("m", 8, "newer still")]
+
+    def down(*_: object) -> None:
+        raise redis.ConnectionError("Redis went away")
+
+    unmarked = NewerStreams(limit=10, mark=down)
+    unmarked.met("m", 7, "newer")  # deferred all the same
+    assert unmarked.known("m", 7) == "newer"
