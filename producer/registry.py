@@ -20,7 +20,7 @@ import redis
 
 from sinkstream.contracts.entries import InputEntry, parse_entry
 from sinkstream.contracts.keys import STREAMS_REGISTRY, StreamKeys
-from sinkstream.ids import entry_id_key, validate_stream_id
+from sinkstream.ids import entry_id_key, entry_id_ms, validate_stream_id
 from state_store.replies import as_text
 
 
@@ -29,7 +29,8 @@ class StreamInfo:
     """One registered stream as ``sinkstream streams`` shows it."""
 
     stream_id: str
-    #: entries in the input stream now (applied ones are trimmed away by default)
+    #: entries in the input stream now: the unapplied ones, and the applied ones not trimmed
+    #: (none by default, a log stream's last ``log_keep_lines``)
     length: int
     #: the last entry written or applied, whichever is later (None: nothing ever)
     last_entry_id: str | None
@@ -44,12 +45,7 @@ class StreamInfo:
         """Unix seconds of the last entry (from its id), None for an empty stream."""
         if self.last_entry_id is None:
             return None
-        return entry_time(self.last_entry_id)
-
-
-def entry_time(entry_id: str) -> float:
-    """Unix seconds of a stream entry id (its millisecond part)."""
-    return int(entry_id.split("-", 1)[0]) / 1000.0
+        return entry_id_ms(self.last_entry_id) / 1000.0
 
 
 def _later(a: str | None, b: str | None) -> str | None:

@@ -299,12 +299,13 @@ class Settings(BaseSettings):
     # --- log streams (issue #20, docs/logs.md) ------------------------------------------
     log_feed: Literal["templates", "none"] = Field(
         "templates", description="what a log stream feeds the model: 'templates' one line per "
-                                 "new template (the lines themselves go to the template "
-                                 "counts), 'none' nothing (the log notes' narrative is "
-                                 "written from the counts alone; fastest)")
-    log_notes_every_lines: int = Field(
-        2000, ge=0, description="a log stream publishes rolling log notes each time it "
-                                "crosses a multiple of this many lines (0: only at its end)")
+        "new template (the lines go to the counts), 'none' nothing (the notes' narrative is "
+        "written from the counts alone; fastest)")
+    log_notes_every_lines: int = Field(2000, ge=0, description="a log stream publishes rolling "
+                                       "log notes every this many lines (0: only at its end)")
+    log_keep_lines: int = Field(
+        10_000, ge=0, description="applied lines a log stream keeps in its input for `ask` "
+        "to quote (they count toward max_stream_length); 0 trims them all")
 
     # --- state persistence layout (issue #6): incremental sink-KV segments --------------
     state_layout: Literal["whole", "segments"] = Field(

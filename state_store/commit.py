@@ -85,6 +85,9 @@ class CommitRequest:
     dead_letters: Sequence[Mapping[str, FieldValue]] = ()
     summary: Mapping[str, FieldValue] | None = None
     trim_input: bool = False
+    #: with ``trim_input``: the first input entry kept (a log stream keeps its last lines,
+    #: ``workers.logs.retention``); None: trim everything up to ``last_entry_id``
+    trim_before: str | None = None
     output_maxlen: int | None = None
     hash_updates: Sequence[HashUpdate] = ()
     #: the head read at the start of the batch (``StateStore.head``); None: read it again.
@@ -102,6 +105,10 @@ class CommitRequest:
             parse_entry_id(self.last_entry_id)
         if self.trim_input and self.last_entry_id is None:
             raise ValueError("trim_input needs last_entry_id")
+        if self.trim_before is not None and (
+                self.last_entry_id is None
+                or parse_entry_id(self.trim_before) > parse_entry_id(self.last_entry_id)):
+            raise ValueError("trim_before must be an applied entry (at most last_entry_id)")
         if self.output_maxlen is not None and (not _lua_int(self.output_maxlen)
                                                or self.output_maxlen < 1):
             raise ValueError("output_maxlen must be positive")
@@ -290,7 +297,7 @@ def _side_data(keys: StreamKeys, request: CommitRequest) -> dict[str, Any]:
     if request.summary is not None:
         side["summary"] = _fields(request.summary)
     if request.trim_input and request.last_entry_id:
-        side["trim_minid"] = entry_after(request.last_entry_id)
+        side["trim_minid"] = request.trim_before or entry_after(request.last_entry_id)
     if request.output_maxlen is not None:
         side["output_maxlen"] = request.output_maxlen
     return side

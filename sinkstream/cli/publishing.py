@@ -150,12 +150,13 @@ def streams_cmd(
 ) -> None:
     """List known streams, most recently active first: waiting, applied, last entry, ended.
 
-    Applied input is trimmed by default, so a finished stream shows 0 waiting and its
-    applied count."""
+    Waiting counts the entries after the last applied one (from 10,000 on, shown as
+    ">=10,000"); applied input is trimmed, but for the last lines a log stream keeps."""
     import datetime as dt
 
     from rich.table import Table
 
+    from monitoring.lag import LagReader
     from producer.registry import list_streams
     from state_store.connection import describe_redis_error
 
@@ -163,6 +164,8 @@ def streams_cmd(
     client = connect_redis(cfg)
     try:
         infos = list_streams(client, limit)
+        lags = LagReader(client, read_only=True).read_batch([i.stream_id for i in infos]) \
+            if infos else []
     except redis.RedisError as exc:
         raise fail(escape(describe_redis_error(cfg.redis_url, exc))) from None
     if not infos:
@@ -182,8 +185,9 @@ def streams_cmd(
     table.add_column("last entry (UTC)")
     table.add_column("last activity", justify="right")
     table.add_column("ended", justify="center")
-    for info in infos:
-        table.add_row(info.stream_id, f"{info.length:,}", f"{info.applied:,}",
+    for info, lag in zip(infos, lags, strict=True):
+        waiting = f"{'>=' if lag.capped else ''}{lag.pending:,}"
+        table.add_row(info.stream_id, waiting, f"{info.applied:,}",
                       stamp(info.last_entry_time),
                       f"{_ago(now - info.last_activity)} ago", "yes" if info.ended else "")
     console.print(table)

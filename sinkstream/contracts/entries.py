@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sinkstream.contracts.kinds import StreamKind, parse_kind
+from sinkstream.ids import entry_id_ms
 
 TEXT = "text"
 SPEAKER = "speaker"
@@ -45,6 +46,14 @@ class InputEntry:
     eos: bool = False
     #: the entry's own kind field; None: the stream's kind applies
     kind: StreamKind | None = None
+
+    @property
+    def time(self) -> float:
+        """Unix seconds: the producer's ``ts``, else when Redis appended the entry (its id),
+        never the clock, so a replay dates the entry the same."""
+        if self.ts is not None:
+            return self.ts
+        return entry_id_ms(self.id) / 1000.0
 
 
 @dataclass(frozen=True, slots=True)

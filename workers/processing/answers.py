@@ -17,6 +17,7 @@ from sinkstream.settings import Settings
 from workers.engines.base import Engine
 from workers.logs import head as logs_head
 from workers.logs.mining import MiningConfig
+from workers.logs.retention import read_kept
 from workers.logs.table import BurstConfig
 from workers.memory import retrieve, vectors
 from workers.memory.embedder import Embedder, get_embedder
@@ -69,8 +70,10 @@ class Answerer:
         logs = logs_head.read(self.client, stream_id)
         if logs.has_logs:
             _, table = logs.load(MiningConfig(), BurstConfig())
+            kept = read_kept(self.client, stream_id, loaded.last_entry_id,
+                             self.settings.log_keep_lines)
             return self.logs.answer(table, state, loaded.last_entry_id or "0-0", question,
-                                    request)
+                                    request, kept)
         notes = self._notes(stream_id)
         hits: list[retrieve.Hit] = []
         pervasive: frozenset[str] = frozenset()

@@ -1,11 +1,13 @@
-"""Questions about a log stream, answered from its template table: the templates the question
-is about (``workers.logs.search``), their counts, first and last time and bursts, and a
-sentence the model writes from those facts, checked by the guard against them.
+"""Questions about a log stream, answered from its template table and the lines it keeps: the
+templates the question is about (``workers.logs.search``), their counts, first and last time
+and bursts; the kept lines that match it (``workers.logs.retention``: an identifier the
+question names must be in the line), quoted with their time and entry; and a sentence the
+model writes from those facts, checked by the guard against them.
 
-The facts are the answer's evidence and always travel with it (in its text, and as
+The facts and lines are the answer's evidence and always travel with it (in its text, and as
 ``sources``: each template's first and last entry, its time span, an example line as the
-quote); the model's sentence is kept only when the guard finds every number, time and name of
-it among the facts.
+quote; each line's entry and time); the model's sentence is kept only when the guard finds
+every number, time and name of it among them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from sinkstream.contracts.outputs import OutputEntry, Source, SummaryKind, make_
 from workers.engines.base import Engine, EngineState
 from workers.logs import notes as log_notes
 from workers.logs import search
+from workers.logs.retention import KeptLine
 from workers.logs.table import Table, TemplateStats
 from workers.notes import guard
 from workers.processing.summarizer import Summarizer
@@ -44,20 +47,35 @@ class LogAnswerer:
         self.summarizer = summarizer
 
     def answer(self, table: Table, state: EngineState, covers: str, question: str,
-               request: str = "") -> OutputEntry:
+               request: str = "", kept: list[KeptLine] | None = None) -> OutputEntry:
+        """The answer from ``table`` and the ``kept`` lines (oldest first)."""
         found = search.relevant(table, question)
-        if not found:
+        matched = search.relevant_lines(kept or [], question)
+        if not found and not matched:
             return make_output(SummaryKind.ANSWER, NO_MATCH, covers, state.tokens_seen,
                                self.engine.model_name, request)
         lines = [line for stats, _ in found for line in facts(table, stats)]
-        instruction = ("Facts from a log stream:\n" + "\n".join(f"- {f}" for f in lines)
+        quoted = [quote(line) for line, _ in matched]
+        support = lines + quoted
+        instruction = ("Facts from a log stream:\n" + "\n".join(f"- {f}" for f in support)
                        + f"\n\nAnswer in one sentence, using only these facts: {question}")
         said = self.summarizer.prose(state, instruction, "", SummaryKind.ANSWER, 1, 48)
-        checked = guard.check(said, guard.Support.of(lines))
+        checked = guard.check(said, guard.Support.of(support))
         self.summarizer.observer.guarded(checked.verdicts)
-        text = (checked.text + "\n\n" if checked.text else "") + \
-            "\n".join(f"- {line}" for line in lines)
+        parts = [checked.text] if checked.text else []
+        if lines:
+            parts.append("\n".join(f"- {line}" for line in lines))
+        if quoted:
+            parts.append("Lines:\n" + "\n".join(f"- {line}" for line in quoted))
         sources = [Source((s.first_entry, s.last_entry), (), (s.first_ts, s.last_ts), score,
                           s.example if i == 0 else "") for i, (s, score) in enumerate(found)]
-        return make_output(SummaryKind.ANSWER, text, covers, state.tokens_seen,
+        sources += [Source((line.entry_id, line.entry_id), (), (line.ts, line.ts), score)
+                    for line, score in matched]
+        return make_output(SummaryKind.ANSWER, "\n\n".join(parts), covers, state.tokens_seen,
                            self.engine.model_name, request, sources)
+
+
+def quote(line: KeptLine) -> str:
+    """A kept line as an answer quotes it: time, level, message and entry."""
+    level = f" [{line.record.level.upper()}]" if line.record.level else ""
+    return f"{log_notes.when(line.ts)}{level} {line.record.message} (entry {line.entry_id})"

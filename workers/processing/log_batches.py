@@ -20,14 +20,14 @@ from typing import Any
 
 from sinkstream.contracts.entries import InputEntry
 from sinkstream.contracts.kinds import LOG, StreamKind, effective_kind
-from sinkstream.ids import parse_entry_id
 from workers.engines.base import Engine
 from workers.logs.head import APPLIED_FIELD, LEGACY_FIELDS, LogsHead
 from workers.logs.mining import HEAD_FIELD as MINER_HEAD
-from workers.logs.mining import Miner, MiningConfig
+from workers.logs.mining import Miner, MinerStateError, MiningConfig
 from workers.logs.parse import LogRecord, parse_line
+from workers.logs.retention import Retention, RetentionStateError
 from workers.logs.table import HEAD_FIELD as TABLE_HEAD
-from workers.logs.table import BurstConfig, Incident, Table
+from workers.logs.table import BurstConfig, Incident, Table, TableStateError
 from workers.processing.batches import Batch, turn_tokens
 
 
@@ -50,18 +50,24 @@ class LogUpdate:
     lines_before: int
     #: fields the commit deletes: the first format's blobs, replaced by the fields
     delete: tuple[str, ...] = ()
+    #: the first input entry the stream keeps (``workers.logs.retention``): the commit trims
+    #: before it; None: trim nothing yet (``keeps``) or all that is applied (not ``keeps``)
+    trim_before: str | None = None
+    keeps: bool = False
+    retention: Retention | None = None
+
+    @property
+    def trim(self) -> bool:
+        """Whether the commit may trim the applied input (up to ``trim_before`` if set)."""
+        return not self.keeps or self.trim_before is not None
+
+
+#: what a committed logs hash that cannot be used raises (the stream is parked with it)
+LOG_STATE_ERRORS = (MinerStateError, TableStateError, RetentionStateError)
 
 
 def is_log(entry: InputEntry, stream_kind: StreamKind | None) -> bool:
     return effective_kind(entry.kind, stream_kind) == LOG
-
-
-def entry_time(entry: InputEntry) -> float:
-    """An entry's own time: its ``ts`` field, else the time in its stream entry id (never the
-    clock, so a replay dates each line the same)."""
-    if entry.ts is not None:
-        return entry.ts
-    return parse_entry_id(entry.id)[0] / 1000.0
 
 
 def feed_line(record: LogRecord, template: str) -> str:
@@ -77,6 +83,8 @@ WARM_LOGS_TEMPLATES = 10_000
 
 #: what names a committed miner and table: stream, last entry covered, miner and table heads
 _WarmKey = tuple[str, str, bytes, bytes]
+#: what a stream's log lines are folded into: its miner, table and input retention
+_Logs = tuple[Miner, Table, Retention]
 
 
 class LogFolder:
@@ -85,8 +93,11 @@ class LogFolder:
 
     def __init__(self, engine: Engine[Any], mining: MiningConfig | None = None,
                  bursts: BurstConfig | None = None, feed: str = "templates",
-                 warm: int = WARM_LOGS, warm_templates: int = WARM_LOGS_TEMPLATES) -> None:
+                 warm: int = WARM_LOGS, warm_templates: int = WARM_LOGS_TEMPLATES,
+                 keep_lines: int = 0) -> None:
         self.engine = engine
+        #: applied log lines a stream keeps in its input (0: trim them all)
+        self.keep_lines = keep_lines
         #: "templates": a new template is fed as one line; "none": log lines feed nothing
         self.feed = feed
         self.mining = mining or MiningConfig()
@@ -94,7 +105,7 @@ class LogFolder:
         self.warm, self.warm_templates = warm, warm_templates
         self._warm_count = 0
         #: what a commit left -> the objects it encodes, not in use
-        self._warm: OrderedDict[_WarmKey, tuple[Miner, Table]] = OrderedDict()
+        self._warm: OrderedDict[_WarmKey, _Logs] = OrderedDict()
 
     def remember(self, stream_id: str, update: LogUpdate,
                  fields: dict[str, bytes | str]) -> None:
@@ -110,7 +121,8 @@ class LogFolder:
             return
         if self._warm.pop(key, None) is None:
             self._warm_count += size
-        self._warm[key] = (update.miner, update.table)
+        self._warm[key] = (update.miner, update.table,
+                           update.retention or Retention(self.keep_lines))
         while len(self._warm) > self.warm or self._warm_count > self.warm_templates:
             self._forget(next(iter(self._warm)))
 
@@ -118,34 +130,34 @@ class LogFolder:
         """Whether ``head``'s miner and table are remembered (no need to read them)."""
         return _head_key(stream_id, head) in self._warm
 
-    def _forget(self, key: _WarmKey) -> tuple[Miner, Table] | None:
+    def _forget(self, key: _WarmKey) -> _Logs | None:
         pair = self._warm.pop(key, None)
         if pair is not None:
             self._warm_count -= len(pair[1].templates)
         return pair
 
-    def _load(self, stream_id: str, head: LogsHead) -> tuple[Miner, Table]:
-        """The head's miner and table to mutate: remembered, else decoded."""
+    def _load(self, stream_id: str, head: LogsHead) -> _Logs:
+        """The head's miner, table and retention to mutate: remembered, else decoded."""
         key = _head_key(stream_id, head)
         warm = self._forget(key) if key is not None else None
         if warm is not None:
             return warm
-        return head.load(self.mining, self.bursts)
+        return (*head.load(self.mining, self.bursts),
+                Retention.from_fields(head.fields, self.keep_lines))
 
     def fold(self, stream_id: str, head: LogsHead,
              batch: Batch) -> tuple[Batch, LogUpdate | None]:
         """``batch`` as the model feeds it, and the logs update (None: a stream with no log
         lines, in this batch or before). ``head`` must be ``complete`` unless its miner and
-        table are remembered (``holds``). Raises MinerStateError / TableStateError for a
-        committed miner or table that cannot be read."""
+        table are remembered (``holds``). Raises MinerStateError / TableStateError /
+        RetentionStateError for a committed miner, table or retention that cannot be read."""
         logs = [is_log(e, head.kind) for e in batch.entries]
         if not any(logs):
             if not head.has_logs:
                 return batch, None
-            miner, table = self._load(stream_id, head)
-            return batch, LogUpdate(miner, table, _changes(miner, table, batch.last_id), {},
-                                    [], [], [], table.lines, _deleted(head))
-        miner, table = self._load(stream_id, head)
+            parts = self._load(stream_id, head)
+            return batch, _update(parts, batch.last_id, {}, [], [], [], parts[1].lines, head)
+        parts = miner, table, retention = self._load(stream_id, head)
         lines_before = table.lines
         pieces = _pieces(batch)
         fed_pieces = [pieces[0]]
@@ -160,8 +172,9 @@ class LogFolder:
                 counts.append(len(piece))
                 fed_pieces.append(piece)
                 continue
-            reference = entry_time(entry)
+            reference = entry.time
             record = parse_line(entry.text, reference)
+            retention.line(table.lines, entry.id)
             mined = miner.add(record.message)
             when = record.ts if record.ts is not None else reference
             table.add(mined.template_id, mined.template, record.level, when, entry.id,
@@ -184,13 +197,22 @@ class LogFolder:
         incidents = table.close_batch()
         tokens = [t for piece in fed_pieces for t in piece]
         folded = replace(batch, entries=entries, tokens=tokens, counts=counts)
-        return folded, LogUpdate(miner, table, _changes(miner, table, batch.last_id), levels,
-                                 created, incidents, assignments, lines_before, _deleted(head))
+        return folded, _update(parts, batch.last_id, levels, created, incidents, assignments,
+                               lines_before, head)
 
 
-def _changes(miner: Miner, table: Table, last_id: str) -> dict[str, bytes | str]:
-    """The logs hash fields a batch's commit sets: what it changed, and where it ends."""
-    return {**miner.take_changes(), **table.take_changes(), APPLIED_FIELD: last_id}
+def _update(parts: _Logs, last_id: str, levels: dict[str, int], created: list[int],
+            incidents: list[Incident], assignments: list[tuple[str, int]], lines_before: int,
+            head: LogsHead) -> LogUpdate:
+    """The update of a folded batch, with the fields its commit sets: what the batch
+    changed, and where it ends."""
+    miner, table, retention = parts
+    trim_before = retention.trim_before(table.lines)
+    fields: dict[str, bytes | str] = {**miner.take_changes(), **table.take_changes(),
+                                      **retention.take_changes(), APPLIED_FIELD: last_id}
+    return LogUpdate(miner, table, fields, levels, created, incidents, assignments,
+                     lines_before, _deleted(head), trim_before, retention.keep_lines > 0,
+                     retention)
 
 
 def _deleted(head: LogsHead) -> tuple[str, ...]:

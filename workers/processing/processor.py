@@ -40,8 +40,6 @@ from state_store.reads import request_head as request_state_head
 from state_store.replies import raised
 from state_store.store import (
     CommitRequest,
-    FieldValue,
-    HashUpdate,
     StaleCommitError,
     StateHead,
     StateReadError,
@@ -49,19 +47,18 @@ from state_store.store import (
 )
 from workers.engines.base import Engine, EngineError, EngineState
 from workers.logs import head as logs_head
-from workers.logs.mining import MinerStateError
-from workers.logs.table import TableStateError
 from workers.memory.persistence import parse_head as parse_memory_head
 from workers.memory.persistence import request_head as request_memory_head
-from workers.memory.records import MemoryHead, MemoryWrite
+from workers.memory.records import MemoryHead
 from workers.notes import head as notes_head
 from workers.notes.head import NotesHead
 from workers.notes.vocab import fields_of
 from workers.processing.answers import Answerer
 from workers.processing.batches import Batch, BatchReader
+from workers.processing.changes import Changes
 from workers.processing.dead_letters import dead_letter
 from workers.processing.hot_cache import HotStateCache
-from workers.processing.log_batches import LogFolder, LogUpdate
+from workers.processing.log_batches import LOG_STATE_ERRORS, LogFolder, LogUpdate
 from workers.processing.log_notes import LogNotesWriter
 from workers.processing.memory_writer import MemoryWriter
 from workers.processing.newer import DEFER_RETRY_S, NewerStreams
@@ -76,33 +73,6 @@ log = logging.getLogger(__name__)
 
 #: output streams are capped (approximately) at this many entries
 OUTPUT_MAXLEN = 10_000
-
-
-@dataclass(frozen=True)
-class Changes:
-    """What a batch changes beside the state: its stream's memory hash (memory records and
-    notes) and its vocab, committed with it."""
-
-    memory: MemoryWrite | None
-    notes: dict[str, bytes | int]
-    vocab: dict[str, int]
-    #: the logs hash fields (miner, table, applied) of a stream with log lines
-    logs: dict[str, bytes | str] | None = None
-    #: logs hash fields deleted (the first format's blobs, once replaced)
-    logs_delete: tuple[str, ...] = ()
-
-    def updates(self, keys: StreamKeys) -> list[HashUpdate]:
-        memory_set: dict[str, FieldValue] = {**(self.memory.set if self.memory else {}),
-                                             **self.notes}
-        memory_delete = list(self.memory.delete) if self.memory else []
-        out = []
-        if memory_set or memory_delete:
-            out.append(HashUpdate(keys.memory, memory_set, memory_delete))
-        if self.vocab:
-            out.append(HashUpdate(keys.vocab, dict(self.vocab)))
-        if self.logs or self.logs_delete:
-            out.append(HashUpdate(keys.logs, dict(self.logs or {}), self.logs_delete))
-        return out
 
 
 @dataclass
@@ -164,7 +134,7 @@ class StreamProcessor:
         self.reader = BatchReader(engine, settings)
         self.summarizer = Summarizer(engine, settings, observer)
         self.memory = MemoryWriter(engine, settings)
-        self.logs = LogFolder(engine, feed=settings.log_feed)
+        self.logs = LogFolder(engine, feed=settings.log_feed, keep_lines=settings.log_keep_lines)
         self.log_notes = LogNotesWriter(engine, settings, self.summarizer, observer)
         self.notes = NotesWriter(engine, client, settings, self.summarizer, observer)
         self.answers = Answerer(engine, client, settings, self.states, self.summarizer,
@@ -340,7 +310,7 @@ class StreamProcessor:
             batch, logs_update = self.logs.fold(stream_id, logs, batch)
         except NewerFormatError as exc:
             return self._defer(stream_id, head.version, f"stream {stream_id!r}: {exc}")
-        except (MinerStateError, TableStateError) as exc:
+        except LOG_STATE_ERRORS as exc:
             return self._fail(stream_id, f"stream {stream_id!r}: logs unreadable: {exc}")
         memory = parse_memory_head(stream_id, memory_head) if self.memory.enabled else None
         return Prepared(head, loaded, batch, memory, notes_head.parse(stream_id, notes_raw),
@@ -377,7 +347,7 @@ class StreamProcessor:
         memory = self.memory.plan(prepared.memory, lines, published.prose, batch.last_id,
                                   moments, new_state)
         changes = Changes(memory, published.notes.fields(prepared.notes), fields_of(lines),
-                          logs_fields, logs.delete if logs is not None else ())
+                          logs_fields, logs)
         claim.keeper.check()
         # deliberately after the last lease check: a paused worker that resumes here must be
         # stopped by the commit's fencing check, not by luck
@@ -433,7 +403,8 @@ class StreamProcessor:
             outputs=[s.fields() for s in summaries],
             dead_letters=[dead_letter(r) for r in batch.rejected],
             summary=summaries[-1].fields() if summaries else None,
-            trim_input=self.settings.trim_applied_input,
+            trim_input=self.settings.trim_applied_input and changes.trim,
+            trim_before=changes.trim_before,
             output_maxlen=OUTPUT_MAXLEN,
             hash_updates=changes.updates(keys),
             head=prepared.head,
