@@ -11,7 +11,10 @@ neighbours) commits a bit-identical state. The engines are written for it:
 * except the matmuls, whose rows the BLAS must round alike for ``B * T`` rows as for ``T``:
   true on the CPUs measured here (MKL/oneDNN, fp32 and bf16, 1 and 2 threads, for ``T >= 64``
   rows; not for a single row, which takes a matrix-vector kernel, so logits are made row by
-  row), but a property of the kernels, not of our code.
+  row), but a property of the kernels, not of our code. (Families batched through the padded
+  path, their attention computed inline, depend on them more: on an AVX-512 Xeon, MPT and
+  BLOOM rows in fp32 with 8-token chunks round with their neighbours' padding; at the default
+  64 they do not, and on an AVX2 EPYC neither does.)
 
 So the worker does not assume it: ``check_batch_invariance`` feeds a few synthetic streams
 (empty, partial, past eviction) through a scaled-down copy of the engine (same model, forward,

@@ -52,17 +52,43 @@ def _rounds(engine: Engine[Any], starts: Sequence[Any]) -> list[tuple[list[int],
     return out
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("arch", [a for a in SUPPORTED_ARCHS if a not in NOT_INVARIANT])
-def test_sinkkv_rows_round_alike_alone_and_in_any_batch(arch: str, dtype: str) -> None:
-    """Empty, pending-only, partial and evicted windows (re-rotated keys), uneven lengths."""
-    engine = make_engine(arch, sink_tokens=4, recent_tokens=24, chunk_tokens=8,
-                         compute_dtype=dtype, storage_dtype=dtype)
+def _rows_round_alike(engine: SinkKVEngine) -> bool:
+    """Empty, pending-only, partial and evicted windows (re-rotated keys), uneven lengths:
+    every row of every round equal to the stream fed alone."""
     new = engine.new_state()
     starts = [engine.feed(new, stream(n, i)) for i, n in enumerate([0, 5, 16, 40, 90, 24, 61])]
     for rows, (fed, news) in _rounds(engine, starts):
         for i, got, tokens in zip(rows, fed, news, strict=True):
-            assert_states_equal(got, engine.feed(starts[i], tokens))
+            try:
+                assert_states_equal(got, engine.feed(starts[i], tokens))
+            except AssertionError:
+                return False
+    return True
+
+
+#: families batched through the padded path (their attention is computed inline, no ragged
+#: rows): with 8-token chunks, some CPUs' kernels round their rows with the neighbours'
+#: padding (MPT and BLOOM in fp32 on an AVX-512 Xeon; identical on an AVX2 EPYC)
+PADDED_KERNEL_DEPENDENT = ("mpt", "bloom")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("arch", [a for a in SUPPORTED_ARCHS if a not in NOT_INVARIANT])
+def test_sinkkv_rows_round_alike_alone_and_in_any_batch(arch: str, dtype: str) -> None:
+    """Every family at the default 64-token chunks; at 8-token chunks (eviction within a few
+    chunks) every family but those whose padded rows depend on the CPU's kernels, and for
+    those, where they differ, the worker's own check must see it (it then feeds solo)."""
+    def engine(chunk: int) -> SinkKVEngine:
+        return make_engine(arch, sink_tokens=4, recent_tokens=3 * chunk, chunk_tokens=chunk,
+                           compute_dtype=dtype, storage_dtype=dtype)
+
+    assert _rows_round_alike(engine(64))
+    small = engine(8)
+    if arch in PADDED_KERNEL_DEPENDENT and not _rows_round_alike(small):
+        check = check_batch_invariance(small)
+        assert not check.invariant, "the worker would batch rows that round differently"
+    else:
+        assert _rows_round_alike(small)
 
 
 def _rwkv_rounds_match(directory: Path, strategy: str) -> bool:
