@@ -35,6 +35,14 @@ FIELD = "keep"
 MARKS = 16
 
 
+def kept_lines(keep_lines: int, max_stream_length: int) -> int:
+    """The applied lines a log stream keeps: ``log_keep_lines``, at most half of
+    ``max_stream_length``. Kept lines count toward the producers' backpressure cap, so the
+    other half always stays free for lines not yet applied (else a small cap would fill with
+    kept lines and hold producers back forever)."""
+    return min(keep_lines, max_stream_length // 2)
+
+
 class RetentionStateError(ValueError):
     """A ``keep`` field that is not a list of marks."""
 

@@ -17,7 +17,7 @@ from sinkstream.settings import Settings
 from workers.engines.base import Engine
 from workers.logs import head as logs_head
 from workers.logs.mining import MiningConfig
-from workers.logs.retention import read_kept
+from workers.logs.retention import kept_lines, read_kept
 from workers.logs.table import BurstConfig
 from workers.memory import retrieve, vectors
 from workers.memory.embedder import Embedder, get_embedder
@@ -70,8 +70,8 @@ class Answerer:
         logs = logs_head.read(self.client, stream_id)
         if logs.has_logs:
             _, table = logs.load(MiningConfig(), BurstConfig())
-            kept = read_kept(self.client, stream_id, loaded.last_entry_id,
-                             self.settings.log_keep_lines)
+            kept = read_kept(self.client, stream_id, loaded.last_entry_id, kept_lines(
+                self.settings.log_keep_lines, self.settings.max_stream_length))
             return self.logs.answer(table, state, loaded.last_entry_id or "0-0", question,
                                     request, kept)
         notes = self._notes(stream_id)

@@ -47,6 +47,7 @@ from state_store.store import (
 )
 from workers.engines.base import Engine, EngineError, EngineState
 from workers.logs import head as logs_head
+from workers.logs.retention import kept_lines
 from workers.memory.persistence import parse_head as parse_memory_head
 from workers.memory.persistence import request_head as request_memory_head
 from workers.memory.records import MemoryHead
@@ -134,7 +135,8 @@ class StreamProcessor:
         self.reader = BatchReader(engine, settings)
         self.summarizer = Summarizer(engine, settings, observer)
         self.memory = MemoryWriter(engine, settings)
-        self.logs = LogFolder(engine, feed=settings.log_feed, keep_lines=settings.log_keep_lines)
+        self.logs = LogFolder(engine, feed=settings.log_feed, keep_lines=kept_lines(
+            settings.log_keep_lines, settings.max_stream_length))
         self.log_notes = LogNotesWriter(engine, settings, self.summarizer, observer)
         self.notes = NotesWriter(engine, client, settings, self.summarizer, observer)
         self.answers = Answerer(engine, client, settings, self.states, self.summarizer,

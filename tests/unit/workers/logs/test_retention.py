@@ -73,3 +73,11 @@ def test_keeping_nothing_marks_nothing_and_trims_all() -> None:
 def test_a_malformed_field_is_refused_by_name(raw: bytes) -> None:
     with pytest.raises(RetentionStateError, match="'keep'"):
         Retention.from_fields({FIELD: raw}, 100)
+
+
+def test_a_stream_keeps_at_most_half_of_the_producers_cap() -> None:
+    from workers.logs.retention import kept_lines
+
+    assert kept_lines(10_000, 100_000) == 10_000
+    assert kept_lines(10_000, 1_000) == 500  # a small cap never fills with kept lines
+    assert kept_lines(0, 100_000) == 0
