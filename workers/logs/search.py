@@ -18,6 +18,9 @@ from workers.logs.retention import KeptLine
 from workers.logs.table import Table, TemplateStats
 
 _WORD = re.compile(r"[a-z][a-z0-9]+")
+#: a question about how something began: its earliest matching lines are the evidence
+_BEGINNING = re.compile(r"\b(?:start|started|starting|begin|began|begun|first|since|earliest)\b",
+                        re.IGNORECASE)
 #: a token of a question that names one thing: it holds a digit (ids, addresses, numbers)
 _IDENTIFIER = re.compile(r"[\w./:@-]*\d[\w./:@-]*")
 #: words a question is made of that say nothing about which template
@@ -98,7 +101,8 @@ def relevant_lines(lines: list[KeptLine], question: str,
     names identifiers, a line must hold one of them as a whole token (3 points each, plus a
     point per shared word); otherwise a line must share at least two of its words (its level
     counts as one), or all of them when it has one (a point each, and one more for an
-    error/warning line when it asks about problems). Ties go to the latest line."""
+    error/warning line when it asks about problems). Ties go to the latest line, or the
+    earliest when it asks how something began ("when did ... start?")."""
     asked, named = words(question), [_whole(n) for n in identifiers(question)]
     if not asked and not named:
         return []
@@ -116,5 +120,6 @@ def relevant_lines(lines: list[KeptLine], question: str,
         if about_problems and level in ("warn", "error", "fatal"):
             score += 1.0
         scored.append((score, index, line))
-    best = sorted(scored, key=lambda s: (-s[0], -s[1]))[:k]
+    earliest = _BEGINNING.search(question) is not None
+    best = sorted(scored, key=lambda s: (-s[0], s[1] if earliest else -s[1]))[:k]
     return [(line, score) for score, _, line in sorted(best, key=lambda s: s[1])]

@@ -35,3 +35,12 @@ def test_without_identifiers_a_line_shares_two_words_and_problems_come_first() -
     assert [line.entry_id for line, _ in found] == ["1-2", "1-5"]  # oldest first
     assert relevant_lines(LINES, "anything about kittens?") == []
     assert relevant_lines(LINES, "what?") == []
+
+
+def test_a_question_about_a_beginning_quotes_the_earliest_lines() -> None:
+    same = [KeptLine(f"2-{i}", 1700000000.0 + i, parse_line("ERROR datanode disk failed"))
+            for i in range(8)]
+    assert [line.entry_id for line, _ in relevant_lines(same, "when did datanode errors "
+                                                         "start?", k=2)] == ["2-0", "2-1"]
+    assert [line.entry_id for line, _ in relevant_lines(same, "any datanode errors?", k=2)] \
+        == ["2-6", "2-7"]

@@ -85,10 +85,15 @@ def test_the_notes_name_the_burst_its_count_and_times(
     assert "[ERROR]" in named[0]
     timeline = text.split("## Incident timeline", 1)[1].split("##", 1)[0]
     assert "2008-11-10 12:00:00 burst" in timeline and TEMPLATE in timeline
-    # and the question an SRE asks is answered from the template table, with its evidence
+    # and the question an SRE asks is answered from the template table, with its evidence,
+    # and with the first lines that say so, kept in the input, quoted with time and entry
     answer = proc.answer("hdfs", "when did the datanode errors start?")
-    assert answer.text.splitlines()[-2 if "Burst" in answer.text else -1].startswith("- T")
-    assert f"`{TEMPLATE}`: {BURST} lines, first at 2008-11-10 12:00:00" in answer.text
+    facts, _, quoted = answer.text.partition("\n\nLines:\n")
+    assert facts.splitlines()[-2 if "Burst" in facts else -1].startswith("- T")
+    assert f"`{TEMPLATE}`: {BURST} lines, first at 2008-11-10 12:00:00" in facts
     assert answer.sources[0].entries[0] and "Disk failure" in answer.sources[0].quote
+    assert [line.split(" [ERROR] Disk failure on datanode volume")[0]
+            for line in quoted.splitlines()] == [
+        f"- 2008-11-10 12:00:{3 * i:02d}" for i in range(5)]
     now = proc.summary_now("hdfs")
     assert now.kind.value == "on_demand" and burst in now.text
