@@ -69,11 +69,11 @@ class Answerer:
         state = loaded.state
         logs = logs_head.read(self.client, stream_id)
         if logs.has_logs:
-            _, table = logs.load(MiningConfig(), BurstConfig())
+            miner, table = logs.load(MiningConfig(), BurstConfig())
             kept = read_kept(self.client, stream_id, loaded.last_entry_id, kept_lines(
                 self.settings.log_keep_lines, self.settings.max_stream_length))
             return self.logs.answer(table, state, loaded.last_entry_id or "0-0", question,
-                                    request, kept)
+                                    request, kept, miner)
         notes = self._notes(stream_id)
         hits: list[retrieve.Hit] = []
         pervasive: frozenset[str] = frozenset()

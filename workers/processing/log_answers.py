@@ -18,6 +18,7 @@ from sinkstream.contracts.outputs import OutputEntry, Source, SummaryKind, make_
 from workers.engines.base import Engine, EngineState
 from workers.logs import notes as log_notes
 from workers.logs import search
+from workers.logs.mining import Miner
 from workers.logs.retention import KeptLine
 from workers.logs.table import Table, TemplateStats
 from workers.notes import guard
@@ -47,10 +48,14 @@ class LogAnswerer:
         self.summarizer = summarizer
 
     def answer(self, table: Table, state: EngineState, covers: str, question: str,
-               request: str = "", kept: list[KeptLine] | None = None) -> OutputEntry:
-        """The answer from ``table`` and the ``kept`` lines (oldest first)."""
-        found = search.relevant(table, question)
+               request: str = "", kept: list[KeptLine] | None = None,
+               miner: Miner | None = None) -> OutputEntry:
+        """The answer from ``table`` and the ``kept`` lines (oldest first). A question naming
+        an identifier found in kept lines is about those lines: its templates are theirs
+        (``miner`` matches them, read only), not the ones sharing its words."""
         matched = search.relevant_lines(kept or [], question)
+        found = _templates_of(table, miner, matched) if search.identifiers(question) else []
+        found = found or search.relevant(table, question)
         if not found and not matched:
             return make_output(SummaryKind.ANSWER, NO_MATCH, covers, state.tokens_seen,
                                self.engine.model_name, request)
@@ -73,6 +78,17 @@ class LogAnswerer:
                     for line, score in matched]
         return make_output(SummaryKind.ANSWER, "\n\n".join(parts), covers, state.tokens_seen,
                            self.engine.model_name, request, sources)
+
+
+def _templates_of(table: Table, miner: Miner | None,
+                  lines: list[tuple[KeptLine, float]]) -> list[tuple[TemplateStats, float]]:
+    """The templates ``lines`` belong to, in order of first line, scored by their lines."""
+    counts: dict[int, int] = {}
+    for line, _ in lines:
+        template_id = miner.match(line.record.message) if miner is not None else None
+        if template_id is not None and template_id in table.templates:
+            counts[template_id] = counts.get(template_id, 0) + 1
+    return [(table.templates[t], float(n)) for t, n in counts.items()]
 
 
 def quote(line: KeptLine) -> str:

@@ -333,6 +333,9 @@ def test_ask_quotes_the_kept_lines_that_name_what_it_asks_about(
     assert "[ERROR] DataXceiver error on blk_35: timed out after 350ms " \
            "(entry 1700000000000-35)" in answer.text
     assert "blk_36" not in answer.text  # a line must name what is asked about
+    facts = answer.text.split("Lines:")[0]  # the template of that line, not all with "blk"
+    assert "`DataXceiver error on <BLK>: timed out after <DUR>`" in facts
+    assert "Receiving block" not in facts
     assert [s.entries for s in answer.sources if s.entries[0] == s.entries[1]] == \
         [("1700000000000-35", "1700000000000-35")]
     gone = proc.answers.answer("asked", "what happened to blk_2?")  # trimmed: not kept
