@@ -1,9 +1,10 @@
-"""``sinkstream logs STREAM``: a log stream's template table, as committed by its workers."""
+"""``sinkstream logs STREAM``: a log stream's template table, as committed by its workers, and
+the lines of one template it keeps."""
 
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 import redis
 import typer
@@ -21,17 +22,21 @@ def logs_cmd(
                                                               "only")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON lines, for scripts")]
     = False,
+    lines: Annotated[str | None, typer.Option(
+        "--lines", metavar="T<id>", help="instead: the latest lines of this template the "
+        "stream keeps (log_keep_lines), as many as --top")] = None,
 ) -> None:
     """Print the template table of a log stream: count, level, first and last time, template.
 
     Read from what the workers committed (the stream's logs hash); a stream that has no log
-    lines yet says so.
+    lines yet says so. With --lines T<id>, the latest kept lines of one template instead.
     """
     from state_store.connection import describe_redis_error
     from workers.logs import head as logs_head
     from workers.logs import notes
-    from workers.logs.mining import MinerStateError, MiningConfig
-    from workers.logs.table import BurstConfig, TableStateError
+    from workers.logs.mining import MiningConfig
+    from workers.logs.table import BurstConfig
+    from workers.processing.log_batches import LOG_STATE_ERRORS
 
     cfg = settings()
     keys = stream_keys(stream)
@@ -43,9 +48,12 @@ def logs_cmd(
     if not head.has_logs:
         raise fail(f"stream {keys.stream_id!r} has no log lines yet (publish with --kind log)")
     try:
-        _, table = head.load(MiningConfig(), BurstConfig())
-    except (MinerStateError, TableStateError) as exc:
+        miner, table = head.load(MiningConfig(), BurstConfig())
+    except LOG_STATE_ERRORS as exc:
         raise fail(escape(f"stream {keys.stream_id!r}: logs unreadable: {exc}")) from None
+    if lines is not None:
+        _template_lines(client, keys.stream_id, head.applied, miner, lines, top, as_json)
+        return
     wanted = {s.template_id for s in table.problems()} if problems else None
     rows = [r for r in notes.template_rows(table) if wanted is None or r["id"] in wanted][:top]
     if as_json:
@@ -63,3 +71,30 @@ def logs_cmd(
         out.add_row(f"T{row['id']}", f"{row['count']:,}", str(row["level"]), str(row["first"]),
                     str(row["last"]), escape(notes.shown(str(row["template"]))))
     console.print(out)
+
+
+def _template_lines(client: redis.Redis, stream_id: str, applied: str | None, miner: Any,
+                    template: str, top: int, as_json: bool) -> None:
+    """The latest ``top`` kept lines of ``template`` (``T9`` or ``9``), oldest first."""
+    from workers.logs import notes
+    from workers.logs.retention import kept_lines, read_kept
+
+    wanted = template.upper().removeprefix("T")
+    if not wanted.isdigit() or miner.template(int(wanted)) is None:
+        raise fail(f"no template {template!r} in {stream_id!r}: `sinkstream logs {stream_id}` "
+                   "lists them")
+    cfg = settings()
+    kept = read_kept(client, stream_id, applied,
+                     kept_lines(cfg.log_keep_lines, cfg.max_stream_length))
+    found = [k for k in kept if miner.match(k.record.message) == int(wanted)][-top:]
+    for line in found:
+        if as_json:
+            typer.echo(json.dumps({"entry": line.entry_id, "ts": line.ts,
+                                   "level": line.record.level,
+                                   "message": line.record.message}))
+        else:
+            level = f" [{line.record.level.upper()}]" if line.record.level else ""
+            console.print(f"{notes.when(line.ts)}{level} {escape(line.record.message)}  "
+                          f"[dim](entry {line.entry_id})[/dim]", soft_wrap=True)
+    if not found and not as_json:
+        console.print(f"no line of T{wanted} among the {len(kept):,} lines the stream keeps")

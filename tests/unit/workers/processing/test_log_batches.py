@@ -184,6 +184,15 @@ def test_cli_publishes_a_log_file_and_prints_its_template_table(
     assert "DataXceiver error on <BLK>" in table.output and "Receiving" not in table.output
     rows = runner.invoke(app, ["logs", "tail", "--json"])
     assert [json.loads(line)["count"] for line in rows.output.splitlines()] == [32, 8, 5]
+    errors = json.loads(rows.output.splitlines()[1])["id"]
+    # the latest lines of one template, from those the stream keeps
+    latest = runner.invoke(app, ["logs", "tail", "--lines", f"T{errors}", "-n", "3"])
+    assert latest.exit_code == 0, latest.output
+    assert [line.split("DataXceiver error on ")[1].split(":")[0]
+            for line in latest.output.splitlines()] == ["blk_30", "blk_35", "blk_40"]
+    assert all("[ERROR]" in line and "(entry " in line for line in latest.output.splitlines())
+    unknown = runner.invoke(app, ["logs", "tail", "--lines", "T99"])
+    assert unknown.exit_code != 0 and "no template 'T99'" in unknown.output
 
 
 def _log_batch(lines: list[str], start: int) -> Any:
