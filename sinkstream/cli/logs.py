@@ -35,6 +35,7 @@ def logs_cmd(
     from workers.logs import head as logs_head
     from workers.logs import notes
     from workers.logs.mining import MiningConfig
+    from workers.logs.retention import kept_lines
     from workers.logs.table import BurstConfig
     from workers.processing.log_batches import LOG_STATE_ERRORS
 
@@ -52,7 +53,8 @@ def logs_cmd(
     except LOG_STATE_ERRORS as exc:
         raise fail(escape(f"stream {keys.stream_id!r}: logs unreadable: {exc}")) from None
     if lines is not None:
-        _template_lines(client, keys.stream_id, head.applied, miner, lines, top, as_json)
+        keep = kept_lines(cfg.log_keep_lines, cfg.max_stream_length)
+        _template_lines(client, keys.stream_id, head.applied, miner, lines, top, as_json, keep)
         return
     wanted = {s.template_id for s in table.problems()} if problems else None
     rows = [r for r in notes.template_rows(table) if wanted is None or r["id"] in wanted][:top]
@@ -74,18 +76,17 @@ def logs_cmd(
 
 
 def _template_lines(client: redis.Redis, stream_id: str, applied: str | None, miner: Any,
-                    template: str, top: int, as_json: bool) -> None:
-    """The latest ``top`` kept lines of ``template`` (``T9`` or ``9``), oldest first."""
+                    template: str, top: int, as_json: bool, keep: int) -> None:
+    """The latest ``top`` of the ``keep`` kept lines of ``template`` (``T9`` or ``9``),
+    oldest first."""
     from workers.logs import notes
-    from workers.logs.retention import kept_lines, read_kept
+    from workers.logs.retention import read_kept
 
     wanted = template.upper().removeprefix("T")
     if not wanted.isdigit() or miner.template(int(wanted)) is None:
         raise fail(f"no template {template!r} in {stream_id!r}: `sinkstream logs {stream_id}` "
                    "lists them")
-    cfg = settings()
-    kept = read_kept(client, stream_id, applied,
-                     kept_lines(cfg.log_keep_lines, cfg.max_stream_length))
+    kept = read_kept(client, stream_id, applied, keep)
     found = [k for k in kept if miner.match(k.record.message) == int(wanted)][-top:]
     for line in found:
         if as_json:
