@@ -66,6 +66,16 @@ def shown(template: str) -> str:
     return " ".join(out)
 
 
+def cited(stats: TemplateStats) -> str:
+    """Where a template's lines are, as every bullet about it ends: `` (entries A..B)``, the
+    first and last entry it counted (`` (entry A)`` for one)."""
+    if not stats.first_entry:
+        return ""
+    if stats.first_entry == stats.last_entry:
+        return f" (entry {stats.first_entry})"
+    return f" (entries {stats.first_entry}..{stats.last_entry})"
+
+
 def new_templates(table: Table) -> list[TemplateStats]:
     """Templates created since the last published notes, in the order they appeared."""
     return sorted((s for s in table.templates.values() if s.first_line >= table.notes_cursor),
@@ -75,7 +85,8 @@ def new_templates(table: Table) -> list[TemplateStats]:
 def timeline(table: Table) -> list[TimelineEvent]:
     """First appearances of error/warning templates and their bursts, in time order (bursts of
     other templates are under "Bursts": busy is not broken)."""
-    events = [TimelineEvent(s.first_ts, 0, f"{when(s.first_ts)} first {described(s)}")
+    events = [TimelineEvent(s.first_ts, 0, f"{when(s.first_ts)} first {described(s)}"
+                            + (f" (entry {s.first_entry})" if s.first_entry else ""))
               for s in table.problems()]
     for incident in table.incidents:
         stats = table.templates.get(incident.template_id)
@@ -106,18 +117,19 @@ def render(table: Table, narrative: str = "") -> str:
     parts.append(f"## Totals\n- {table.lines} lines, {len(table.templates)} templates; "
                  + ", ".join(f"{lv}: {n}" for lv, n in sorted(table.levels.items())))
     parts.append(_section("New templates", [
-        f"{described(s)}: {s.count} lines, first at {when(s.first_ts)}"
+        f"{described(s)}: {s.count} lines, first at {when(s.first_ts)}{cited(s)}"
         for s in new_templates(table)], "no new templates since the last update"))
     parts.append(_section("Errors and warnings", [
         f"{described(s)}: {s.count} lines, first {when(s.first_ts)}, last {when(s.last_ts)}"
-        for s in table.problems()], "no error or warning lines"))
+        f"{cited(s)}" for s in table.problems()], "no error or warning lines"))
     parts.append(_section("Bursts", [
         _burst(table.templates[i.template_id], i, table.config.bucket_s)
         for i in bursts(table)], "no bursts"))
     parts.append(_section("Incident timeline", [e.text for e in timeline(table)],
                           "nothing to report"))
     parts.append(_section("Top templates", [
-        f"{described(s)}: {s.count} lines" for s in table.top(TOP_TEMPLATES)], "no lines yet"))
+        f"{described(s)}: {s.count} lines{cited(s)}" for s in table.top(TOP_TEMPLATES)],
+        "no lines yet"))
     return "\n\n".join(parts)
 
 

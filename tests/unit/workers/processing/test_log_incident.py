@@ -85,6 +85,16 @@ def test_the_notes_name_the_burst_its_count_and_times(
     assert "[ERROR]" in named[0]
     timeline = text.split("## Incident timeline", 1)[1].split("##", 1)[0]
     assert "2008-11-10 12:00:00 burst" in timeline and TEMPLATE in timeline
+    # every bullet about a template cites where its lines are: its first and last entry
+    errors = text.split("## Errors and warnings", 1)[1].split("##", 1)[0]
+    cited = next(line for line in errors.splitlines() if TEMPLATE in line)
+    first, last = cited.rsplit("(entries ", 1)[1].rstrip(")").split("..")
+    client = redis_server.client(decode_responses=True)
+    [(_, said)] = client.xrange(StreamKeys.of("hdfs").input, first, first)
+    assert "Disk failure" in said["text"] and f"blk_{-9000000}" in said["text"]
+    [(_, said)] = client.xrange(StreamKeys.of("hdfs").input, last, last)
+    assert f"blk_{-9000000 - BURST + 1}" in said["text"]
+    assert f"first T11 [ERROR] `{TEMPLATE}` (entry {first})" in timeline
     # and the question an SRE asks is answered from the template table, with its evidence,
     # and with the first lines that say so, kept in the input, quoted with time and entry
     answer = proc.answer("hdfs", "when did the datanode errors start?")
