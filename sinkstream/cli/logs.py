@@ -79,8 +79,8 @@ def _template_lines(client: redis.Redis, stream_id: str, applied: str | None, mi
                     template: str, top: int, as_json: bool, keep: int) -> None:
     """The latest ``top`` of the ``keep`` kept lines of ``template`` (``T9`` or ``9``),
     oldest first."""
-    from workers.logs import notes
     from workers.logs.retention import read_kept
+    from workers.processing.log_answers import quote
 
     wanted = template.upper().removeprefix("T")
     if not wanted.isdigit() or miner.template(int(wanted)) is None:
@@ -94,8 +94,6 @@ def _template_lines(client: redis.Redis, stream_id: str, applied: str | None, mi
                                    "level": line.record.level,
                                    "message": line.record.message}))
         else:
-            level = f" [{line.record.level.upper()}]" if line.record.level else ""
-            console.print(f"{notes.when(line.ts)}{level} {escape(line.record.message)}  "
-                          f"[dim](entry {line.entry_id})[/dim]", soft_wrap=True)
+            console.print(escape(quote(line)), soft_wrap=True)  # as an answer quotes it
     if not found and not as_json:
         console.print(f"no line of T{wanted} among the {len(kept):,} lines the stream keeps")
