@@ -33,6 +33,9 @@ from workers.logs.parse import LogRecord, parse_line
 FIELD = "keep"
 #: marks per ``keep_lines``: the kept lines overshoot ``keep_lines`` by at most 1 / MARKS
 MARKS = 16
+#: a stored ``keep`` field holds about MARKS + 1 marks; one with more than this is refused
+#: (a hostile or corrupt field must not cost a worker memory or time to decode)
+MAX_STORED_MARKS = 1024
 
 
 def kept_lines(keep_lines: int, max_stream_length: int) -> int:
@@ -63,7 +66,10 @@ class Retention:
         if raw is None:
             return cls(keep_lines)
         try:
-            data: Any = msgpack.unpackb(raw, raw=False, max_bin_len=0, max_ext_len=0)
+            data: Any = msgpack.unpackb(raw, raw=False, max_bin_len=0, max_ext_len=0,
+                                        max_array_len=MAX_STORED_MARKS)
+            if not isinstance(data, list):
+                raise ValueError("not a list of marks")
             marks = [(int(index), str(entry_id)) for index, entry_id in data]
             for index, entry_id in marks:
                 parse_entry_id(entry_id)

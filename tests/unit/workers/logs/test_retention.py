@@ -69,7 +69,8 @@ def test_keeping_nothing_marks_nothing_and_trims_all() -> None:
 
 @pytest.mark.parametrize("raw", [b"\xc1", msgpack.packb({"a": 1}), msgpack.packb([[0]]),
                                  msgpack.packb([[0, "not an id"]]),
-                                 msgpack.packb([[-1, "1-0"]])])
+                                 msgpack.packb([[-1, "1-0"]]),
+                                 msgpack.packb([[i, f"1-{i}"] for i in range(2000)])])
 def test_a_malformed_field_is_refused_by_name(raw: bytes) -> None:
     with pytest.raises(RetentionStateError, match="'keep'"):
         Retention.from_fields({FIELD: raw}, 100)
