@@ -49,6 +49,12 @@ class Deferral:
         return cls(meta["deferred_reason"], at)
 
 
+def shown_status(status: str, deferral: Deferral | None) -> str:
+    """A stream's status as ``status`` views show it: ``deferred`` while a deferral holds,
+    unless the stream is parked (failed outranks it: someone must act)."""
+    return "deferred" if deferral is not None and status != "failed" else status
+
+
 class StreamHealth:
     """Failure marks and refusal counters of streams."""
 

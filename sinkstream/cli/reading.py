@@ -141,7 +141,7 @@ def stream_status(client: redis.Redis, stream: str) -> dict[str, Any]:
     finished stream whose input was trimmed still shows them."""
     from monitoring.lag import LagReader
     from producer.registry import describe_streams
-    from state_store.health import Deferral
+    from state_store.health import Deferral, shown_status
     from state_store.store import StateStore
 
     keys = stream_keys(stream)
@@ -153,7 +153,7 @@ def stream_status(client: redis.Redis, stream: str) -> dict[str, Any]:
     deferral = Deferral.of(meta, info.version if info else 0)
     return {
         "stream": stream,
-        "status": "deferred" if deferral and lag.status != "failed" else lag.status,
+        "status": shown_status(lag.status, deferral),
         "offset": lag.last_entry_id or "-",
         "applied_entries": listed.applied,
         "last_entry": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(last_entry))

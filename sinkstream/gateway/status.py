@@ -15,7 +15,7 @@ from monitoring.lag import LagReader
 from producer.registry import StreamInfo, describe_streams
 from sinkstream.contracts.keys import STREAMS_REGISTRY, StreamKeys
 from sinkstream.gateway.auth import ALL_STREAMS, Principal
-from state_store.health import Deferral
+from state_store.health import Deferral, shown_status
 from state_store.replies import as_text, text_fields
 from state_store.store import StateStore
 
@@ -40,7 +40,7 @@ def stream_status(client: redis.Redis, stream_id: str) -> dict[str, Any]:
     deferral = Deferral.of(meta, info.version if info else 0)
     return {
         "stream": stream_id,
-        "status": "deferred" if deferral and lag.status != "failed" else lag.status,
+        "status": shown_status(lag.status, deferral),
         "offset": lag.last_entry_id,
         "lag_entries": lag.pending,
         "lag_capped": lag.capped,

@@ -129,7 +129,7 @@ def read_kept(client: redis.Redis, stream_id: str, applied: str | None,
         entry = parse_entry(entry_id, fields)
         if isinstance(entry, Rejected) or not entry.text:
             continue
-        record = parse_line(entry.text, entry.time)
-        out.append(KeptLine(entry.id, record.ts if record.ts is not None else entry.time,
-                            record))
+        when = entry.time
+        record = parse_line(entry.text, when)
+        out.append(KeptLine(entry.id, record.ts if record.ts is not None else when, record))
     return out

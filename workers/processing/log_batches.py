@@ -48,18 +48,18 @@ class LogUpdate:
     assignments: list[tuple[str, int]]
     #: the stream's lines before this batch (the log notes' cadence)
     lines_before: int
+    #: the marks of the lines the stream keeps in its input (``workers.logs.retention``)
+    retention: Retention
     #: fields the commit deletes: the first format's blobs, replaced by the fields
     delete: tuple[str, ...] = ()
-    #: the first input entry the stream keeps (``workers.logs.retention``): the commit trims
-    #: before it; None: trim nothing yet (``keeps``) or all that is applied (not ``keeps``)
+    #: the first input entry the stream keeps: the commit trims before it; None: trim
+    #: nothing yet (the stream keeps lines) or all that is applied (it keeps none)
     trim_before: str | None = None
-    keeps: bool = False
-    retention: Retention | None = None
 
     @property
     def trim(self) -> bool:
         """Whether the commit may trim the applied input (up to ``trim_before`` if set)."""
-        return not self.keeps or self.trim_before is not None
+        return not self.retention.keep_lines or self.trim_before is not None
 
 
 #: what a committed logs hash that cannot be used raises (the stream is parked with it)
@@ -121,8 +121,7 @@ class LogFolder:
             return
         if self._warm.pop(key, None) is None:
             self._warm_count += size
-        self._warm[key] = (update.miner, update.table,
-                           update.retention or Retention(self.keep_lines))
+        self._warm[key] = (update.miner, update.table, update.retention)
         while len(self._warm) > self.warm or self._warm_count > self.warm_templates:
             self._forget(next(iter(self._warm)))
 
@@ -211,8 +210,7 @@ def _update(parts: _Logs, last_id: str, levels: dict[str, int], created: list[in
     fields: dict[str, bytes | str] = {**miner.take_changes(), **table.take_changes(),
                                       **retention.take_changes(), APPLIED_FIELD: last_id}
     return LogUpdate(miner, table, fields, levels, created, incidents, assignments,
-                     lines_before, _deleted(head), trim_before, retention.keep_lines > 0,
-                     retention)
+                     lines_before, retention, _deleted(head), trim_before)
 
 
 def _deleted(head: LogsHead) -> tuple[str, ...]:
