@@ -8,6 +8,7 @@ import pytest
 import redis
 
 from tests.redis_server import RedisServer
+from tests.threads import one_torch_thread as one_torch_thread_block
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -51,12 +52,8 @@ def one_torch_thread() -> Iterator[None]:
     shared CPU the threads of small ops wait on each other (10x slower), and in-process
     references then compute like the workers (OMP_NUM_THREADS=1). Use with
     ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread_block():
+        yield
 
 
 @pytest.fixture

@@ -47,6 +47,7 @@ from tests.integration.pipeline.harness import (
     Worker,
     settings_from_env,
 )
+from tests.threads import one_torch_thread
 from workers.engines.base import Engine
 from workers.engines.sinkkv.segments import whole_snapshot
 from workers.processing.batches import entry_tokens
@@ -174,22 +175,16 @@ class Reference:
         from workers.engines.loading import load_engine
 
         self.settings = settings
-        self.engine: Engine[Any] = load_engine(settings)
+        with one_torch_thread():  # its first forward (the fresh state) included
+            self.engine: Engine[Any] = load_engine(settings)
 
     def tensors(self, entries: Iterable[InputEntry]) -> dict[str, bytes]:
-        import torch
-
-        # one thread: tiny forwards on a shared 2-core box are ~15x slower with thread contention
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with one_torch_thread():
             state = self.engine.new_state()
             for index, turn in enumerate(entries):
                 ids = entry_tokens(self.engine, [turn], at_stream_start=index == 0)
                 state = self.engine.feed(state, ids)
             return _snapshot_bytes(self.engine.export_state(state))
-        finally:
-            torch.set_num_threads(threads)
 
 
 def _snapshot_bytes(snapshot: Any) -> dict[str, bytes]:

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import redis
-import torch
 
 from producer.reader import read_entries
 from sinkstream.contracts.entries import InputEntry
 from sinkstream.contracts.keys import StreamKeys
 from sinkstream.settings import Settings
 from state_store.store import StateStore
+from tests.threads import one_torch_thread
 from workers.engines.loading import load_engine
 from workers.engines.sinkkv.segments import whole_snapshot
 from workers.processing.batches import entry_tokens
@@ -162,17 +162,12 @@ def valid_entries(
 
 def reference_tensors(settings: Settings, turns: Iterable[InputEntry]) -> dict[str, bytes]:
     """Feed the entries straight into the engine, one call per entry, in this process, on
-    one torch thread like the workers (``OMP_NUM_THREADS=1``): on some CPUs the RWKV kernels
-    round differently with two threads than with one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    one torch thread like the workers (``tests/threads.py``)."""
+    with one_torch_thread():
         engine = load_engine(settings)  # its first forward (the fresh state) included
         state = engine.new_state()
         for index, turn in enumerate(turns):
             state = engine.feed(state, entry_tokens(engine, [turn], at_stream_start=index == 0))
-    finally:
-        torch.set_num_threads(threads)
     snapshot = engine.export_state(state)
     return {name: t.data for name, t in snapshot.tensors.items()} | {
         "__scalars__": json.dumps(snapshot.scalars, sort_keys=True, default=str).encode()

@@ -45,6 +45,9 @@ from workers.processing.multistream import (
 )
 from workers.processing.processor import StreamProcessor
 
+# the solo references are compared bit for bit with what worker subprocesses (one thread) commit
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 #: stream -> (first turn, number of turns) of the QMSum meeting: uneven lengths and offsets
 STREAMS = {"s0": (0, 9), "s1": (20, 7), "s2": (40, 13), "s3": (70, 4), "s4": (90, 10)}
 #: characters kept of each turn (the tiny models read bytes: short turns keep tests fast)
