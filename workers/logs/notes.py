@@ -66,14 +66,14 @@ def shown(template: str) -> str:
     return " ".join(out)
 
 
-def cited(stats: TemplateStats) -> str:
-    """Where a template's lines are, as every bullet about it ends: `` (entries A..B)``, the
-    first and last entry it counted (`` (entry A)`` for one)."""
-    if not stats.first_entry:
+def cited(found: TemplateStats | Incident) -> str:
+    """Where a template's or a burst's lines are, as every bullet about it ends:
+    `` (entries A..B)``, its first and last line's entries (`` (entry A)`` for one)."""
+    if not found.first_entry:
         return ""
-    if stats.first_entry == stats.last_entry:
-        return f" (entry {stats.first_entry})"
-    return f" (entries {stats.first_entry}..{stats.last_entry})"
+    if found.first_entry == found.last_entry:
+        return f" (entry {found.first_entry})"
+    return f" (entries {found.first_entry}..{found.last_entry})"
 
 
 def new_templates(table: Table) -> list[TemplateStats]:
@@ -108,7 +108,7 @@ def bursts(table: Table) -> list[Incident]:
 def _burst(stats: TemplateStats, incident: Incident, bucket_s: float) -> str:
     return (f"{described(stats)}: {incident.count} lines from {when(incident.first_ts)} to "
             f"{when(incident.last_ts)} (baseline {incident.baseline:.1f} lines per "
-            f"{bucket_s:g} s)")
+            f"{bucket_s:g} s){cited(incident)}")
 
 
 def render(table: Table, narrative: str = "") -> str:

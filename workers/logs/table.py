@@ -21,7 +21,8 @@ and ``factor`` times the template's own baseline: its mean count per bucket over
 new to an established stream has a baseline of zero). A stream younger than
 ``warmup_buckets`` finds no bursts: at its start every template is new. Consecutive burst
 buckets of a template are one incident, whose count and first/last time grow as its lines
-arrive.
+arrive. Each bucket also keeps the entries of its first and last line, so an incident cites the
+entries it rests on (its first and last line), as every bullet of the notes does.
 """
 
 from __future__ import annotations
@@ -34,10 +35,13 @@ from typing import Any
 import msgpack
 
 from sinkstream.contracts.formats import NewerFormatError, is_newer
+from sinkstream.ids import entry_id_key
 from workers.logs.parse import LEVELS, PROBLEM_LEVELS
 
-#: the format of ``table:head`` and the fields beside it; 1 was the single ``table`` blob
-FORMAT_VERSION = 2
+#: the format of ``table:head`` and the fields beside it; 1 was the single ``table`` blob, 2 the
+#: fields without the buckets' and incidents' entries (still read: they cite no entries)
+FORMAT_VERSION = 3
+READ_VERSIONS = (2, 3)
 LEGACY_VERSION = 1
 HEAD_FIELD = "table:head"
 TEMPLATE_PREFIX = "table:t:"
@@ -68,10 +72,15 @@ class BurstConfig:
     warmup_buckets: int = 5
 
 
+#: one bucket of a template: [count, first ts, last ts, first entry, last entry] (a list, not a
+#: dataclass: it is updated once per line; the entries are "" in a table of format 2)
+Cell = list[Any]
+
+
 @dataclass
 class TemplateStats:
-    """One template's counts. ``buckets`` maps a bucket index to [count, first ts, last ts]
-    for the last ``history_buckets`` buckets of the stream (older ones are dropped)."""
+    """One template's counts. ``buckets`` maps a bucket index to its :data:`Cell` for the
+    last ``history_buckets`` buckets of the stream (older ones are dropped)."""
 
     template_id: int
     template: str
@@ -82,7 +91,7 @@ class TemplateStats:
     first_entry: str = ""
     last_entry: str = ""
     example: str = ""
-    buckets: dict[int, list[float]] = field(default_factory=dict)
+    buckets: dict[int, Cell] = field(default_factory=dict)
     #: the stream's line count when the template was created (0-based line number)
     first_line: int = 0
 
@@ -102,7 +111,8 @@ class TemplateStats:
 
 @dataclass(frozen=True)
 class Incident:
-    """A burst of one template: consecutive burst buckets, their line count and times."""
+    """A burst of one template: consecutive burst buckets, their line count, times and the
+    entries of their first and last line ("" in a table of format 2)."""
 
     template_id: int
     start_bucket: int
@@ -111,6 +121,8 @@ class Incident:
     first_ts: float
     last_ts: float
     baseline: float
+    first_entry: str = ""
+    last_entry: str = ""
 
 
 @dataclass
@@ -154,13 +166,14 @@ class Table:
         bucket = math.floor(ts / self.config.bucket_s)
         cell = stats.buckets.get(bucket)
         if cell is None:
-            stats.buckets[bucket] = [1, ts, ts]
+            stats.buckets[bucket] = [1, ts, ts, entry_id, entry_id]
         else:
             cell[0] += 1
             if ts < cell[1]:
                 cell[1] = ts
             if ts > cell[2]:
                 cell[2] = ts
+            cell[4] = entry_id
         if self.first_bucket is None or bucket < self.first_bucket:
             self.first_bucket = bucket
         if self.last_bucket is None or bucket > self.last_bucket:
@@ -216,8 +229,12 @@ class Table:
     @staticmethod
     def _incident(stats: TemplateStats, start: int, end: int, baseline: float) -> Incident:
         cells = [cell for b, cell in stats.buckets.items() if start <= b <= end]
+        # cited only when every bucket knows its entries (a bucket of format 2 does not)
+        cites = all(c[3] for c in cells)
         return Incident(stats.template_id, start, end, int(sum(c[0] for c in cells)),
-                        min(c[1] for c in cells), max(c[2] for c in cells), baseline)
+                        min(c[1] for c in cells), max(c[2] for c in cells), baseline,
+                        min((c[3] for c in cells), key=entry_id_key) if cites else "",
+                        max((c[4] for c in cells), key=entry_id_key) if cites else "")
 
     def _prune(self, template_ids: set[int]) -> None:
         """Drop the history of ``template_ids`` older than the window before each one's own
@@ -244,7 +261,8 @@ class Table:
     def head(self) -> bytes:
         """``table:head``: everything but the templates."""
         incidents = [[i.template_id, i.start_bucket, i.end_bucket, i.count, i.first_ts,
-                      i.last_ts, i.baseline] for i in self.incidents]
+                      i.last_ts, i.baseline, i.first_entry, i.last_entry]
+                     for i in self.incidents]
         return msgpack.packb({"v": FORMAT_VERSION, "i": incidents, "n": self.lines,
                               "l": self.levels, "c": self.notes_cursor,
                               "b": [self.first_bucket, self.last_bucket]}, use_bin_type=True)
@@ -274,7 +292,7 @@ class Table:
             raw = msgpack.unpackb(head, raw=False, strict_map_key=False)
             if isinstance(raw, dict) and is_newer(raw.get("v"), FORMAT_VERSION):
                 raise TableTooNewError(raw["v"])
-            if not isinstance(raw, dict) or raw.get("v") != FORMAT_VERSION:
+            if not isinstance(raw, dict) or raw.get("v") not in READ_VERSIONS:
                 raise TableStateError("template table has another format version")
             table._read_head(raw)
             rows = [(int(name[len(TEMPLATE_PREFIX):]),
@@ -311,7 +329,8 @@ class Table:
 
     def _read_head(self, raw: dict[Any, Any]) -> None:
         self.incidents = [Incident(int(i[0]), int(i[1]), int(i[2]), int(i[3]), float(i[4]),
-                                   float(i[5]), float(i[6])) for i in raw["i"]]
+                                   float(i[5]), float(i[6]), *_entries(i[7:]))
+                          for i in raw["i"]]
         self.lines, self.levels = int(raw["n"]), _counts(raw["l"])
         self.notes_cursor = int(raw["c"])
         first, last = raw["b"]
@@ -323,9 +342,19 @@ def _stats(template_id: int, row: Any) -> TemplateStats:
     """One template's stats from its stored row (without its id)."""
     stats = TemplateStats(template_id, str(row[0]), int(row[1]), _counts(row[2]),
                           float(row[3]), float(row[4]), str(row[5]), str(row[6]), str(row[7]))
-    stats.buckets = {int(c[0]): [int(c[1]), float(c[2]), float(c[3])] for c in row[8]}
+    stats.buckets = {int(c[0]): [int(c[1]), float(c[2]), float(c[3]), *_entries(c[4:])]
+                     for c in row[8]}
     stats.first_line = int(row[9])
     return stats
+
+
+def _entries(raw: Any) -> tuple[str, str]:
+    """The first and last entry stored after a bucket's or incident's numbers; format 1 and
+    2 stored none (such a bucket cites no entries; new buckets do)."""
+    if not raw:
+        return "", ""
+    first, last = raw
+    return str(first), str(last)
 
 
 def _counts(raw: Any) -> dict[str, int]:

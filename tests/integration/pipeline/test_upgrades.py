@@ -1,10 +1,10 @@
 """Rolling upgrades: a stream an upgraded worker wrote is left for one, never parked.
 
-A worker that meets a state (or a log miner) in a format version past what it reads defers
-the stream (``sinkstream.contracts.formats``): nothing is applied, nothing is marked failed,
-the stream's scheduled flag lapses after ``DEFER_RETRY_S`` for whichever worker takes it next;
-the worker reads that state only once while it stays at its committed version; and once
-the stream's state is one it reads again, it carries on exactly where it was. Here an
+A worker that meets a state (or a log miner or template table) in a format version past what
+it reads defers the stream (``sinkstream.contracts.formats``): nothing is applied, nothing is
+marked failed, the stream's scheduled flag lapses after ``DEFER_RETRY_S`` for whichever worker
+takes it next; the worker reads that state only once while it stays at its committed version;
+and once the stream's state is one it reads again, it carries on exactly where it was. Here an
 "upgraded worker's commit" is the real commit with its format version rewritten in place.
 """
 
@@ -41,7 +41,7 @@ from tests.integration.pipeline.harness import (
     worker_env,
 )
 from workers.engines.loading import load_engine
-from workers.logs import mining
+from workers.logs import mining, table
 from workers.processing.hot_cache import HotStateCache
 from workers.processing.multistream import MultiStreamProcessor
 from workers.processing.newer import DEFER_RETRY_S
@@ -162,8 +162,11 @@ def test_a_companion_from_a_newer_build_leaves_the_batch_and_the_runnable_set(
     assert StateStore(client).info("a").last_entry_id == last_input_id(client, "a")
 
 
-def test_a_log_miner_from_a_newer_build_is_deferred(
-    redis_server: RedisServer, settings: Settings
+@pytest.mark.parametrize(("part", "field", "version"), [
+    ("log miner", mining.HEAD_FIELD, mining.FORMAT_VERSION),
+    ("template table", table.HEAD_FIELD, table.FORMAT_VERSION)])
+def test_a_log_miner_or_table_from_a_newer_build_is_deferred(
+    redis_server: RedisServer, settings: Settings, part: str, field: str, version: int
 ) -> None:
     client = redis_server.client()
     producer = Producer(client, settings=settings)
@@ -172,13 +175,12 @@ def test_a_log_miner_from_a_newer_build_is_deferred(
     _drain(_worker(settings, client, "w1"), "app")
     producer.publish_many("app", ["GET /health 200 in 4ms"])
     logs = StreamKeys.of("app").logs
-    head = msgpack.unpackb(client.hget(logs, mining.HEAD_FIELD))
-    client.hset(logs, mining.HEAD_FIELD,
-                msgpack.packb({**head, "v": mining.FORMAT_VERSION + 1}))
+    head = msgpack.unpackb(client.hget(logs, field))
+    client.hset(logs, field, msgpack.packb({**head, "v": version + 1}))
 
     outcome = _worker(settings, client, "old").process("app")
     assert outcome.status == "deferred"
-    assert f"log miner is format version {mining.FORMAT_VERSION + 1}" in outcome.reason
+    assert f"{part} is format version {version + 1}" in outcome.reason
     assert StateStore(client).failure("app") is None
 
 

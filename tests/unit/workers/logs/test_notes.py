@@ -30,8 +30,12 @@ def test_sections_name_the_burst_with_count_and_times() -> None:
     text = notes.render(table)
     assert "T2 [ERROR] `disk <PATH> failed`: 8 lines from 2023-11-14 22:23:20 to " \
            "2023-11-14 22:23:27" in text
+    # a burst cites the entries of its first and last line, in its section and the timeline
+    bursts = text.split("## Bursts")[1].split("##")[0]
+    assert bursts.strip().endswith("(baseline 0.0 lines per 60 s) (entries 9-0..9-7)")
     timeline = text.split("## Incident timeline")[1]
     assert timeline.index("first T2") < timeline.index("burst T2")
+    assert "(entries 9-0..9-7)" in timeline.split("burst T2")[1].splitlines()[0]
     assert notes.shown("ask <IP> to delete <BLK> <BLK> <BLK> <BLK>") == \
         "ask <IP> to delete <BLK> x4"
     stored = table.take_changes()

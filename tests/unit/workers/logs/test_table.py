@@ -68,3 +68,60 @@ def test_a_table_from_a_newer_build_is_told_apart_from_a_corrupt_one() -> None:
     with pytest.raises(TableStateError, match="another format") as refused:
         Table.from_fields({**fields, HEAD_FIELD: msgpack.packb({**head, "v": 0})})
     assert not isinstance(refused.value, NewerFormatError)
+
+
+def _burst_table() -> Table:
+    """Template 1 once a minute for ten minutes, then 12 lines of template 2 in one minute."""
+    table = Table(BurstConfig(bucket_s=60, min_count=5, factor=5, warmup_buckets=2))
+    for minute in range(10):
+        table.add(1, "heartbeat", "info", T0 + 60 * minute, f"{minute + 1}-0", "hb")
+        table.close_batch()
+    for second in range(12):
+        table.add(2, "disk failed", "error", T0 + 600 + second, f"11-{second}", "disk")
+        if second % 5 == 4:  # the burst's lines come in three batches
+            table.close_batch()
+    table.close_batch()
+    return table
+
+
+def test_a_burst_keeps_the_entries_of_its_first_and_last_line() -> None:
+    table = _burst_table()
+    [burst] = table.incidents
+    assert (burst.count, burst.first_entry, burst.last_entry) == (12, "11-0", "11-11")
+    again = Table.from_fields(table.take_changes(), table.config)
+    assert again.incidents == table.incidents
+    assert again.templates[2].buckets == table.templates[2].buckets
+
+
+def _as_format_2(fields: dict[str, bytes]) -> dict[str, bytes]:
+    """What the previous build stored: no entries after a bucket's or an incident's numbers."""
+    head = msgpack.unpackb(fields[HEAD_FIELD], strict_map_key=False)
+    out = {HEAD_FIELD: msgpack.packb({**head, "v": 2, "i": [i[:7] for i in head["i"]]})}
+    for name, value in fields.items():
+        if name != HEAD_FIELD:
+            row = msgpack.unpackb(value, strict_map_key=False)
+            row[8] = [cell[:4] for cell in row[8]]
+            out[name] = msgpack.packb(row)
+    return out
+
+
+def test_a_table_of_the_previous_format_is_read_and_its_new_bursts_cite_entries() -> None:
+    table = _burst_table()
+    old = Table.from_fields(_as_format_2(table.take_changes()), table.config)
+    [burst] = old.incidents
+    assert (burst.count, burst.first_entry, burst.last_entry) == (12, "", "")
+    # the old burst continued in the next minute: part of it has no entries, so none is cited
+    for second in range(12):
+        old.add(2, "disk failed", "error", T0 + 660 + second, f"12-{second}", "disk")
+    old.close_batch()
+    [burst] = old.incidents
+    assert (burst.count, burst.first_entry, burst.last_entry) == (24, "", "")
+    # a later burst of the same template, twenty minutes on, cites the lines it counted
+    for second in range(6):
+        old.add(1, "heartbeat", "info", T0 + 1800 + 2 * second, f"31-{second}", "hb")
+    old.close_batch()
+    assert (old.incidents[-1].count, old.incidents[-1].first_entry,
+            old.incidents[-1].last_entry) == (6, "31-0", "31-5")
+    stored = old.take_changes()
+    assert msgpack.unpackb(stored[HEAD_FIELD], strict_map_key=False)["v"] == FORMAT_VERSION
+    assert Table.from_fields(stored, table.config).incidents == old.incidents

@@ -95,6 +95,10 @@ def test_the_notes_name_the_burst_its_count_and_times(
     [(_, said)] = client.xrange(StreamKeys.of("hdfs").input, last, last)
     assert f"blk_{-9000000 - BURST + 1}" in said["text"]
     assert f"first T11 [ERROR] `{TEMPLATE}` (entry {first})" in timeline
+    # the burst cites its own first and last line: here the same 40 lines
+    bursts = text.split("## Bursts", 1)[1].split("##", 1)[0]
+    assert f"(entries {first}..{last})" in next(b for b in bursts.splitlines() if burst in b)
+    assert f"(entries {first}..{last})" in timeline.split("12:00:00 burst", 1)[1].splitlines()[0]
     # and the question an SRE asks is answered from the template table, with its evidence,
     # and with the first lines that say so, kept in the input, quoted with time and entry
     answer = proc.answer("hdfs", "when did the datanode errors start?")
