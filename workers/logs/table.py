@@ -21,8 +21,10 @@ and ``factor`` times the template's own baseline: its mean count per bucket over
 new to an established stream has a baseline of zero). A stream younger than
 ``warmup_buckets`` finds no bursts: at its start every template is new. Consecutive burst
 buckets of a template are one incident, whose count and first/last time grow as its lines
-arrive. Each bucket also keeps the entries of its first and last line, so an incident cites the
-entries it rests on (its first and last line), as every bullet of the notes does.
+arrive. An incident also cites the entries of its first and last line, as every bullet of the
+notes does: each bucket stores the entry of its first line (its first line may come a batch
+before the bucket bursts), and holds the entry of its last line only in memory, because an
+incident grows only by the buckets the current batch counted.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ class BurstConfig:
 
 
 #: one bucket of a template: [count, first ts, last ts, first entry, last entry] (a list, not a
-#: dataclass: it is updated once per line; the entries are "" in a table of format 2)
+#: dataclass: it is updated once per line). The last entry is not stored: it is known for the
+#: buckets the current batch counted, "" for the others; the first entry is "" in format 2.
 Cell = list[Any]
 
 
@@ -219,22 +222,27 @@ class Table:
                     <= old.end_bucket + 1:
                 self.incidents[index] = self._incident(stats, min(old.start_bucket, bucket),
                                                        max(old.end_bucket, bucket),
-                                                       old.baseline)
+                                                       old.baseline, bucket, old)
                 return False
         baseline = self.baseline(stats, bucket) or 0.0
-        self.incidents.append(self._incident(stats, bucket, bucket, baseline))
+        self.incidents.append(self._incident(stats, bucket, bucket, baseline, bucket))
         del self.incidents[:-MAX_INCIDENTS]
         return True
 
     @staticmethod
-    def _incident(stats: TemplateStats, start: int, end: int, baseline: float) -> Incident:
+    def _incident(stats: TemplateStats, start: int, end: int, baseline: float, touched: int,
+                  old: Incident | None = None) -> Incident:
+        """The incident over buckets ``start..end``, grown by bucket ``touched`` (counted by
+        this batch, so its last entry is known) from ``old``. Its entries are cited only when
+        all of its buckets knew theirs (none did in format 2)."""
         cells = [cell for b, cell in stats.buckets.items() if start <= b <= end]
-        # cited only when every bucket knows its entries (a bucket of format 2 does not)
-        cites = all(c[3] for c in cells)
+        first, last = stats.buckets[touched][3:5]
+        if old is not None and first:
+            first = min(old.first_entry, first, key=entry_id_key) if old.first_entry else ""
+            last = max(old.last_entry, last, key=entry_id_key) if old.last_entry else ""
         return Incident(stats.template_id, start, end, int(sum(c[0] for c in cells)),
                         min(c[1] for c in cells), max(c[2] for c in cells), baseline,
-                        min((c[3] for c in cells), key=entry_id_key) if cites else "",
-                        max((c[4] for c in cells), key=entry_id_key) if cites else "")
+                        first, last if first else "")
 
     def _prune(self, template_ids: set[int]) -> None:
         """Drop the history of ``template_ids`` older than the window before each one's own
@@ -275,7 +283,8 @@ class Table:
             s = self.templates[template_id]
             fields[f"{TEMPLATE_PREFIX}{template_id}"] = msgpack.packb(
                 [s.template, s.count, s.levels, s.first_ts, s.last_ts, s.first_entry,
-                 s.last_entry, s.example, [[b, *cell] for b, cell in sorted(s.buckets.items())],
+                 s.last_entry, s.example,
+                 [[b, *cell[:4]] for b, cell in sorted(s.buckets.items())],
                  s.first_line], use_bin_type=True)
         self._changed.clear()
         return fields
@@ -342,15 +351,15 @@ def _stats(template_id: int, row: Any) -> TemplateStats:
     """One template's stats from its stored row (without its id)."""
     stats = TemplateStats(template_id, str(row[0]), int(row[1]), _counts(row[2]),
                           float(row[3]), float(row[4]), str(row[5]), str(row[6]), str(row[7]))
-    stats.buckets = {int(c[0]): [int(c[1]), float(c[2]), float(c[3]), *_entries(c[4:])]
-                     for c in row[8]}
+    stats.buckets = {int(c[0]): [int(c[1]), float(c[2]), float(c[3]),
+                                 str(c[4]) if len(c) > 4 else "", ""] for c in row[8]}
     stats.first_line = int(row[9])
     return stats
 
 
 def _entries(raw: Any) -> tuple[str, str]:
-    """The first and last entry stored after a bucket's or incident's numbers; format 1 and
-    2 stored none (such a bucket cites no entries; new buckets do)."""
+    """The first and last entry stored after an incident's numbers (format 1 and 2 stored
+    none: such an incident cites no entries)."""
     if not raw:
         return "", ""
     first, last = raw

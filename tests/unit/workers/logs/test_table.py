@@ -70,15 +70,17 @@ def test_a_table_from_a_newer_build_is_told_apart_from_a_corrupt_one() -> None:
     assert not isinstance(refused.value, NewerFormatError)
 
 
-def _burst_table() -> Table:
-    """Template 1 once a minute for ten minutes, then 12 lines of template 2 in one minute."""
+def _burst_table(cut: int = 5) -> Table:
+    """Template 1 once a minute for ten minutes, then 12 lines of template 2 in one minute;
+    a batch closed every ``cut`` lines."""
     table = Table(BurstConfig(bucket_s=60, min_count=5, factor=5, warmup_buckets=2))
-    for minute in range(10):
-        table.add(1, "heartbeat", "info", T0 + 60 * minute, f"{minute + 1}-0", "hb")
-        table.close_batch()
-    for second in range(12):
-        table.add(2, "disk failed", "error", T0 + 600 + second, f"11-{second}", "disk")
-        if second % 5 == 4:  # the burst's lines come in three batches
+    lines = [(1, "heartbeat", "info", T0 + 60 * minute, f"{minute + 1}-0")
+             for minute in range(10)]
+    lines += [(2, "disk failed", "error", T0 + 600 + second, f"11-{second}")
+              for second in range(12)]
+    for index, (template_id, template, level, ts, entry) in enumerate(lines):
+        table.add(template_id, template, level, ts, entry, "line")
+        if (index + 1) % cut == 0:
             table.close_batch()
     table.close_batch()
     return table
@@ -88,9 +90,15 @@ def test_a_burst_keeps_the_entries_of_its_first_and_last_line() -> None:
     table = _burst_table()
     [burst] = table.incidents
     assert (burst.count, burst.first_entry, burst.last_entry) == (12, "11-0", "11-11")
-    again = Table.from_fields(table.take_changes(), table.config)
+    stored = table.take_changes()
+    # the same incident and bytes whether the burst bursts within a batch or across four
+    for cut in (1, 3, 7, 100):
+        assert _burst_table(cut).take_changes() == stored
+    again = Table.from_fields(stored, table.config)
     assert again.incidents == table.incidents
-    assert again.templates[2].buckets == table.templates[2].buckets
+    # a bucket stores its first line's entry; its last is known only to the batch counting it
+    assert again.templates[2].buckets == {
+        b: [*cell[:4], ""] for b, cell in table.templates[2].buckets.items()}
 
 
 def _as_format_2(fields: dict[str, bytes]) -> dict[str, bytes]:
