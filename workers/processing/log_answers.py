@@ -20,7 +20,7 @@ from workers.logs import notes as log_notes
 from workers.logs import search
 from workers.logs.mining import Miner
 from workers.logs.retention import KeptLine
-from workers.logs.table import Table, TemplateStats
+from workers.logs.table import Incident, Table, TemplateStats
 from workers.notes import guard
 from workers.processing.summarizer import Summarizer
 
@@ -32,12 +32,16 @@ def facts(table: Table, stats: TemplateStats) -> list[str]:
     """What the table knows of one template, as sentences."""
     out = [f"{log_notes.described(stats)}: {stats.count} lines, first at "
            f"{log_notes.when(stats.first_ts)}, last at {log_notes.when(stats.last_ts)}."]
-    for incident in table.incidents:
-        if incident.template_id == stats.template_id:
-            out.append(f"Burst of {log_notes.name(stats)}: {incident.count} lines from "
-                       f"{log_notes.when(incident.first_ts)} to "
-                       f"{log_notes.when(incident.last_ts)}.")
+    out += [f"Burst of {log_notes.name(stats)}: {incident.count} lines from "
+            f"{log_notes.when(incident.first_ts)} to {log_notes.when(incident.last_ts)}."
+            for incident in _bursts(table, stats)]
     return out
+
+
+def _bursts(table: Table, stats: TemplateStats) -> list[Incident]:
+    """The bursts of one template, oldest first (each a fact, and a source where it cites
+    its entries)."""
+    return [i for i in table.incidents if i.template_id == stats.template_id]
 
 
 class LogAnswerer:
@@ -74,6 +78,8 @@ class LogAnswerer:
             parts.append("Lines:\n" + "\n".join(f"- {line}" for line in quoted))
         sources = [Source((s.first_entry, s.last_entry), (), (s.first_ts, s.last_ts), score,
                           s.example if i == 0 else "") for i, (s, score) in enumerate(found)]
+        sources += [Source((b.first_entry, b.last_entry), (), (b.first_ts, b.last_ts), score)
+                    for s, score in found for b in _bursts(table, s) if b.first_entry]
         sources += [Source((line.entry_id, line.entry_id), (), (line.ts, line.ts), score)
                     for line, score in matched]
         return make_output(SummaryKind.ANSWER, "\n\n".join(parts), covers, state.tokens_seen,

@@ -106,6 +106,9 @@ def test_the_notes_name_the_burst_its_count_and_times(
     assert facts.splitlines()[-2 if "Burst" in facts else -1].startswith("- T")
     assert f"`{TEMPLATE}`: {BURST} lines, first at 2008-11-10 12:00:00" in facts
     assert answer.sources[0].entries[0] and "Disk failure" in answer.sources[0].quote
+    # the burst is a source of its own: its first and last line
+    assert any(source.entries == (first, last) and source.ts is not None
+               and source.ts[0] == START for source in answer.sources[1:]), answer.sources
     assert [line.split(" [ERROR] Disk failure on datanode volume")[0]
             for line in quoted.splitlines()] == [
         f"- 2008-11-10 12:00:{3 * i:02d}" for i in range(5)]
