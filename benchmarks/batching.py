@@ -40,6 +40,11 @@ chunks and run alone at the end); summary keys ``worker_feed_ratio_16_*`` and
 Budget sweep (rows with ``level = budget``): the default model through ``MultiStreamProcessor``
 with the worker's default batch limits and time slice on a 16-stream backlog, once per
 ``batch_tokens`` in ``BUDGETS``: tokens/s and seconds per task (``budget_<N>_tok_s_default_model``).
+
+Bound (row with ``level = bound``, ``speedup_16_sinkkv_default_model_bound``): the most a
+16-stream batch of the default model could gain on this CPU, whatever the engine did: a
+sequential round's seconds over its matmul FLOPs at the best rate this CPU reaches on the
+model's weight shapes plus its attention seconds (``benchmarks/batching_bound.py``).
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from benchmarks.batching_bound import batching_bound
 from benchmarks.common import bench_settings, median, threads
 from benchmarks.run import BenchResult
 from workers.processing.observer import NullObserver
@@ -76,9 +82,11 @@ REAL_STREAMS = (1, 4, 16)
 FULL_WINDOW_CHUNKS = 18
 
 
-def _measure(engine: Any, n: int, reps: int, seed: int, full: bool = False) -> dict[str, Any]:
-    """``full``: histories past the window (S + R = 1,024 cached tokens), as every stream
-    older than a minute or two of speech; else 128-384 cached tokens."""
+def _streams(engine: Any, n: int, rounds: int, seed: int,
+             full: bool = False) -> tuple[list[Any], list[list[list[int]]]]:
+    """``n`` fed states and ``rounds`` rounds of one new chunk each. ``full``: histories past
+    the window (S + R = 1,024 cached tokens), as every stream older than a minute or two of
+    speech; else 128-384 cached tokens."""
     rng = random.Random(seed)
     vocab = 256
     # different history lengths per stream (multiples of the chunk: no pending tokens)
@@ -86,9 +94,22 @@ def _measure(engine: Any, n: int, reps: int, seed: int, full: bool = False) -> d
     histories = [[rng.randrange(1, vocab) for _ in range(CHUNK * (first + i % 5))]
                  for i in range(n)]
     states = engine.feed_batch([engine.new_state() for _ in range(n)], histories)
-    chunks = [
-        [[rng.randrange(1, vocab) for _ in range(CHUNK)] for _ in range(n)] for _ in range(reps + 1)
-    ]
+    chunks = [[[rng.randrange(1, vocab) for _ in range(CHUNK)] for _ in range(n)]
+              for _ in range(rounds)]
+    return states, chunks
+
+
+def _bound(engine: Any, n: int, seed: int) -> dict[str, Any]:
+    """``batching_bound`` of one sequential round of ``n`` streams, as ``_measure`` feeds."""
+    states, (chunk,) = _streams(engine, n, 1, seed)
+    row = batching_bound(lambda: [engine.feed(s, t) for s, t in zip(states, chunk, strict=True)])
+    return {"level": "bound", "engine": engine.kind, "model": engine.model_name,
+            "streams": n, **row}
+
+
+def _measure(engine: Any, n: int, reps: int, seed: int, full: bool = False) -> dict[str, Any]:
+    """Batched vs sequential rounds of ``n`` streams (``_streams``), interleaved."""
+    states, chunks = _streams(engine, n, reps + 1, seed, full)
 
     def batched(c: list[list[int]]) -> list[Any]:
         return list(engine.feed_batch(states, c))
@@ -331,10 +352,12 @@ def run(quick: bool) -> BenchResult:
     real = load_engine(settings)
     for n in REAL_STREAMS:
         rows.append(_measure(real, n, 2 if quick else 3, seed=n))
+    bound = _bound(real, 16, seed=16)
     full_window = _measure(load_engine(settings, "tiny-llama"), 16, reps, seed=16, full=True)
     for r in rows:
         r["level"] = "engine"
     rows.append({**full_window, "level": "engine_full_window"})
+    rows.append(bound)
     for spec in ("tiny-llama", "tiny-rwkv"):
         engine = load_engine(settings, spec)
         rows.append(_worker_level(engine, spec, 16, 8 if quick else 16, 2 if quick else 3))
@@ -363,6 +386,8 @@ def run(quick: bool) -> BenchResult:
             "speedup_64_rwkv": by[("rwkv", 64)],
             "speedup_16_sinkkv_full_window": full_window["speedup"],
             f"speedup_16_{real.kind}_default_model": by_real[16],
+            # the most batching could give that model on this CPU (batching_bound.py)
+            f"speedup_16_{real.kind}_default_model_bound": bound["bound"],
             "default_model": real.model_name,
             "bit_identical": all(r["bit_identical"] for r in rows
                                  if r["level"].startswith("engine")),
