@@ -44,7 +44,7 @@ with the worker's default batch limits and time slice on a 16-stream backlog, on
 Bound (row with ``level = bound``, ``speedup_16_sinkkv_default_model_bound``): the most a
 16-stream batch of the default model could gain on this CPU, whatever the engine did: a
 sequential round's seconds over its matmul FLOPs at the best rate this CPU reaches on the
-model's weight shapes plus its attention seconds (``benchmarks/batching_bound.py``).
+model's weight shapes plus its attention seconds (``benchmarks/_batching_bound.py``).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from benchmarks.batching_bound import batching_bound
+from benchmarks._batching_bound import batching_bound
 from benchmarks.common import bench_settings, median, threads
 from benchmarks.run import BenchResult
 from workers.processing.observer import NullObserver
@@ -386,7 +386,7 @@ def run(quick: bool) -> BenchResult:
             "speedup_64_rwkv": by[("rwkv", 64)],
             "speedup_16_sinkkv_full_window": full_window["speedup"],
             f"speedup_16_{real.kind}_default_model": by_real[16],
-            # the most batching could give that model on this CPU (batching_bound.py)
+            # the most batching could give that model on this CPU (_batching_bound.py)
             f"speedup_16_{real.kind}_default_model_bound": bound["bound"],
             "default_model": real.model_name,
             "bit_identical": all(r["bit_identical"] for r in rows
