@@ -17,18 +17,20 @@ from monitoring import metrics
 class BatchMetrics:
     """Records a worker's batches in the ``sinkstream_*`` series (``monitoring.metrics``)."""
 
-    def __init__(self, engine: str, model: str, device: str = "cpu", dtype: str = "") -> None:
+    def __init__(self, engine: str, model: str, device: str = "cpu", dtype: str = "",
+                 threads: int = 0) -> None:
         self.labels = {"engine": engine, "model": model}
-        metrics.init_worker(engine, model, device=device, dtype=dtype)
+        metrics.init_worker(engine, model, device=device, dtype=dtype, threads=threads)
 
     @classmethod
-    def of_engine(cls, engine: Any, device: str, dtype: str) -> BatchMetrics:
+    def of_engine(cls, engine: Any, device: str, dtype: str, threads: int = 0) -> BatchMetrics:
         """Labelled with ``engine``'s kind, model and the dtype it computes in (a ``dtype``
         setting of "auto" names none): sink-KV engines call it ``compute_dtype``, RWKV
-        engines ``dtype``."""
+        engines ``dtype``; ``threads``: the process's torch threads, where the caller knows."""
         computes = getattr(engine, "compute_dtype", None) or getattr(engine, "dtype", None) \
             or dtype
-        return cls(engine.kind, engine.model_name, device, str(computes).removeprefix("torch."))
+        return cls(engine.kind, engine.model_name, device, str(computes).removeprefix("torch."),
+                   threads)
 
     def batch_done(self, stream_id: str, status: str) -> None:
         metrics.BATCHES.labels(outcome=status).inc()

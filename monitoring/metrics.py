@@ -206,8 +206,11 @@ def note_active_stream(stream_id: str) -> None:
     _active.note(stream_id)
 
 
-def init_worker(engine: str, model: str, device: str = "cpu", dtype: str = "") -> None:
-    """Create every labelled series at zero and publish the worker's identity.
+def init_worker(engine: str, model: str, device: str = "cpu", dtype: str = "",
+                threads: int = 0) -> None:
+    """Create every labelled series at zero and publish the worker's identity: what it runs
+    and how it computes (``threads``: its torch threads, 0 = not known), so that workers
+    which would commit different float bits for the same stream can be told apart.
 
     A counter that first appears with a non-zero value loses that first increase in
     ``rate()``; pre-created children also keep dashboard panels and alerts from going blank
@@ -223,7 +226,7 @@ def init_worker(engine: str, model: str, device: str = "cpu", dtype: str = "") -
         SUMMARY_SECONDS.labels(**labels, kind=kind)
     _init_fixed_labels()
     WORKER.info({"engine": engine, "model": model, "device": device, "dtype": dtype,
-                 "version": _version()})
+                 "threads": str(threads) if threads else "", "version": _version()})
 
 
 #: what the guard does to a sentence, and the kinds of fact it checks

@@ -17,6 +17,7 @@ from typing import Any
 
 import redis
 
+from monitoring.batch_metrics import BatchMetrics
 from sinkstream.settings import Settings, load_settings
 from state_store.connection import redis_from_settings
 from state_store.presence import Heartbeat, WorkerPresence
@@ -57,7 +58,14 @@ class Runtime:
 
     @cached_property
     def processor(self) -> StreamProcessor:
-        return StreamProcessor(self.engine, self.client, self.settings, worker_id())
+        import torch
+
+        # its identity in the metrics names its threads: workers that differ in them may
+        # commit other float bits for the same stream (alert SinkstreamWorkersComputeDiffer)
+        observer = BatchMetrics.of_engine(self.engine, self.settings.device, self.settings.dtype,
+                                          threads=torch.get_num_threads())
+        return StreamProcessor(self.engine, self.client, self.settings, worker_id(),
+                               observer=observer)
 
     @cached_property
     def batch_streams(self) -> int:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
+from prometheus_client import REGISTRY, generate_latest
 from redis.connection import SSLConnection, UnixDomainSocketConnection
 
 from sinkstream.cli.localredis import RedisServer, free_port
@@ -264,7 +266,11 @@ def test_torch_threads_apply_when_the_worker_loads_its_model(tmp_path: Path) -> 
     try:
         torch.set_num_threads(2)
         settings = load_settings(model="tiny-llama", torch_threads=1, model_cache_dir=tmp_path)
-        engine = Runtime(settings, enqueue=lambda stream_id: None).engine
-        assert engine.kind == "sinkkv" and torch.get_num_threads() == 1
+        runtime = Runtime(settings, enqueue=lambda stream_id: None)
+        assert runtime.engine.kind == "sinkkv" and torch.get_num_threads() == 1
+        # and the worker's identity in its metrics says so (SinkstreamWorkersComputeDiffer)
+        runtime.processor  # noqa: B018 (built on first use, with its metrics)
+        text = generate_latest(REGISTRY).decode()
+        assert re.search(r'sinkstream_worker_info\{[^}]*threads="1"', text), text
     finally:
         torch.set_num_threads(before)
