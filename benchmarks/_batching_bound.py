@@ -44,7 +44,7 @@ def batching_bound(sequential: Callable[[], Any]) -> dict[str, float]:
     for event in prof.key_averages(group_by_input_shape=True):
         if event.key in _MATMULS:
             mm_s += event.self_cpu_time_total / 1e6
-            kn = _weight_shape(event.key, event.input_shapes)
+            kn = _weight_shape(event.input_shapes)
             if kn is not None:
                 shapes[kn] = shapes.get(kn, 0.0) + float(event.flops)
         elif event.key == _ATTENTION:
@@ -56,7 +56,7 @@ def batching_bound(sequential: Callable[[], Any]) -> dict[str, float]:
             "bound": seconds / (best_s + attention_s)}
 
 
-def _weight_shape(op: str, shapes: Sequence[Sequence[int]]) -> tuple[int, int] | None:
+def _weight_shape(shapes: Sequence[Sequence[int]]) -> tuple[int, int] | None:
     """``(K, N)`` of the weight operand: mm(a [M, K], b [K, N]); addmm(bias, a, b)."""
     operands = [s for s in shapes if len(s) == 2]
     if len(operands) < 2:

@@ -46,6 +46,7 @@ from tests.integration.pipeline.harness import (
     ROOT,
     Worker,
     settings_from_env,
+    snapshot_bytes,
 )
 from tests.threads import one_torch_thread
 from workers.engines.base import Engine
@@ -184,13 +185,7 @@ class Reference:
             for index, turn in enumerate(entries):
                 ids = entry_tokens(self.engine, [turn], at_stream_start=index == 0)
                 state = self.engine.feed(state, ids)
-            return _snapshot_bytes(self.engine.export_state(state))
-
-
-def _snapshot_bytes(snapshot: Any) -> dict[str, bytes]:
-    return {name: t.data for name, t in snapshot.tensors.items()} | {
-        "__scalars__": json.dumps(snapshot.scalars, sort_keys=True, default=str).encode()
-    }
+            return snapshot_bytes(self.engine.export_state(state))
 
 
 def committed(client: redis.Redis, stream: str) -> tuple[str | None, dict[str, bytes] | None]:
@@ -198,7 +193,7 @@ def committed(client: redis.Redis, stream: str) -> tuple[str | None, dict[str, b
     if stored is None:
         return None, None
     # either state layout (whole, or segments reassembled)
-    return stored.last_entry_id, _snapshot_bytes(whole_snapshot(stored.data, stored.segments))
+    return stored.last_entry_id, snapshot_bytes(whole_snapshot(stored.data, stored.segments))
 
 
 def verify(client: redis.Redis, reference: Reference, workload: Workload) -> Verdict:

@@ -168,16 +168,18 @@ def reference_tensors(settings: Settings, turns: Iterable[InputEntry]) -> dict[s
         state = engine.new_state()
         for index, turn in enumerate(turns):
             state = engine.feed(state, entry_tokens(engine, [turn], at_stream_start=index == 0))
-    snapshot = engine.export_state(state)
-    return {name: t.data for name, t in snapshot.tensors.items()} | {
-        "__scalars__": json.dumps(snapshot.scalars, sort_keys=True, default=str).encode()
-    }
+    return snapshot_bytes(engine.export_state(state))
 
 
 def committed_tensors(client: redis.Redis, stream: str) -> dict[str, bytes]:
     stored = StateStore(client).load(stream)
     assert stored is not None, f"no committed state for {stream}"
-    snapshot = whole_snapshot(stored.data, stored.segments)  # either state layout
+    return snapshot_bytes(whole_snapshot(stored.data, stored.segments))  # either layout
+
+
+def snapshot_bytes(snapshot: Any) -> dict[str, bytes]:
+    """A state as a commit stores it, in a form tests compare bit for bit: each tensor's
+    bytes, and its scalars as sorted JSON."""
     return {name: t.data for name, t in snapshot.tensors.items()} | {
         "__scalars__": json.dumps(snapshot.scalars, sort_keys=True, default=str).encode()
     }

@@ -8,7 +8,6 @@ by name. The window is small (S=4, R=48, 16-token chunks) so segments are evicte
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,6 +27,7 @@ from tests.integration.pipeline.harness import (
     caught_up,
     meta,
     settings_from_env,
+    snapshot_bytes,
     valid_entries,
     wait_until,
     worker_env,
@@ -86,10 +86,7 @@ def _committed(client: redis.Redis, engine: SinkKVEngine, stream: str) -> SinkKV
 
 def _tensors(engine: SinkKVEngine, state: SinkKVState) -> dict[str, bytes]:
     """Same form as ``harness.reference_tensors``."""
-    snapshot = engine.export_state(state)
-    return {name: t.data for name, t in snapshot.tensors.items()} | {
-        "__scalars__": json.dumps(snapshot.scalars, sort_keys=True, default=str).encode()
-    }
+    return snapshot_bytes(engine.export_state(state))
 
 
 def _direct(engine: SinkKVEngine, client: redis.Redis, stream: str) -> SinkKVState:
